@@ -1,0 +1,1 @@
+//! Scalar reference kernels, one file per op family.

@@ -1,1 +1,10 @@
-//! Scalar reference kernels, one file per op family.
+//! Scalar reference kernels, one file per op family, f32 compute. These are the test
+//! oracle for every fast path; they favour obviousness over speed.
+
+pub mod attention;
+pub mod embedding;
+pub mod matmul;
+pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;

@@ -1,0 +1,64 @@
+//! Which SIMD path the fast kernels take, detected once; tests may force a path.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+/// Instruction-set paths of the fast kernels, slowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust (what LLVM makes of it for baseline x86-64).
+    Scalar = 1,
+    /// AVX2 + FMA + F16C.
+    Avx2 = 2,
+}
+
+static FORCED: AtomicU8 = AtomicU8::new(0);
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// The best path this CPU supports.
+pub fn detected() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+/// Every path this CPU can run (tests iterate these).
+pub fn available() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Avx2]
+        .into_iter()
+        .filter(|&isa| isa <= detected())
+        .collect()
+}
+
+/// The path in use: the forced one if set (and supported), else the detected one.
+pub fn current() -> Isa {
+    match FORCED.load(Ordering::Relaxed) {
+        1 => Isa::Scalar,
+        2 if detected() >= Isa::Avx2 => Isa::Avx2,
+        _ => detected(),
+    }
+}
+
+/// Force a path (`None` returns to detection). A path the CPU lacks is ignored.
+pub fn force(isa: Option<Isa>) {
+    FORCED.store(isa.map_or(0, |i| i as u8), Ordering::Relaxed);
+}
+
+/// Worker threads for the fast kernels (default: available parallelism).
+pub fn num_threads() -> usize {
+    match THREADS.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Set the worker thread count (0 = available parallelism).
+pub fn set_num_threads(n: usize) {
+    THREADS.store(n, Ordering::Relaxed);
+}

@@ -1,0 +1,14 @@
+//! Fast CPU kernels: same names and signatures as `reference/`, dispatched on CPU
+//! features detected at run time (never compiled with target-cpu=native). Ops without
+//! a fast version yet re-export the reference.
+
+pub mod dispatch;
+pub mod matmul;
+
+pub use crate::reference::attention::attention_forward;
+pub use crate::reference::embedding::embedding_forward;
+pub use crate::reference::residual::residual_forward;
+pub use crate::reference::rmsnorm::rmsnorm_forward;
+pub use crate::reference::rope::rope_forward;
+pub use crate::reference::swiglu::swiglu_forward;
+pub use matmul::matmul_forward;

@@ -1,0 +1,136 @@
+//! The CPU backend: one method per op, each forwarding to the reference or the fast
+//! kernel according to the mode.
+
+use cloudrm_kernels::reference::attention::AttnShape;
+use cloudrm_kernels::{KernelError, Weights, cpu, reference};
+
+/// Which kernels the CPU backend runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuMode {
+    /// Scalar reference kernels (the test oracle).
+    Reference,
+    /// SIMD + threaded kernels dispatched on detected CPU features.
+    Fast,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Cpu {
+    pub mode: CpuMode,
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Cpu::fast()
+    }
+}
+
+impl Cpu {
+    pub fn reference() -> Self {
+        Cpu {
+            mode: CpuMode::Reference,
+        }
+    }
+
+    pub fn fast() -> Self {
+        Cpu {
+            mode: CpuMode::Fast,
+        }
+    }
+
+    pub fn embedding(
+        &self,
+        out: &mut [f32],
+        ids: &[u32],
+        table: Weights<'_>,
+        channels: usize,
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => reference::embedding::embedding_forward(out, ids, table, channels),
+            CpuMode::Fast => cpu::embedding_forward(out, ids, table, channels),
+        }
+    }
+
+    pub fn rmsnorm(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: Weights<'_>,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => reference::rmsnorm::rmsnorm_forward(out, inp, weight, eps),
+            CpuMode::Fast => cpu::rmsnorm_forward(out, inp, weight, eps),
+        }
+    }
+
+    pub fn rope(
+        &self,
+        x: &mut [f32],
+        positions: &[u32],
+        n_heads: usize,
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => {
+                reference::rope::rope_forward(x, positions, n_heads, head_dim, inv_freq)
+            }
+            CpuMode::Fast => cpu::rope_forward(x, positions, n_heads, head_dim, inv_freq),
+        }
+    }
+
+    pub fn matmul(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: Weights<'_>,
+        bias: Option<&[f32]>,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => reference::matmul::matmul_forward(
+                out,
+                inp,
+                weight,
+                bias,
+                in_features,
+                out_features,
+            ),
+            CpuMode::Fast => {
+                cpu::matmul_forward(out, inp, weight, bias, in_features, out_features)
+            }
+        }
+    }
+
+    pub fn attention(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        scores: &mut [f32],
+        shape: AttnShape,
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => {
+                reference::attention::attention_forward(out, q, k_cache, v_cache, scores, shape)
+            }
+            CpuMode::Fast => cpu::attention_forward(out, q, k_cache, v_cache, scores, shape),
+        }
+    }
+
+    pub fn swiglu(&self, out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => reference::swiglu::swiglu_forward(out, gate, up),
+            CpuMode::Fast => cpu::swiglu_forward(out, gate, up),
+        }
+    }
+
+    pub fn residual(&self, acc: &mut [f32], x: &[f32]) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => reference::residual::residual_forward(acc, x),
+            CpuMode::Fast => cpu::residual_forward(acc, x),
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! The Llama forward pass, written layer by layer against the CPU backend (llm.c's
+//! `gpt2_forward`). A `Session` owns the KV cache and every activation buffer, sized once
+//! for a maximum context and a prefill chunk, so the per-token path does not allocate.
+//!
+//! Letters: T tokens in a chunk, C hidden, NH/NKV heads, HS head size, I MLP width,
+//! V vocab, L layers, S session capacity (positions).
+
+use std::path::Path;
+
+use cloudrm_kernels::reference::attention::AttnShape;
+use cloudrm_loader::LlamaConfig;
+use cloudrm_loader::shards::ShardedSafeTensors;
+
+use super::weights::LlamaWeights;
+use super::{ModelError, rope};
+use crate::backend::Cpu;
+use crate::error::Result;
+
+/// A loaded Llama-family decoder (weights memory-mapped).
+#[derive(Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub weights: LlamaWeights,
+    /// (HS/2)
+    pub inv_freq: Vec<f32>,
+}
+
+/// Which logits a forward call computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Only the last position's (V).
+    Last,
+    /// Every position's of this call (T, V).
+    All,
+    /// None: only the KV cache and the final hidden state are updated.
+    None,
+}
+
+/// Per-layer statistics at the last position of a forward call (golden tests).
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    /// (L) L2 norm of the residual stream after each layer.
+    pub layer_out_norms: Vec<f32>,
+    /// L2 norm of the final-normed hidden state.
+    pub final_norm_norm: f32,
+}
+
+/// KV cache and activation buffers for one sequence.
+#[derive(Debug)]
+pub struct Session {
+    /// S
+    capacity: usize,
+    /// max T per chunk
+    chunk: usize,
+    /// positions filled
+    pos: usize,
+    /// (L, S, NKV*HS)
+    k_cache: Vec<f32>,
+    /// (L, S, NKV*HS)
+    v_cache: Vec<f32>,
+    /// (T, C) residual stream
+    x: Vec<f32>,
+    /// (T, C) normed input of a sublayer
+    xn: Vec<f32>,
+    /// (T, NH*HS)
+    q: Vec<f32>,
+    /// (T, NKV*HS)
+    k: Vec<f32>,
+    /// (T, NKV*HS)
+    v: Vec<f32>,
+    /// (T, NH*HS)
+    att: Vec<f32>,
+    /// (T, C)
+    proj: Vec<f32>,
+    /// (T, I)
+    gate: Vec<f32>,
+    /// (T, I)
+    up: Vec<f32>,
+    /// (T, I)
+    act: Vec<f32>,
+    /// (S) attention scores
+    scores: Vec<f32>,
+    /// (T) positions of the chunk
+    positions: Vec<u32>,
+    /// (T, V) or (V)
+    logits: Vec<f32>,
+    /// (C) final-normed hidden state of the last position
+    hidden: Vec<f32>,
+}
+
+impl Session {
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forget the cached positions after `len` (truncate); `reset()` is `truncate(0)`.
+    pub fn truncate(&mut self, len: usize) {
+        self.pos = self.pos.min(len);
+    }
+
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Final-normed hidden state of the last position of the last forward call (C).
+    pub fn last_hidden(&self) -> &[f32] {
+        &self.hidden
+    }
+}
+
+impl Llama {
+    /// Load config.json and the safetensors checkpoint from a Hugging Face layout dir.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let files = ShardedSafeTensors::open_dir(dir)?;
+        Self::from_parts(config, files, "")
+    }
+
+    /// Build from a parsed config and opened checkpoint; tensors are looked up under
+    /// `prefix` (e.g. "reward_base_model." for CLoud checkpoints).
+    pub fn from_parts(config: LlamaConfig, files: ShardedSafeTensors, prefix: &str) -> Result<Self> {
+        let weights = LlamaWeights::load(files, &config, prefix)?;
+        let inv_freq = rope::inv_freq(&config);
+        Ok(Llama {
+            config,
+            weights,
+            inv_freq,
+        })
+    }
+
+    /// A session holding up to `capacity` positions, prefilling at most `chunk` tokens
+    /// per pass. All buffers are allocated here, once.
+    pub fn new_session(&self, capacity: usize, chunk: usize) -> Session {
+        let cfg = &self.config;
+        let chunk = chunk.max(1);
+        let (c, q, kv, i, v, l) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+            cfg.vocab_size,
+            cfg.num_hidden_layers,
+        );
+        Session {
+            capacity,
+            chunk,
+            pos: 0,
+            k_cache: vec![0.0; l * capacity * kv],
+            v_cache: vec![0.0; l * capacity * kv],
+            x: vec![0.0; chunk * c],
+            xn: vec![0.0; chunk * c],
+            q: vec![0.0; chunk * q],
+            k: vec![0.0; chunk * kv],
+            v: vec![0.0; chunk * kv],
+            att: vec![0.0; chunk * q],
+            proj: vec![0.0; chunk * c],
+            gate: vec![0.0; chunk * i],
+            up: vec![0.0; chunk * i],
+            act: vec![0.0; chunk * i],
+            scores: vec![0.0; capacity],
+            positions: vec![0; chunk],
+            logits: vec![0.0; chunk * v],
+            hidden: vec![0.0; c],
+        }
+    }
+
+    /// Run `ids` (appended after the session's cached positions) and return the logits
+    /// the mode asks for: (V) for `Last`, (T, V) for `All`, empty for `None`.
+    pub fn forward<'s>(
+        &self,
+        cpu: &Cpu,
+        sess: &'s mut Session,
+        ids: &[u32],
+        mode: LogitsMode,
+    ) -> Result<&'s [f32]> {
+        self.forward_traced(cpu, sess, ids, mode, None)
+    }
+
+    /// `forward`, recording per-layer norms at the last position into `trace`.
+    /// `LogitsMode::All` needs `ids.len() <= chunk`.
+    pub fn forward_traced<'s>(
+        &self,
+        cpu: &Cpu,
+        sess: &'s mut Session,
+        ids: &[u32],
+        mode: LogitsMode,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<&'s [f32]> {
+        if ids.is_empty() {
+            return Err(ModelError::EmptyInput.into());
+        }
+        let needed = sess.pos + ids.len();
+        if needed > sess.capacity {
+            return Err(ModelError::ContextFull {
+                needed,
+                capacity: sess.capacity,
+            }
+            .into());
+        }
+        let vocab = self.config.vocab_size;
+        if let Some((position, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                position: sess.pos + position,
+                vocab,
+            }
+            .into());
+        }
+        if mode == LogitsMode::All && ids.len() > sess.chunk {
+            return Err(crate::Error::Usage(format!(
+                "LogitsMode::All needs at most {} tokens per call (the session's chunk), got {}",
+                sess.chunk,
+                ids.len()
+            )));
+        }
+        let n_chunks = ids.len().div_ceil(sess.chunk);
+        for (ci, chunk) in ids.chunks(sess.chunk).enumerate() {
+            let last = ci + 1 == n_chunks;
+            let tr = if last { trace.as_deref_mut() } else { None };
+            self.forward_chunk(cpu, sess, chunk, tr)?;
+        }
+        let t = ids.len().min(sess.chunk);
+        let last_t = (ids.len() - 1) % sess.chunk;
+        let cfg = &self.config;
+        let c = cfg.hidden_size;
+        // Final norm of the rows that need it, then the LM head.
+        let lm_head = self.weights.get(&self.weights.lm_head);
+        let final_norm = self.weights.get(&self.weights.final_norm);
+        match mode {
+            LogitsMode::All => {
+                cpu.rmsnorm(&mut sess.xn[..t * c], &sess.x[..t * c], final_norm, cfg.rms_norm_eps)?;
+                sess.hidden.copy_from_slice(&sess.xn[last_t * c..(last_t + 1) * c]);
+                cpu.matmul(&mut sess.logits[..t * vocab], &sess.xn[..t * c], lm_head, None, c, vocab)?;
+                Ok(&sess.logits[..t * vocab])
+            }
+            LogitsMode::Last | LogitsMode::None => {
+                cpu.rmsnorm(
+                    &mut sess.hidden,
+                    &sess.x[last_t * c..(last_t + 1) * c],
+                    final_norm,
+                    cfg.rms_norm_eps,
+                )?;
+                if let Some(tr) = trace {
+                    tr.final_norm_norm = l2(&sess.hidden);
+                }
+                if mode == LogitsMode::None {
+                    return Ok(&sess.logits[..0]);
+                }
+                cpu.matmul(&mut sess.logits[..vocab], &sess.hidden, lm_head, None, c, vocab)?;
+                Ok(&sess.logits[..vocab])
+            }
+        }
+    }
+
+    /// One chunk of at most `sess.chunk` tokens through every layer; leaves the residual
+    /// stream in `sess.x[..T*C]` and appends K/V to the cache.
+    fn forward_chunk(
+        &self,
+        cpu: &Cpu,
+        sess: &mut Session,
+        ids: &[u32],
+        mut trace: Option<&mut Trace>,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let w = &self.weights;
+        let t = ids.len();
+        let (c, qd, kvd, idim) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let (nh, nkv, hs) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps;
+        let pos0 = sess.pos;
+        let cap = sess.capacity;
+        for (i, p) in sess.positions[..t].iter_mut().enumerate() {
+            *p = (pos0 + i) as u32;
+        }
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.layer_out_norms.clear();
+        }
+        let x = &mut sess.x[..t * c];
+        cpu.embedding(x, ids, w.get(&w.embed), c)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            // Attention block: x += o_proj(attn(rope(q), rope(k), v)) on rmsnorm(x).
+            let xn = &mut sess.xn[..t * c];
+            cpu.rmsnorm(xn, x, w.get(&lw.attn_norm), eps)?;
+            let q = &mut sess.q[..t * qd];
+            let k = &mut sess.k[..t * kvd];
+            let v = &mut sess.v[..t * kvd];
+            cpu.matmul(q, xn, w.get(&lw.q_proj), lw.q_bias.as_deref(), c, qd)?;
+            cpu.matmul(k, xn, w.get(&lw.k_proj), lw.k_bias.as_deref(), c, kvd)?;
+            cpu.matmul(v, xn, w.get(&lw.v_proj), lw.v_bias.as_deref(), c, kvd)?;
+            let positions = &sess.positions[..t];
+            cpu.rope(q, positions, nh, hs, &self.inv_freq)?;
+            cpu.rope(k, positions, nkv, hs, &self.inv_freq)?;
+            let layer_k = &mut sess.k_cache[l * cap * kvd..(l + 1) * cap * kvd];
+            let layer_v = &mut sess.v_cache[l * cap * kvd..(l + 1) * cap * kvd];
+            layer_k[pos0 * kvd..(pos0 + t) * kvd].copy_from_slice(k);
+            layer_v[pos0 * kvd..(pos0 + t) * kvd].copy_from_slice(v);
+            let att = &mut sess.att[..t * qd];
+            cpu.attention(
+                att,
+                q,
+                &layer_k[..(pos0 + t) * kvd],
+                &layer_v[..(pos0 + t) * kvd],
+                &mut sess.scores,
+                AttnShape {
+                    n_tokens: t,
+                    pos0,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hs,
+                },
+            )?;
+            let proj = &mut sess.proj[..t * c];
+            cpu.matmul(proj, att, w.get(&lw.o_proj), lw.o_bias.as_deref(), qd, c)?;
+            cpu.residual(x, proj)?;
+            // MLP block: x += down(silu(gate(xn)) * up(xn)) on rmsnorm(x).
+            cpu.rmsnorm(xn, x, w.get(&lw.mlp_norm), eps)?;
+            let gate = &mut sess.gate[..t * idim];
+            let up = &mut sess.up[..t * idim];
+            let act = &mut sess.act[..t * idim];
+            cpu.matmul(gate, xn, w.get(&lw.gate_proj), lw.gate_bias.as_deref(), c, idim)?;
+            cpu.matmul(up, xn, w.get(&lw.up_proj), lw.up_bias.as_deref(), c, idim)?;
+            cpu.swiglu(act, gate, up)?;
+            cpu.matmul(proj, act, w.get(&lw.down_proj), lw.down_bias.as_deref(), idim, c)?;
+            cpu.residual(x, proj)?;
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.layer_out_norms.push(l2(&x[(t - 1) * c..]));
+            }
+        }
+        sess.pos += t;
+        Ok(())
+    }
+}
+
+fn l2(x: &[f32]) -> f32 {
+    x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt() as f32
+}

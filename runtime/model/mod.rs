@@ -1,0 +1,29 @@
+//! The Llama-family model: config, named weight views over the mmap, the forward pass.
+
+pub mod llama;
+pub mod rope;
+pub mod weights;
+
+pub use llama::{Llama, LogitsMode, Session, Trace};
+pub use weights::{LlamaWeights, WeightHandle};
+
+/// Errors of model loading and running that are not the loader's or a kernel's.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("tensor `{tensor}` has shape {actual:?}, expected {expected:?} (from config.json)")]
+    ShapeMismatch {
+        tensor: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("tensor `{tensor}` has dtype {dtype}; weights must be F32, BF16 or F16")]
+    UnsupportedDtype { tensor: String, dtype: String },
+    #[error("tensor `{tensor}` is not aligned for its dtype in the file (offset not a multiple of {align})")]
+    Misaligned { tensor: String, align: usize },
+    #[error("context full: {needed} positions needed, the session holds {capacity}")]
+    ContextFull { needed: usize, capacity: usize },
+    #[error("empty input: at least one token is needed")]
+    EmptyInput,
+    #[error("token id {id} at position {position} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, position: usize, vocab: usize },
+}

@@ -1,0 +1,220 @@
+//! Layer 2: every fast CPU path against the scalar reference, on seeded random inputs of
+//! awkward sizes, with guard bands on outputs, for every ISA path this machine has and
+//! for 1 and 2 threads. Filter cases with CLOUDRM_OP_FILTER=<substring>.
+
+mod common;
+
+use common::{Guarded, OpCase, Rng, check_close, run_cases};
+use cloudrm::kernels::cpu::dispatch::{self, Isa};
+use cloudrm::kernels::reference::attention::AttnShape;
+use cloudrm::kernels::{OpKind, Weights, cpu, reference};
+use half::{bf16, f16};
+
+const F32_TOL: f64 = 1e-5;
+const ROWS: [usize; 3] = [1, 7, 33];
+const DIMS: [usize; 6] = [1, 7, 33, 64, 577, 1025];
+
+#[derive(Clone, Copy, Debug)]
+enum Wd {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Owned weights in one dtype.
+enum Owned {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Owned {
+    fn new(data: &[f32], wd: Wd) -> Owned {
+        match wd {
+            Wd::F32 => Owned::F32(data.to_vec()),
+            Wd::Bf16 => Owned::Bf16(data.iter().map(|&x| bf16::from_f32(x)).collect()),
+            Wd::F16 => Owned::F16(data.iter().map(|&x| f16::from_f32(x)).collect()),
+        }
+    }
+
+    fn view(&self) -> Weights<'_> {
+        match self {
+            Owned::F32(w) => Weights::F32(w),
+            Owned::Bf16(w) => Weights::BF16(w),
+            Owned::F16(w) => Weights::F16(w),
+        }
+    }
+}
+
+fn cases() -> Vec<OpCase> {
+    let mut cases = Vec::new();
+    let mut seed = 1u64;
+    let mut next_seed = || {
+        seed += 1;
+        seed
+    };
+    for wd in [Wd::F32, Wd::Bf16, Wd::F16] {
+        for &rows in &ROWS {
+            for &dim in &DIMS {
+                let s = next_seed();
+                cases.push(OpCase {
+                    name: format!("rmsnorm_fwd(rows={rows},dim={dim},eps=1e-5,w={wd:?})"),
+                    kind: OpKind::RmsNorm,
+                    run: Box::new(move || {
+                        let mut rng = Rng::new(s);
+                        let x = rng.vec(rows * dim, 3.0);
+                        let w = Owned::new(&rng.vec(dim, 1.0), wd);
+                        let mut want = vec![0.0; rows * dim];
+                        reference::rmsnorm::rmsnorm_forward(&mut want, &x, w.view(), 1e-5).unwrap();
+                        let mut got = Guarded::new(rows * dim);
+                        cpu::rmsnorm_forward(got.as_mut(), &x, w.view(), 1e-5).unwrap();
+                        got.check_guards("rmsnorm");
+                        check_close("rmsnorm", got.as_ref(), &want, F32_TOL);
+                    }),
+                });
+                let s = next_seed();
+                cases.push(OpCase {
+                    name: format!("embedding_fwd(rows={rows},dim={dim},vocab=13,w={wd:?})"),
+                    kind: OpKind::Embedding,
+                    run: Box::new(move || {
+                        let mut rng = Rng::new(s);
+                        let table = Owned::new(&rng.vec(13 * dim, 1.0), wd);
+                        let ids: Vec<u32> = (0..rows).map(|_| rng.below(13) as u32).collect();
+                        let mut want = vec![0.0; rows * dim];
+                        reference::embedding::embedding_forward(&mut want, &ids, table.view(), dim).unwrap();
+                        let mut got = Guarded::new(rows * dim);
+                        cpu::embedding_forward(got.as_mut(), &ids, table.view(), dim).unwrap();
+                        got.check_guards("embedding");
+                        check_close("embedding", got.as_ref(), &want, F32_TOL);
+                    }),
+                });
+            }
+            // Matmul: (rows, C) x (OC, C)^T, with and without bias.
+            for &(c, oc) in &[(1, 1), (7, 33), (64, 577), (577, 64), (1025, 7), (576, 1536), (1536, 576)] {
+                for bias in [false, true] {
+                    let s = next_seed();
+                    cases.push(OpCase {
+                        name: format!("matmul_fwd(rows={rows},c={c},oc={oc},bias={bias},w={wd:?})"),
+                        kind: OpKind::Matmul,
+                        run: Box::new(move || {
+                            let mut rng = Rng::new(s);
+                            let x = rng.vec(rows * c, 1.0);
+                            let w = Owned::new(&rng.vec(oc * c, 0.5), wd);
+                            let b = bias.then(|| rng.vec(oc, 1.0));
+                            let mut want = vec![0.0; rows * oc];
+                            reference::matmul::matmul_forward(&mut want, &x, w.view(), b.as_deref(), c, oc)
+                                .unwrap();
+                            let mut got = Guarded::new(rows * oc);
+                            cpu::matmul_forward(got.as_mut(), &x, w.view(), b.as_deref(), c, oc).unwrap();
+                            got.check_guards("matmul");
+                            check_close("matmul", got.as_ref(), &want, F32_TOL);
+                        }),
+                    });
+                }
+            }
+        }
+    }
+    for &rows in &ROWS {
+        for &dim in &DIMS {
+            let s = next_seed();
+            cases.push(OpCase {
+                name: format!("swiglu_fwd(rows={rows},dim={dim})"),
+                kind: OpKind::SwiGlu,
+                run: Box::new(move || {
+                    let mut rng = Rng::new(s);
+                    let g = rng.vec(rows * dim, 8.0);
+                    let u = rng.vec(rows * dim, 2.0);
+                    let mut want = vec![0.0; rows * dim];
+                    reference::swiglu::swiglu_forward(&mut want, &g, &u).unwrap();
+                    let mut got = Guarded::new(rows * dim);
+                    cpu::swiglu_forward(got.as_mut(), &g, &u).unwrap();
+                    got.check_guards("swiglu");
+                    check_close("swiglu", got.as_ref(), &want, F32_TOL);
+                }),
+            });
+            let s = next_seed();
+            cases.push(OpCase {
+                name: format!("residual_fwd(rows={rows},dim={dim})"),
+                kind: OpKind::Residual,
+                run: Box::new(move || {
+                    let mut rng = Rng::new(s);
+                    let a = rng.vec(rows * dim, 2.0);
+                    let x = rng.vec(rows * dim, 2.0);
+                    let mut want = a.clone();
+                    reference::residual::residual_forward(&mut want, &x).unwrap();
+                    let mut got = Guarded::from(&a);
+                    cpu::residual_forward(got.as_mut(), &x).unwrap();
+                    got.check_guards("residual");
+                    check_close("residual", got.as_ref(), &want, F32_TOL);
+                }),
+            });
+        }
+    }
+    for &hs in &[64usize, 128] {
+        for &(nh, nkv) in &[(3usize, 3usize), (9, 3), (8, 1)] {
+            for &(t, pos0) in &[(1usize, 0usize), (1, 15), (1, 16), (1, 17), (7, 0), (5, 12), (33, 1)] {
+                let s = next_seed();
+                cases.push(OpCase {
+                    name: format!("rope_fwd(rows={t},pos0={pos0},heads={nh},hs={hs})"),
+                    kind: OpKind::Rope,
+                    run: Box::new(move || {
+                        let mut rng = Rng::new(s);
+                        let x = rng.vec(t * nh * hs, 1.0);
+                        let inv: Vec<f32> =
+                            (0..hs / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hs as f32)).collect();
+                        let pos: Vec<u32> = (0..t).map(|i| (pos0 + i * 37) as u32).collect();
+                        let mut want = x.clone();
+                        reference::rope::rope_forward(&mut want, &pos, nh, hs, &inv).unwrap();
+                        let mut got = Guarded::from(&x);
+                        cpu::rope_forward(got.as_mut(), &pos, nh, hs, &inv).unwrap();
+                        got.check_guards("rope");
+                        check_close("rope", got.as_ref(), &want, F32_TOL);
+                    }),
+                });
+                let s = next_seed();
+                cases.push(OpCase {
+                    name: format!("attention_fwd(t={t},pos0={pos0},nh={nh},nkv={nkv},hs={hs})"),
+                    kind: OpKind::Attention,
+                    run: Box::new(move || {
+                        let mut rng = Rng::new(s);
+                        let s_len = pos0 + t;
+                        let q = rng.vec(t * nh * hs, 2.0);
+                        let k = rng.vec(s_len * nkv * hs, 2.0);
+                        let v = rng.vec(s_len * nkv * hs, 1.0);
+                        let shape = AttnShape { n_tokens: t, pos0, n_heads: nh, n_kv_heads: nkv, head_dim: hs };
+                        let mut scores = vec![0.0; s_len];
+                        let mut want = vec![0.0; t * nh * hs];
+                        reference::attention::attention_forward(&mut want, &q, &k, &v, &mut scores, shape)
+                            .unwrap();
+                        let mut got = Guarded::new(t * nh * hs);
+                        cpu::attention_forward(got.as_mut(), &q, &k, &v, &mut scores, shape).unwrap();
+                        got.check_guards("attention");
+                        check_close("attention", got.as_ref(), &want, F32_TOL);
+                    }),
+                });
+            }
+        }
+    }
+    cases
+}
+
+/// Every ISA path and thread count; the coverage check requires a case for every op.
+#[test]
+fn fast_cpu_ops_match_reference() {
+    for isa in dispatch::available() {
+        for threads in [1, 2] {
+            eprintln!("isa {isa:?}, {threads} threads");
+            dispatch::force(Some(isa));
+            dispatch::set_num_threads(threads);
+            let covered = run_cases(cases());
+            if std::env::var("CLOUDRM_OP_FILTER").is_err() {
+                for kind in OpKind::ALL {
+                    assert!(covered.contains(&kind), "no CPU case covers op `{}`", kind.name());
+                }
+            }
+        }
+    }
+    dispatch::force(None);
+    dispatch::set_num_threads(0);
+    assert!(dispatch::available().contains(&Isa::Scalar));
+}

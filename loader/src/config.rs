@@ -196,15 +196,15 @@ impl LlamaConfig {
                 supported: "llama, mistral, qwen2".into(),
             });
         }
-        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(ConfigError::Unsupported {
-                    file: file.into(),
-                    what: "hidden_act".into(),
-                    value: act.into(),
-                    supported: "silu".into(),
-                });
-            }
+        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            return Err(ConfigError::Unsupported {
+                file: file.into(),
+                what: "hidden_act".into(),
+                value: act.into(),
+                supported: "silu".into(),
+            });
         }
         let hidden_size = req_usize(obj, file, "hidden_size")?;
         let intermediate_size = req_usize(obj, file, "intermediate_size")?;
@@ -426,10 +426,14 @@ impl LlamaConfig {
             "pad_token_id": self.pad_token_id,
             "initializer_range": 0.02,
             "use_cache": true,
-            "torch_dtype": self.torch_dtype.clone().unwrap_or_else(|| "float32".into()),
         });
-        if let (Some(w), Some(m)) = (self.sliding_window, v.as_object_mut()) {
-            m.insert("sliding_window".into(), json!(w));
+        if let Some(m) = v.as_object_mut() {
+            if let Some(w) = self.sliding_window {
+                m.insert("sliding_window".into(), json!(w));
+            }
+            if let Some(d) = &self.torch_dtype {
+                m.insert("torch_dtype".into(), json!(d));
+            }
         }
         v
     }

@@ -1,5 +1,17 @@
 //! cloudrm: runtime and single-binary trainer for Critique-out-Loud reward models.
+//!
+//! Layers: `loader` (files -> validated views), `kernels` (numerics), `backend` (op
+//! dispatch), `model` (the Llama forward), `generate` (decoding loops), `hub` (the
+//! default model), `cli` (the `cloudrm` binary's commands).
+
+pub mod backend;
+pub mod cli;
+pub mod error;
+pub mod generate;
+pub mod hub;
+pub mod model;
 
 pub use cloudrm_kernels as kernels;
 pub use cloudrm_loader as loader;
 pub use cloudrm_sampler as sampler;
+pub use error::{Error, Result};

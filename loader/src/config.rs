@@ -383,7 +383,9 @@ impl LlamaConfig {
         };
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => Value::Null,
-            RopeScaling::Linear { factor } => json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Linear { factor } => {
+                json!({"rope_type": "linear", "factor": f32_json(*factor)})
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -391,9 +393,9 @@ impl LlamaConfig {
                 original_max_position_embeddings,
             } => json!({
                 "rope_type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
+                "factor": f32_json(*factor),
+                "low_freq_factor": f32_json(*low_freq_factor),
+                "high_freq_factor": f32_json(*high_freq_factor),
                 "original_max_position_embeddings": original_max_position_embeddings,
             }),
         };
@@ -413,8 +415,8 @@ impl LlamaConfig {
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
             "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.rms_norm_eps as f64,
-            "rope_theta": self.rope_theta as f64,
+            "rms_norm_eps": f32_json(self.rms_norm_eps),
+            "rope_theta": f32_json(self.rope_theta),
             "rope_scaling": rope_scaling,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
@@ -437,4 +439,13 @@ impl LlamaConfig {
         }
         v
     }
+}
+
+/// An f32 as the JSON number of its shortest decimal form (1e-5, not 9.99999974e-6).
+fn f32_json(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
 }

@@ -113,3 +113,11 @@ fn invalid_configs_are_typed_errors() {
     let err = parse("{").unwrap_err();
     assert!(err.to_string().starts_with("config.json"), "{err}");
 }
+
+#[test]
+fn hf_json_writes_shortest_float_forms() {
+    let c = parse(SMOLLM2).unwrap();
+    let v = c.to_hf_json();
+    assert_eq!(v["rms_norm_eps"].as_f64(), Some(1e-5));
+    assert_eq!(v["rope_theta"].as_f64(), Some(100000.0));
+}

@@ -4,10 +4,10 @@
 
 mod common;
 
+use cloudrm::Error;
 use cloudrm::backend::Cpu;
 use cloudrm::loader::Dtype;
 use cloudrm::model::{Llama, LogitsMode, ModelError};
-use cloudrm::Error;
 use common::check_close;
 use common::tiny::{TinySpec, temp_dir, tiny_config, tiny_model_dir, tiny_tensors, write_model};
 
@@ -15,19 +15,40 @@ const IDS: [u32; 11] = [1, 5, 9, 13, 96, 0, 42, 42, 7, 3, 60];
 
 fn all_logits(model: &Llama, cpu: &Cpu, ids: &[u32]) -> Vec<f32> {
     let mut sess = model.new_session(64, 64);
-    model.forward(cpu, &mut sess, ids, LogitsMode::All).unwrap().to_vec()
+    model
+        .forward(cpu, &mut sess, ids, LogitsMode::All)
+        .unwrap()
+        .to_vec()
 }
 
 #[test]
 fn fast_matches_reference_for_every_variant() {
     let variants = [
         TinySpec::default(),
-        TinySpec { tied: false, ..Default::default() },
-        TinySpec { kv_heads: 6, ..Default::default() },
-        TinySpec { kv_heads: 1, ..Default::default() },
-        TinySpec { model_type: "qwen2", ..Default::default() },
-        TinySpec { dtype: Dtype::BF16, ..Default::default() },
-        TinySpec { dtype: Dtype::F16, ..Default::default() },
+        TinySpec {
+            tied: false,
+            ..Default::default()
+        },
+        TinySpec {
+            kv_heads: 6,
+            ..Default::default()
+        },
+        TinySpec {
+            kv_heads: 1,
+            ..Default::default()
+        },
+        TinySpec {
+            model_type: "qwen2",
+            ..Default::default()
+        },
+        TinySpec {
+            dtype: Dtype::BF16,
+            ..Default::default()
+        },
+        TinySpec {
+            dtype: Dtype::F16,
+            ..Default::default()
+        },
     ];
     for (i, spec) in variants.iter().enumerate() {
         let dir = tiny_model_dir(&format!("variant{i}"), spec);
@@ -49,19 +70,38 @@ fn incremental_decode_equals_full_recompute() {
         let v = model.config.vocab_size;
         // Prefill 4 tokens, then one at a time: each step's logits equal the full pass's row.
         let mut sess = model.new_session(64, 64);
-        let first = model.forward(&cpu, &mut sess, &IDS[..4], LogitsMode::Last).unwrap().to_vec();
+        let first = model
+            .forward(&cpu, &mut sess, &IDS[..4], LogitsMode::Last)
+            .unwrap()
+            .to_vec();
         check_close("prefill last", &first, &full[3 * v..4 * v], 1e-5);
         for t in 4..IDS.len() {
-            let step = model.forward(&cpu, &mut sess, &IDS[t..t + 1], LogitsMode::Last).unwrap();
-            check_close(&format!("decode step {t}"), step, &full[t * v..(t + 1) * v], 1e-5);
+            let step = model
+                .forward(&cpu, &mut sess, &IDS[t..t + 1], LogitsMode::Last)
+                .unwrap();
+            check_close(
+                &format!("decode step {t}"),
+                step,
+                &full[t * v..(t + 1) * v],
+                1e-5,
+            );
         }
         // Chunked prefill (chunk 3) gives the same last logits as one pass.
         let mut small = model.new_session(64, 3);
-        let chunked = model.forward(&cpu, &mut small, &IDS, LogitsMode::Last).unwrap();
-        check_close("chunked prefill", chunked, &full[(IDS.len() - 1) * v..], 1e-5);
+        let chunked = model
+            .forward(&cpu, &mut small, &IDS, LogitsMode::Last)
+            .unwrap();
+        check_close(
+            "chunked prefill",
+            chunked,
+            &full[(IDS.len() - 1) * v..],
+            1e-5,
+        );
         // Truncate and re-run reproduces the same step.
         small.truncate(5);
-        let again = model.forward(&cpu, &mut small, &IDS[5..6], LogitsMode::Last).unwrap();
+        let again = model
+            .forward(&cpu, &mut small, &IDS[5..6], LogitsMode::Last)
+            .unwrap();
         check_close("after truncate", again, &full[5 * v..6 * v], 1e-5);
     }
     std::fs::remove_dir_all(dir).ok();
@@ -73,14 +113,36 @@ fn bad_calls_are_typed_errors() {
     let model = Llama::load_dir(&dir).unwrap();
     let cpu = Cpu::fast();
     let mut sess = model.new_session(4, 4);
-    let err = model.forward(&cpu, &mut sess, &[1, 2, 3, 4, 5], LogitsMode::Last).unwrap_err();
-    assert!(matches!(err, Error::Model(ModelError::ContextFull { needed: 5, capacity: 4 })), "{err}");
-    let err = model.forward(&cpu, &mut sess, &[1, 97], LogitsMode::Last).unwrap_err();
+    let err = model
+        .forward(&cpu, &mut sess, &[1, 2, 3, 4, 5], LogitsMode::Last)
+        .unwrap_err();
     assert!(
-        matches!(err, Error::Model(ModelError::TokenOutOfRange { id: 97, position: 1, vocab: 97 })),
+        matches!(
+            err,
+            Error::Model(ModelError::ContextFull {
+                needed: 5,
+                capacity: 4
+            })
+        ),
         "{err}"
     );
-    let err = model.forward(&cpu, &mut sess, &[], LogitsMode::Last).unwrap_err();
+    let err = model
+        .forward(&cpu, &mut sess, &[1, 97], LogitsMode::Last)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Model(ModelError::TokenOutOfRange {
+                id: 97,
+                position: 1,
+                vocab: 97
+            })
+        ),
+        "{err}"
+    );
+    let err = model
+        .forward(&cpu, &mut sess, &[], LogitsMode::Last)
+        .unwrap_err();
     assert!(matches!(err, Error::Model(ModelError::EmptyInput)), "{err}");
     assert_eq!(sess.len(), 0, "failed calls leave the session untouched");
     std::fs::remove_dir_all(dir).ok();
@@ -108,7 +170,10 @@ fn bad_checkpoints_are_typed_errors() {
     // Unsupported weight dtype.
     write_model(&dir, &tiny_tensors(&spec), &tiny_config(&spec), Dtype::I32);
     let err = Llama::load_dir(&dir).unwrap_err();
-    assert!(matches!(err, Error::Model(ModelError::UnsupportedDtype { .. })), "{err}");
+    assert!(
+        matches!(err, Error::Model(ModelError::UnsupportedDtype { .. })),
+        "{err}"
+    );
     // No config.json.
     std::fs::remove_file(dir.join("config.json")).unwrap();
     let err = Llama::load_dir(&dir).unwrap_err();

@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::{Guarded, OpCase, Rng, check_close, run_cases};
 use cloudrm::kernels::cpu::dispatch::{self, Isa};
 use cloudrm::kernels::reference::attention::AttnShape;
 use cloudrm::kernels::{OpKind, Weights, cpu, reference};
+use common::{Guarded, OpCase, Rng, check_close, run_cases};
 use half::{bf16, f16};
 
 const F32_TOL: f64 = 1e-5;
@@ -81,7 +81,8 @@ fn cases() -> Vec<OpCase> {
                         let table = Owned::new(&rng.vec(13 * dim, 1.0), wd);
                         let ids: Vec<u32> = (0..rows).map(|_| rng.below(13) as u32).collect();
                         let mut want = vec![0.0; rows * dim];
-                        reference::embedding::embedding_forward(&mut want, &ids, table.view(), dim).unwrap();
+                        reference::embedding::embedding_forward(&mut want, &ids, table.view(), dim)
+                            .unwrap();
                         let mut got = Guarded::new(rows * dim);
                         cpu::embedding_forward(got.as_mut(), &ids, table.view(), dim).unwrap();
                         got.check_guards("embedding");
@@ -90,7 +91,15 @@ fn cases() -> Vec<OpCase> {
                 });
             }
             // Matmul: (rows, C) x (OC, C)^T, with and without bias.
-            for &(c, oc) in &[(1, 1), (7, 33), (64, 577), (577, 64), (1025, 7), (576, 1536), (1536, 576)] {
+            for &(c, oc) in &[
+                (1, 1),
+                (7, 33),
+                (64, 577),
+                (577, 64),
+                (1025, 7),
+                (576, 1536),
+                (1536, 576),
+            ] {
                 for bias in [false, true] {
                     let s = next_seed();
                     cases.push(OpCase {
@@ -102,10 +111,18 @@ fn cases() -> Vec<OpCase> {
                             let w = Owned::new(&rng.vec(oc * c, 0.5), wd);
                             let b = bias.then(|| rng.vec(oc, 1.0));
                             let mut want = vec![0.0; rows * oc];
-                            reference::matmul::matmul_forward(&mut want, &x, w.view(), b.as_deref(), c, oc)
-                                .unwrap();
+                            reference::matmul::matmul_forward(
+                                &mut want,
+                                &x,
+                                w.view(),
+                                b.as_deref(),
+                                c,
+                                oc,
+                            )
+                            .unwrap();
                             let mut got = Guarded::new(rows * oc);
-                            cpu::matmul_forward(got.as_mut(), &x, w.view(), b.as_deref(), c, oc).unwrap();
+                            cpu::matmul_forward(got.as_mut(), &x, w.view(), b.as_deref(), c, oc)
+                                .unwrap();
                             got.check_guards("matmul");
                             check_close("matmul", got.as_ref(), &want, F32_TOL);
                         }),
@@ -152,7 +169,15 @@ fn cases() -> Vec<OpCase> {
     }
     for &hs in &[64usize, 128] {
         for &(nh, nkv) in &[(3usize, 3usize), (9, 3), (8, 1)] {
-            for &(t, pos0) in &[(1usize, 0usize), (1, 15), (1, 16), (1, 17), (7, 0), (5, 12), (33, 1)] {
+            for &(t, pos0) in &[
+                (1usize, 0usize),
+                (1, 15),
+                (1, 16),
+                (1, 17),
+                (7, 0),
+                (5, 12),
+                (33, 1),
+            ] {
                 let s = next_seed();
                 cases.push(OpCase {
                     name: format!("rope_fwd(rows={t},pos0={pos0},heads={nh},hs={hs})"),
@@ -160,8 +185,9 @@ fn cases() -> Vec<OpCase> {
                     run: Box::new(move || {
                         let mut rng = Rng::new(s);
                         let x = rng.vec(t * nh * hs, 1.0);
-                        let inv: Vec<f32> =
-                            (0..hs / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hs as f32)).collect();
+                        let inv: Vec<f32> = (0..hs / 2)
+                            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hs as f32))
+                            .collect();
                         let pos: Vec<u32> = (0..t).map(|i| (pos0 + i * 37) as u32).collect();
                         let mut want = x.clone();
                         reference::rope::rope_forward(&mut want, &pos, nh, hs, &inv).unwrap();
@@ -181,13 +207,27 @@ fn cases() -> Vec<OpCase> {
                         let q = rng.vec(t * nh * hs, 2.0);
                         let k = rng.vec(s_len * nkv * hs, 2.0);
                         let v = rng.vec(s_len * nkv * hs, 1.0);
-                        let shape = AttnShape { n_tokens: t, pos0, n_heads: nh, n_kv_heads: nkv, head_dim: hs };
+                        let shape = AttnShape {
+                            n_tokens: t,
+                            pos0,
+                            n_heads: nh,
+                            n_kv_heads: nkv,
+                            head_dim: hs,
+                        };
                         let mut scores = vec![0.0; s_len];
                         let mut want = vec![0.0; t * nh * hs];
-                        reference::attention::attention_forward(&mut want, &q, &k, &v, &mut scores, shape)
-                            .unwrap();
+                        reference::attention::attention_forward(
+                            &mut want,
+                            &q,
+                            &k,
+                            &v,
+                            &mut scores,
+                            shape,
+                        )
+                        .unwrap();
                         let mut got = Guarded::new(t * nh * hs);
-                        cpu::attention_forward(got.as_mut(), &q, &k, &v, &mut scores, shape).unwrap();
+                        cpu::attention_forward(got.as_mut(), &q, &k, &v, &mut scores, shape)
+                            .unwrap();
                         got.check_guards("attention");
                         check_close("attention", got.as_ref(), &want, F32_TOL);
                     }),
@@ -209,7 +249,11 @@ fn fast_cpu_ops_match_reference() {
             let covered = run_cases(cases());
             if std::env::var("CLOUDRM_OP_FILTER").is_err() {
                 for kind in OpKind::ALL {
-                    assert!(covered.contains(&kind), "no CPU case covers op `{}`", kind.name());
+                    assert!(
+                        covered.contains(&kind),
+                        "no CPU case covers op `{}`",
+                        kind.name()
+                    );
                 }
             }
         }

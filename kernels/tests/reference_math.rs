@@ -20,7 +20,10 @@ fn rmsnorm_hand_case() {
     let mut out = [0.0; 2];
     rmsnorm_forward(&mut out, &[3.0, 4.0], Weights::F32(&[1.0, 2.0]), 0.0).unwrap();
     let r = 1.0 / 12.5f32.sqrt();
-    assert!(close(out[0], 3.0 * r) && close(out[1], 2.0 * 4.0 * r), "{out:?}");
+    assert!(
+        close(out[0], 3.0 * r) && close(out[1], 2.0 * 4.0 * r),
+        "{out:?}"
+    );
     // eps matters for tiny inputs: x = [0, 0] gives 0, not NaN.
     rmsnorm_forward(&mut out, &[0.0, 0.0], Weights::F32(&[1.0, 1.0]), 1e-5).unwrap();
     assert_eq!(out, [0.0, 0.0]);
@@ -31,7 +34,15 @@ fn matmul_hand_case() {
     // [1 2] @ [[1 0],[0 1],[1 1]]^T + [0, 0, 10] = [1, 2, 13]
     let mut out = [0.0; 3];
     let w = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
-    matmul_forward(&mut out, &[1.0, 2.0], Weights::F32(&w), Some(&[0.0, 0.0, 10.0]), 2, 3).unwrap();
+    matmul_forward(
+        &mut out,
+        &[1.0, 2.0],
+        Weights::F32(&w),
+        Some(&[0.0, 0.0, 10.0]),
+        2,
+        3,
+    )
+    .unwrap();
     assert_eq!(out, [1.0, 2.0, 13.0]);
     // bf16 weights are read exactly (1.5 and -0.25 are representable).
     let wb: Vec<bf16> = [1.5f32, -0.25].iter().map(|&x| bf16::from_f32(x)).collect();
@@ -43,10 +54,33 @@ fn matmul_hand_case() {
 #[test]
 fn matmul_rejects_bad_lengths() {
     let mut out = [0.0; 2];
-    let err = matmul_forward(&mut out, &[1.0, 2.0], Weights::F32(&[1.0; 3]), None, 2, 2).unwrap_err();
-    assert!(matches!(err, KernelError::Length { arg: "weight", expected: 4, actual: 3, .. }), "{err}");
-    let err = matmul_forward(&mut out, &[1.0, 2.0, 3.0], Weights::F32(&[1.0; 4]), None, 2, 2).unwrap_err();
-    assert!(matches!(err, KernelError::Invalid { arg: "inp", .. }), "{err}");
+    let err =
+        matmul_forward(&mut out, &[1.0, 2.0], Weights::F32(&[1.0; 3]), None, 2, 2).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            KernelError::Length {
+                arg: "weight",
+                expected: 4,
+                actual: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = matmul_forward(
+        &mut out,
+        &[1.0, 2.0, 3.0],
+        Weights::F32(&[1.0; 4]),
+        None,
+        2,
+        2,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, KernelError::Invalid { arg: "inp", .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -56,9 +90,18 @@ fn rope_hand_case() {
     rope_forward(&mut x, &[0, 1], 1, 2, &[1.0]).unwrap();
     assert_eq!(&x[..2], &[1.0, 0.0]); // position 0 is the identity
     // (0, 1) rotated by 1 rad: (0*cos - 1*sin, 1*cos + 0*sin)
-    assert!(close(x[2], -(1f32).sin()) && close(x[3], (1f32).cos()), "{x:?}");
+    assert!(
+        close(x[2], -(1f32).sin()) && close(x[3], (1f32).cos()),
+        "{x:?}"
+    );
     let err = rope_forward(&mut x, &[0, 1], 1, 3, &[1.0]).unwrap_err();
-    assert!(matches!(err, KernelError::Invalid { arg: "head_dim", .. }));
+    assert!(matches!(
+        err,
+        KernelError::Invalid {
+            arg: "head_dim",
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -83,17 +126,35 @@ fn attention_hand_case() {
     let v = [4.0, 8.0];
     let mut out = [0.0; 2];
     let mut scores = [0.0; 2];
-    let shape = AttnShape { n_tokens: 2, pos0: 0, n_heads: 1, n_kv_heads: 1, head_dim: 1 };
+    let shape = AttnShape {
+        n_tokens: 2,
+        pos0: 0,
+        n_heads: 1,
+        n_kv_heads: 1,
+        head_dim: 1,
+    };
     attention_forward(&mut out, &q, &k, &v, &mut scores, shape).unwrap();
     assert!(close(out[0], 4.0) && close(out[1], 7.0), "{out:?}");
     // GQA: two query heads share one KV head and get the same output for equal queries.
     let q2 = [1.0, 1.0];
     let mut out2 = [0.0; 2];
-    let shape = AttnShape { n_tokens: 1, pos0: 1, n_heads: 2, n_kv_heads: 1, head_dim: 1 };
+    let shape = AttnShape {
+        n_tokens: 1,
+        pos0: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 1,
+    };
     attention_forward(&mut out2, &q2, &k, &v, &mut scores, shape).unwrap();
     assert!(close(out2[0], 7.0) && close(out2[1], 7.0), "{out2:?}");
     // Too-short cache is an error, not a panic.
-    let shape = AttnShape { n_tokens: 1, pos0: 5, n_heads: 1, n_kv_heads: 1, head_dim: 1 };
+    let shape = AttnShape {
+        n_tokens: 1,
+        pos0: 5,
+        n_heads: 1,
+        n_kv_heads: 1,
+        head_dim: 1,
+    };
     assert!(attention_forward(&mut out[..1], &q[..1], &k, &v, &mut scores, shape).is_err());
 }
 
@@ -104,7 +165,15 @@ fn embedding_and_residual() {
     embedding_forward(&mut out, &[2, 0], Weights::F32(&table), 2).unwrap();
     assert_eq!(out, [20.0, 21.0, 0.0, 1.0]);
     let err = embedding_forward(&mut out, &[3, 0], Weights::F32(&table), 2).unwrap_err();
-    assert!(matches!(err, KernelError::TokenOutOfRange { id: 3, position: 0, vocab: 3, .. }));
+    assert!(matches!(
+        err,
+        KernelError::TokenOutOfRange {
+            id: 3,
+            position: 0,
+            vocab: 3,
+            ..
+        }
+    ));
     let mut acc = [1.0, 2.0];
     residual_forward(&mut acc, &[0.5, -2.0]).unwrap();
     assert_eq!(acc, [1.5, 0.0]);

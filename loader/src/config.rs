@@ -88,14 +88,21 @@ pub struct LlamaConfig {
     pub torch_dtype: Option<String>,
 }
 
-fn get_usize(obj: &Map<String, Value>, file: &str, field: &str) -> Result<Option<usize>, ConfigError> {
+fn get_usize(
+    obj: &Map<String, Value>,
+    file: &str,
+    field: &str,
+) -> Result<Option<usize>, ConfigError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| ConfigError::InvalidField {
-            file: file.into(),
-            field: field.into(),
-            reason: format!("expected a non-negative integer, got {v}"),
-        }),
+        Some(v) => v
+            .as_u64()
+            .map(|x| Some(x as usize))
+            .ok_or_else(|| ConfigError::InvalidField {
+                file: file.into(),
+                field: field.into(),
+                reason: format!("expected a non-negative integer, got {v}"),
+            }),
     }
 }
 
@@ -128,7 +135,11 @@ fn get_f32(obj: &Map<String, Value>, file: &str, field: &str) -> Result<Option<f
     }
 }
 
-fn get_bool(obj: &Map<String, Value>, file: &str, field: &str) -> Result<Option<bool>, ConfigError> {
+fn get_bool(
+    obj: &Map<String, Value>,
+    file: &str,
+    field: &str,
+) -> Result<Option<bool>, ConfigError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -150,7 +161,11 @@ fn token_ids(obj: &Map<String, Value>, file: &str, field: &str) -> Result<Vec<u3
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| v.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| bad(v)))
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .ok_or_else(|| bad(v))
+            })
             .collect(),
         Some(v) => v
             .as_u64()
@@ -221,7 +236,9 @@ impl LlamaConfig {
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(invalid(
                 "num_key_value_heads",
-                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+                format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+                ),
             ));
         }
         let head_dim = match get_usize(obj, file, "head_dim")? {
@@ -231,14 +248,19 @@ impl LlamaConfig {
                 if hidden_size % num_attention_heads != 0 {
                     return Err(invalid(
                         "hidden_size",
-                        format!("{hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"),
+                        format!(
+                            "{hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"
+                        ),
                     ));
                 }
                 hidden_size / num_attention_heads
             }
         };
         if head_dim % 2 != 0 {
-            return Err(invalid("head_dim", format!("{head_dim} must be even for RoPE")));
+            return Err(invalid(
+                "head_dim",
+                format!("{head_dim} must be even for RoPE"),
+            ));
         }
         let rms_norm_eps = get_f32(obj, file, "rms_norm_eps")?.unwrap_or(1e-6);
         if rms_norm_eps <= 0.0 {
@@ -250,7 +272,12 @@ impl LlamaConfig {
         let rope_params = match obj.get("rope_parameters") {
             Some(Value::Object(m)) => Some(m),
             None | Some(Value::Null) => None,
-            Some(v) => return Err(invalid("rope_parameters", format!("expected an object, got {v}"))),
+            Some(v) => {
+                return Err(invalid(
+                    "rope_parameters",
+                    format!("expected an object, got {v}"),
+                ));
+            }
         };
         let rope_theta = match rope_params.and_then(|m| m.get("rope_theta")) {
             Some(_) => get_f32(rope_params.unwrap_or(obj), file, "rope_theta")?,
@@ -264,7 +291,12 @@ impl LlamaConfig {
             (Some(m), _) => Some(m),
             (None, Some(Value::Object(m))) => Some(m),
             (None, None | Some(Value::Null)) => None,
-            (None, Some(v)) => return Err(invalid("rope_scaling", format!("expected an object, got {v}"))),
+            (None, Some(v)) => {
+                return Err(invalid(
+                    "rope_scaling",
+                    format!("expected an object, got {v}"),
+                ));
+            }
         };
         let max_position_embeddings =
             get_usize(obj, file, "max_position_embeddings")?.unwrap_or(2048);
@@ -279,9 +311,11 @@ impl LlamaConfig {
                 match kind {
                     "default" => RopeScaling::None,
                     "linear" => RopeScaling::Linear {
-                        factor: get_f32(m, file, "factor")?.ok_or_else(|| ConfigError::MissingField {
-                            file: file.into(),
-                            field: "rope_scaling.factor".into(),
+                        factor: get_f32(m, file, "factor")?.ok_or_else(|| {
+                            ConfigError::MissingField {
+                                file: file.into(),
+                                field: "rope_scaling.factor".into(),
+                            }
                         })?,
                     },
                     "llama3" => {

@@ -18,7 +18,15 @@ const SMOLLM2: &str = r#"{
 #[test]
 fn smollm2_config() {
     let c = parse(SMOLLM2).unwrap();
-    assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (576, 9, 3, 64));
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim
+        ),
+        (576, 9, 3, 64)
+    );
     assert_eq!((c.q_dim(), c.kv_dim(), c.gqa_group()), (576, 192, 3));
     assert_eq!(c.rope_theta, 100000.0);
     assert_eq!(c.rope_scaling, RopeScaling::None);
@@ -42,7 +50,12 @@ fn llama3_rope_scaling_and_eos_list() {
     assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
     assert_eq!(
         c.rope_scaling,
-        RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192
+        }
     );
     assert!(!c.tie_word_embeddings, "llama defaults to untied");
     assert_eq!(parse(&c.to_hf_json().to_string()).unwrap(), c);
@@ -60,7 +73,10 @@ fn transformers5_rope_parameters() {
     let s = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
       "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100,
       "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}"#;
-    assert_eq!(parse(s).unwrap().rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    assert_eq!(
+        parse(s).unwrap().rope_scaling,
+        RopeScaling::Linear { factor: 2.0 }
+    );
 }
 
 #[test]
@@ -87,28 +103,49 @@ fn qwen2_and_mistral_and_bias_flags() {
 #[test]
 fn invalid_configs_are_typed_errors() {
     assert!(matches!(parse("{not json"), Err(ConfigError::Json { .. })));
-    assert!(matches!(parse("[1]"), Err(ConfigError::InvalidField { .. })));
+    assert!(matches!(
+        parse("[1]"),
+        Err(ConfigError::InvalidField { .. })
+    ));
     let no_hidden = SMOLLM2.replace("\"hidden_size\": 576,", "");
-    assert!(matches!(parse(&no_hidden), Err(ConfigError::MissingField { field, .. }) if field == "hidden_size"));
+    assert!(
+        matches!(parse(&no_hidden), Err(ConfigError::MissingField { field, .. }) if field == "hidden_size")
+    );
     let gpt2 = SMOLLM2.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
     assert!(matches!(parse(&gpt2), Err(ConfigError::Unsupported { value, .. }) if value == "gpt2"));
     let bad_kv = SMOLLM2.replace("\"num_key_value_heads\": 3", "\"num_key_value_heads\": 4");
-    assert!(matches!(parse(&bad_kv), Err(ConfigError::InvalidField { field, .. }) if field == "num_key_value_heads"));
+    assert!(
+        matches!(parse(&bad_kv), Err(ConfigError::InvalidField { field, .. }) if field == "num_key_value_heads")
+    );
     let zero = SMOLLM2.replace("\"num_hidden_layers\": 30", "\"num_hidden_layers\": 0");
-    assert!(matches!(parse(&zero), Err(ConfigError::InvalidField { field, .. }) if field == "num_hidden_layers"));
+    assert!(
+        matches!(parse(&zero), Err(ConfigError::InvalidField { field, .. }) if field == "num_hidden_layers")
+    );
     let neg = SMOLLM2.replace("\"hidden_size\": 576", "\"hidden_size\": -576");
-    assert!(matches!(parse(&neg), Err(ConfigError::InvalidField { field, .. }) if field == "hidden_size"));
+    assert!(
+        matches!(parse(&neg), Err(ConfigError::InvalidField { field, .. }) if field == "hidden_size")
+    );
     let gelu = SMOLLM2.replace("\"silu\"", "\"gelu\"");
     assert!(matches!(parse(&gelu), Err(ConfigError::Unsupported { value, .. }) if value == "gelu"));
-    let yarn = SMOLLM2.replace("\"rope_scaling\": null", "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}");
+    let yarn = SMOLLM2.replace(
+        "\"rope_scaling\": null",
+        "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}",
+    );
     assert!(matches!(parse(&yarn), Err(ConfigError::Unsupported { value, .. }) if value == "yarn"));
-    let l3 = SMOLLM2.replace("\"rope_scaling\": null", "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}");
+    let l3 = SMOLLM2.replace(
+        "\"rope_scaling\": null",
+        "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}",
+    );
     assert!(matches!(parse(&l3), Err(ConfigError::MissingField { .. })));
     let bad_eos = SMOLLM2.replace("\"eos_token_id\": 2", "\"eos_token_id\": \"two\"");
-    assert!(matches!(parse(&bad_eos), Err(ConfigError::InvalidField { field, .. }) if field == "eos_token_id"));
+    assert!(
+        matches!(parse(&bad_eos), Err(ConfigError::InvalidField { field, .. }) if field == "eos_token_id")
+    );
     let odd = r#"{"model_type": "llama", "hidden_size": 60, "intermediate_size": 128,
       "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, "head_dim": 15}"#;
-    assert!(matches!(parse(odd), Err(ConfigError::InvalidField { field, .. }) if field == "head_dim"));
+    assert!(
+        matches!(parse(odd), Err(ConfigError::InvalidField { field, .. }) if field == "head_dim")
+    );
     // Errors name the file.
     let err = parse("{").unwrap_err();
     assert!(err.to_string().starts_with("config.json"), "{err}");

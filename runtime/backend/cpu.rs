@@ -45,7 +45,9 @@ impl Cpu {
         channels: usize,
     ) -> Result<(), KernelError> {
         match self.mode {
-            CpuMode::Reference => reference::embedding::embedding_forward(out, ids, table, channels),
+            CpuMode::Reference => {
+                reference::embedding::embedding_forward(out, ids, table, channels)
+            }
             CpuMode::Fast => cpu::embedding_forward(out, ids, table, channels),
         }
     }
@@ -89,17 +91,10 @@ impl Cpu {
         out_features: usize,
     ) -> Result<(), KernelError> {
         match self.mode {
-            CpuMode::Reference => reference::matmul::matmul_forward(
-                out,
-                inp,
-                weight,
-                bias,
-                in_features,
-                out_features,
-            ),
-            CpuMode::Fast => {
-                cpu::matmul_forward(out, inp, weight, bias, in_features, out_features)
+            CpuMode::Reference => {
+                reference::matmul::matmul_forward(out, inp, weight, bias, in_features, out_features)
             }
+            CpuMode::Fast => cpu::matmul_forward(out, inp, weight, bias, in_features, out_features),
         }
     }
 

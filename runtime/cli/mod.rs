@@ -15,7 +15,11 @@ use crate::hub;
 use crate::model::Llama;
 
 #[derive(Debug, Parser)]
-#[command(name = "cloudrm", version, about = "Critique-out-Loud reward model runtime")]
+#[command(
+    name = "cloudrm",
+    version,
+    about = "Critique-out-Loud reward model runtime"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -119,7 +123,11 @@ pub fn run(cli: Cli) -> Result<()> {
             reference,
         } => {
             let dir = resolve_model(model.as_deref())?;
-            let cpu = if reference { Cpu::reference() } else { Cpu::fast() };
+            let cpu = if reference {
+                Cpu::reference()
+            } else {
+                Cpu::fast()
+            };
             generate_cmd(&dir, &cpu, &prompt, max_tokens, chat, system.as_deref())
         }
     }

@@ -127,7 +127,11 @@ impl Llama {
 
     /// Build from a parsed config and opened checkpoint; tensors are looked up under
     /// `prefix` (e.g. "reward_base_model." for CLoud checkpoints).
-    pub fn from_parts(config: LlamaConfig, files: ShardedSafeTensors, prefix: &str) -> Result<Self> {
+    pub fn from_parts(
+        config: LlamaConfig,
+        files: ShardedSafeTensors,
+        prefix: &str,
+    ) -> Result<Self> {
         let weights = LlamaWeights::load(files, &config, prefix)?;
         let inv_freq = rope::inv_freq(&config);
         Ok(Llama {
@@ -207,7 +211,11 @@ impl Llama {
             .into());
         }
         let vocab = self.config.vocab_size;
-        if let Some((position, &id)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+        if let Some((position, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id as usize >= vocab)
+        {
             return Err(ModelError::TokenOutOfRange {
                 id,
                 position: sess.pos + position,
@@ -237,9 +245,22 @@ impl Llama {
         let final_norm = self.weights.get(&self.weights.final_norm);
         match mode {
             LogitsMode::All => {
-                cpu.rmsnorm(&mut sess.xn[..t * c], &sess.x[..t * c], final_norm, cfg.rms_norm_eps)?;
-                sess.hidden.copy_from_slice(&sess.xn[last_t * c..(last_t + 1) * c]);
-                cpu.matmul(&mut sess.logits[..t * vocab], &sess.xn[..t * c], lm_head, None, c, vocab)?;
+                cpu.rmsnorm(
+                    &mut sess.xn[..t * c],
+                    &sess.x[..t * c],
+                    final_norm,
+                    cfg.rms_norm_eps,
+                )?;
+                sess.hidden
+                    .copy_from_slice(&sess.xn[last_t * c..(last_t + 1) * c]);
+                cpu.matmul(
+                    &mut sess.logits[..t * vocab],
+                    &sess.xn[..t * c],
+                    lm_head,
+                    None,
+                    c,
+                    vocab,
+                )?;
                 Ok(&sess.logits[..t * vocab])
             }
             LogitsMode::Last | LogitsMode::None => {
@@ -255,7 +276,14 @@ impl Llama {
                 if mode == LogitsMode::None {
                     return Ok(&sess.logits[..0]);
                 }
-                cpu.matmul(&mut sess.logits[..vocab], &sess.hidden, lm_head, None, c, vocab)?;
+                cpu.matmul(
+                    &mut sess.logits[..vocab],
+                    &sess.hidden,
+                    lm_head,
+                    None,
+                    c,
+                    vocab,
+                )?;
                 Ok(&sess.logits[..vocab])
             }
         }
@@ -273,8 +301,17 @@ impl Llama {
         let cfg = &self.config;
         let w = &self.weights;
         let t = ids.len();
-        let (c, qd, kvd, idim) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        let (nh, nkv, hs) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (c, qd, kvd, idim) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let (nh, nkv, hs) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let eps = cfg.rms_norm_eps;
         let pos0 = sess.pos;
         let cap = sess.capacity;
@@ -326,10 +363,24 @@ impl Llama {
             let gate = &mut sess.gate[..t * idim];
             let up = &mut sess.up[..t * idim];
             let act = &mut sess.act[..t * idim];
-            cpu.matmul(gate, xn, w.get(&lw.gate_proj), lw.gate_bias.as_deref(), c, idim)?;
+            cpu.matmul(
+                gate,
+                xn,
+                w.get(&lw.gate_proj),
+                lw.gate_bias.as_deref(),
+                c,
+                idim,
+            )?;
             cpu.matmul(up, xn, w.get(&lw.up_proj), lw.up_bias.as_deref(), c, idim)?;
             cpu.swiglu(act, gate, up)?;
-            cpu.matmul(proj, act, w.get(&lw.down_proj), lw.down_bias.as_deref(), idim, c)?;
+            cpu.matmul(
+                proj,
+                act,
+                w.get(&lw.down_proj),
+                lw.down_bias.as_deref(),
+                idim,
+                c,
+            )?;
             cpu.residual(x, proj)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layer_out_norms.push(l2(&x[(t - 1) * c..]));
@@ -341,5 +392,8 @@ impl Llama {
 }
 
 fn l2(x: &[f32]) -> f32 {
-    x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt() as f32
+    x.iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt() as f32
 }

@@ -18,12 +18,18 @@ pub enum ModelError {
     },
     #[error("tensor `{tensor}` has dtype {dtype}; weights must be F32, BF16 or F16")]
     UnsupportedDtype { tensor: String, dtype: String },
-    #[error("tensor `{tensor}` is not aligned for its dtype in the file (offset not a multiple of {align})")]
+    #[error(
+        "tensor `{tensor}` is not aligned for its dtype in the file (offset not a multiple of {align})"
+    )]
     Misaligned { tensor: String, align: usize },
     #[error("context full: {needed} positions needed, the session holds {capacity}")]
     ContextFull { needed: usize, capacity: usize },
     #[error("empty input: at least one token is needed")]
     EmptyInput,
     #[error("token id {id} at position {position} is outside the vocabulary of {vocab}")]
-    TokenOutOfRange { id: u32, position: usize, vocab: usize },
+    TokenOutOfRange {
+        id: u32,
+        position: usize,
+        vocab: usize,
+    },
 }

@@ -73,10 +73,16 @@ impl LlamaWeights {
     /// "reward_base_model."), checking dtype, shape and alignment.
     pub fn load(files: ShardedSafeTensors, cfg: &LlamaConfig, prefix: &str) -> Result<Self> {
         let c = cfg.hidden_size;
-        let (q, kv, i, v) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
+        let (q, kv, i, v) = (
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         {
-            let get = |name: &str, shape: &[usize]| handle(&files, &format!("{prefix}{name}"), shape);
+            let get =
+                |name: &str, shape: &[usize]| handle(&files, &format!("{prefix}{name}"), shape);
             let bias = |name: &str, n: usize| -> Result<Vec<f32>> {
                 let full = format!("{prefix}{name}");
                 let view = files.tensor(&full)?;
@@ -86,7 +92,11 @@ impl LlamaWeights {
             for l in 0..cfg.num_hidden_layers {
                 let p = format!("model.layers.{l}.");
                 let opt_bias = |on: bool, name: &str, n: usize| -> Result<Option<Vec<f32>>> {
-                    if on { bias(&format!("{p}{name}"), n).map(Some) } else { Ok(None) }
+                    if on {
+                        bias(&format!("{p}{name}"), n).map(Some)
+                    } else {
+                        Ok(None)
+                    }
                 };
                 layers.push(LayerWeights {
                     attn_norm: get(&format!("{p}input_layernorm.weight"), &[c])?,
@@ -108,7 +118,11 @@ impl LlamaWeights {
                 });
             }
         }
-        let embed = handle(&files, &format!("{prefix}model.embed_tokens.weight"), &[v, c])?;
+        let embed = handle(
+            &files,
+            &format!("{prefix}model.embed_tokens.weight"),
+            &[v, c],
+        )?;
         let final_norm = handle(&files, &format!("{prefix}model.norm.weight"), &[c])?;
         let lm_head = if cfg.tie_word_embeddings {
             embed
@@ -137,7 +151,9 @@ impl LlamaWeights {
         // Alignment and length were checked when the handle was made; a failed cast
         // (impossible) degrades to an empty slice, which kernels reject with an error.
         match h.dtype {
-            Dtype::BF16 => Weights::BF16(bytemuck::try_cast_slice::<u8, bf16>(bytes).unwrap_or(&[])),
+            Dtype::BF16 => {
+                Weights::BF16(bytemuck::try_cast_slice::<u8, bf16>(bytes).unwrap_or(&[]))
+            }
             Dtype::F16 => Weights::F16(bytemuck::try_cast_slice::<u8, f16>(bytes).unwrap_or(&[])),
             _ => Weights::F32(bytemuck::try_cast_slice::<u8, f32>(bytes).unwrap_or(&[])),
         }
@@ -161,11 +177,12 @@ impl LlamaWeights {
                     + f(&l.down_proj)
             })
             .sum();
-        let head = if self.lm_head.offset == self.embed.offset && self.lm_head.shard == self.embed.shard {
-            0
-        } else {
-            f(&self.lm_head)
-        };
+        let head =
+            if self.lm_head.offset == self.embed.offset && self.lm_head.shard == self.embed.shard {
+                0
+            } else {
+                f(&self.lm_head)
+            };
         per_layer + f(&self.embed) + f(&self.final_norm) + head
     }
 }
@@ -193,7 +210,7 @@ fn handle(files: &ShardedSafeTensors, name: &str, shape: &[usize]) -> Result<Wei
         .into());
     }
     let align = view.dtype.size();
-    if (view.data.as_ptr() as usize) % align != 0 {
+    if !(view.data.as_ptr() as usize).is_multiple_of(align) {
         return Err(ModelError::Misaligned {
             tensor: name.to_string(),
             align,

@@ -72,7 +72,11 @@ pub fn check_close(name: &str, out: &[f32], reference: &[f32], tol: f64) {
         }
         eprintln!("{name}: rel L2 {err:e} (tol {tol:e}), max abs err {max_abs:e}");
         for (i, (&a, &b)) in out.iter().zip(reference).take(5).enumerate() {
-            let tag = if (a - b).abs() <= 1e-5 * b.abs().max(1.0) { "OK" } else { "NOT OK" };
+            let tag = if (a - b).abs() <= 1e-5 * b.abs().max(1.0) {
+                "OK"
+            } else {
+                "NOT OK"
+            };
             eprintln!("  [{i}] {a} {b} {tag}");
         }
     }
@@ -114,7 +118,11 @@ impl Guarded {
         let before = &self.buf[..GUARD];
         let after = &self.buf[GUARD + self.len..];
         for (i, v) in before.iter().chain(after).enumerate() {
-            assert_eq!(v.to_bits(), CANARY, "{name}: guard band overwritten at guard index {i}");
+            assert_eq!(
+                v.to_bits(),
+                CANARY,
+                "{name}: guard band overwritten at guard index {i}"
+            );
         }
     }
 }
@@ -134,10 +142,10 @@ pub fn run_cases(cases: Vec<OpCase>) -> HashSet<OpKind> {
     let mut covered = HashSet::new();
     let mut n = 0;
     for case in cases {
-        if let Some(f) = &filter {
-            if !case.name.contains(f.as_str()) {
-                continue;
-            }
+        if let Some(f) = &filter
+            && !case.name.contains(f.as_str())
+        {
+            continue;
         }
         (case.run)();
         covered.insert(case.kind);

@@ -79,7 +79,12 @@ pub fn tiny_tensors(spec: &TinySpec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
             push(format!("{p}self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
             push(format!("{p}self_attn.v_proj.bias"), vec![kv], 0.1, 0.0);
         }
-        push(format!("{p}post_attention_layernorm.weight"), vec![c], 0.2, 1.0);
+        push(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![c],
+            0.2,
+            1.0,
+        );
         push(format!("{p}mlp.gate_proj.weight"), vec![i, c], 0.3, 0.0);
         push(format!("{p}mlp.up_proj.weight"), vec![i, c], 0.3, 0.0);
         push(format!("{p}mlp.down_proj.weight"), vec![c, i], 0.3, 0.0);
@@ -112,22 +117,42 @@ pub fn tiny_config(spec: &TinySpec) -> serde_json::Value {
 
 fn encode(data: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::BF16 => data.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
-        Dtype::F16 => data.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        Dtype::BF16 => data
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::F16 => data
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
         _ => data.iter().flat_map(|&x| x.to_le_bytes()).collect(),
     }
 }
 
 /// Write `tensors` + `config` as a model dir.
-pub fn write_model(dir: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], config: &serde_json::Value, dtype: Dtype) {
+pub fn write_model(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    config: &serde_json::Value,
+    dtype: Dtype,
+) {
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, d)| encode(d, dtype)).collect();
     let writes: Vec<WriteTensor<'_>> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, shape, _), data)| WriteTensor { name, dtype, shape, data })
+        .map(|((name, shape, _), data)| WriteTensor {
+            name,
+            dtype,
+            shape,
+            data,
+        })
         .collect();
     write_safetensors(&dir.join("model.safetensors"), &writes, None).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
 }
 
 /// Write a tiny model for `spec` into a fresh temp dir and return the dir.

@@ -50,10 +50,20 @@ pub fn force(isa: Option<Isa>) {
     FORCED.store(isa.map_or(0, |i| i as u8), Ordering::Relaxed);
 }
 
-/// Worker threads for the fast kernels (default: available parallelism).
+/// Threads the machine offers (the global pool's size): $CLOUDRM_THREADS if set, else
+/// the available parallelism.
+pub fn max_threads() -> usize {
+    std::env::var("CLOUDRM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Threads the fast kernels use per call (default: `max_threads()`).
 pub fn num_threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => max_threads(),
         n => n,
     }
 }

@@ -5,6 +5,7 @@
 use half::{bf16, f16};
 
 use super::dispatch::{Isa, current, num_threads};
+use super::pool;
 use crate::error::KernelError;
 use crate::reference::matmul::check_shapes;
 use crate::weights::Weights;
@@ -33,41 +34,63 @@ pub fn matmul_forward(
     }
     let isa = current();
     let threads = num_threads().clamp(1, out_features.div_ceil(16).max(1));
-    if threads == 1 || rows * in_features * out_features < 1 << 16 {
-        let mut wrow = vec![0f32; in_features];
-        compute(out, inp, weight, bias, in_features, out_features, 0..out_features, &mut wrow, isa);
-        return Ok(());
-    }
-    // Output columns are split in contiguous chunks; each thread writes its own columns of
-    // every row through a raw pointer (disjoint index sets).
-    let chunk = out_features.div_ceil(threads);
+    let threads = if rows * in_features * out_features < 1 << 15 {
+        1
+    } else {
+        threads
+    };
+    // Output columns are split in contiguous chunks; each participant writes its own
+    // columns of every row through a raw pointer (disjoint index sets).
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
-    std::thread::scope(|s| {
-        for tid in 0..threads {
-            let start = tid * chunk;
-            let end = ((tid + 1) * chunk).min(out_features);
-            if start >= end {
-                continue;
-            }
-            let out_ptr = out_ptr;
-            s.spawn(move || {
-                let out_ptr = out_ptr;
-                // SAFETY: every thread writes only columns start..end of each output row,
-                // and the ranges of different threads are disjoint; `out` outlives the scope.
-                let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.0, out_len) };
-                let mut wrow = vec![0f32; in_features];
-                compute(out, inp, weight, bias, in_features, out_features, start..end, &mut wrow, isa);
-            });
+    pool::global().run(threads, &|p, n| {
+        let chunk = out_features.div_ceil(n);
+        let start = p * chunk;
+        let end = ((p + 1) * chunk).min(out_features);
+        if start >= end {
+            return;
         }
+        // SAFETY: every participant writes only columns start..end of each output row,
+        // the ranges of different participants are disjoint, and `out` outlives `run`.
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
+        WROW.with_borrow_mut(|wrow| {
+            if wrow.len() < in_features {
+                wrow.resize(in_features, 0.0);
+            }
+            compute(
+                out,
+                inp,
+                weight,
+                bias,
+                in_features,
+                out_features,
+                start..end,
+                &mut wrow[..in_features],
+                isa,
+            );
+        });
     });
     Ok(())
 }
 
+thread_local! {
+    /// One weight row converted to f32, per thread; grows once to the widest C seen.
+    static WROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint column ranges of one buffer to scoped threads.
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: used only to hand disjoint column ranges of one buffer to pool participants.
 unsafe impl Send for SendPtr {}
+// SAFETY: as above; participants never touch the same element.
+unsafe impl Sync for SendPtr {}
 
 #[allow(clippy::too_many_arguments)]
 fn compute(
@@ -198,9 +221,21 @@ mod avx2 {
         unsafe {
             while i < n32 {
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(wp.add(i)), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), _mm256_loadu_ps(wp.add(i + 8)), a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 16)), _mm256_loadu_ps(wp.add(i + 16)), a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 24)), _mm256_loadu_ps(wp.add(i + 24)), a3);
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xp.add(i + 8)),
+                    _mm256_loadu_ps(wp.add(i + 8)),
+                    a1,
+                );
+                a2 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xp.add(i + 16)),
+                    _mm256_loadu_ps(wp.add(i + 16)),
+                    a2,
+                );
+                a3 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xp.add(i + 24)),
+                    _mm256_loadu_ps(wp.add(i + 24)),
+                    a3,
+                );
                 i += 32;
             }
             let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
@@ -235,7 +270,11 @@ mod avx2 {
         unsafe {
             while i < n16 {
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), load_bf16x8(wp.add(i)), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), load_bf16x8(wp.add(i + 8)), a1);
+                a1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xp.add(i + 8)),
+                    load_bf16x8(wp.add(i + 8)),
+                    a1,
+                );
                 i += 16;
             }
             let mut s = hsum(_mm256_add_ps(a0, a1));

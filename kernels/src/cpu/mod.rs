@@ -4,6 +4,7 @@
 
 pub mod dispatch;
 pub mod matmul;
+pub mod pool;
 
 pub use crate::reference::attention::attention_forward;
 pub use crate::reference::embedding::embedding_forward;

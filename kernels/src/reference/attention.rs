@@ -22,7 +22,10 @@ pub struct AttnShape {
 
 impl AttnShape {
     pub fn validate(&self, op: &'static str) -> Result<(), KernelError> {
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 || self.head_dim == 0 {
+        if self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+            || self.head_dim == 0
+        {
             return Err(KernelError::Invalid {
                 op,
                 arg: "shape",

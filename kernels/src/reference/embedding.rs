@@ -13,7 +13,7 @@ pub fn embedding_forward(
 ) -> Result<(), KernelError> {
     const OP: &str = "embedding_forward";
     check_len(OP, "out", out.len(), ids.len() * channels)?;
-    if channels == 0 || table.len() % channels != 0 {
+    if channels == 0 || !table.len().is_multiple_of(channels) {
         return Err(KernelError::Invalid {
             op: OP,
             arg: "table",

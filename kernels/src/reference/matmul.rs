@@ -49,11 +49,14 @@ pub fn check_shapes(
         });
     }
     check_len(op, "weight", weight.len(), in_features * out_features)?;
-    if inp.len() % in_features != 0 {
+    if !inp.len().is_multiple_of(in_features) {
         return Err(KernelError::Invalid {
             op,
             arg: "inp",
-            reason: format!("{} elements is not a multiple of C={in_features}", inp.len()),
+            reason: format!(
+                "{} elements is not a multiple of C={in_features}",
+                inp.len()
+            ),
         });
     }
     check_len(op, "out", out.len(), inp.len() / in_features * out_features)?;

@@ -21,7 +21,7 @@ pub fn rmsnorm_forward(
         });
     }
     check_len(OP, "out", out.len(), inp.len())?;
-    if inp.len() % c != 0 {
+    if !inp.len().is_multiple_of(c) {
         return Err(KernelError::Invalid {
             op: OP,
             arg: "inp",

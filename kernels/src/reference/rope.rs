@@ -15,7 +15,7 @@ pub fn rope_forward(
     inv_freq: &[f32],
 ) -> Result<(), KernelError> {
     const OP: &str = "rope_forward";
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(KernelError::Invalid {
             op: OP,
             arg: "head_dim",

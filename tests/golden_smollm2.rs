@@ -124,7 +124,9 @@ fn check_model(dtype: OutDtype, tol: f64, check_exact: bool) {
         );
         if i == 0 {
             let err = common::rel_l2(&logits, &case0_logits);
-            eprintln!("{dtype:?} weights: case 0 last-position logits rel L2 error {err:e} (tol {tol:e})");
+            eprintln!(
+                "{dtype:?} weights: case 0 last-position logits rel L2 error {err:e} (tol {tol:e})"
+            );
             check_close(
                 &format!("{dtype:?} case 0 full logits"),
                 &logits,

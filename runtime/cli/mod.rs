@@ -98,7 +98,6 @@ pub fn run(cli: Cli) -> Result<()> {
                 &out_dir,
                 &ImportOptions {
                     dtype: dtype.into(),
-                    ..Default::default()
                 },
             )?;
             eprintln!(

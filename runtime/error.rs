@@ -42,3 +42,9 @@ impl From<cloudrm_loader::template::TemplateError> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<cloudrm_loader::config::ConfigError> for Error {
+    fn from(e: cloudrm_loader::config::ConfigError) -> Self {
+        Error::Loader(e.into())
+    }
+}

@@ -6,6 +6,7 @@ mod common;
 
 use cloudrm::kernels::cpu::dispatch::{self, Isa};
 use cloudrm::kernels::reference::attention::AttnShape;
+use cloudrm::kernels::reference::heads::RewardHeadWeights;
 use cloudrm::kernels::{OpKind, Weights, cpu, reference};
 use common::{Guarded, OpCase, Rng, check_close, run_cases};
 use half::{bf16, f16};
@@ -165,6 +166,107 @@ fn cases() -> Vec<OpCase> {
                     check_close("residual", got.as_ref(), &want, F32_TOL);
                 }),
             });
+        }
+    }
+    for wd in [Wd::F32, Wd::Bf16, Wd::F16] {
+        for &(rows, c, v) in &[(1usize, 7usize, 5usize), (3, 64, 33), (7, 577, 13)] {
+            for dense in [false, true] {
+                let s = next_seed();
+                cases.push(OpCase {
+                    name: format!("reward_head_fwd(rows={rows},c={c},dense={dense},w={wd:?})"),
+                    kind: OpKind::RewardHead,
+                    run: Box::new(move || {
+                        let mut rng = Rng::new(s);
+                        let h = rng.vec(rows * c, 1.0);
+                        let w_out = Owned::new(&rng.vec(c, 0.5), wd);
+                        let w_dense = Owned::new(&rng.vec(c * c, 0.2), wd);
+                        let b_dense = rng.vec(c, 0.1);
+                        let head = if dense {
+                            RewardHeadWeights::DenseTanh {
+                                dense_w: w_dense.view(),
+                                dense_b: &b_dense,
+                                out_w: w_out.view(),
+                                out_b: 0.25,
+                            }
+                        } else {
+                            RewardHeadWeights::Linear {
+                                w: w_out.view(),
+                                b: -0.5,
+                            }
+                        };
+                        let mut scratch = vec![0.0; c];
+                        let mut want = vec![0.0; rows];
+                        reference::heads::reward_head_forward(&mut want, &h, &head, &mut scratch)
+                            .unwrap();
+                        let mut got = Guarded::new(rows);
+                        cpu::reward_head_forward(got.as_mut(), &h, &head, &mut scratch).unwrap();
+                        got.check_guards("reward_head");
+                        check_close("reward_head", got.as_ref(), &want, F32_TOL);
+                    }),
+                });
+                let s = next_seed();
+                cases.push(OpCase {
+                    name: format!("dual_head_fwd(rows={rows},c={c},v={v},dense={dense},w={wd:?})"),
+                    kind: OpKind::DualHead,
+                    run: Box::new(move || {
+                        let mut rng = Rng::new(s);
+                        let h = rng.vec(rows * c, 1.0);
+                        let lm = Owned::new(&rng.vec(v * c, 0.5), wd);
+                        let w_out = Owned::new(&rng.vec(c, 0.5), wd);
+                        let w_dense = Owned::new(&rng.vec(c * c, 0.2), wd);
+                        let b_dense = rng.vec(c, 0.1);
+                        let head = if dense {
+                            RewardHeadWeights::DenseTanh {
+                                dense_w: w_dense.view(),
+                                dense_b: &b_dense,
+                                out_w: w_out.view(),
+                                out_b: 0.25,
+                            }
+                        } else {
+                            RewardHeadWeights::Linear {
+                                w: w_out.view(),
+                                b: -0.5,
+                            }
+                        };
+                        // Even rows generate, odd rows are scored.
+                        let lm_rows: Vec<usize> = (0..rows).step_by(2).collect();
+                        let rw_rows: Vec<usize> = (1..rows).step_by(2).collect();
+                        let mut scratch = vec![0.0; c];
+                        let mut want_l = vec![0.0; lm_rows.len() * v];
+                        let mut want_r = vec![0.0; rw_rows.len()];
+                        reference::heads::dual_head_forward(
+                            &mut want_l,
+                            &mut want_r,
+                            &h,
+                            c,
+                            &lm_rows,
+                            &rw_rows,
+                            lm.view(),
+                            &head,
+                            &mut scratch,
+                        )
+                        .unwrap();
+                        let mut got_l = Guarded::new(want_l.len());
+                        let mut got_r = Guarded::new(want_r.len());
+                        cpu::dual_head_forward(
+                            got_l.as_mut(),
+                            got_r.as_mut(),
+                            &h,
+                            c,
+                            &lm_rows,
+                            &rw_rows,
+                            lm.view(),
+                            &head,
+                            &mut scratch,
+                        )
+                        .unwrap();
+                        got_l.check_guards("dual_head logits");
+                        got_r.check_guards("dual_head rewards");
+                        check_close("dual_head logits", got_l.as_ref(), &want_l, F32_TOL);
+                        check_close("dual_head rewards", got_r.as_ref(), &want_r, F32_TOL);
+                    }),
+                });
+            }
         }
     }
     for &hs in &[64usize, 128] {

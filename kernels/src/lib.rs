@@ -26,10 +26,12 @@ pub enum OpKind {
     Attention,
     SwiGlu,
     Residual,
+    RewardHead,
+    DualHead,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 7] = [
+    pub const ALL: [OpKind; 9] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::Rope,
@@ -37,6 +39,8 @@ impl OpKind {
         OpKind::Attention,
         OpKind::SwiGlu,
         OpKind::Residual,
+        OpKind::RewardHead,
+        OpKind::DualHead,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -48,6 +52,8 @@ impl OpKind {
             OpKind::Attention => "attention",
             OpKind::SwiGlu => "swiglu",
             OpKind::Residual => "residual",
+            OpKind::RewardHead => "reward_head",
+            OpKind::DualHead => "dual_head",
         }
     }
 }

@@ -178,3 +178,65 @@ fn embedding_and_residual() {
     residual_forward(&mut acc, &[0.5, -2.0]).unwrap();
     assert_eq!(acc, [1.5, 0.0]);
 }
+
+#[test]
+fn reward_heads_hand_case() {
+    use cloudrm_kernels::reference::heads::{
+        RewardHeadWeights, dual_head_forward, reward_head_forward,
+    };
+    let mut scratch = [0.0; 2];
+    // Linear: r = [1, -2] . [3, 4] + 0.5 = 3 - 8 + 0.5 = -4.5
+    let lin = RewardHeadWeights::Linear {
+        w: Weights::F32(&[1.0, -2.0]),
+        b: 0.5,
+    };
+    let mut r = [0.0];
+    reward_head_forward(&mut r, &[3.0, 4.0], &lin, &mut scratch).unwrap();
+    assert_eq!(r, [-4.5]);
+    // Dense-tanh: W = I, b = [0, 1], h = [0, 0] -> tanh([0, 1]) = [0, tanh 1];
+    // r = [2, 3] . [0, tanh 1] - 1 = 3 tanh(1) - 1
+    let dt = RewardHeadWeights::DenseTanh {
+        dense_w: Weights::F32(&[1.0, 0.0, 0.0, 1.0]),
+        dense_b: &[0.0, 1.0],
+        out_w: Weights::F32(&[2.0, 3.0]),
+        out_b: -1.0,
+    };
+    reward_head_forward(&mut r, &[0.0, 0.0], &dt, &mut scratch).unwrap();
+    assert!(close(r[0], 3.0 * 1f32.tanh() - 1.0), "{r:?}");
+    // Dual head: rows 0 and 2 generate (logits over V=3), row 1 is scored.
+    let hidden = [1.0, 0.0, 3.0, 4.0, 0.0, 1.0];
+    let lm = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]; // (V=3, C=2)
+    let mut logits = [0.0; 6];
+    let mut rewards = [0.0; 1];
+    dual_head_forward(
+        &mut logits,
+        &mut rewards,
+        &hidden,
+        2,
+        &[0, 2],
+        &[1],
+        Weights::F32(&lm),
+        &lin,
+        &mut scratch,
+    )
+    .unwrap();
+    assert_eq!(logits, [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]);
+    assert_eq!(rewards, [-4.5]);
+    // A row index past B is an error, not a panic.
+    let err = dual_head_forward(
+        &mut logits[..3],
+        &mut [],
+        &hidden,
+        2,
+        &[3],
+        &[],
+        Weights::F32(&lm),
+        &lin,
+        &mut scratch,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, KernelError::Invalid { arg: "rows", .. }),
+        "{err}"
+    );
+}

@@ -1,9 +1,11 @@
 //! The Llama-family model: config, named weight views over the mmap, the forward pass.
 
+pub mod heads;
 pub mod llama;
 pub mod rope;
 pub mod weights;
 
+pub use heads::{CheckpointLayout, FeedbackMethod, RewardHead, RewardModel};
 pub use llama::{Llama, LogitsMode, Session, Trace};
 pub use weights::{LlamaWeights, WeightHandle};
 
@@ -24,6 +26,18 @@ pub enum ModelError {
     Misaligned { tensor: String, align: usize },
     #[error("context full: {needed} positions needed, the session holds {capacity}")]
     ContextFull { needed: usize, capacity: usize },
+    #[error("{}: no reward head (expected `reward_head.out_proj.weight` or `score.weight`)", dir.display())]
+    NoRewardHead { dir: std::path::PathBuf },
+    #[error("{file}: `feedback_method` is {value}; expected \"vanilla\" or \"teacher\"")]
+    BadFeedbackMethod { file: String, value: String },
+    #[error(
+        "{file}: cannot find the base model's config (`base_model_name_or_path` = {base}): {reason}"
+    )]
+    BaseConfig {
+        file: String,
+        base: String,
+        reason: String,
+    },
     #[error("empty input: at least one token is needed")]
     EmptyInput,
     #[error("token id {id} at position {position} is outside the vocabulary of {vocab}")]

@@ -187,7 +187,7 @@ impl LlamaWeights {
     }
 }
 
-fn check_shape(name: &str, view: &TensorView<'_>, expected: &[usize]) -> Result<()> {
+pub(crate) fn check_shape(name: &str, view: &TensorView<'_>, expected: &[usize]) -> Result<()> {
     if view.shape != expected {
         return Err(ModelError::ShapeMismatch {
             tensor: name.to_string(),
@@ -199,7 +199,11 @@ fn check_shape(name: &str, view: &TensorView<'_>, expected: &[usize]) -> Result<
     Ok(())
 }
 
-fn handle(files: &ShardedSafeTensors, name: &str, shape: &[usize]) -> Result<WeightHandle> {
+pub(crate) fn handle(
+    files: &ShardedSafeTensors,
+    name: &str,
+    shape: &[usize],
+) -> Result<WeightHandle> {
     let view = files.tensor(name)?;
     check_shape(name, &view, shape)?;
     if !matches!(view.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {

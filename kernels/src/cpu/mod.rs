@@ -8,6 +8,7 @@ pub mod pool;
 
 pub use crate::reference::attention::attention_forward;
 pub use crate::reference::embedding::embedding_forward;
+pub use crate::reference::heads::{dual_head_forward, reward_head_forward};
 pub use crate::reference::residual::residual_forward;
 pub use crate::reference::rmsnorm::rmsnorm_forward;
 pub use crate::reference::rope::rope_forward;

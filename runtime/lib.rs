@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod cloud;
 pub mod error;
 pub mod generate;
 pub mod hub;

@@ -1,0 +1,113 @@
+//! The CLoud sequence layout, rendered with the model's own chat template:
+//! user = prompt; assistant = response; user = `COT_PROMPT + critique`.
+//!
+//! One rule for the critique text (zankner/CLoud is inconsistent; its quirks are not
+//! copied): the generation prefix ends right after `question:` (no trailing space); the
+//! model writes the critique with its own leading space; the scored sequence is exactly
+//! the prefix, the generated tokens and the end-of-turn token (no re-tokenisation). In
+//! training data the critique turn's content is `question:` + " " + critique.trim().
+//! Classic mode: only the first two turns; the reward is read at the end-of-turn token
+//! that closes the assistant turn.
+//!
+//! The end-of-turn token is found from the template itself: the text it renders right
+//! after a turn's content starts with it (`<|im_end|>` for ChatML, `<|eot_id|>` for
+//! Llama 3), so no model family is hard-coded.
+
+use cloudrm_loader::template::{ChatTemplate, Message};
+use cloudrm_loader::tokenizer::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// The critique request of the released CLoud checkpoints, trailing space included.
+pub const COT_PROMPT: &str = "The following is a break down on the correctness and usefulness of the assistant's response to my question: ";
+
+/// A private-use marker no real text contains; rendering cuts there.
+const CUT: &str = "\u{E000}cloudrm-cut\u{E001}";
+
+/// A chat template + tokenizer pair that lays out CLoud sequences.
+pub struct CloudTemplate<'a> {
+    pub template: &'a ChatTemplate,
+    pub tokenizer: &'a Tokenizer,
+}
+
+impl<'a> CloudTemplate<'a> {
+    pub fn new(template: &'a ChatTemplate, tokenizer: &'a Tokenizer) -> Self {
+        CloudTemplate {
+            template,
+            tokenizer,
+        }
+    }
+
+    /// Render `messages` whose last content ends with the cut marker; returns the text
+    /// before the marker and the id of the end-of-turn token the template puts after it.
+    fn cut(&self, messages: &[Message]) -> Result<(String, u32)> {
+        let text = self.template.render(messages, false)?;
+        let Some(at) = text.find(CUT) else {
+            return Err(Error::Usage(
+                "the chat template dropped the content of the last turn; cannot lay out a CLoud sequence".into(),
+            ));
+        };
+        let (before, after) = (&text[..at], &text[at + CUT.len()..]);
+        let after_ids = self.tokenizer.encode(after, false)?;
+        let Some(&eot) = after_ids.first() else {
+            return Err(Error::Usage(
+                "the chat template writes nothing after a turn's content; no end-of-turn token"
+                    .into(),
+            ));
+        };
+        // The end-of-turn token must be a whole token of the rendered text (a special token),
+        // not the first piece of ordinary text.
+        let eot_text = self.tokenizer.decode(&[eot], false)?;
+        if !after.starts_with(&eot_text) || self.tokenizer.token_to_id(&eot_text) != Some(eot) {
+            return Err(Error::Usage(format!(
+                "the text after a turn ({after:?}) does not start with a single end-of-turn token"
+            )));
+        }
+        Ok((before.to_string(), eot))
+    }
+
+    /// Token ids of the critique-generation prefix (ending right after `question:`) and
+    /// the end-of-turn token id.
+    pub fn cloud_prefix(&self, prompt: &str, response: &str) -> Result<(Vec<u32>, u32)> {
+        let request = format!("{}{CUT}", COT_PROMPT.trim_end());
+        let messages = [
+            Message::user(prompt),
+            Message::assistant(response),
+            Message::user(&request),
+        ];
+        let (text, eot) = self.cut(&messages)?;
+        Ok((self.tokenizer.encode(&text, false)?, eot))
+    }
+
+    /// Token ids of the classic sequence, ending with the end-of-turn token that closes
+    /// the assistant turn (where the classic reward is read).
+    pub fn classic_sequence(&self, prompt: &str, response: &str) -> Result<Vec<u32>> {
+        let content = format!("{response}{CUT}");
+        let messages = [Message::user(prompt), Message::assistant(&content)];
+        let (text, eot) = self.cut(&messages)?;
+        let mut ids = self.tokenizer.encode(&text, false)?;
+        ids.push(eot);
+        Ok(ids)
+    }
+
+    /// The training sequence for a given critique text: the critique turn's content is
+    /// `question:` + " " + critique.trim(); returns (ids, index of the end-of-turn token).
+    pub fn training_sequence(
+        &self,
+        prompt: &str,
+        response: &str,
+        critique: &str,
+    ) -> Result<(Vec<u32>, usize)> {
+        let request = format!("{} {}{CUT}", COT_PROMPT.trim_end(), critique.trim());
+        let messages = [
+            Message::user(prompt),
+            Message::assistant(response),
+            Message::user(&request),
+        ];
+        let (text, eot) = self.cut(&messages)?;
+        let mut ids = self.tokenizer.encode(&text, false)?;
+        ids.push(eot);
+        let at = ids.len() - 1;
+        Ok((ids, at))
+    }
+}

@@ -1,0 +1,207 @@
+//! CLoud scoring end to end on a small random reward model that shares the default
+//! model's vocabulary, tokenizer and chat template: the sequence layout, K critiques over
+//! one prefilled prefix (each reward equals a from-scratch pass over prefix + critique +
+//! end-of-turn), determinism, classic mode, compare and best-of-n.
+
+mod common;
+
+use cloudrm::backend::Cpu;
+use cloudrm::cloud::{Aggregation, COT_PROMPT, CloudScorer, CloudTemplate, ScoreOptions};
+use cloudrm::loader::Dtype;
+use cloudrm::loader::gguf::OutDtype;
+use cloudrm::loader::template::ChatTemplate;
+use cloudrm::loader::tokenizer::Tokenizer;
+use cloudrm::model::{LogitsMode, RewardModel};
+use common::Rng;
+use common::model::default_model;
+use common::tiny::{TinySpec, temp_dir, tiny_config, tiny_tensors, write_model};
+
+const PROMPT: &str = "What is the capital of France?";
+const RESPONSE: &str = "The capital of France is Paris.";
+
+/// A tiny CLoud-layout reward model with the default model's vocabulary + tokenizer files.
+fn tiny_cloud_dir(tag: &str, method: &str) -> std::path::PathBuf {
+    let spec = TinySpec {
+        vocab: 49152,
+        hidden: 32,
+        intermediate: 48,
+        heads: 4,
+        kv_heads: 2,
+        tied: false,
+        ..Default::default()
+    };
+    let c = spec.hidden;
+    let mut rng = Rng::new(3);
+    let mut t: Vec<_> = tiny_tensors(&spec)
+        .into_iter()
+        .map(|(n, s, d)| (format!("reward_base_model.{n}"), s, d))
+        .collect();
+    t.push((
+        "reward_head.dense.weight".into(),
+        vec![c, c],
+        rng.vec(c * c, 0.3),
+    ));
+    t.push(("reward_head.dense.bias".into(), vec![c], rng.vec(c, 0.1)));
+    t.push((
+        "reward_head.out_proj.weight".into(),
+        vec![1, c],
+        rng.vec(c, 0.5),
+    ));
+    t.push(("reward_head.out_proj.bias".into(), vec![1], vec![0.1]));
+    let mut cfg = tiny_config(&spec);
+    cfg["feedback_method"] = method.into();
+    cfg["eos_token_id"] = 2.into();
+    let dir = temp_dir(tag);
+    write_model(&dir, &t, &cfg, Dtype::F32);
+    let src = default_model(OutDtype::BF16);
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn sequence_layout_on_chatml() {
+    let dir = default_model(OutDtype::BF16);
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&dir).unwrap();
+    let layout = CloudTemplate::new(&tpl, &tok);
+    let (prefix, eot) = layout.cloud_prefix(PROMPT, RESPONSE).unwrap();
+    assert_eq!(eot, 2, "ChatML end of turn is <|im_end|>");
+    let text = tok.decode(&prefix, false).unwrap();
+    assert!(
+        text.ends_with("to my question:"),
+        "prefix ends right after `question:`: {text:?}"
+    );
+    assert!(
+        text.contains(&format!("<|im_start|>assistant\n{RESPONSE}<|im_end|>")),
+        "{text:?}"
+    );
+    assert!(text.contains(COT_PROMPT.trim_end()));
+    // Training layout: the prefix, then " " + critique.trim(), then the end of turn.
+    let (train, at) = layout
+        .training_sequence(PROMPT, RESPONSE, "  Correct and concise.  ")
+        .unwrap();
+    assert_eq!(
+        &train[..prefix.len()],
+        &prefix[..],
+        "the generation prefix is a token prefix of the training sequence"
+    );
+    assert_eq!(train[at], 2);
+    assert_eq!(at, train.len() - 1);
+    assert_eq!(
+        tok.decode(&train[prefix.len()..at], false).unwrap(),
+        " Correct and concise."
+    );
+    // Classic: the first two turns, ending with the end of turn after the response.
+    let classic = layout.classic_sequence(PROMPT, RESPONSE).unwrap();
+    let text = tok.decode(&classic, false).unwrap();
+    assert!(text.ends_with(&format!("{RESPONSE}<|im_end|>")), "{text:?}");
+    // ChatML does not trim content: leading/trailing spaces of the response survive.
+    let spaced = layout.classic_sequence(PROMPT, "  padded  ").unwrap();
+    assert!(
+        tok.decode(&spaced, false)
+            .unwrap()
+            .ends_with("assistant\n  padded  <|im_end|>")
+    );
+}
+
+#[test]
+fn cloud_scores_reuse_the_prefix_and_are_deterministic() {
+    let dir = tiny_cloud_dir("cloud-score", "teacher");
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&default_model(OutDtype::BF16)).unwrap();
+    let scorer = CloudScorer::new(&rm, &tok, &tpl);
+    let opts = ScoreOptions {
+        k: 3,
+        seed: 11,
+        max_critique_tokens: 8,
+        ..Default::default()
+    };
+    let s = scorer.score(PROMPT, RESPONSE, &opts).unwrap();
+    assert_eq!(
+        (s.rewards.len(), s.critiques.len(), s.critique_tokens.len()),
+        (3, 3, 3)
+    );
+    assert!(s.rewards.iter().all(|r| r.is_finite()));
+    assert!((s.reward - Aggregation::Mean.apply(&s.rewards)).abs() < 1e-6);
+    // Same seed, same critiques and rewards; K=3 at temperature 0.5 gives distinct samples.
+    assert_eq!(scorer.score(PROMPT, RESPONSE, &opts).unwrap(), s);
+    assert!(
+        s.critique_tokens[0] != s.critique_tokens[1]
+            || s.critique_tokens[1] != s.critique_tokens[2]
+    );
+    // Each reward equals a from-scratch pass over prefix + critique + end of turn.
+    let (prefix, eot) = CloudTemplate::new(&tpl, &tok)
+        .cloud_prefix(PROMPT, RESPONSE)
+        .unwrap();
+    assert_eq!(s.prefix_tokens, prefix.len());
+    for (k, crit) in s.critique_tokens.iter().enumerate() {
+        let mut ids = prefix.clone();
+        ids.extend(crit);
+        ids.push(eot);
+        let mut sess = rm.llama.new_session(ids.len(), 64);
+        rm.llama
+            .forward(&Cpu::reference(), &mut sess, &ids, LogitsMode::None)
+            .unwrap();
+        let mut r = [0.0];
+        let mut scratch = vec![0.0; rm.llama.config.hidden_size];
+        rm.rewards(sess.last_hidden(), &mut r, &mut scratch)
+            .unwrap();
+        assert!(
+            (r[0] - s.rewards[k]).abs() < 1e-4 * r[0].abs().max(1.0),
+            "critique {k}: {} vs {}",
+            s.rewards[k],
+            r[0]
+        );
+    }
+    // Greedy K=1 equals itself and differs from nothing random.
+    let greedy = ScoreOptions {
+        k: 1,
+        max_critique_tokens: 8,
+        ..Default::default()
+    };
+    assert_eq!(
+        scorer.score(PROMPT, RESPONSE, &greedy).unwrap(),
+        scorer.score(PROMPT, RESPONSE, &greedy).unwrap()
+    );
+    // K = 0 is a usage error.
+    assert!(
+        scorer
+            .score(
+                PROMPT,
+                RESPONSE,
+                &ScoreOptions {
+                    k: 0,
+                    ..Default::default()
+                }
+            )
+            .is_err()
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn classic_compare_and_best_of_n() {
+    let dir = tiny_cloud_dir("cloud-classic", "vanilla");
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&default_model(OutDtype::BF16)).unwrap();
+    let scorer = CloudScorer::new(&rm, &tok, &tpl);
+    let opts = ScoreOptions::default();
+    let a = scorer.score(PROMPT, "Paris.", &opts).unwrap();
+    assert!(
+        a.critiques.is_empty() && a.rewards.len() == 1,
+        "a vanilla model scores without a critique"
+    );
+    let cmp = scorer.compare(PROMPT, "Paris.", "Lyon.", &opts).unwrap();
+    assert_eq!(cmp.a, a);
+    let want = 1.0 / (1.0 + (-(cmp.a.reward - cmp.b.reward) as f64).exp());
+    assert!((cmp.p_a_preferred as f64 - want).abs() < 1e-6);
+    let cands = ["Paris.", "Lyon.", "Marseille.", "I don't know."];
+    let (best, scores) = scorer.best_of_n(PROMPT, &cands, &opts).unwrap();
+    assert!(scores.iter().all(|s| s.reward <= scores[best].reward));
+    assert!(scorer.best_of_n(PROMPT, &[], &opts).is_err());
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -205,3 +205,44 @@ fn classic_compare_and_best_of_n() {
     assert!(scorer.best_of_n(PROMPT, &[], &opts).is_err());
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn score_command_prints_json() {
+    let dir = tiny_cloud_dir("cloud-cli", "teacher");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
+        .args([
+            "score",
+            "--prompt",
+            PROMPT,
+            "--response",
+            RESPONSE,
+            "--k",
+            "2",
+            "--max-critique-tokens",
+            "4",
+            "--json",
+        ])
+        .arg("--model")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rewards"].as_array().unwrap().len(), 2);
+    assert_eq!(v["critiques"].as_array().unwrap().len(), 2);
+    assert!(v["reward"].as_f64().unwrap().is_finite());
+    // A model dir without a reward head fails with a clear message.
+    let plain = default_model(OutDtype::BF16);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
+        .args(["score", "--prompt", "p", "--response", "r", "--model"])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no reward head"));
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -9,10 +9,11 @@ use cloudrm_loader::template::{ChatTemplate, Message};
 use cloudrm_loader::tokenizer::Tokenizer;
 
 use crate::backend::Cpu;
+use crate::cloud::{CloudScorer, ScoreOptions};
 use crate::error::{Error, Result};
 use crate::generate::{GreedyOptions, greedy};
 use crate::hub;
-use crate::model::Llama;
+use crate::model::{Llama, RewardModel};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,6 +62,33 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: DtypeArg,
     },
+    /// Score a response with a reward model (CLoud: K critiques then rewards; classic:
+    /// the reward alone). Prints the reward, or JSON with every critique and reward.
+    Score {
+        /// Reward model directory (CLoud or sequence-classification layout).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        response: String,
+        /// Critiques per response (self-consistency).
+        #[arg(long, default_value_t = 1)]
+        k: usize,
+        /// Sampling temperature (default: 0 for K = 1, 0.5 for K > 1).
+        #[arg(long)]
+        temperature: Option<f32>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 1024)]
+        max_critique_tokens: usize,
+        /// Score without a critique even if the model is a CLoud model.
+        #[arg(long)]
+        classic: bool,
+        /// Print JSON (reward, rewards, critiques).
+        #[arg(long)]
+        json: bool,
+    },
     /// Greedy text generation, streamed to stdout.
     Generate {
         /// The prompt text.
@@ -106,6 +134,47 @@ pub fn run(cli: Cli) -> Result<()> {
                 report.bytes_written,
                 out_dir.display()
             );
+            Ok(())
+        }
+        Command::Score {
+            model,
+            prompt,
+            response,
+            k,
+            temperature,
+            seed,
+            max_critique_tokens,
+            classic,
+            json,
+        } => {
+            let rm = RewardModel::load_dir(&model)?;
+            let tokenizer = Tokenizer::from_dir(&model)?;
+            let template = ChatTemplate::from_dir(&model)?;
+            let scorer = CloudScorer::new(&rm, &tokenizer, &template);
+            let opts = ScoreOptions {
+                k,
+                temperature,
+                seed,
+                max_critique_tokens,
+                classic,
+                ..Default::default()
+            };
+            let s = scorer.score(&prompt, &response, &opts)?;
+            if json {
+                let v = serde_json::json!({
+                    "reward": s.reward,
+                    "rewards": s.rewards,
+                    "critiques": s.critiques,
+                    "truncated": s.truncated,
+                    "prefix_tokens": s.prefix_tokens,
+                });
+                println!("{v}");
+            } else {
+                for (i, (c, r)) in s.critiques.iter().zip(&s.rewards).enumerate() {
+                    println!("critique {i} (reward {r:.4}): {c}");
+                }
+                println!("{:.6}", s.reward);
+            }
             Ok(())
         }
         Command::FetchModel { dtype } => {

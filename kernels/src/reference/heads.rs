@@ -6,6 +6,7 @@
 //!   dropout is identity at inference): r = w_out . tanh(W_dense h + b_dense) + b_out;
 //! - dual-head step: for a batch of hidden rows, LM logits for the rows still generating
 //!   and the reward for the rows that just fed their end-of-turn token, in one call.
+//!
 //! f32 accumulation.
 
 use crate::error::{KernelError, check_len};

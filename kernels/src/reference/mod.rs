@@ -2,6 +2,7 @@
 //! oracle for every fast path; they favour obviousness over speed.
 
 pub mod attention;
+pub mod attention_paged;
 pub mod embedding;
 pub mod heads;
 pub mod matmul;

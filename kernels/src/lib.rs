@@ -28,10 +28,12 @@ pub enum OpKind {
     Residual,
     RewardHead,
     DualHead,
+    PagedAttention,
+    CascadeAttention,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 9] = [
+    pub const ALL: [OpKind; 11] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::Rope,
@@ -41,6 +43,8 @@ impl OpKind {
         OpKind::Residual,
         OpKind::RewardHead,
         OpKind::DualHead,
+        OpKind::PagedAttention,
+        OpKind::CascadeAttention,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -54,6 +58,8 @@ impl OpKind {
             OpKind::Residual => "residual",
             OpKind::RewardHead => "reward_head",
             OpKind::DualHead => "dual_head",
+            OpKind::PagedAttention => "paged_attention",
+            OpKind::CascadeAttention => "cascade_attention",
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod matmul;
 pub mod pool;
 
 pub use crate::reference::attention::attention_forward;
+pub use crate::reference::attention_paged::{cascade_decode_attention, paged_decode_attention};
 pub use crate::reference::embedding::embedding_forward;
 pub use crate::reference::heads::{dual_head_forward, reward_head_forward};
 pub use crate::reference::residual::residual_forward;

@@ -13,6 +13,8 @@ pub enum Error {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Hub(#[from] crate::hub::HubError),
+    #[error(transparent)]
+    Kv(#[from] crate::kv::KvError),
     #[error("{context}: {source}")]
     Io {
         context: String,

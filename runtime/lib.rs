@@ -10,6 +10,7 @@ pub mod cloud;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod kv;
 pub mod model;
 
 pub use cloudrm_kernels as kernels;

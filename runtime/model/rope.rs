@@ -3,7 +3,7 @@
 
 use cloudrm_loader::{LlamaConfig, RopeScaling};
 
-/// inv_freq[i] = 1 / theta^(2i / HS), i < HS/2, then scaled. (HS/2) f32.
+/// `inv_freq[i] = 1 / theta^(2i / HS)` for `i < HS/2`, then scaled. (HS/2) f32.
 pub fn inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     let d = cfg.head_dim;
     let base: Vec<f32> = (0..d / 2)

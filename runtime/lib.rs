@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod cli;
 pub mod cloud;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;

@@ -1,0 +1,711 @@
+//! A batched Llama forward over the paged KV cache.
+//!
+//! [`PagedEngine`] owns the K/V arenas, a [`KvManager`] for the bookkeeping (block tables,
+//! ref counts, prefix cache, copy-on-write) and activation buffers for up to `max_rows`
+//! rows, allocated once in [`PagedEngine::new`]. Attention scratch grows on demand to the
+//! longest context seen (it is sized by context length, not by rows).
+//!
+//! - [`PagedEngine::prefill`] adds a sequence (reusing cached full prefix blocks), runs the
+//!   uncached tokens through the layers in chunks of at most `max_rows` rows with causal
+//!   paged attention, writes K/V through the sequence's slots and commits its full blocks
+//!   to the prefix cache.
+//! - [`PagedEngine::fork`] gives K children sharing every block of a sequence.
+//! - [`PagedEngine::decode_step`] runs ONE batched pass for B sequences, one new token each:
+//!   every projection is one matmul over the B rows (weights read once per step), RoPE
+//!   at each row's own position, K/V written into each row's slot (after the pending
+//!   copy-on-write), then paged decode attention or, with `shared`, cascade attention.
+//!
+//! **Cascade levels and partial blocks.** With `shared = Some((owner, P))`, the shared
+//! level covers only the `floor(P / BS)` FULL blocks of the owner's table
+//! (`floor(P / BS) * BS` positions). If P is not a multiple of BS, the last prefix block is
+//! partial and each forked child copy-on-writes it on its first append, so the children no
+//! longer share it; those positions are attended as part of each child's own suffix, which
+//! starts at table block `floor(P / BS)`. Every sequence of the batch must hold the same
+//! block ids as the owner for the shared blocks (checked; otherwise an error).
+//!
+//! Arena layout: K and V are each (L, NB, BS, NKV*HS) f32; one layer's slice is the
+//! (NB, BS, NKV, HS) arena of `cloudrm_kernels::reference::attention_paged`.
+
+use std::collections::BTreeSet;
+
+use cloudrm_kernels::reference::attention_paged::{
+    Level, PagedShape, attention_partial, cascade_decode_attention, cascade_scratch_len,
+    paged_decode_attention,
+};
+
+use crate::backend::Cpu;
+use crate::error::{Error, Result};
+use crate::kv::{BlockId, CopyBlock, KvError, KvManager, PrefixKey, SeqId, Slot};
+use crate::model::{Llama, ModelError};
+
+/// Model dimensions the engine's buffers are sized for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dims {
+    layers: usize,
+    c: usize,
+    qd: usize,
+    kvd: usize,
+    idim: usize,
+    nh: usize,
+    nkv: usize,
+    hs: usize,
+}
+
+impl Dims {
+    fn of(model: &Llama) -> Self {
+        let cfg = &model.config;
+        Dims {
+            layers: cfg.num_hidden_layers,
+            c: cfg.hidden_size,
+            qd: cfg.q_dim(),
+            kvd: cfg.kv_dim(),
+            idim: cfg.intermediate_size,
+            nh: cfg.num_attention_heads,
+            nkv: cfg.num_key_value_heads,
+            hs: cfg.head_dim,
+        }
+    }
+}
+
+/// Activation buffers for up to `max_rows` rows, plus attention scratch.
+#[derive(Debug)]
+struct Buffers {
+    /// (R, C) residual stream
+    x: Vec<f32>,
+    /// (R, C)
+    xn: Vec<f32>,
+    /// (R, NH*HS)
+    q: Vec<f32>,
+    /// (R, NKV*HS)
+    k: Vec<f32>,
+    /// (R, NKV*HS)
+    v: Vec<f32>,
+    /// (R, NH*HS)
+    att: Vec<f32>,
+    /// (R, C)
+    proj: Vec<f32>,
+    /// (R, I)
+    gate: Vec<f32>,
+    /// (R, I)
+    up: Vec<f32>,
+    /// (R, I)
+    act: Vec<f32>,
+    /// (R) absolute positions
+    positions: Vec<u32>,
+    /// (R, C) final-normed hidden rows
+    hidden: Vec<f32>,
+    /// (G) log-sum-exp of `attention_partial` (prefill)
+    lse: Vec<f32>,
+    /// scores / cascade scratch; grows to the longest context seen
+    scratch: Vec<f32>,
+}
+
+/// How the rows of one pass attend.
+enum Attn<'a> {
+    /// Causal prefill of one sequence: row r is at position `pos0 + r` of `table`.
+    Prefill { table: &'a [u32], pos0: usize },
+    /// One query per sequence over its whole table.
+    Decode {
+        tables: &'a [Vec<u32>],
+        lens: &'a [usize],
+    },
+    /// One shared level (members: every row) plus each row's own suffix.
+    Cascade {
+        level: &'a [u32],
+        level_len: usize,
+        suffix_tables: &'a [Vec<u32>],
+        suffix_lens: &'a [usize],
+    },
+}
+
+/// Batched forward over a paged KV cache (see the module docs).
+#[derive(Debug)]
+pub struct PagedEngine {
+    kv: KvManager,
+    key: PrefixKey,
+    dims: Dims,
+    num_blocks: usize,
+    block_size: usize,
+    max_rows: usize,
+    /// (L, NB, BS, NKV*HS)
+    k_arena: Vec<f32>,
+    /// (L, NB, BS, NKV*HS)
+    v_arena: Vec<f32>,
+    bufs: Buffers,
+}
+
+/// `logits (rows, V) = hidden (rows, C) @ lm_head^T`; `out` must hold rows * V.
+pub fn lm_logits(model: &Llama, cpu: &Cpu, hidden: &[f32], out: &mut [f32]) -> Result<()> {
+    let c = model.config.hidden_size;
+    let vocab = model.config.vocab_size;
+    if c == 0 || !hidden.len().is_multiple_of(c) || out.len() != hidden.len() / c * vocab {
+        return Err(Error::Usage(format!(
+            "lm_logits: hidden has {} elements, out {}; expected rows * {c} and rows * {vocab}",
+            hidden.len(),
+            out.len()
+        )));
+    }
+    let w = &model.weights;
+    cpu.matmul(out, hidden, w.get(&w.lm_head), None, c, vocab)?;
+    Ok(())
+}
+
+fn grow(buf: &mut Vec<f32>, n: usize) {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+}
+
+fn table_u32(blocks: &[BlockId]) -> Vec<u32> {
+    blocks.iter().map(|b| b.0).collect()
+}
+
+impl PagedEngine {
+    /// An engine for `model` with `num_blocks` blocks of `block_size` positions and
+    /// activation buffers for `max_rows` rows per pass (prefill chunk / decode batch).
+    pub fn new(
+        model: &Llama,
+        num_blocks: usize,
+        block_size: usize,
+        max_rows: usize,
+    ) -> Result<Self> {
+        let kv = KvManager::new(num_blocks, block_size)?;
+        let d = Dims::of(model);
+        if max_rows == 0 {
+            return Err(KvError::InvalidArgument {
+                op: "PagedEngine::new",
+                arg: "max_rows",
+                reason: "must be at least 1".into(),
+            }
+            .into());
+        }
+        let arena = d
+            .layers
+            .checked_mul(num_blocks)
+            .and_then(|x| x.checked_mul(block_size))
+            .and_then(|x| x.checked_mul(d.kvd))
+            .filter(|&x| x.checked_mul(std::mem::size_of::<f32>()).is_some())
+            .ok_or(KvError::InvalidArgument {
+                op: "PagedEngine::new",
+                arg: "num_blocks",
+                reason: format!(
+                    "{} x {num_blocks} x {block_size} x {} f32 overflows the address space",
+                    d.layers, d.kvd
+                ),
+            })?;
+        let r = max_rows;
+        let group = d.nh.checked_div(d.nkv).unwrap_or(0);
+        let bufs = Buffers {
+            x: vec![0.0; r * d.c],
+            xn: vec![0.0; r * d.c],
+            q: vec![0.0; r * d.qd],
+            k: vec![0.0; r * d.kvd],
+            v: vec![0.0; r * d.kvd],
+            att: vec![0.0; r * d.qd],
+            proj: vec![0.0; r * d.c],
+            gate: vec![0.0; r * d.idim],
+            up: vec![0.0; r * d.idim],
+            act: vec![0.0; r * d.idim],
+            positions: vec![0; r],
+            hidden: vec![0.0; r * d.c],
+            lse: vec![0.0; group],
+            scratch: Vec::new(),
+        };
+        Ok(PagedEngine {
+            kv,
+            key: PrefixKey::BASE,
+            dims: d,
+            num_blocks,
+            block_size,
+            max_rows,
+            k_arena: vec![0.0; arena],
+            v_arena: vec![0.0; arena],
+            bufs,
+        })
+    }
+
+    /// The block bookkeeping (read only).
+    pub fn kv(&self) -> &KvManager {
+        &self.kv
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
+    /// Positions held by `seq`.
+    pub fn seq_len(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.kv.seq_len(seq)?)
+    }
+
+    fn check_model(&self, model: &Llama, op: &str) -> Result<()> {
+        if Dims::of(model) != self.dims {
+            return Err(Error::Usage(format!(
+                "{op}: the model's dimensions differ from the ones this engine was built for"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_tokens(model: &Llama, tokens: &[u32], pos0: usize) -> Result<()> {
+        let vocab = model.config.vocab_size;
+        if let Some((i, &id)) = tokens
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id as usize >= vocab)
+        {
+            return Err(ModelError::TokenOutOfRange {
+                id,
+                position: pos0 + i,
+                vocab,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Prefill `tokens` as a new sequence. Returns its id, the last position's logits (V)
+    /// and its final-normed hidden state (C). Cached full prefix blocks are reused and only
+    /// the rest is computed. On error the sequence is dropped again.
+    pub fn prefill(
+        &mut self,
+        model: &Llama,
+        cpu: &Cpu,
+        tokens: &[u32],
+    ) -> Result<(SeqId, Vec<f32>, Vec<f32>)> {
+        self.check_model(model, "PagedEngine::prefill")?;
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyInput.into());
+        }
+        Self::check_tokens(model, tokens, 0)?;
+        let (seq, cached) = self.kv.add_sequence(tokens, self.key)?;
+        match self.prefill_rows(model, cpu, seq, tokens, cached) {
+            Ok((logits, hidden)) => Ok((seq, logits, hidden)),
+            Err(e) => {
+                // The sequence was added above; dropping it cannot fail.
+                let _ = self.kv.free_sequence(seq);
+                Err(e)
+            }
+        }
+    }
+
+    fn prefill_rows(
+        &mut self,
+        model: &Llama,
+        cpu: &Cpu,
+        seq: SeqId,
+        tokens: &[u32],
+        cached: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let c = self.dims.c;
+        let bs = self.block_size;
+        let table = table_u32(self.kv.block_table(seq)?);
+        let mut pos0 = cached;
+        let mut last_rows = 0;
+        let mut rows: Vec<usize> = Vec::with_capacity(self.max_rows);
+        while pos0 < tokens.len() {
+            let end = (pos0 + self.max_rows).min(tokens.len());
+            rows.clear();
+            for p in pos0..end {
+                let slot = self.kv.slot(seq, p)?;
+                rows.push(slot.block.index() * bs + slot.offset);
+            }
+            for (dst, p) in self.bufs.positions.iter_mut().zip(pos0..end) {
+                *dst = p as u32;
+            }
+            self.forward_rows(
+                model,
+                cpu,
+                &tokens[pos0..end],
+                &rows,
+                &Attn::Prefill {
+                    table: &table,
+                    pos0,
+                },
+            )?;
+            last_rows = end - pos0;
+            pos0 = end;
+        }
+        let w = &model.weights;
+        let last = &self.bufs.x[(last_rows - 1) * c..last_rows * c];
+        let mut hidden = vec![0.0; c];
+        cpu.rmsnorm(
+            &mut hidden,
+            last,
+            w.get(&w.final_norm),
+            model.config.rms_norm_eps,
+        )?;
+        let mut logits = vec![0.0; model.config.vocab_size];
+        lm_logits(model, cpu, &hidden, &mut logits)?;
+        self.kv.commit_full_blocks(seq, tokens)?;
+        Ok((logits, hidden))
+    }
+
+    /// `k` children of `seq` sharing all its blocks.
+    pub fn fork(&mut self, seq: SeqId, k: usize) -> Result<Vec<SeqId>> {
+        Ok(self.kv.fork(seq, k)?)
+    }
+
+    /// Drops `seq` (its blocks stay reusable through the prefix cache until evicted).
+    pub fn free(&mut self, seq: SeqId) -> Result<()> {
+        Ok(self.kv.free_sequence(seq)?)
+    }
+
+    /// Blocks `append_slots(seq, 1)` would allocate for each of `seqs` in order (simulating
+    /// the copy-on-write ref-count drops), so a step can fail before changing anything.
+    fn blocks_needed(&self, seqs: &[SeqId]) -> Result<usize> {
+        let bs = self.block_size;
+        let mut dropped: Vec<(BlockId, u32)> = Vec::new();
+        let mut needed = 0;
+        for &s in seqs {
+            let t = self.kv.table(s)?;
+            if t.len().is_multiple_of(bs) {
+                needed += 1;
+                continue;
+            }
+            let Some(&last) = t.blocks().last() else {
+                needed += 1;
+                continue;
+            };
+            let base = self.kv.pool().ref_count(last).unwrap_or(0);
+            let idx = dropped.iter().position(|&(b, _)| b == last);
+            let gone = idx.map_or(0, |i| dropped[i].1);
+            if base.saturating_sub(gone) > 1 {
+                needed += 1;
+                match idx {
+                    Some(i) => dropped[i].1 += 1,
+                    None => dropped.push((last, 1)),
+                }
+            }
+        }
+        Ok(needed)
+    }
+
+    /// One batched decode step: row b feeds `tokens[b]` to `seqs[b]`. Returns the
+    /// final-normed hidden rows (B, C). With `shared = Some((owner, P))`, attention runs as
+    /// a cascade with one shared level of the owner's first `floor(P / BS)` blocks (see the
+    /// module docs). All or nothing for the cache: capacity and argument errors are
+    /// reported before any sequence grows.
+    pub fn decode_step(
+        &mut self,
+        model: &Llama,
+        cpu: &Cpu,
+        seqs: &[SeqId],
+        tokens: &[u32],
+        shared: Option<(SeqId, usize)>,
+    ) -> Result<&[f32]> {
+        const OP: &str = "PagedEngine::decode_step";
+        self.check_model(model, OP)?;
+        let b = seqs.len();
+        if b == 0 {
+            return Err(ModelError::EmptyInput.into());
+        }
+        if tokens.len() != b || b > self.max_rows {
+            return Err(Error::Usage(format!(
+                "{OP}: {b} sequences and {} tokens; they must match and be at most {} (max_rows)",
+                tokens.len(),
+                self.max_rows
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, &s) in seqs.iter().enumerate() {
+            if !seen.insert(s) {
+                return Err(KvError::InvalidArgument {
+                    op: OP,
+                    arg: "seqs",
+                    reason: format!("{s} appears twice"),
+                }
+                .into());
+            }
+            let pos = self.kv.seq_len(s)?;
+            Self::check_tokens(model, &tokens[i..i + 1], pos)?;
+        }
+        let bs = self.block_size;
+        // Shared level: the owner's full blocks within the prefix.
+        let level = match shared {
+            Some((owner, p)) => {
+                let owner_len = self.kv.seq_len(owner)?;
+                if p > owner_len {
+                    return Err(KvError::InvalidArgument {
+                        op: OP,
+                        arg: "shared",
+                        reason: format!("prefix of {p} positions but {owner} holds {owner_len}"),
+                    }
+                    .into());
+                }
+                let nfull = p / bs;
+                let blocks = self.kv.block_table(owner)?[..nfull].to_vec();
+                for &s in seqs {
+                    if self.kv.block_table(s)?.get(..nfull) != Some(&blocks[..])
+                        || self.kv.seq_len(s)? < nfull * bs
+                    {
+                        return Err(KvError::InvalidArgument {
+                            op: OP,
+                            arg: "shared",
+                            reason: format!("{s} does not share the prefix blocks of {owner}"),
+                        }
+                        .into());
+                    }
+                }
+                Some(table_u32(&blocks))
+            }
+            None => None,
+        };
+        let needed = self.blocks_needed(seqs)?;
+        let free = self.kv.free_blocks();
+        if needed > free {
+            return Err(KvError::CapacityExhausted { needed, free }.into());
+        }
+        // Append one slot per sequence, running any copy-on-write on our arenas first.
+        let mut rows = Vec::with_capacity(b);
+        for (i, &s) in seqs.iter().enumerate() {
+            let pos = self.kv.seq_len(s)?;
+            let pending = self.kv.append_slots(s, 1)?;
+            let (k_arena, v_arena) = (&mut self.k_arena, &mut self.v_arena);
+            let dims = self.dims;
+            let nb = self.num_blocks;
+            let slots: Vec<Slot> =
+                pending.apply(|c| copy_block(k_arena, v_arena, dims, nb, bs, c))?;
+            let slot = slots.first().copied().ok_or(KvError::InvalidArgument {
+                op: OP,
+                arg: "seqs",
+                reason: format!("no slot returned for {s}"),
+            })?;
+            rows.push(slot.block.index() * bs + slot.offset);
+            self.bufs.positions[i] = pos as u32;
+        }
+        let mut tables = Vec::with_capacity(b);
+        let mut lens = Vec::with_capacity(b);
+        for &s in seqs {
+            tables.push(table_u32(self.kv.block_table(s)?));
+            lens.push(self.kv.seq_len(s)?);
+        }
+        match &level {
+            Some(level_table) => {
+                let nfull = level_table.len();
+                let suffix_tables: Vec<Vec<u32>> =
+                    tables.iter().map(|t| t[nfull..].to_vec()).collect();
+                let suffix_lens: Vec<usize> = lens.iter().map(|&l| l - nfull * bs).collect();
+                self.forward_rows(
+                    model,
+                    cpu,
+                    tokens,
+                    &rows,
+                    &Attn::Cascade {
+                        level: level_table,
+                        level_len: nfull * bs,
+                        suffix_tables: &suffix_tables,
+                        suffix_lens: &suffix_lens,
+                    },
+                )?;
+            }
+            None => self.forward_rows(
+                model,
+                cpu,
+                tokens,
+                &rows,
+                &Attn::Decode {
+                    tables: &tables,
+                    lens: &lens,
+                },
+            )?,
+        }
+        let c = self.dims.c;
+        let w = &model.weights;
+        cpu.rmsnorm(
+            &mut self.bufs.hidden[..b * c],
+            &self.bufs.x[..b * c],
+            w.get(&w.final_norm),
+            model.config.rms_norm_eps,
+        )?;
+        Ok(&self.bufs.hidden[..b * c])
+    }
+
+    /// The layer loop over R = `ids.len()` rows at `self.bufs.positions[..R]`; row r's K/V
+    /// go to arena row `rows[r]` (= block * BS + offset) of every layer. Leaves the
+    /// residual stream in `self.bufs.x[..R*C]`.
+    fn forward_rows(
+        &mut self,
+        model: &Llama,
+        cpu: &Cpu,
+        ids: &[u32],
+        rows: &[usize],
+        attn: &Attn<'_>,
+    ) -> Result<()> {
+        let d = self.dims;
+        let t = ids.len();
+        let (c, qd, kvd, idim) = (d.c, d.qd, d.kvd, d.idim);
+        let eps = model.config.rms_norm_eps;
+        let w = &model.weights;
+        let layer_elems = self.num_blocks * self.block_size * kvd;
+        let shape = PagedShape {
+            n_heads: d.nh,
+            n_kv_heads: d.nkv,
+            head_dim: d.hs,
+            block_size: self.block_size,
+        };
+        shape.validate("PagedEngine")?;
+        let group = shape.group();
+        let scale = 1.0 / (d.hs as f32).sqrt();
+        // Scratch for the longest context of this pass.
+        let need = match attn {
+            Attn::Prefill { pos0, .. } => group * (pos0 + t),
+            Attn::Decode { lens, .. } => lens.iter().copied().max().unwrap_or(0),
+            Attn::Cascade {
+                level_len,
+                suffix_lens,
+                ..
+            } => {
+                let m = suffix_lens.iter().copied().max().unwrap_or(0);
+                cascade_scratch_len(&shape, t, m.max(*level_len))
+            }
+        };
+        grow(&mut self.bufs.scratch, need);
+        let suffix_refs: Vec<&[u32]> = match attn {
+            Attn::Decode { tables, .. } => tables.iter().map(|v| v.as_slice()).collect(),
+            Attn::Cascade { suffix_tables, .. } => {
+                suffix_tables.iter().map(|v| v.as_slice()).collect()
+            }
+            Attn::Prefill { .. } => Vec::new(),
+        };
+        let bufs = &mut self.bufs;
+        let positions = &bufs.positions[..t];
+        let x = &mut bufs.x[..t * c];
+        cpu.embedding(x, ids, w.get(&w.embed), c)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            let xn = &mut bufs.xn[..t * c];
+            cpu.rmsnorm(xn, x, w.get(&lw.attn_norm), eps)?;
+            let q = &mut bufs.q[..t * qd];
+            let k = &mut bufs.k[..t * kvd];
+            let v = &mut bufs.v[..t * kvd];
+            cpu.matmul(q, xn, w.get(&lw.q_proj), lw.q_bias.as_deref(), c, qd)?;
+            cpu.matmul(k, xn, w.get(&lw.k_proj), lw.k_bias.as_deref(), c, kvd)?;
+            cpu.matmul(v, xn, w.get(&lw.v_proj), lw.v_bias.as_deref(), c, kvd)?;
+            cpu.rope(q, positions, d.nh, d.hs, &model.inv_freq)?;
+            cpu.rope(k, positions, d.nkv, d.hs, &model.inv_freq)?;
+            let k_layer = &mut self.k_arena[l * layer_elems..(l + 1) * layer_elems];
+            let v_layer = &mut self.v_arena[l * layer_elems..(l + 1) * layer_elems];
+            for (r, &row) in rows.iter().enumerate() {
+                k_layer[row * kvd..(row + 1) * kvd].copy_from_slice(&k[r * kvd..(r + 1) * kvd]);
+                v_layer[row * kvd..(row + 1) * kvd].copy_from_slice(&v[r * kvd..(r + 1) * kvd]);
+            }
+            let (k_layer, v_layer) = (&*k_layer, &*v_layer);
+            let att = &mut bufs.att[..t * qd];
+            match attn {
+                Attn::Prefill { table, pos0 } => {
+                    let gw = group * d.hs;
+                    for r in 0..t {
+                        let end = pos0 + r + 1;
+                        for kvh in 0..d.nkv {
+                            let off = r * qd + kvh * gw;
+                            attention_partial(
+                                &mut att[off..off + gw],
+                                &mut bufs.lse[..group],
+                                &q[off..off + gw],
+                                k_layer,
+                                v_layer,
+                                table,
+                                0..end,
+                                kvh,
+                                scale,
+                                &mut bufs.scratch[..group * end],
+                                shape,
+                            )?;
+                        }
+                    }
+                }
+                Attn::Decode { lens, .. } => paged_decode_attention(
+                    att,
+                    q,
+                    k_layer,
+                    v_layer,
+                    &suffix_refs,
+                    lens,
+                    shape,
+                    &mut bufs.scratch,
+                )?,
+                Attn::Cascade {
+                    level,
+                    level_len,
+                    suffix_lens,
+                    ..
+                } => {
+                    let levels = [Level {
+                        block_table: level,
+                        len: *level_len,
+                        members: 0..t,
+                    }];
+                    cascade_decode_attention(
+                        att,
+                        q,
+                        k_layer,
+                        v_layer,
+                        &levels,
+                        &suffix_refs,
+                        suffix_lens,
+                        shape,
+                        &mut bufs.scratch,
+                    )?
+                }
+            }
+            let proj = &mut bufs.proj[..t * c];
+            cpu.matmul(proj, att, w.get(&lw.o_proj), lw.o_bias.as_deref(), qd, c)?;
+            cpu.residual(x, proj)?;
+            cpu.rmsnorm(xn, x, w.get(&lw.mlp_norm), eps)?;
+            let gate = &mut bufs.gate[..t * idim];
+            let up = &mut bufs.up[..t * idim];
+            let act = &mut bufs.act[..t * idim];
+            cpu.matmul(
+                gate,
+                xn,
+                w.get(&lw.gate_proj),
+                lw.gate_bias.as_deref(),
+                c,
+                idim,
+            )?;
+            cpu.matmul(up, xn, w.get(&lw.up_proj), lw.up_bias.as_deref(), c, idim)?;
+            cpu.swiglu(act, gate, up)?;
+            cpu.matmul(
+                proj,
+                act,
+                w.get(&lw.down_proj),
+                lw.down_bias.as_deref(),
+                idim,
+                c,
+            )?;
+            cpu.residual(x, proj)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copy rows `0..len` of block `src` into `dst` in every layer of both arenas.
+fn copy_block(
+    k_arena: &mut [f32],
+    v_arena: &mut [f32],
+    d: Dims,
+    num_blocks: usize,
+    bs: usize,
+    c: &CopyBlock,
+) -> Result<(), KvError> {
+    if c.src.index() >= num_blocks || c.dst.index() >= num_blocks || c.len > bs {
+        return Err(KvError::InvalidBlock {
+            op: "PagedEngine::copy_block",
+            block: c.dst,
+            reason: "copy out of range for the engine's arenas",
+        });
+    }
+    let block = bs * d.kvd;
+    let n = c.len * d.kvd;
+    for l in 0..d.layers {
+        let base = l * num_blocks * block;
+        let (s, t) = (base + c.src.index() * block, base + c.dst.index() * block);
+        k_arena.copy_within(s..s + n, t);
+        v_arena.copy_within(s..s + n, t);
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! The batched paged engine against the contiguous `Llama::forward` on tiny random models:
+//! prefill at block boundaries, fork + lock-step batched decode (plain paged and cascade
+//! attention, with block-aligned and partial-block prefixes), prefix reuse, capacity.
+
+mod common;
+
+use cloudrm::Error;
+use cloudrm::backend::Cpu;
+use cloudrm::engine::{PagedEngine, lm_logits};
+use cloudrm::kv::{KvError, PrefixKey};
+use cloudrm::model::{Llama, LogitsMode};
+use common::check_close;
+use common::tiny::{TinySpec, tiny_model_dir};
+
+const TOL: f64 = 1e-5;
+
+fn model(tag: &str) -> Llama {
+    Llama::load_dir(&tiny_model_dir(tag, &TinySpec::default())).unwrap()
+}
+
+fn prompt(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 37 + seed * 11 + 3) % 97)
+        .collect()
+}
+
+/// Last logits and final-normed hidden of a contiguous forward over `ids`.
+fn reference(model: &Llama, cpu: &Cpu, ids: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    let mut sess = model.new_session(128, 16);
+    let logits = model
+        .forward(cpu, &mut sess, ids, LogitsMode::Last)
+        .unwrap()
+        .to_vec();
+    (logits, sess.last_hidden().to_vec())
+}
+
+#[test]
+fn prefill_matches_contiguous_forward_at_block_boundaries() {
+    let m = model("engine-prefill");
+    let cpu = Cpu::default();
+    for bs in [4usize, 16] {
+        for len in [bs - 1, bs, bs + 1] {
+            // max_rows 5 also exercises multi-chunk prefill.
+            for max_rows in [5usize, 32] {
+                let mut eng = PagedEngine::new(&m, 16, bs, max_rows).unwrap();
+                let ids = prompt(len, bs as u32);
+                let (_, logits, hidden) = eng.prefill(&m, &cpu, &ids).unwrap();
+                let (rl, rh) = reference(&m, &cpu, &ids);
+                let tag = format!("bs={bs} len={len} rows={max_rows}");
+                check_close(&format!("{tag} logits"), &logits, &rl, TOL);
+                check_close(&format!("{tag} hidden"), &hidden, &rh, TOL);
+            }
+        }
+    }
+}
+
+fn fork_decode(bs: usize, prefix_len: usize, k: usize, cascade: bool) {
+    let m = model(&format!("engine-fork-{bs}-{prefix_len}-{k}-{cascade}"));
+    let cpu = Cpu::default();
+    let c = m.config.hidden_size;
+    let vocab = m.config.vocab_size;
+    let mut eng = PagedEngine::new(&m, 32, bs, 8).unwrap();
+    let prefix = prompt(prefix_len, 5);
+    let (parent, _, _) = eng.prefill(&m, &cpu, &prefix).unwrap();
+    let kids = eng.fork(parent, k).unwrap();
+    let mut seqs_tokens: Vec<Vec<u32>> = vec![prefix.clone(); k];
+    let shared = cascade.then_some((parent, prefix_len));
+    for step in 0..5u32 {
+        let toks: Vec<u32> = (0..k as u32)
+            .map(|j| (step * 13 + j * 29 + 1) % 97)
+            .collect();
+        let hidden = eng
+            .decode_step(&m, &cpu, &kids, &toks, shared)
+            .unwrap()
+            .to_vec();
+        assert_eq!(hidden.len(), k * c);
+        let mut logits = vec![0.0; k * vocab];
+        lm_logits(&m, &cpu, &hidden, &mut logits).unwrap();
+        for j in 0..k {
+            seqs_tokens[j].push(toks[j]);
+            assert_eq!(eng.seq_len(kids[j]).unwrap(), seqs_tokens[j].len());
+            let (rl, rh) = reference(&m, &cpu, &seqs_tokens[j]);
+            let tag = format!("bs={bs} P={prefix_len} k={k} cascade={cascade} step={step} seq={j}");
+            check_close(
+                &format!("{tag} hidden"),
+                &hidden[j * c..(j + 1) * c],
+                &rh,
+                TOL,
+            );
+            check_close(
+                &format!("{tag} logits"),
+                &logits[j * vocab..(j + 1) * vocab],
+                &rl,
+                TOL,
+            );
+        }
+    }
+    // The parent's prefix is untouched by the children's copy-on-write.
+    assert_eq!(eng.seq_len(parent).unwrap(), prefix_len);
+    for s in kids {
+        eng.free(s).unwrap();
+    }
+    eng.free(parent).unwrap();
+}
+
+#[test]
+fn fork_then_batched_decode_matches_contiguous_forward() {
+    for cascade in [false, true] {
+        for k in [1usize, 3] {
+            // 10 = two full blocks + a partial one (copy-on-write, suffix starts mid-prefix);
+            // 8 = block aligned (the shared level is the whole prefix).
+            for prefix_len in [10usize, 8] {
+                fork_decode(4, prefix_len, k, cascade);
+            }
+        }
+    }
+    fork_decode(16, 13, 3, true);
+}
+
+#[test]
+fn cascade_rejects_a_sequence_outside_the_shared_prefix() {
+    let m = model("engine-cascade-bad");
+    let cpu = Cpu::default();
+    let mut eng = PagedEngine::new(&m, 16, 4, 4).unwrap();
+    let (a, _, _) = eng.prefill(&m, &cpu, &prompt(9, 1)).unwrap();
+    let (b, _, _) = eng.prefill(&m, &cpu, &prompt(9, 2)).unwrap();
+    let err = eng
+        .decode_step(&m, &cpu, &[a, b], &[1, 2], Some((a, 9)))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Kv(KvError::InvalidArgument { .. })),
+        "{err}"
+    );
+    // Nothing grew.
+    assert_eq!(eng.seq_len(a).unwrap(), 9);
+    assert_eq!(eng.seq_len(b).unwrap(), 9);
+}
+
+#[test]
+fn prefix_reuse_gives_identical_logits() {
+    let m = model("engine-reuse");
+    let cpu = Cpu::default();
+    let mut eng = PagedEngine::new(&m, 16, 4, 16).unwrap();
+    let ids = prompt(11, 3);
+    let (s1, l1, h1) = eng.prefill(&m, &cpu, &ids).unwrap();
+    let free_before = eng.kv().free_blocks();
+    assert_eq!(eng.kv().cached_prefix_len(&ids, PrefixKey::BASE), 8);
+    let (s2, l2, h2) = eng.prefill(&m, &cpu, &ids).unwrap();
+    // Two full blocks reused, only the last (partial) block allocated.
+    assert_eq!(free_before - eng.kv().free_blocks(), 1);
+    assert_eq!(
+        eng.kv().block_table(s1).unwrap()[..2],
+        eng.kv().block_table(s2).unwrap()[..2]
+    );
+    assert_eq!(l1, l2);
+    assert_eq!(h1, h2);
+    // Still reusable after the first owner is freed.
+    eng.free(s1).unwrap();
+    eng.free(s2).unwrap();
+    let (_, l3, _) = eng.prefill(&m, &cpu, &ids).unwrap();
+    assert_eq!(l1, l3);
+}
+
+#[test]
+fn capacity_exhausted_is_an_error_not_a_panic() {
+    let m = model("engine-capacity");
+    let cpu = Cpu::default();
+    // Prefill: 3 blocks of 4 cannot hold 13 positions.
+    let mut eng = PagedEngine::new(&m, 3, 4, 8).unwrap();
+    let err = eng.prefill(&m, &cpu, &prompt(13, 1)).unwrap_err();
+    assert!(
+        matches!(err, Error::Kv(KvError::CapacityExhausted { .. })),
+        "{err}"
+    );
+    assert_eq!(eng.kv().free_blocks(), 3);
+    // Decode: 12 positions fill all 3 blocks; the next step needs a 4th for each child.
+    let (p, _, _) = eng.prefill(&m, &cpu, &prompt(12, 1)).unwrap();
+    let kids = eng.fork(p, 2).unwrap();
+    for shared in [None, Some((p, 12))] {
+        let err = eng
+            .decode_step(&m, &cpu, &kids, &[1, 2], shared)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Kv(KvError::CapacityExhausted { needed: 2, free: 0 })
+            ),
+            "{err}"
+        );
+        for &s in &kids {
+            assert_eq!(eng.seq_len(s).unwrap(), 12, "a failed step changes nothing");
+        }
+    }
+}

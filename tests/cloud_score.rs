@@ -132,30 +132,17 @@ fn cloud_scores_reuse_the_prefix_and_are_deterministic() {
         s.critique_tokens[0] != s.critique_tokens[1]
             || s.critique_tokens[1] != s.critique_tokens[2]
     );
-    // Each reward equals a from-scratch pass over prefix + critique + end of turn.
-    let (prefix, eot) = CloudTemplate::new(&tpl, &tok)
-        .cloud_prefix(PROMPT, RESPONSE)
-        .unwrap();
-    assert_eq!(s.prefix_tokens, prefix.len());
-    for (k, crit) in s.critique_tokens.iter().enumerate() {
-        let mut ids = prefix.clone();
-        ids.extend(crit);
-        ids.push(eot);
-        let mut sess = rm.llama.new_session(ids.len(), 64);
-        rm.llama
-            .forward(&Cpu::reference(), &mut sess, &ids, LogitsMode::None)
-            .unwrap();
-        let mut r = [0.0];
-        let mut scratch = vec![0.0; rm.llama.config.hidden_size];
-        rm.rewards(sess.last_hidden(), &mut r, &mut scratch)
-            .unwrap();
-        assert!(
-            (r[0] - s.rewards[k]).abs() < 1e-4 * r[0].abs().max(1.0),
-            "critique {k}: {} vs {}",
-            s.rewards[k],
-            r[0]
-        );
-    }
+    check_rewards_from_scratch(&rm, &tok, &tpl, &s);
+    // K = 16 critiques in lock step: every reward still equals its from-scratch pass.
+    let many = ScoreOptions {
+        k: 16,
+        seed: 5,
+        max_critique_tokens: 6,
+        ..Default::default()
+    };
+    let s16 = scorer.score(PROMPT, RESPONSE, &many).unwrap();
+    assert_eq!(s16.rewards.len(), 16);
+    check_rewards_from_scratch(&rm, &tok, &tpl, &s16);
     // Greedy K=1 equals itself and differs from nothing random.
     let greedy = ScoreOptions {
         k: 1,
@@ -245,4 +232,36 @@ fn score_command_prints_json() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no reward head"));
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// Each reward equals a from-scratch contiguous pass over prefix + critique + end of turn.
+fn check_rewards_from_scratch(
+    rm: &RewardModel,
+    tok: &Tokenizer,
+    tpl: &ChatTemplate,
+    s: &cloudrm::cloud::Score,
+) {
+    let (prefix, eot) = CloudTemplate::new(tpl, tok)
+        .cloud_prefix(PROMPT, RESPONSE)
+        .unwrap();
+    assert_eq!(s.prefix_tokens, prefix.len());
+    for (k, crit) in s.critique_tokens.iter().enumerate() {
+        let mut ids = prefix.clone();
+        ids.extend(crit);
+        ids.push(eot);
+        let mut sess = rm.llama.new_session(ids.len(), 64);
+        rm.llama
+            .forward(&Cpu::reference(), &mut sess, &ids, LogitsMode::None)
+            .unwrap();
+        let mut r = [0.0];
+        let mut scratch = vec![0.0; rm.llama.config.hidden_size];
+        rm.rewards(sess.last_hidden(), &mut r, &mut scratch)
+            .unwrap();
+        assert!(
+            (r[0] - s.rewards[k]).abs() < 1e-4 * r[0].abs().max(1.0),
+            "critique {k}: {} vs {}",
+            s.rewards[k],
+            r[0]
+        );
+    }
 }

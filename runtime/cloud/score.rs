@@ -14,8 +14,13 @@ use cloudrm_sampler::{Sampler, SamplingParams, SeqRng};
 
 use super::template::CloudTemplate;
 use crate::backend::Cpu;
+use crate::engine::{PagedEngine, lm_logits};
 use crate::error::{Error, Result};
+use crate::kv::SeqId;
 use crate::model::{FeedbackMethod, LogitsMode, RewardModel};
+
+/// KV block size of the scoring engine (positions).
+const BLOCK: usize = 16;
 
 /// How the K rewards become one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -168,10 +173,14 @@ impl<'m> CloudScorer<'m> {
         })
     }
 
-    /// CLoud mode: K critiques continuing the shared prefix, each scored at its
-    /// end-of-turn token; the prefix is prefilled once.
+    /// CLoud mode: the shared prefix is prefilled once into the paged cache, forked K
+    /// times without copying, and the K critiques are decoded in lock step (one batched
+    /// pass per step, the prefix K/V read once for all rows by cascade attention). A row
+    /// that samples its end of turn feeds the end-of-turn token in the next step, and that
+    /// step's hidden state is its reward: rows finish at different steps.
     pub fn score_cloud(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
-        if opts.k == 0 {
+        let k = opts.k;
+        if k == 0 {
             return Err(Error::Usage(
                 "K (critiques per response) must be at least 1".into(),
             ));
@@ -179,9 +188,8 @@ impl<'m> CloudScorer<'m> {
         let (prefix, eot) = self.layout().cloud_prefix(prompt, response)?;
         let llama = &self.model.llama;
         let vocab = llama.config.vocab_size;
-        let temperature = opts
-            .temperature
-            .unwrap_or(if opts.k > 1 { 0.5 } else { 0.0 });
+        let c = llama.config.hidden_size;
+        let temperature = opts.temperature.unwrap_or(if k > 1 { 0.5 } else { 0.0 });
         let params = SamplingParams {
             temperature,
             top_p: opts.top_p,
@@ -195,51 +203,133 @@ impl<'m> CloudScorer<'m> {
         stops.extend(self.tokenizer.eos_token_id());
         stops.extend(llama.config.eos_token_ids.iter().copied());
 
-        let capacity = prefix.len() + opts.max_critique_tokens + 1;
-        let mut sess = llama.new_session(capacity, 64);
-        let prefix_logits = llama
-            .forward(&self.cpu, &mut sess, &prefix, LogitsMode::Last)?
-            .to_vec();
-        let mut logits = vec![0.0f32; vocab];
-        let mut history: Vec<u32> = Vec::with_capacity(capacity);
+        // Blocks: the prefix once, plus each critique's own tail (+1 for a copied
+        // partial prefix block and +1 for the end-of-turn token).
+        let per_seq = (opts.max_critique_tokens + 1).div_ceil(BLOCK) + 1;
+        let num_blocks = prefix.len().div_ceil(BLOCK) + k * per_seq + 1;
+        let mut engine = PagedEngine::new(llama, num_blocks, BLOCK, k.max(64))?;
+        let (owner, prefix_logits, _) = engine.prefill(llama, &self.cpu, &prefix)?;
+        let children = engine.fork(owner, k)?;
+
+        struct Row {
+            seq: SeqId,
+            logits: Vec<f32>,
+            history: Vec<u32>,
+            rng: SeqRng,
+            critique: Vec<u32>,
+            truncated: bool,
+            /// The end-of-turn token has been chosen; the next step feeds it.
+            closing: bool,
+            reward: Option<f32>,
+        }
+        let mut rows: Vec<Row> = children
+            .iter()
+            .enumerate()
+            .map(|(i, &seq)| Row {
+                seq,
+                logits: prefix_logits.clone(),
+                history: prefix.clone(),
+                rng: SeqRng::new(opts.seed, i as u64),
+                critique: Vec::new(),
+                truncated: false,
+                closing: false,
+                reward: None,
+            })
+            .collect();
+        let mut seqs = Vec::with_capacity(k);
+        let mut tokens = Vec::with_capacity(k);
+        let mut live = Vec::with_capacity(k);
+        let mut lm_hidden = vec![0.0f32; k * c];
+        let mut lm_out = vec![0.0f32; k * vocab];
+        let mut scratch = vec![0.0f32; c];
+        loop {
+            seqs.clear();
+            tokens.clear();
+            live.clear();
+            for (i, row) in rows.iter_mut().enumerate() {
+                if row.reward.is_some() {
+                    continue;
+                }
+                let next = if row.critique.len() >= opts.max_critique_tokens {
+                    row.truncated = true;
+                    eot
+                } else {
+                    let t = sampler
+                        .sample(&mut row.logits, &row.history, &mut row.rng)
+                        .map_err(|e| Error::Usage(e.to_string()))?;
+                    if stops.contains(&t) { eot } else { t }
+                };
+                if next == eot {
+                    row.closing = true;
+                } else {
+                    row.critique.push(next);
+                    row.history.push(next);
+                }
+                seqs.push(row.seq);
+                tokens.push(next);
+                live.push(i);
+            }
+            if seqs.is_empty() {
+                break;
+            }
+            let hidden = engine.decode_step(
+                llama,
+                &self.cpu,
+                &seqs,
+                &tokens,
+                Some((owner, prefix.len())),
+            )?;
+            // Dual head: rewards for the rows that fed their end of turn, LM logits (one
+            // batched matmul) for the rows still writing.
+            let mut n_lm = 0;
+            for (b, &i) in live.iter().enumerate() {
+                let h = &hidden[b * c..(b + 1) * c];
+                if rows[i].closing {
+                    let mut r = [0.0f32];
+                    let head = self.model.head.view(&llama.weights);
+                    cloudrm_kernels::cpu::reward_head_forward(&mut r, h, &head, &mut scratch)?;
+                    rows[i].reward = Some(r[0]);
+                } else {
+                    lm_hidden[n_lm * c..(n_lm + 1) * c].copy_from_slice(h);
+                    n_lm += 1;
+                }
+            }
+            if n_lm > 0 {
+                lm_logits(
+                    llama,
+                    &self.cpu,
+                    &lm_hidden[..n_lm * c],
+                    &mut lm_out[..n_lm * vocab],
+                )?;
+                let mut j = 0;
+                for &i in &live {
+                    if !rows[i].closing {
+                        rows[i]
+                            .logits
+                            .copy_from_slice(&lm_out[j * vocab..(j + 1) * vocab]);
+                        j += 1;
+                    }
+                }
+            }
+        }
         let mut score = Score {
             reward: 0.0,
-            rewards: Vec::with_capacity(opts.k),
-            critiques: Vec::with_capacity(opts.k),
-            critique_tokens: Vec::with_capacity(opts.k),
-            truncated: Vec::with_capacity(opts.k),
+            rewards: Vec::with_capacity(k),
+            critiques: Vec::with_capacity(k),
+            critique_tokens: Vec::with_capacity(k),
+            truncated: Vec::with_capacity(k),
             prefix_tokens: prefix.len(),
         };
-        for k in 0..opts.k {
-            sess.truncate(prefix.len());
-            logits.copy_from_slice(&prefix_logits);
-            history.clear();
-            history.extend_from_slice(&prefix);
-            let mut rng = SeqRng::new(opts.seed, k as u64);
-            let mut critique = Vec::new();
-            let mut truncated = true;
-            while critique.len() < opts.max_critique_tokens {
-                let next = sampler
-                    .sample(&mut logits, &history, &mut rng)
-                    .map_err(|e| Error::Usage(e.to_string()))?;
-                if stops.contains(&next) {
-                    truncated = false;
-                    break;
-                }
-                critique.push(next);
-                history.push(next);
-                let l = llama.forward(&self.cpu, &mut sess, &[next], LogitsMode::Last)?;
-                logits.copy_from_slice(l);
-            }
-            // Feeding the end-of-turn token is the step whose hidden state is scored.
-            llama.forward(&self.cpu, &mut sess, &[eot], LogitsMode::None)?;
-            let reward = self.reward_of(sess.last_hidden())?;
-            score.rewards.push(reward);
-            score
-                .critiques
-                .push(self.tokenizer.decode(&critique, true)?.trim().to_string());
-            score.critique_tokens.push(critique);
-            score.truncated.push(truncated);
+        for row in rows {
+            score.rewards.push(row.reward.unwrap_or(f32::NAN));
+            score.critiques.push(
+                self.tokenizer
+                    .decode(&row.critique, true)?
+                    .trim()
+                    .to_string(),
+            );
+            score.critique_tokens.push(row.critique);
+            score.truncated.push(row.truncated);
         }
         score.reward = opts.aggregation.apply(&score.rewards);
         Ok(score)

@@ -6,7 +6,7 @@
 mod common;
 
 use cloudrm::backend::Cpu;
-use cloudrm::cloud::{Aggregation, COT_PROMPT, CloudScorer, CloudTemplate, ScoreOptions};
+use cloudrm::cloud::{Aggregation, COT_PROMPT, CloudScorer, CloudTemplate, Score, ScoreOptions};
 use cloudrm::loader::Dtype;
 use cloudrm::loader::gguf::OutDtype;
 use cloudrm::loader::template::ChatTemplate;
@@ -126,8 +126,17 @@ fn cloud_scores_reuse_the_prefix_and_are_deterministic() {
     );
     assert!(s.rewards.iter().all(|r| r.is_finite()));
     assert!((s.reward - Aggregation::Mean.apply(&s.rewards)).abs() < 1e-6);
-    // Same seed, same critiques and rewards; K=3 at temperature 0.5 gives distinct samples.
-    assert_eq!(scorer.score(PROMPT, RESPONSE, &opts).unwrap(), s);
+    // Same seed, same critiques and rewards (the second run takes the prefix from the
+    // cache); K=3 at temperature 0.5 gives distinct samples.
+    let again = scorer.score(PROMPT, RESPONSE, &opts).unwrap();
+    assert!(again.cached_prefix_tokens > 0);
+    assert_eq!(
+        Score {
+            cached_prefix_tokens: 0,
+            ..again
+        },
+        s
+    );
     assert!(
         s.critique_tokens[0] != s.critique_tokens[1]
             || s.critique_tokens[1] != s.critique_tokens[2]
@@ -143,15 +152,17 @@ fn cloud_scores_reuse_the_prefix_and_are_deterministic() {
     let s16 = scorer.score(PROMPT, RESPONSE, &many).unwrap();
     assert_eq!(s16.rewards.len(), 16);
     check_rewards_from_scratch(&rm, &tok, &tpl, &s16);
-    // Greedy K=1 equals itself and differs from nothing random.
+    // Greedy K=1 is deterministic.
     let greedy = ScoreOptions {
         k: 1,
         max_critique_tokens: 8,
         ..Default::default()
     };
+    let g1 = scorer.score(PROMPT, RESPONSE, &greedy).unwrap();
+    let g2 = scorer.score(PROMPT, RESPONSE, &greedy).unwrap();
     assert_eq!(
-        scorer.score(PROMPT, RESPONSE, &greedy).unwrap(),
-        scorer.score(PROMPT, RESPONSE, &greedy).unwrap()
+        (g1.rewards, g1.critique_tokens),
+        (g2.rewards, g2.critique_tokens)
     );
     // K = 0 is a usage error.
     assert!(
@@ -241,8 +252,19 @@ fn check_rewards_from_scratch(
     tpl: &ChatTemplate,
     s: &cloudrm::cloud::Score,
 ) {
+    check_rewards_from_scratch_for(rm, tok, tpl, PROMPT, RESPONSE, s)
+}
+
+fn check_rewards_from_scratch_for(
+    rm: &RewardModel,
+    tok: &Tokenizer,
+    tpl: &ChatTemplate,
+    prompt: &str,
+    response: &str,
+    s: &cloudrm::cloud::Score,
+) {
     let (prefix, eot) = CloudTemplate::new(tpl, tok)
-        .cloud_prefix(PROMPT, RESPONSE)
+        .cloud_prefix(prompt, response)
         .unwrap();
     assert_eq!(s.prefix_tokens, prefix.len());
     for (k, crit) in s.critique_tokens.iter().enumerate() {
@@ -264,4 +286,58 @@ fn check_rewards_from_scratch(
             r[0]
         );
     }
+}
+
+#[test]
+fn prefix_cache_serves_later_requests() {
+    let dir = tiny_cloud_dir("cloud-cache", "teacher");
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&default_model(OutDtype::BF16)).unwrap();
+    let scorer = CloudScorer::new(&rm, &tok, &tpl);
+    let opts = ScoreOptions {
+        k: 2,
+        seed: 4,
+        max_critique_tokens: 5,
+        ..Default::default()
+    };
+    let first = scorer.score(PROMPT, RESPONSE, &opts).unwrap();
+    assert_eq!(
+        first.cached_prefix_tokens, 0,
+        "a cold engine has nothing cached"
+    );
+    // The same response again: its prefix's full blocks come from the cache, and the
+    // score is the same.
+    let again = scorer.score(PROMPT, RESPONSE, &opts).unwrap();
+    assert!(
+        again.cached_prefix_tokens >= (first.prefix_tokens - 1) / 16 * 16 - 16,
+        "{}",
+        again.cached_prefix_tokens
+    );
+    assert!(again.cached_prefix_tokens > 0);
+    assert_eq!(again.rewards, first.rewards);
+    assert_eq!(again.critique_tokens, first.critique_tokens);
+    // Chosen vs rejected: the second response reuses the blocks of the shared prompt.
+    let cmp = scorer
+        .compare(
+            "Name a primary colour, please.",
+            "Red.",
+            "Green is primary.",
+            &opts,
+        )
+        .unwrap();
+    assert!(
+        cmp.b.cached_prefix_tokens >= 16,
+        "the prompt's blocks are shared: {}",
+        cmp.b.cached_prefix_tokens
+    );
+    check_rewards_from_scratch_for(
+        &rm,
+        &tok,
+        &tpl,
+        "Name a primary colour, please.",
+        "Green is primary.",
+        &cmp.b,
+    );
+    std::fs::remove_dir_all(dir).ok();
 }

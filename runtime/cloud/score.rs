@@ -8,6 +8,8 @@
 //! tokens, after which the end-of-turn token is fed anyway. Feeding the end-of-turn
 //! token is the forward step that yields the reward: no second pass over the sequence.
 
+use std::cell::RefCell;
+
 use cloudrm_loader::template::ChatTemplate;
 use cloudrm_loader::tokenizer::Tokenizer;
 use cloudrm_sampler::{Sampler, SamplingParams, SeqRng};
@@ -103,6 +105,9 @@ pub struct Score {
     pub truncated: Vec<bool>,
     /// Tokens of the shared prefix (classic: the whole sequence).
     pub prefix_tokens: usize,
+    /// Leading prefix tokens whose K/V came from the prefix cache of an earlier request
+    /// (the prompt shared by compared responses, a response scored again).
+    pub cached_prefix_tokens: usize,
 }
 
 /// The outcome of comparing two responses to one prompt.
@@ -120,6 +125,9 @@ pub struct CloudScorer<'m> {
     pub tokenizer: &'m Tokenizer,
     pub template: &'m ChatTemplate,
     pub cpu: Cpu,
+    /// The paged engine, kept across calls so that its prefix cache serves later
+    /// requests; grown (and its cache dropped) when a request needs more blocks or rows.
+    engine: RefCell<Option<PagedEngine>>,
 }
 
 impl<'m> CloudScorer<'m> {
@@ -133,6 +141,7 @@ impl<'m> CloudScorer<'m> {
             tokenizer,
             template,
             cpu: Cpu::fast(),
+            engine: RefCell::new(None),
         }
     }
 
@@ -170,6 +179,7 @@ impl<'m> CloudScorer<'m> {
             critique_tokens: vec![],
             truncated: vec![],
             prefix_tokens: ids.len(),
+            cached_prefix_tokens: 0,
         })
     }
 
@@ -188,7 +198,6 @@ impl<'m> CloudScorer<'m> {
         let (prefix, eot) = self.layout().cloud_prefix(prompt, response)?;
         let llama = &self.model.llama;
         let vocab = llama.config.vocab_size;
-        let c = llama.config.hidden_size;
         let temperature = opts.temperature.unwrap_or(if k > 1 { 0.5 } else { 0.0 });
         let params = SamplingParams {
             temperature,
@@ -198,7 +207,7 @@ impl<'m> CloudScorer<'m> {
             max_tokens: opts.max_critique_tokens.max(1),
             ..SamplingParams::default()
         };
-        let mut sampler = Sampler::new(params, vocab).map_err(|e| Error::Usage(e.to_string()))?;
+        let sampler = Sampler::new(params, vocab).map_err(|e| Error::Usage(e.to_string()))?;
         let mut stops: Vec<u32> = vec![eot];
         stops.extend(self.tokenizer.eos_token_id());
         stops.extend(llama.config.eos_token_ids.iter().copied());
@@ -207,9 +216,94 @@ impl<'m> CloudScorer<'m> {
         // partial prefix block and +1 for the end-of-turn token).
         let per_seq = (opts.max_critique_tokens + 1).div_ceil(BLOCK) + 1;
         let num_blocks = prefix.len().div_ceil(BLOCK) + k * per_seq + 1;
-        let mut engine = PagedEngine::new(llama, num_blocks, BLOCK, k.max(64))?;
+        let mut slot = self.engine.borrow_mut();
+        let reuse = slot
+            .as_ref()
+            .is_some_and(|e| e.num_blocks() >= num_blocks && e.max_rows() >= k);
+        if !reuse {
+            // Room for a few requests' cached prefixes beside this one.
+            let blocks = num_blocks + 4 * prefix.len().div_ceil(BLOCK);
+            *slot = Some(PagedEngine::new(llama, blocks, BLOCK, k.max(64))?);
+        }
+        let Some(engine) = slot.as_mut() else {
+            return Err(Error::Usage("scoring engine unavailable".into()));
+        };
+        let cached = engine.cached_prefix_len(&prefix);
         let (owner, prefix_logits, _) = engine.prefill(llama, &self.cpu, &prefix)?;
+        let result = self.decode_critiques(
+            engine,
+            owner,
+            &prefix,
+            prefix_logits,
+            eot,
+            opts,
+            sampler,
+            &stops,
+        );
+        // Release every sequence; the prefix blocks stay cached for later requests.
+        let freed = engine.free(owner);
+        let mut score = result?;
+        freed?;
+        score.prefix_tokens = prefix.len();
+        score.cached_prefix_tokens = cached;
+        Ok(score)
+    }
+
+    /// Fork K critiques from the prefilled `owner` and decode them in lock step; frees
+    /// the children before returning (also on error).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_critiques(
+        &self,
+        engine: &mut PagedEngine,
+        owner: SeqId,
+        prefix: &[u32],
+        prefix_logits: Vec<f32>,
+        eot: u32,
+        opts: &ScoreOptions,
+        mut sampler: Sampler,
+        stops: &[u32],
+    ) -> Result<Score> {
+        let k = opts.k;
+        let llama = &self.model.llama;
+        let vocab = llama.config.vocab_size;
+        let c = llama.config.hidden_size;
         let children = engine.fork(owner, k)?;
+        let result = self.lock_step(
+            engine,
+            owner,
+            &children,
+            prefix,
+            prefix_logits,
+            eot,
+            opts,
+            &mut sampler,
+            stops,
+            vocab,
+            c,
+        );
+        for &child in &children {
+            engine.free(child)?;
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn lock_step(
+        &self,
+        engine: &mut PagedEngine,
+        owner: SeqId,
+        children: &[SeqId],
+        prefix: &[u32],
+        prefix_logits: Vec<f32>,
+        eot: u32,
+        opts: &ScoreOptions,
+        sampler: &mut Sampler,
+        stops: &[u32],
+        vocab: usize,
+        c: usize,
+    ) -> Result<Score> {
+        let k = children.len();
+        let llama = &self.model.llama;
 
         struct Row {
             seq: SeqId,
@@ -228,7 +322,7 @@ impl<'m> CloudScorer<'m> {
             .map(|(i, &seq)| Row {
                 seq,
                 logits: prefix_logits.clone(),
-                history: prefix.clone(),
+                history: prefix.to_vec(),
                 rng: SeqRng::new(opts.seed, i as u64),
                 critique: Vec::new(),
                 truncated: false,
@@ -319,6 +413,7 @@ impl<'m> CloudScorer<'m> {
             critique_tokens: Vec::with_capacity(k),
             truncated: Vec::with_capacity(k),
             prefix_tokens: prefix.len(),
+            cached_prefix_tokens: 0,
         };
         for row in rows {
             score.rewards.push(row.reward.unwrap_or(f32::NAN));

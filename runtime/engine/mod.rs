@@ -233,6 +233,16 @@ impl PagedEngine {
         self.block_size
     }
 
+    /// Blocks in the pool (its capacity).
+    pub fn num_blocks(&self) -> usize {
+        self.kv.pool().num_blocks()
+    }
+
+    /// Leading positions of `tokens` a `prefill` would take from the prefix cache.
+    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
+        self.kv.cached_prefix_len(tokens, self.key)
+    }
+
     pub fn max_rows(&self) -> usize {
         self.max_rows
     }

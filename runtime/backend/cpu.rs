@@ -2,6 +2,7 @@
 //! kernel according to the mode.
 
 use cloudrm_kernels::reference::attention::AttnShape;
+use cloudrm_kernels::reference::heads::RewardHeadWeights;
 use cloudrm_kernels::{KernelError, Weights, cpu, reference};
 
 /// Which kernels the CPU backend runs.
@@ -113,6 +114,38 @@ impl Cpu {
             }
             CpuMode::Fast => cpu::attention_forward(out, q, k_cache, v_cache, scores, shape),
         }
+    }
+
+    /// The dual-head step: LM logits (R_lm, V) for `lm_rows` and rewards (R_rw) for
+    /// `reward_rows` of the final-normed hidden rows (B, C).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dual_head(
+        &self,
+        logits: &mut [f32],
+        rewards: &mut [f32],
+        hidden: &[f32],
+        channels: usize,
+        lm_rows: &[usize],
+        reward_rows: &[usize],
+        lm_head: Weights<'_>,
+        reward_head: &RewardHeadWeights<'_>,
+        scratch: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let f = match self.mode {
+            CpuMode::Reference => reference::heads::dual_head_forward,
+            CpuMode::Fast => cpu::dual_head_forward,
+        };
+        f(
+            logits,
+            rewards,
+            hidden,
+            channels,
+            lm_rows,
+            reward_rows,
+            lm_head,
+            reward_head,
+            scratch,
+        )
     }
 
     pub fn swiglu(&self, out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<(), KernelError> {

@@ -16,7 +16,7 @@ use cloudrm_sampler::{Sampler, SamplingParams, SeqRng};
 
 use super::template::CloudTemplate;
 use crate::backend::Cpu;
-use crate::engine::{PagedEngine, lm_logits};
+use crate::engine::PagedEngine;
 use crate::error::{Error, Result};
 use crate::kv::SeqId;
 use crate::model::{FeedbackMethod, LogitsMode, RewardModel};
@@ -333,9 +333,13 @@ impl<'m> CloudScorer<'m> {
         let mut seqs = Vec::with_capacity(k);
         let mut tokens = Vec::with_capacity(k);
         let mut live = Vec::with_capacity(k);
-        let mut lm_hidden = vec![0.0f32; k * c];
         let mut lm_out = vec![0.0f32; k * vocab];
+        let mut rewards = vec![0.0f32; k];
+        let mut lm_rows = Vec::with_capacity(k);
+        let mut reward_rows = Vec::with_capacity(k);
         let mut scratch = vec![0.0f32; c];
+        let lm_head = llama.weights.get(&llama.weights.lm_head);
+        let head = self.model.head.view(&llama.weights);
         loop {
             seqs.clear();
             tokens.clear();
@@ -373,36 +377,38 @@ impl<'m> CloudScorer<'m> {
                 &tokens,
                 Some((owner, prefix.len())),
             )?;
-            // Dual head: rewards for the rows that fed their end of turn, LM logits (one
-            // batched matmul) for the rows still writing.
-            let mut n_lm = 0;
+            // The dual-head step: rewards for the rows that fed their end of turn, LM
+            // logits (one batched matmul) for the rows still writing.
+            lm_rows.clear();
+            reward_rows.clear();
             for (b, &i) in live.iter().enumerate() {
-                let h = &hidden[b * c..(b + 1) * c];
                 if rows[i].closing {
-                    let mut r = [0.0f32];
-                    let head = self.model.head.view(&llama.weights);
-                    cloudrm_kernels::cpu::reward_head_forward(&mut r, h, &head, &mut scratch)?;
-                    rows[i].reward = Some(r[0]);
+                    reward_rows.push(b);
                 } else {
-                    lm_hidden[n_lm * c..(n_lm + 1) * c].copy_from_slice(h);
-                    n_lm += 1;
+                    lm_rows.push(b);
                 }
             }
-            if n_lm > 0 {
-                lm_logits(
-                    llama,
-                    &self.cpu,
-                    &lm_hidden[..n_lm * c],
-                    &mut lm_out[..n_lm * vocab],
-                )?;
-                let mut j = 0;
-                for &i in &live {
-                    if !rows[i].closing {
-                        rows[i]
-                            .logits
-                            .copy_from_slice(&lm_out[j * vocab..(j + 1) * vocab]);
-                        j += 1;
-                    }
+            self.cpu.dual_head(
+                &mut lm_out[..lm_rows.len() * vocab],
+                &mut rewards[..reward_rows.len()],
+                hidden,
+                c,
+                &lm_rows,
+                &reward_rows,
+                lm_head,
+                &head,
+                &mut scratch,
+            )?;
+            let (mut j_lm, mut j_rw) = (0, 0);
+            for &i in &live {
+                let row = &mut rows[i];
+                if row.closing {
+                    row.reward = Some(rewards[j_rw]);
+                    j_rw += 1;
+                } else {
+                    row.logits
+                        .copy_from_slice(&lm_out[j_lm * vocab..(j_lm + 1) * vocab]);
+                    j_lm += 1;
                 }
             }
         }

@@ -341,3 +341,33 @@ fn prefix_cache_serves_later_requests() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A Llama-3-style template (content trimmed) over the default model's ChatML tokens.
+#[test]
+fn sequence_layout_on_a_trimming_template() {
+    let dir = default_model(OutDtype::BF16);
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let src = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n\\n' + message['content'] | trim + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n\\n' }}{% endif %}";
+    let tpl = ChatTemplate::new(src, None, Some("<|im_end|>".into())).unwrap();
+    let layout = CloudTemplate::new(&tpl, &tok);
+    // Trailing spaces of the response are trimmed, as the template itself does.
+    let classic = layout.classic_sequence(PROMPT, "  padded  ").unwrap();
+    let text = tok.decode(&classic, false).unwrap();
+    assert!(
+        text.ends_with("<|im_start|>assistant\n\npadded<|im_end|>"),
+        "{text:?}"
+    );
+    let (prefix, eot) = layout.cloud_prefix(PROMPT, " Paris. ").unwrap();
+    assert_eq!(eot, 2);
+    let text = tok.decode(&prefix, false).unwrap();
+    assert!(text.ends_with("assistant\n\nParis.<|im_end|><|im_start|>user\n\nThe following is a break down on the correctness and usefulness of the assistant's response to my question:"), "{text:?}");
+    let (train, at) = layout
+        .training_sequence(PROMPT, " Paris. ", " Correct. ")
+        .unwrap();
+    assert_eq!(&train[..prefix.len()], &prefix[..]);
+    assert_eq!(
+        tok.decode(&train[prefix.len()..at], false).unwrap(),
+        " Correct."
+    );
+    assert_eq!(train[at], 2);
+}

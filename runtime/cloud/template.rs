@@ -38,16 +38,25 @@ impl<'a> CloudTemplate<'a> {
         }
     }
 
-    /// Render `messages` whose last content ends with the cut marker; returns the text
-    /// before the marker and the id of the end-of-turn token the template puts after it.
+    /// Render `messages` as they are and with the cut marker after the last turn's
+    /// content. The text before the marker, shortened to what both renderings share,
+    /// is exactly what the template writes up to the end of that content, whether or
+    /// not it trims the content (Llama 3 trims, ChatML does not). The end-of-turn token
+    /// is the first token of what follows in the real rendering.
     fn cut(&self, messages: &[Message]) -> Result<(String, u32)> {
-        let text = self.template.render(messages, false)?;
+        let real = self.template.render(messages, false)?;
+        let mut marked = messages.to_vec();
+        if let Some(last) = marked.last_mut() {
+            last.content.push_str(CUT);
+        }
+        let text = self.template.render(&marked, false)?;
         let Some(at) = text.find(CUT) else {
             return Err(Error::Usage(
                 "the chat template dropped the content of the last turn; cannot lay out a CLoud sequence".into(),
             ));
         };
-        let (before, after) = (&text[..at], &text[at + CUT.len()..]);
+        let shared = common_prefix_len(&real, &text[..at]);
+        let (before, after) = (&real[..shared], &real[shared..]);
         let after_ids = self.tokenizer.encode(after, false)?;
         let Some(&eot) = after_ids.first() else {
             return Err(Error::Usage(
@@ -55,8 +64,8 @@ impl<'a> CloudTemplate<'a> {
                     .into(),
             ));
         };
-        // The end-of-turn token must be a whole token of the rendered text (a special token),
-        // not the first piece of ordinary text.
+        // The end-of-turn token must be a whole token of the rendered text (a special
+        // token), not the first piece of ordinary text.
         let eot_text = self.tokenizer.decode(&[eot], false)?;
         if !after.starts_with(&eot_text) || self.tokenizer.token_to_id(&eot_text) != Some(eot) {
             return Err(Error::Usage(format!(
@@ -69,11 +78,10 @@ impl<'a> CloudTemplate<'a> {
     /// Token ids of the critique-generation prefix (ending right after `question:`) and
     /// the end-of-turn token id.
     pub fn cloud_prefix(&self, prompt: &str, response: &str) -> Result<(Vec<u32>, u32)> {
-        let request = format!("{}{CUT}", COT_PROMPT.trim_end());
         let messages = [
             Message::user(prompt),
             Message::assistant(response),
-            Message::user(&request),
+            Message::user(COT_PROMPT.trim_end()),
         ];
         let (text, eot) = self.cut(&messages)?;
         Ok((self.tokenizer.encode(&text, false)?, eot))
@@ -82,8 +90,7 @@ impl<'a> CloudTemplate<'a> {
     /// Token ids of the classic sequence, ending with the end-of-turn token that closes
     /// the assistant turn (where the classic reward is read).
     pub fn classic_sequence(&self, prompt: &str, response: &str) -> Result<Vec<u32>> {
-        let content = format!("{response}{CUT}");
-        let messages = [Message::user(prompt), Message::assistant(&content)];
+        let messages = [Message::user(prompt), Message::assistant(response)];
         let (text, eot) = self.cut(&messages)?;
         let mut ids = self.tokenizer.encode(&text, false)?;
         ids.push(eot);
@@ -98,7 +105,7 @@ impl<'a> CloudTemplate<'a> {
         response: &str,
         critique: &str,
     ) -> Result<(Vec<u32>, usize)> {
-        let request = format!("{} {}{CUT}", COT_PROMPT.trim_end(), critique.trim());
+        let request = format!("{} {}", COT_PROMPT.trim_end(), critique.trim());
         let messages = [
             Message::user(prompt),
             Message::assistant(response),
@@ -110,4 +117,12 @@ impl<'a> CloudTemplate<'a> {
         let at = ids.len() - 1;
         Ok((ids, at))
     }
+}
+
+/// Length in bytes of the longest common prefix of `a` and `b` (on a char boundary).
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
 }

@@ -15,6 +15,8 @@ pub enum Error {
     Hub(#[from] crate::hub::HubError),
     #[error(transparent)]
     Kv(#[from] crate::kv::KvError),
+    #[error(transparent)]
+    Cloud(#[from] crate::cloud::CloudError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -371,3 +371,166 @@ fn sequence_layout_on_a_trimming_template() {
     );
     assert_eq!(train[at], 2);
 }
+
+#[test]
+fn bad_requests_are_typed_errors() {
+    use cloudrm::Error;
+    use cloudrm::cloud::CloudError;
+    let dir = tiny_cloud_dir("cloud-bad", "teacher");
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&dir).unwrap();
+    let scorer = CloudScorer::new(&rm, &tok, &tpl);
+    let ok = ScoreOptions {
+        max_critique_tokens: 4,
+        ..Default::default()
+    };
+    let err = scorer.score("  ", RESPONSE, &ok).unwrap_err();
+    assert!(
+        matches!(err, Error::Cloud(CloudError::EmptyText { field: "prompt" })),
+        "{err}"
+    );
+    let err = scorer.score(PROMPT, "", &ok).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Cloud(CloudError::EmptyText { field: "response" })
+        ),
+        "{err}"
+    );
+    let err = scorer
+        .score(PROMPT, RESPONSE, &ScoreOptions { k: 0, ..ok.clone() })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Cloud(CloudError::InvalidOption { name: "k", .. })
+        ),
+        "{err}"
+    );
+    let err = scorer
+        .score(
+            PROMPT,
+            RESPONSE,
+            &ScoreOptions {
+                temperature: Some(-0.5),
+                ..ok.clone()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Cloud(CloudError::InvalidOption {
+                name: "temperature",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let err = scorer
+        .score(
+            PROMPT,
+            RESPONSE,
+            &ScoreOptions {
+                top_p: 0.0,
+                ..ok.clone()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Cloud(CloudError::InvalidOption {
+                name: "sampling",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    // Longer than the tiny model's 256-position context, with and without a critique.
+    let long = "word ".repeat(400);
+    let err = scorer.score(PROMPT, &long, &ok).unwrap_err();
+    assert!(
+        matches!(err, Error::Cloud(CloudError::TooLong { context: 256, .. })),
+        "{err}"
+    );
+    let err = scorer
+        .score(
+            PROMPT,
+            &long,
+            &ScoreOptions {
+                classic: true,
+                ..ok.clone()
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Cloud(CloudError::TooLong { .. })),
+        "{err}"
+    );
+    // The default 1024 critique tokens do not fit a 256-position model either.
+    let err = scorer
+        .score(PROMPT, RESPONSE, &ScoreOptions::default())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Cloud(CloudError::TooLong { extra: 1025, .. })),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn compare_and_best_of_n_commands() {
+    let dir = tiny_cloud_dir("cloud-cli2", "teacher");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
+            .args(args)
+            .arg("--model")
+            .arg(&dir)
+            .args(["--max-critique-tokens", "3", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let v = run(&[
+        "compare", "--prompt", PROMPT, "--a", "Paris.", "--b", "Lyon.",
+    ]);
+    let p = v["p_a_preferred"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    assert!(
+        v["b"]["cached_prefix_tokens"].as_u64().unwrap() > 0,
+        "B reuses the prompt's blocks"
+    );
+    let v = run(&[
+        "best-of-n",
+        "--prompt",
+        PROMPT,
+        "--candidate",
+        "Paris.",
+        "--candidate",
+        "Lyon.",
+        "--candidate",
+        "Nice.",
+    ]);
+    assert_eq!(v["scores"].as_array().unwrap().len(), 3);
+    assert!(v["best"].as_u64().unwrap() < 3);
+    // Bad option: a clear message and a non-zero exit, no panic.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
+        .args(["score", "--prompt", PROMPT, "--response", "", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("response is empty") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

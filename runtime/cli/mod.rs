@@ -9,7 +9,7 @@ use cloudrm_loader::template::{ChatTemplate, Message};
 use cloudrm_loader::tokenizer::Tokenizer;
 
 use crate::backend::Cpu;
-use crate::cloud::{CloudScorer, ScoreOptions};
+use crate::cloud::{CloudScorer, Score, ScoreOptions};
 use crate::error::{Error, Result};
 use crate::generate::{GreedyOptions, greedy};
 use crate::hub;
@@ -43,6 +43,85 @@ impl From<DtypeArg> for OutDtype {
     }
 }
 
+/// Options shared by the scoring commands.
+#[derive(Debug, clap::Args)]
+pub struct ScoringArgs {
+    /// Reward model directory (CLoud or sequence-classification layout).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Critiques per response (self-consistency).
+    #[arg(long, default_value_t = 1)]
+    pub k: usize,
+    /// Sampling temperature (default: 0 for K = 1, 0.5 for K > 1).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1024)]
+    pub max_critique_tokens: usize,
+    /// Score without a critique even if the model is a CLoud model.
+    #[arg(long)]
+    pub classic: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ScoringArgs {
+    fn options(&self) -> ScoreOptions {
+        ScoreOptions {
+            k: self.k,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
+            max_critique_tokens: self.max_critique_tokens,
+            classic: self.classic,
+            ..Default::default()
+        }
+    }
+}
+
+/// A loaded reward model with its tokenizer and template.
+struct Loaded {
+    model: RewardModel,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+}
+
+impl Loaded {
+    fn open(dir: &Path) -> Result<Self> {
+        Ok(Loaded {
+            model: RewardModel::load_dir(dir)?,
+            tokenizer: Tokenizer::from_dir(dir)?,
+            template: ChatTemplate::from_dir(dir)?,
+        })
+    }
+
+    fn scorer(&self) -> CloudScorer<'_> {
+        CloudScorer::new(&self.model, &self.tokenizer, &self.template)
+    }
+}
+
+fn score_json(s: &Score) -> serde_json::Value {
+    serde_json::json!({
+        "reward": s.reward,
+        "rewards": s.rewards,
+        "critiques": s.critiques,
+        "truncated": s.truncated,
+        "prefix_tokens": s.prefix_tokens,
+        "cached_prefix_tokens": s.cached_prefix_tokens,
+    })
+}
+
+fn print_score(label: &str, s: &Score) {
+    for (i, (c, r)) in s.critiques.iter().zip(&s.rewards).enumerate() {
+        println!("{label}critique {i} (reward {r:.4}): {c}");
+    }
+    println!("{label}reward {:.6}", s.reward);
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Import a GGUF file into a Hugging Face layout directory (safetensors, config.json,
@@ -65,29 +144,34 @@ pub enum Command {
     /// Score a response with a reward model (CLoud: K critiques then rewards; classic:
     /// the reward alone). Prints the reward, or JSON with every critique and reward.
     Score {
-        /// Reward model directory (CLoud or sequence-classification layout).
-        #[arg(long)]
-        model: PathBuf,
         #[arg(long)]
         prompt: String,
         #[arg(long)]
         response: String,
-        /// Critiques per response (self-consistency).
-        #[arg(long, default_value_t = 1)]
-        k: usize,
-        /// Sampling temperature (default: 0 for K = 1, 0.5 for K > 1).
+        #[command(flatten)]
+        scoring: ScoringArgs,
+    },
+    /// Compare two responses to one prompt (the prompt's KV blocks are shared); prints
+    /// both rewards and the Bradley-Terry probability that A is preferred.
+    Compare {
         #[arg(long)]
-        temperature: Option<f32>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value_t = 1024)]
-        max_critique_tokens: usize,
-        /// Score without a critique even if the model is a CLoud model.
+        prompt: String,
         #[arg(long)]
-        classic: bool,
-        /// Print JSON (reward, rewards, critiques).
+        a: String,
         #[arg(long)]
-        json: bool,
+        b: String,
+        #[command(flatten)]
+        scoring: ScoringArgs,
+    },
+    /// Score N candidate responses to one prompt and pick the best.
+    BestOfN {
+        #[arg(long)]
+        prompt: String,
+        /// A candidate response (repeat the flag for each).
+        #[arg(long = "candidate", required = true)]
+        candidates: Vec<String>,
+        #[command(flatten)]
+        scoring: ScoringArgs,
     },
     /// Greedy text generation, streamed to stdout.
     Generate {
@@ -137,43 +221,67 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Score {
-            model,
             prompt,
             response,
-            k,
-            temperature,
-            seed,
-            max_critique_tokens,
-            classic,
-            json,
+            scoring,
         } => {
-            let rm = RewardModel::load_dir(&model)?;
-            let tokenizer = Tokenizer::from_dir(&model)?;
-            let template = ChatTemplate::from_dir(&model)?;
-            let scorer = CloudScorer::new(&rm, &tokenizer, &template);
-            let opts = ScoreOptions {
-                k,
-                temperature,
-                seed,
-                max_critique_tokens,
-                classic,
-                ..Default::default()
-            };
-            let s = scorer.score(&prompt, &response, &opts)?;
-            if json {
+            let loaded = Loaded::open(&scoring.model)?;
+            let s = loaded
+                .scorer()
+                .score(&prompt, &response, &scoring.options())?;
+            if scoring.json {
+                println!("{}", score_json(&s));
+            } else {
+                print_score("", &s);
+            }
+            Ok(())
+        }
+        Command::Compare {
+            prompt,
+            a,
+            b,
+            scoring,
+        } => {
+            let loaded = Loaded::open(&scoring.model)?;
+            let c = loaded
+                .scorer()
+                .compare(&prompt, &a, &b, &scoring.options())?;
+            if scoring.json {
                 let v = serde_json::json!({
-                    "reward": s.reward,
-                    "rewards": s.rewards,
-                    "critiques": s.critiques,
-                    "truncated": s.truncated,
-                    "prefix_tokens": s.prefix_tokens,
+                    "a": score_json(&c.a),
+                    "b": score_json(&c.b),
+                    "p_a_preferred": c.p_a_preferred,
+                    "preferred": if c.a.reward > c.b.reward { "a" } else if c.b.reward > c.a.reward { "b" } else { "tie" },
                 });
                 println!("{v}");
             } else {
-                for (i, (c, r)) in s.critiques.iter().zip(&s.rewards).enumerate() {
-                    println!("critique {i} (reward {r:.4}): {c}");
+                print_score("A: ", &c.a);
+                print_score("B: ", &c.b);
+                println!("P(A preferred) = {:.4}", c.p_a_preferred);
+            }
+            Ok(())
+        }
+        Command::BestOfN {
+            prompt,
+            candidates,
+            scoring,
+        } => {
+            let loaded = Loaded::open(&scoring.model)?;
+            let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
+            let (best, scores) = loaded
+                .scorer()
+                .best_of_n(&prompt, &refs, &scoring.options())?;
+            if scoring.json {
+                let v = serde_json::json!({
+                    "best": best,
+                    "scores": scores.iter().map(score_json).collect::<Vec<_>>(),
+                });
+                println!("{v}");
+            } else {
+                for (i, s) in scores.iter().enumerate() {
+                    println!("candidate {i}: reward {:.6}", s.reward);
                 }
-                println!("{:.6}", s.reward);
+                println!("best: {best}");
             }
             Ok(())
         }

@@ -10,3 +10,25 @@ pub mod template;
 
 pub use score::{Aggregation, CloudScorer, Comparison, Score, ScoreOptions};
 pub use template::{COT_PROMPT, CloudTemplate};
+
+/// Bad scoring requests, each naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error("the {field} is empty")]
+    EmptyText { field: &'static str },
+    #[error(
+        "the {what} is {tokens} tokens plus up to {extra} critique tokens, more than the model's context of {context}"
+    )]
+    TooLong {
+        what: &'static str,
+        tokens: usize,
+        extra: usize,
+        context: usize,
+    },
+    #[error("invalid option `{name}` = {value}: {reason}")]
+    InvalidOption {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+}

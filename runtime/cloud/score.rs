@@ -14,6 +14,7 @@ use cloudrm_loader::template::ChatTemplate;
 use cloudrm_loader::tokenizer::Tokenizer;
 use cloudrm_sampler::{Sampler, SamplingParams, SeqRng};
 
+use super::CloudError;
 use super::template::CloudTemplate;
 use crate::backend::Cpu;
 use crate::engine::PagedEngine;
@@ -158,6 +159,7 @@ impl<'m> CloudScorer<'m> {
 
     /// Score one response: classic or CLoud according to the model and `opts.classic`.
     pub fn score(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
+        validate(prompt, response, opts)?;
         if opts.classic || self.model.method == FeedbackMethod::Classic {
             self.score_classic(prompt, response)
         } else {
@@ -167,8 +169,19 @@ impl<'m> CloudScorer<'m> {
 
     /// Classic mode: the reward at the end-of-turn token closing the response.
     pub fn score_classic(&self, prompt: &str, response: &str) -> Result<Score> {
+        validate(prompt, response, &ScoreOptions::default())?;
         let ids = self.layout().classic_sequence(prompt, response)?;
         let llama = &self.model.llama;
+        let context = llama.config.max_position_embeddings;
+        if ids.len() > context {
+            return Err(CloudError::TooLong {
+                what: "prompt + response",
+                tokens: ids.len(),
+                extra: 0,
+                context,
+            }
+            .into());
+        }
         let mut sess = llama.new_session(ids.len(), 64);
         llama.forward(&self.cpu, &mut sess, &ids, LogitsMode::None)?;
         let reward = self.reward_of(sess.last_hidden())?;
@@ -189,13 +202,19 @@ impl<'m> CloudScorer<'m> {
     /// that samples its end of turn feeds the end-of-turn token in the next step, and that
     /// step's hidden state is its reward: rows finish at different steps.
     pub fn score_cloud(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
+        validate(prompt, response, opts)?;
         let k = opts.k;
-        if k == 0 {
-            return Err(Error::Usage(
-                "K (critiques per response) must be at least 1".into(),
-            ));
-        }
         let (prefix, eot) = self.layout().cloud_prefix(prompt, response)?;
+        let context = self.model.llama.config.max_position_embeddings;
+        if prefix.len() + opts.max_critique_tokens + 1 > context {
+            return Err(CloudError::TooLong {
+                what: "prompt + response",
+                tokens: prefix.len(),
+                extra: opts.max_critique_tokens + 1,
+                context,
+            }
+            .into());
+        }
         let llama = &self.model.llama;
         let vocab = llama.config.vocab_size;
         let temperature = opts.temperature.unwrap_or(if k > 1 { 0.5 } else { 0.0 });
@@ -207,7 +226,11 @@ impl<'m> CloudScorer<'m> {
             max_tokens: opts.max_critique_tokens.max(1),
             ..SamplingParams::default()
         };
-        let sampler = Sampler::new(params, vocab).map_err(|e| Error::Usage(e.to_string()))?;
+        let sampler = Sampler::new(params, vocab).map_err(|e| CloudError::InvalidOption {
+            name: "sampling",
+            value: format!("temperature {temperature}, top-p {}", opts.top_p),
+            reason: e.to_string(),
+        })?;
         let mut stops: Vec<u32> = vec![eot];
         stops.extend(self.tokenizer.eos_token_id());
         stops.extend(llama.config.eos_token_ids.iter().copied());
@@ -477,4 +500,41 @@ impl<'m> CloudScorer<'m> {
             .map_or(0, |(i, _)| i);
         Ok((best, scores))
     }
+}
+
+/// Request checks shared by every scoring path.
+fn validate(prompt: &str, response: &str, opts: &ScoreOptions) -> Result<()> {
+    if prompt.trim().is_empty() {
+        return Err(CloudError::EmptyText { field: "prompt" }.into());
+    }
+    if response.trim().is_empty() {
+        return Err(CloudError::EmptyText { field: "response" }.into());
+    }
+    if opts.k == 0 {
+        return Err(CloudError::InvalidOption {
+            name: "k",
+            value: "0".into(),
+            reason: "at least one critique per response".into(),
+        }
+        .into());
+    }
+    if let Some(t) = opts.temperature
+        && !(t >= 0.0 && t.is_finite())
+    {
+        return Err(CloudError::InvalidOption {
+            name: "temperature",
+            value: t.to_string(),
+            reason: "must be a finite number >= 0".into(),
+        }
+        .into());
+    }
+    if opts.max_critique_tokens == 0 {
+        return Err(CloudError::InvalidOption {
+            name: "max_critique_tokens",
+            value: "0".into(),
+            reason: "a critique needs at least one token".into(),
+        }
+        .into());
+    }
+    Ok(())
 }

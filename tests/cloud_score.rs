@@ -534,3 +534,63 @@ fn compare_and_best_of_n_commands() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Self-consistency with prefix sharing against K independent sequences without sharing
+/// (same seeds): identical sampled tokens, rewards within 1e-5, and the prefix's blocks
+/// allocated once instead of K times.
+#[test]
+fn shared_prefix_equals_independent_sequences() {
+    let dir = tiny_cloud_dir("cloud-share", "teacher");
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&dir).unwrap();
+    for k in [1usize, 3, 8] {
+        // Fresh scorers so neither arm benefits from the other's prefix cache.
+        let shared = CloudScorer::new(&rm, &tok, &tpl)
+            .score(
+                PROMPT,
+                RESPONSE,
+                &ScoreOptions {
+                    k,
+                    seed: 21,
+                    max_critique_tokens: 6,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let alone = CloudScorer::new(&rm, &tok, &tpl)
+            .score(
+                PROMPT,
+                RESPONSE,
+                &ScoreOptions {
+                    k,
+                    seed: 21,
+                    max_critique_tokens: 6,
+                    share_prefix: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            shared.critique_tokens, alone.critique_tokens,
+            "K={k}: sampled tokens differ"
+        );
+        for (a, b) in shared.rewards.iter().zip(&alone.rewards) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "K={k}: reward {a} vs {b}"
+            );
+        }
+        let prefix_blocks = shared.prefix_tokens.div_ceil(16);
+        assert_eq!(
+            shared.prefix_blocks_allocated, prefix_blocks,
+            "K={k}: shared prefix allocated once"
+        );
+        assert_eq!(
+            alone.prefix_blocks_allocated,
+            k * prefix_blocks,
+            "K={k}: unshared allocates K copies"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

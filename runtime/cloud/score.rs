@@ -19,7 +19,10 @@ use super::template::CloudTemplate;
 use crate::backend::Cpu;
 use crate::engine::PagedEngine;
 use crate::error::{Error, Result};
-use crate::kv::SeqId;
+use crate::kv::{PrefixKey, SeqId};
+
+/// Prefix-cache keys of the unshared baseline's private prefills (one per critique).
+const UNSHARED_KEY_BASE: u64 = 1 << 62;
 use crate::model::{FeedbackMethod, LogitsMode, RewardModel};
 
 /// KV block size of the scoring engine (positions).
@@ -74,6 +77,10 @@ pub struct ScoreOptions {
     pub aggregation: Aggregation,
     /// Score without a critique even if the model is a CLoud model.
     pub classic: bool,
+    /// Share the prefix between the K critiques (one prefill, forked blocks, cascade
+    /// attention). `false` prefills K private copies and attends each on its own: the
+    /// baseline that sharing is measured and tested against.
+    pub share_prefix: bool,
 }
 
 impl Default for ScoreOptions {
@@ -87,6 +94,7 @@ impl Default for ScoreOptions {
             max_critique_tokens: 1024,
             aggregation: Aggregation::Mean,
             classic: false,
+            share_prefix: true,
         }
     }
 }
@@ -109,6 +117,9 @@ pub struct Score {
     /// Leading prefix tokens whose K/V came from the prefix cache of an earlier request
     /// (the prompt shared by compared responses, a response scored again).
     pub cached_prefix_tokens: usize,
+    /// KV blocks allocated for the prefix by this request (once when shared, K times
+    /// when not).
+    pub prefix_blocks_allocated: usize,
 }
 
 /// The outcome of comparing two responses to one prompt.
@@ -193,6 +204,7 @@ impl<'m> CloudScorer<'m> {
             truncated: vec![],
             prefix_tokens: ids.len(),
             cached_prefix_tokens: 0,
+            prefix_blocks_allocated: 0,
         })
     }
 
@@ -238,7 +250,12 @@ impl<'m> CloudScorer<'m> {
         // Blocks: the prefix once, plus each critique's own tail (+1 for a copied
         // partial prefix block and +1 for the end-of-turn token).
         let per_seq = (opts.max_critique_tokens + 1).div_ceil(BLOCK) + 1;
-        let num_blocks = prefix.len().div_ceil(BLOCK) + k * per_seq + 1;
+        let prefix_blocks = prefix.len().div_ceil(BLOCK);
+        let num_blocks = if opts.share_prefix {
+            prefix_blocks + k * per_seq + 1
+        } else {
+            k * (prefix_blocks + per_seq) + 1
+        };
         let mut slot = self.engine.borrow_mut();
         let reuse = slot
             .as_ref()
@@ -252,23 +269,101 @@ impl<'m> CloudScorer<'m> {
             return Err(Error::Usage("scoring engine unavailable".into()));
         };
         let cached = engine.cached_prefix_len(&prefix);
-        let (owner, prefix_logits, _) = engine.prefill(llama, &self.cpu, &prefix)?;
+        let before = engine.used_blocks();
+        let result = if opts.share_prefix {
+            self.shared_job(engine, &prefix, eot, opts, sampler, &stops)
+        } else {
+            self.unshared_job(engine, &prefix, eot, opts, sampler, &stops)
+        };
+        let mut score = result?;
+        score.prefix_blocks_allocated = score.prefix_blocks_allocated.saturating_sub(before);
+        score.prefix_tokens = prefix.len();
+        score.cached_prefix_tokens = if opts.share_prefix { cached } else { 0 };
+        Ok(score)
+    }
+
+    /// One prefill, K forks, cascade attention over the shared blocks.
+    fn shared_job(
+        &self,
+        engine: &mut PagedEngine,
+        prefix: &[u32],
+        eot: u32,
+        opts: &ScoreOptions,
+        sampler: Sampler,
+        stops: &[u32],
+    ) -> Result<Score> {
+        let llama = &self.model.llama;
+        let (owner, prefix_logits, _) = engine.prefill(llama, &self.cpu, prefix)?;
+        let used = engine.used_blocks();
         let result = self.decode_critiques(
             engine,
             owner,
-            &prefix,
+            prefix,
             prefix_logits,
             eot,
             opts,
             sampler,
-            &stops,
+            stops,
         );
         // Release every sequence; the prefix blocks stay cached for later requests.
         let freed = engine.free(owner);
         let mut score = result?;
         freed?;
-        score.prefix_tokens = prefix.len();
-        score.cached_prefix_tokens = cached;
+        score.prefix_blocks_allocated = used;
+        Ok(score)
+    }
+
+    /// K private prefills (each under its own prefix-cache key, so nothing is shared)
+    /// and plain paged attention: the baseline for the shared job.
+    fn unshared_job(
+        &self,
+        engine: &mut PagedEngine,
+        prefix: &[u32],
+        eot: u32,
+        opts: &ScoreOptions,
+        mut sampler: Sampler,
+        stops: &[u32],
+    ) -> Result<Score> {
+        let llama = &self.model.llama;
+        let mut seqs = Vec::with_capacity(opts.k);
+        let mut logits = None;
+        let mut result = Ok(());
+        for i in 0..opts.k {
+            engine.set_prefix_key(PrefixKey {
+                adapter: UNSHARED_KEY_BASE + i as u64,
+            });
+            match engine.prefill(llama, &self.cpu, prefix) {
+                Ok((seq, l, _)) => {
+                    seqs.push(seq);
+                    logits.get_or_insert(l);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        engine.set_prefix_key(PrefixKey::BASE);
+        let used = engine.used_blocks();
+        let score = result.and_then(|()| {
+            let logits = logits.unwrap_or_default();
+            self.lock_step(
+                engine,
+                None,
+                &seqs,
+                prefix,
+                logits,
+                eot,
+                opts,
+                &mut sampler,
+                stops,
+            )
+        });
+        for &seq in &seqs {
+            engine.free(seq)?;
+        }
+        let mut score = score?;
+        score.prefix_blocks_allocated = used;
         Ok(score)
     }
 
@@ -286,14 +381,10 @@ impl<'m> CloudScorer<'m> {
         mut sampler: Sampler,
         stops: &[u32],
     ) -> Result<Score> {
-        let k = opts.k;
-        let llama = &self.model.llama;
-        let vocab = llama.config.vocab_size;
-        let c = llama.config.hidden_size;
-        let children = engine.fork(owner, k)?;
+        let children = engine.fork(owner, opts.k)?;
         let result = self.lock_step(
             engine,
-            owner,
+            Some(owner),
             &children,
             prefix,
             prefix_logits,
@@ -301,8 +392,6 @@ impl<'m> CloudScorer<'m> {
             opts,
             &mut sampler,
             stops,
-            vocab,
-            c,
         );
         for &child in &children {
             engine.free(child)?;
@@ -314,7 +403,7 @@ impl<'m> CloudScorer<'m> {
     fn lock_step(
         &self,
         engine: &mut PagedEngine,
-        owner: SeqId,
+        owner: Option<SeqId>,
         children: &[SeqId],
         prefix: &[u32],
         prefix_logits: Vec<f32>,
@@ -322,11 +411,11 @@ impl<'m> CloudScorer<'m> {
         opts: &ScoreOptions,
         sampler: &mut Sampler,
         stops: &[u32],
-        vocab: usize,
-        c: usize,
     ) -> Result<Score> {
         let k = children.len();
         let llama = &self.model.llama;
+        let vocab = llama.config.vocab_size;
+        let c = llama.config.hidden_size;
 
         struct Row {
             seq: SeqId,
@@ -398,7 +487,7 @@ impl<'m> CloudScorer<'m> {
                 &self.cpu,
                 &seqs,
                 &tokens,
-                Some((owner, prefix.len())),
+                owner.map(|o| (o, prefix.len())),
             )?;
             // The dual-head step: rewards for the rows that fed their end of turn, LM
             // logits (one batched matmul) for the rows still writing.
@@ -443,6 +532,7 @@ impl<'m> CloudScorer<'m> {
             truncated: Vec::with_capacity(k),
             prefix_tokens: prefix.len(),
             cached_prefix_tokens: 0,
+            prefix_blocks_allocated: 0,
         };
         for row in rows {
             score.rewards.push(row.reward.unwrap_or(f32::NAN));

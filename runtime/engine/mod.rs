@@ -238,6 +238,17 @@ impl PagedEngine {
         self.kv.pool().num_blocks()
     }
 
+    /// The prefix-cache key of the next prefills (the adapter/head identity); sequences
+    /// prefilled under different keys never share blocks.
+    pub fn set_prefix_key(&mut self, key: PrefixKey) {
+        self.key = key;
+    }
+
+    /// Blocks referenced by live sequences.
+    pub fn used_blocks(&self) -> usize {
+        self.kv.pool().num_used()
+    }
+
     /// Leading positions of `tokens` a `prefill` would take from the prefix cache.
     pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
         self.kv.cached_prefix_len(tokens, self.key)

@@ -123,6 +123,15 @@ fn main() {
     let prompt = "Explain the following carefully. ".to_string()
         + &"reward models score responses ".repeat(prefix_words / 4);
     let response = "It depends on the details.";
+    // Warm-up: first touch of the mapped weights and the worker pool.
+    let warm = ScoreOptions {
+        k: 1,
+        max_critique_tokens: 1,
+        ..Default::default()
+    };
+    CloudScorer::new(&rm, &tok, &tpl)
+        .score(&prompt, response, &warm)
+        .expect("warm-up");
     println!("K  shared_s  unshared_s  speedup  shared_tok/s  unshared_tok/s  prefix_tokens");
     for &k in &ks {
         let mut row = Vec::new();

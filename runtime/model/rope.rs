@@ -45,7 +45,7 @@ mod tests {
 
     /// transformers 5.24 `ROPE_INIT_FUNCTIONS["llama3"]` for head_dim 128, theta 500000,
     /// factor 8, low 1, high 4, original context 8192 (Llama 3.1's settings).
-    const HF_LLAMA3: [f32; 64] = [
+    const HF_LLAMA3: [f64; 64] = [
         1.0,
         0.8146172165870667,
         0.663601279258728,
@@ -122,7 +122,7 @@ mod tests {
         let ours = inv_freq(&cfg);
         assert_eq!(ours.len(), 64);
         for (i, (&a, &b)) in ours.iter().zip(HF_LLAMA3.iter()).enumerate() {
-            assert!((a - b).abs() <= 2e-6 * b.abs(), "inv_freq[{i}]: {a} vs {b}");
+            assert!((a as f64 - b).abs() <= 2e-6 * b.abs(), "inv_freq[{i}]: {a} vs {b}");
         }
     }
 

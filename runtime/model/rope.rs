@@ -122,7 +122,10 @@ mod tests {
         let ours = inv_freq(&cfg);
         assert_eq!(ours.len(), 64);
         for (i, (&a, &b)) in ours.iter().zip(HF_LLAMA3.iter()).enumerate() {
-            assert!((a as f64 - b).abs() <= 2e-6 * b.abs(), "inv_freq[{i}]: {a} vs {b}");
+            assert!(
+                (a as f64 - b).abs() <= 2e-6 * b.abs(),
+                "inv_freq[{i}]: {a} vs {b}"
+            );
         }
     }
 

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 
 use super::matmul::matmul_forward;
 use crate::error::{KernelError, check_len};
-use crate::reference::heads::RewardHeadWeights;
+use crate::reference::heads::{RewardHeadWeights, check_dual_head};
 use crate::weights::Weights;
 
 thread_local! {
@@ -78,39 +78,16 @@ pub fn dual_head_forward(
     reward_head: &RewardHeadWeights<'_>,
     scratch: &mut [f32],
 ) -> Result<(), KernelError> {
-    const OP: &str = "dual_head_forward";
-    if channels == 0 || !hidden.len().is_multiple_of(channels) {
-        return Err(KernelError::Invalid {
-            op: OP,
-            arg: "hidden",
-            reason: format!(
-                "{} elements is not a multiple of C={channels}",
-                hidden.len()
-            ),
-        });
-    }
-    let rows = hidden.len() / channels;
-    if !lm_head.len().is_multiple_of(channels) {
-        return Err(KernelError::Invalid {
-            op: OP,
-            arg: "lm_head",
-            reason: format!(
-                "{} elements is not a multiple of C={channels}",
-                lm_head.len()
-            ),
-        });
-    }
-    let vocab = lm_head.len() / channels;
-    check_len(OP, "logits", logits.len(), lm_rows.len() * vocab)?;
-    check_len(OP, "rewards", rewards.len(), reward_rows.len())?;
-    check_len(OP, "reward_head", reward_head.channels(), channels)?;
-    if let Some(&bad) = lm_rows.iter().chain(reward_rows).find(|&&r| r >= rows) {
-        return Err(KernelError::Invalid {
-            op: OP,
-            arg: "rows",
-            reason: format!("row {bad} is out of range for B={rows}"),
-        });
-    }
+    let vocab = check_dual_head(
+        logits.len(),
+        rewards.len(),
+        hidden.len(),
+        channels,
+        lm_rows,
+        reward_rows,
+        lm_head.len(),
+        reward_head,
+    )?;
     if !lm_rows.is_empty() {
         GATHER.with_borrow_mut(|g| -> Result<(), KernelError> {
             g.clear();

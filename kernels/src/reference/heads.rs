@@ -105,39 +105,16 @@ pub fn dual_head_forward(
     reward_head: &RewardHeadWeights<'_>,
     scratch: &mut [f32],
 ) -> Result<(), KernelError> {
-    const OP: &str = "dual_head_forward";
-    if channels == 0 || !hidden.len().is_multiple_of(channels) {
-        return Err(KernelError::Invalid {
-            op: OP,
-            arg: "hidden",
-            reason: format!(
-                "{} elements is not a multiple of C={channels}",
-                hidden.len()
-            ),
-        });
-    }
-    let rows = hidden.len() / channels;
-    if !lm_head.len().is_multiple_of(channels) {
-        return Err(KernelError::Invalid {
-            op: OP,
-            arg: "lm_head",
-            reason: format!(
-                "{} elements is not a multiple of C={channels}",
-                lm_head.len()
-            ),
-        });
-    }
-    let vocab = lm_head.len() / channels;
-    check_len(OP, "logits", logits.len(), lm_rows.len() * vocab)?;
-    check_len(OP, "rewards", rewards.len(), reward_rows.len())?;
-    check_len(OP, "reward_head", reward_head.channels(), channels)?;
-    if let Some(&bad) = lm_rows.iter().chain(reward_rows).find(|&&r| r >= rows) {
-        return Err(KernelError::Invalid {
-            op: OP,
-            arg: "rows",
-            reason: format!("row {bad} is out of range for B={rows}"),
-        });
-    }
+    let vocab = check_dual_head(
+        logits.len(),
+        rewards.len(),
+        hidden.len(),
+        channels,
+        lm_rows,
+        reward_rows,
+        lm_head.len(),
+        reward_head,
+    )?;
     for (&r, out) in lm_rows.iter().zip(logits.chunks_exact_mut(vocab.max(1))) {
         let h = &hidden[r * channels..(r + 1) * channels];
         matmul_forward(out, h, lm_head, None, channels, vocab)?;
@@ -155,4 +132,46 @@ fn dot(x: &[f32], w: Weights<'_>) -> f32 {
         acc += v * w.get(i);
     }
     acc
+}
+
+/// The O(1) argument checks shared by every dual-head implementation; returns V.
+#[allow(clippy::too_many_arguments)]
+pub fn check_dual_head(
+    logits_len: usize,
+    rewards_len: usize,
+    hidden_len: usize,
+    channels: usize,
+    lm_rows: &[usize],
+    reward_rows: &[usize],
+    lm_head_len: usize,
+    reward_head: &RewardHeadWeights<'_>,
+) -> Result<usize, KernelError> {
+    const OP: &str = "dual_head_forward";
+    if channels == 0 || !hidden_len.is_multiple_of(channels) {
+        return Err(KernelError::Invalid {
+            op: OP,
+            arg: "hidden",
+            reason: format!("{} elements is not a multiple of C={channels}", hidden_len),
+        });
+    }
+    let rows = hidden_len / channels;
+    if !lm_head_len.is_multiple_of(channels) {
+        return Err(KernelError::Invalid {
+            op: OP,
+            arg: "lm_head",
+            reason: format!("{} elements is not a multiple of C={channels}", lm_head_len),
+        });
+    }
+    let vocab = lm_head_len / channels;
+    check_len(OP, "logits", logits_len, lm_rows.len() * vocab)?;
+    check_len(OP, "rewards", rewards_len, reward_rows.len())?;
+    check_len(OP, "reward_head", reward_head.channels(), channels)?;
+    if let Some(&bad) = lm_rows.iter().chain(reward_rows).find(|&&r| r >= rows) {
+        return Err(KernelError::Invalid {
+            op: OP,
+            arg: "rows",
+            reason: format!("row {bad} is out of range for B={rows}"),
+        });
+    }
+    Ok(vocab)
 }

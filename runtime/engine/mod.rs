@@ -36,6 +36,7 @@ use cloudrm_kernels::reference::attention_paged::{
 use crate::backend::Cpu;
 use crate::error::{Error, Result};
 use crate::kv::{BlockId, CopyBlock, KvError, KvManager, PrefixKey, SeqId, Slot};
+use crate::model::llama::{MlpBuffers, mlp_block};
 use crate::model::{Llama, ModelError};
 
 /// Model dimensions the engine's buffers are sized for.
@@ -676,29 +677,19 @@ impl PagedEngine {
             let proj = &mut bufs.proj[..t * c];
             cpu.matmul(proj, att, w.get(&lw.o_proj), lw.o_bias.as_deref(), qd, c)?;
             cpu.residual(x, proj)?;
-            cpu.rmsnorm(xn, x, w.get(&lw.mlp_norm), eps)?;
-            let gate = &mut bufs.gate[..t * idim];
-            let up = &mut bufs.up[..t * idim];
-            let act = &mut bufs.act[..t * idim];
-            cpu.matmul(
-                gate,
-                xn,
-                w.get(&lw.gate_proj),
-                lw.gate_bias.as_deref(),
-                c,
-                idim,
+            mlp_block(
+                cpu,
+                model,
+                lw,
+                x,
+                MlpBuffers {
+                    xn,
+                    gate: &mut bufs.gate[..t * idim],
+                    up: &mut bufs.up[..t * idim],
+                    act: &mut bufs.act[..t * idim],
+                    proj,
+                },
             )?;
-            cpu.matmul(up, xn, w.get(&lw.up_proj), lw.up_bias.as_deref(), c, idim)?;
-            cpu.swiglu(act, gate, up)?;
-            cpu.matmul(
-                proj,
-                act,
-                w.get(&lw.down_proj),
-                lw.down_bias.as_deref(),
-                idim,
-                c,
-            )?;
-            cpu.residual(x, proj)?;
         }
         Ok(())
     }

@@ -11,7 +11,7 @@ use cloudrm_kernels::reference::attention::AttnShape;
 use cloudrm_loader::LlamaConfig;
 use cloudrm_loader::shards::ShardedSafeTensors;
 
-use super::weights::LlamaWeights;
+use super::weights::{LayerWeights, LlamaWeights};
 use super::{ModelError, rope};
 use crate::backend::Cpu;
 use crate::error::Result;
@@ -358,30 +358,19 @@ impl Llama {
             let proj = &mut sess.proj[..t * c];
             cpu.matmul(proj, att, w.get(&lw.o_proj), lw.o_bias.as_deref(), qd, c)?;
             cpu.residual(x, proj)?;
-            // MLP block: x += down(silu(gate(xn)) * up(xn)) on rmsnorm(x).
-            cpu.rmsnorm(xn, x, w.get(&lw.mlp_norm), eps)?;
-            let gate = &mut sess.gate[..t * idim];
-            let up = &mut sess.up[..t * idim];
-            let act = &mut sess.act[..t * idim];
-            cpu.matmul(
-                gate,
-                xn,
-                w.get(&lw.gate_proj),
-                lw.gate_bias.as_deref(),
-                c,
-                idim,
+            mlp_block(
+                cpu,
+                self,
+                lw,
+                x,
+                MlpBuffers {
+                    xn,
+                    gate: &mut sess.gate[..t * idim],
+                    up: &mut sess.up[..t * idim],
+                    act: &mut sess.act[..t * idim],
+                    proj,
+                },
             )?;
-            cpu.matmul(up, xn, w.get(&lw.up_proj), lw.up_bias.as_deref(), c, idim)?;
-            cpu.swiglu(act, gate, up)?;
-            cpu.matmul(
-                proj,
-                act,
-                w.get(&lw.down_proj),
-                lw.down_bias.as_deref(),
-                idim,
-                c,
-            )?;
-            cpu.residual(x, proj)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layer_out_norms.push(l2(&x[(t - 1) * c..]));
             }
@@ -389,6 +378,63 @@ impl Llama {
         sess.pos += t;
         Ok(())
     }
+}
+
+/// Scratch of the MLP block for T rows.
+pub(crate) struct MlpBuffers<'a> {
+    /// (T, C)
+    pub xn: &'a mut [f32],
+    /// (T, I)
+    pub gate: &'a mut [f32],
+    /// (T, I)
+    pub up: &'a mut [f32],
+    /// (T, I)
+    pub act: &'a mut [f32],
+    /// (T, C)
+    pub proj: &'a mut [f32],
+}
+
+/// The MLP block on T rows of the residual stream x (T, C):
+/// x += down(silu(gate(n)) * up(n)), n = rmsnorm(x). Shared by the contiguous forward
+/// and the paged engine.
+pub(crate) fn mlp_block(
+    cpu: &Cpu,
+    model: &Llama,
+    lw: &LayerWeights,
+    x: &mut [f32],
+    b: MlpBuffers<'_>,
+) -> Result<()> {
+    let cfg = &model.config;
+    let w = &model.weights;
+    let (c, idim) = (cfg.hidden_size, cfg.intermediate_size);
+    cpu.rmsnorm(b.xn, x, w.get(&lw.mlp_norm), cfg.rms_norm_eps)?;
+    cpu.matmul(
+        b.gate,
+        b.xn,
+        w.get(&lw.gate_proj),
+        lw.gate_bias.as_deref(),
+        c,
+        idim,
+    )?;
+    cpu.matmul(
+        b.up,
+        b.xn,
+        w.get(&lw.up_proj),
+        lw.up_bias.as_deref(),
+        c,
+        idim,
+    )?;
+    cpu.swiglu(b.act, b.gate, b.up)?;
+    cpu.matmul(
+        b.proj,
+        b.act,
+        w.get(&lw.down_proj),
+        lw.down_bias.as_deref(),
+        idim,
+        c,
+    )?;
+    cpu.residual(x, b.proj)?;
+    Ok(())
 }
 
 fn l2(x: &[f32]) -> f32 {

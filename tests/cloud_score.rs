@@ -594,3 +594,73 @@ fn shared_prefix_equals_independent_sequences() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The CLoud and classic layouts against tests/golden/cloud_layout.json, made without
+/// cloudrm: transformers renders the templates, llama.cpp tokenizes (ChatML), and the
+/// official Llama-3-Instruct template (content trimmed) gives the strings.
+#[test]
+fn layouts_match_the_golden_fixture() {
+    use cloudrm::cloud::split_after_last_content;
+    use cloudrm::loader::template::Message;
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/cloud_layout.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(v["magic"], "cloudrm-cloud-layout-golden");
+    let dir = default_model(OutDtype::BF16);
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let chatml = ChatTemplate::from_dir(&dir).unwrap();
+    let layout = CloudTemplate::new(&chatml, &tok);
+    let llama3_src = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+    let llama3 = ChatTemplate::new(
+        llama3_src,
+        Some("<|begin_of_text|>".into()),
+        Some("<|eot_id|>".into()),
+    )
+    .unwrap();
+    let ids = |x: &serde_json::Value| -> Vec<u32> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|y| y.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    for case in cases {
+        let (p, r) = (
+            case["prompt"].as_str().unwrap(),
+            case["response"].as_str().unwrap(),
+        );
+        assert_eq!(
+            layout.classic_sequence(p, r).unwrap(),
+            ids(&case["chatml_classic_ids"]),
+            "classic {p:?}"
+        );
+        assert_eq!(
+            layout.cloud_prefix(p, r).unwrap().0,
+            ids(&case["chatml_cloud_prefix_ids"]),
+            "cloud {p:?}"
+        );
+        // Llama 3: strings only (its tokenizer is not available offline).
+        let two = [Message::user(p), Message::assistant(r)];
+        let (before, after) = split_after_last_content(&llama3, &two).unwrap();
+        assert!(after.starts_with("<|eot_id|>"));
+        assert_eq!(
+            before + "<|eot_id|>",
+            case["llama3_classic_text"].as_str().unwrap(),
+            "llama3 classic {p:?}"
+        );
+        let three = [
+            Message::user(p),
+            Message::assistant(r),
+            Message::user(COT_PROMPT.trim_end()),
+        ];
+        let (before, _) = split_after_last_content(&llama3, &three).unwrap();
+        assert_eq!(
+            before,
+            case["llama3_cloud_prefix_text"].as_str().unwrap(),
+            "llama3 cloud {p:?}"
+        );
+    }
+}

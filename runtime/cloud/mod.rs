@@ -9,7 +9,7 @@ pub mod score;
 pub mod template;
 
 pub use score::{Aggregation, CloudScorer, Comparison, Score, ScoreOptions};
-pub use template::{COT_PROMPT, CloudTemplate};
+pub use template::{COT_PROMPT, CloudTemplate, split_after_last_content};
 
 /// Bad scoring requests, each naming what is wrong.
 #[derive(Debug, thiserror::Error)]

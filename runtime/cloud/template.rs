@@ -44,19 +44,8 @@ impl<'a> CloudTemplate<'a> {
     /// not it trims the content (Llama 3 trims, ChatML does not). The end-of-turn token
     /// is the first token of what follows in the real rendering.
     fn cut(&self, messages: &[Message]) -> Result<(String, u32)> {
-        let real = self.template.render(messages, false)?;
-        let mut marked = messages.to_vec();
-        if let Some(last) = marked.last_mut() {
-            last.content.push_str(CUT);
-        }
-        let text = self.template.render(&marked, false)?;
-        let Some(at) = text.find(CUT) else {
-            return Err(Error::Usage(
-                "the chat template dropped the content of the last turn; cannot lay out a CLoud sequence".into(),
-            ));
-        };
-        let shared = common_prefix_len(&real, &text[..at]);
-        let (before, after) = (&real[..shared], &real[shared..]);
+        let (before, after) = split_after_last_content(self.template, messages)?;
+        let after = after.as_str();
         let after_ids = self.tokenizer.encode(after, false)?;
         let Some(&eot) = after_ids.first() else {
             return Err(Error::Usage(
@@ -72,7 +61,7 @@ impl<'a> CloudTemplate<'a> {
                 "the text after a turn ({after:?}) does not start with a single end-of-turn token"
             )));
         }
-        Ok((before.to_string(), eot))
+        Ok((before, eot))
     }
 
     /// Token ids of the critique-generation prefix (ending right after `question:`) and
@@ -117,6 +106,29 @@ impl<'a> CloudTemplate<'a> {
         let at = ids.len() - 1;
         Ok((ids, at))
     }
+}
+
+/// The template's rendering of `messages` split right after the last turn's content:
+/// (everything up to the end of that content, everything after it). Found by rendering
+/// the messages as they are and with a marker after the last content; the two renderings
+/// part where the content ends, whether or not the template trims it.
+pub fn split_after_last_content(
+    template: &ChatTemplate,
+    messages: &[Message],
+) -> Result<(String, String)> {
+    let real = template.render(messages, false)?;
+    let mut marked = messages.to_vec();
+    if let Some(last) = marked.last_mut() {
+        last.content.push_str(CUT);
+    }
+    let text = template.render(&marked, false)?;
+    let Some(at) = text.find(CUT) else {
+        return Err(Error::Usage(
+            "the chat template dropped the content of the last turn; cannot lay out a CLoud sequence".into(),
+        ));
+    };
+    let shared = common_prefix_len(&real, &text[..at]);
+    Ok((real[..shared].to_string(), real[shared..].to_string()))
 }
 
 /// Length in bytes of the longest common prefix of `a` and `b` (on a char boundary).

@@ -172,15 +172,20 @@ impl<'m> CloudScorer<'m> {
     pub fn score(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
         validate(prompt, response, opts)?;
         if opts.classic || self.model.method == FeedbackMethod::Classic {
-            self.score_classic(prompt, response)
+            self.classic_checked(prompt, response)
         } else {
-            self.score_cloud(prompt, response, opts)
+            self.cloud_checked(prompt, response, opts)
         }
     }
 
     /// Classic mode: the reward at the end-of-turn token closing the response.
     pub fn score_classic(&self, prompt: &str, response: &str) -> Result<Score> {
         validate(prompt, response, &ScoreOptions::default())?;
+        self.classic_checked(prompt, response)
+    }
+
+    /// `score_classic` on an already validated request.
+    fn classic_checked(&self, prompt: &str, response: &str) -> Result<Score> {
         let ids = self.layout().classic_sequence(prompt, response)?;
         let llama = &self.model.llama;
         let context = llama.config.max_position_embeddings;
@@ -215,6 +220,11 @@ impl<'m> CloudScorer<'m> {
     /// step's hidden state is its reward: rows finish at different steps.
     pub fn score_cloud(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
         validate(prompt, response, opts)?;
+        self.cloud_checked(prompt, response, opts)
+    }
+
+    /// `score_cloud` on an already validated request.
+    fn cloud_checked(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
         let k = opts.k;
         let (prefix, eot) = self.layout().cloud_prefix(prompt, response)?;
         let context = self.model.llama.config.max_position_embeddings;

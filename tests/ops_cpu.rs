@@ -12,7 +12,7 @@ use common::{Guarded, OpCase, Rng, check_close, run_cases};
 use half::{bf16, f16};
 
 const F32_TOL: f64 = 1e-5;
-const ROWS: [usize; 3] = [1, 7, 33];
+const ROWS: [usize; 4] = [1, 7, 33, 130];
 const DIMS: [usize; 6] = [1, 7, 33, 64, 577, 1025];
 
 #[derive(Clone, Copy, Debug)]
@@ -339,7 +339,13 @@ fn cases() -> Vec<OpCase> {
     }
     // Paged decode and cascade attention: K sequences over a shared prefix in shuffled
     // blocks of 16, block-boundary lengths.
-    for &(nh, nkv, hs) in &[(3usize, 3usize, 64usize), (9, 3, 64), (16, 2, 128)] {
+    for &(nh, nkv, hs) in &[
+        (3usize, 3usize, 64usize),
+        (9, 3, 64),
+        (16, 2, 128),
+        (24, 3, 8),
+        (6, 2, 7),
+    ] {
         for &(prefix, k) in &[(0usize, 1usize), (15, 3), (16, 3), (17, 16), (37, 3)] {
             let s = next_seed();
             cases.push(OpCase {
@@ -355,7 +361,82 @@ fn cases() -> Vec<OpCase> {
             });
         }
     }
+    for &(nh, nkv, hs) in &[(9usize, 3usize, 64usize), (8, 1, 16), (6, 2, 7)] {
+        for &(pos0, t) in &[(0usize, 1usize), (0, 33), (15, 2), (17, 70), (64, 5)] {
+            let s = next_seed();
+            cases.push(OpCase {
+                name: format!("paged_prefill(nh={nh},nkv={nkv},hs={hs},pos0={pos0},t={t})"),
+                kind: OpKind::PagedPrefillAttention,
+                run: Box::new(move || prefill_case(s, nh, nkv, hs, pos0, t)),
+            });
+        }
+    }
     cases
+}
+
+/// Causal prefill of `t` rows after `pos0` cached positions, in shuffled blocks of 16:
+/// the fast kernel against the reference.
+fn prefill_case(seed: u64, nh: usize, nkv: usize, hs: usize, pos0: usize, t: usize) {
+    use cloudrm::kernels::reference::attention_paged::{PagedShape, prefill_scratch_len};
+    let bs = 16;
+    let shape = PagedShape {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hs,
+        block_size: bs,
+    };
+    let mut rng = Rng::new(seed);
+    let nblocks = (pos0 + t).div_ceil(bs) + 3;
+    let mut table: Vec<u32> = (0..nblocks as u32).collect();
+    for i in (1..table.len()).rev() {
+        table.swap(i, rng.below(i + 1));
+    }
+    let block = bs * nkv * hs;
+    let k_arena = rng.vec(nblocks * block, 1.0);
+    let v_arena = rng.vec(nblocks * block, 1.0);
+    let q = rng.vec(t * nh * hs, 1.0);
+    let mut scratch = vec![0.0; prefill_scratch_len(&shape, pos0, t)];
+    let mut want = vec![0.0; t * nh * hs];
+    reference::attention_paged::paged_prefill_attention(
+        &mut want,
+        &q,
+        &k_arena,
+        &v_arena,
+        &table,
+        pos0,
+        shape,
+        &mut scratch,
+    )
+    .unwrap();
+    let mut got = Guarded::new(t * nh * hs);
+    cpu::paged_prefill_attention(
+        got.as_mut(),
+        &q,
+        &k_arena,
+        &v_arena,
+        &table,
+        pos0,
+        shape,
+        &mut scratch,
+    )
+    .unwrap();
+    got.check_guards("paged prefill attention");
+    check_close("paged prefill attention", got.as_ref(), &want, F32_TOL);
+    // A short scratch is a typed error, not a panic.
+    let short = prefill_scratch_len(&shape, pos0, t) - 1;
+    assert!(
+        cpu::paged_prefill_attention(
+            got.as_mut(),
+            &q,
+            &k_arena,
+            &v_arena,
+            &table,
+            pos0,
+            shape,
+            &mut scratch[..short],
+        )
+        .is_err()
+    );
 }
 
 /// K sequences sharing `prefix` positions, each with its own suffix, in a shuffled arena.

@@ -30,10 +30,11 @@ pub enum OpKind {
     DualHead,
     PagedAttention,
     CascadeAttention,
+    PagedPrefillAttention,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 11] = [
+    pub const ALL: [OpKind; 12] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::Rope,
@@ -45,6 +46,7 @@ impl OpKind {
         OpKind::DualHead,
         OpKind::PagedAttention,
         OpKind::CascadeAttention,
+        OpKind::PagedPrefillAttention,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -60,6 +62,7 @@ impl OpKind {
             OpKind::DualHead => "dual_head",
             OpKind::PagedAttention => "paged_attention",
             OpKind::CascadeAttention => "cascade_attention",
+            OpKind::PagedPrefillAttention => "paged_prefill_attention",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! kernel according to the mode.
 
 use cloudrm_kernels::reference::attention::AttnShape;
+use cloudrm_kernels::reference::attention_paged::{Level, PagedShape};
 use cloudrm_kernels::reference::heads::RewardHeadWeights;
 use cloudrm_kernels::{KernelError, Weights, cpu, reference};
 
@@ -113,6 +114,92 @@ impl Cpu {
                 reference::attention::attention_forward(out, q, k_cache, v_cache, scores, shape)
             }
             CpuMode::Fast => cpu::attention_forward(out, q, k_cache, v_cache, scores, shape),
+        }
+    }
+
+    /// Causal prefill attention of T rows at positions pos0.. over the paged cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_prefill_attention(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_arena: &[f32],
+        v_arena: &[f32],
+        table: &[u32],
+        pos0: usize,
+        shape: PagedShape,
+        scratch: &mut [f32],
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => reference::attention_paged::paged_prefill_attention(
+                out, q, k_arena, v_arena, table, pos0, shape, scratch,
+            ),
+            CpuMode::Fast => {
+                cpu::paged_prefill_attention(out, q, k_arena, v_arena, table, pos0, shape, scratch)
+            }
+        }
+    }
+
+    /// One decode query per sequence over its whole paged context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn paged_decode_attention(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_arena: &[f32],
+        v_arena: &[f32],
+        tables: &[&[u32]],
+        lens: &[usize],
+        shape: PagedShape,
+        scratch: &mut [f32],
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => reference::attention_paged::paged_decode_attention(
+                out, q, k_arena, v_arena, tables, lens, shape, scratch,
+            ),
+            CpuMode::Fast => {
+                cpu::paged_decode_attention(out, q, k_arena, v_arena, tables, lens, shape, scratch)
+            }
+        }
+    }
+
+    /// Cascade decode attention: shared levels once per group, then each suffix.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cascade_decode_attention(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        k_arena: &[f32],
+        v_arena: &[f32],
+        levels: &[Level<'_>],
+        suffix_tables: &[&[u32]],
+        suffix_lens: &[usize],
+        shape: PagedShape,
+        scratch: &mut [f32],
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => reference::attention_paged::cascade_decode_attention(
+                out,
+                q,
+                k_arena,
+                v_arena,
+                levels,
+                suffix_tables,
+                suffix_lens,
+                shape,
+                scratch,
+            ),
+            CpuMode::Fast => cpu::cascade_decode_attention(
+                out,
+                q,
+                k_arena,
+                v_arena,
+                levels,
+                suffix_tables,
+                suffix_lens,
+                shape,
+                scratch,
+            ),
         }
     }
 

@@ -29,8 +29,7 @@
 use std::collections::BTreeSet;
 
 use cloudrm_kernels::reference::attention_paged::{
-    Level, PagedShape, attention_partial, cascade_decode_attention, cascade_scratch_len,
-    paged_decode_attention,
+    Level, PagedShape, cascade_scratch_len, prefill_scratch_len,
 };
 
 use crate::backend::Cpu;
@@ -95,8 +94,6 @@ struct Buffers {
     positions: Vec<u32>,
     /// (R, C) final-normed hidden rows
     hidden: Vec<f32>,
-    /// (G) log-sum-exp of `attention_partial` (prefill)
-    lse: Vec<f32>,
     /// scores / cascade scratch; grows to the longest context seen
     scratch: Vec<f32>,
 }
@@ -195,7 +192,6 @@ impl PagedEngine {
                 ),
             })?;
         let r = max_rows;
-        let group = d.nh.checked_div(d.nkv).unwrap_or(0);
         let bufs = Buffers {
             x: vec![0.0; r * d.c],
             xn: vec![0.0; r * d.c],
@@ -209,7 +205,6 @@ impl PagedEngine {
             act: vec![0.0; r * d.idim],
             positions: vec![0; r],
             hidden: vec![0.0; r * d.c],
-            lse: vec![0.0; group],
             scratch: Vec::new(),
         };
         Ok(PagedEngine {
@@ -571,11 +566,9 @@ impl PagedEngine {
             block_size: self.block_size,
         };
         shape.validate("PagedEngine")?;
-        let group = shape.group();
-        let scale = 1.0 / (d.hs as f32).sqrt();
         // Scratch for the longest context of this pass.
         let need = match attn {
-            Attn::Prefill { pos0, .. } => group * (pos0 + t),
+            Attn::Prefill { pos0, .. } => prefill_scratch_len(&shape, *pos0, t),
             Attn::Decode { lens, .. } => lens.iter().copied().max().unwrap_or(0),
             Attn::Cascade {
                 level_len,
@@ -618,29 +611,17 @@ impl PagedEngine {
             let (k_layer, v_layer) = (&*k_layer, &*v_layer);
             let att = &mut bufs.att[..t * qd];
             match attn {
-                Attn::Prefill { table, pos0 } => {
-                    let gw = group * d.hs;
-                    for r in 0..t {
-                        let end = pos0 + r + 1;
-                        for kvh in 0..d.nkv {
-                            let off = r * qd + kvh * gw;
-                            attention_partial(
-                                &mut att[off..off + gw],
-                                &mut bufs.lse[..group],
-                                &q[off..off + gw],
-                                k_layer,
-                                v_layer,
-                                table,
-                                0..end,
-                                kvh,
-                                scale,
-                                &mut bufs.scratch[..group * end],
-                                shape,
-                            )?;
-                        }
-                    }
-                }
-                Attn::Decode { lens, .. } => paged_decode_attention(
+                Attn::Prefill { table, pos0 } => cpu.paged_prefill_attention(
+                    att,
+                    q,
+                    k_layer,
+                    v_layer,
+                    table,
+                    *pos0,
+                    shape,
+                    &mut bufs.scratch,
+                )?,
+                Attn::Decode { lens, .. } => cpu.paged_decode_attention(
                     att,
                     q,
                     k_layer,
@@ -661,7 +642,7 @@ impl PagedEngine {
                         len: *level_len,
                         members: 0..t,
                     }];
-                    cascade_decode_attention(
+                    cpu.cascade_decode_attention(
                         att,
                         q,
                         k_layer,

@@ -1,6 +1,15 @@
 //! Fast linear layer (same contract as `reference::matmul::matmul_forward`): work split
-//! along the output dimension across threads; each weight row is converted to f32 once
-//! per call and dotted with every input row (B rows), AVX2+FMA where available.
+//! along the output dimension across threads.
+//!
+//! AVX2 path: a register-tiled kernel computes an MR x NR tile of outputs (MR input rows
+//! times NR weight rows) as MR*NR vector dot products sharing their loads: per 8 input
+//! channels it converts NR weight vectors in registers (bf16/f16/f32, never copied to an
+//! f32 buffer) and streams MR input vectors through them with MR*NR FMAs. Input rows are
+//! processed in panels small enough to stay in L2 while a thread sweeps its output columns,
+//! so each weight tile is read from memory once per panel and reused from L1 by every row
+//! block of the panel. One input row (decode) uses MR = 1 with NR = 4 independent
+//! accumulator chains. The scalar path converts one weight row at a time and dots it with
+//! every input row.
 
 use half::{bf16, f16};
 
@@ -105,6 +114,14 @@ fn compute(
     isa: Isa,
 ) {
     let rows = inp.len() / in_features;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: the Avx2 path is only chosen when AVX2, FMA and F16C are detected; the
+        // shapes were checked by `check_shapes` and `cols` lies within 0..out_features.
+        unsafe { tiled::gemm(out, inp, weight, bias, in_features, out_features, cols) };
+        return;
+    }
+    let _ = &wrow;
     for o in cols {
         let w = weight.slice(o * in_features, in_features);
         let b = bias.map_or(0.0, |b| b[o]);
@@ -197,7 +214,7 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(v, 1);
         let lo = _mm256_castps256_ps128(v);
         let s = _mm_add_ps(hi, lo);
@@ -329,6 +346,259 @@ mod avx2 {
         }
         for j in n8..n {
             dst[j] = w[j].to_f32();
+        }
+    }
+}
+
+/// The register-tiled AVX2 kernel (see the module docs).
+#[cfg(target_arch = "x86_64")]
+mod tiled {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::avx2::hsum;
+    use crate::weights::Weights;
+
+    /// Weight element types, as a const parameter so each kernel is monomorphised.
+    const F32: u8 = 0;
+    const BF16: u8 = 1;
+    const F16: u8 = 2;
+
+    /// Input rows per tile.
+    const MR: usize = 4;
+    /// Weight rows (output columns) per tile.
+    const NR: usize = 3;
+    /// Bytes of input rows a panel may hold (stays in L2 while a thread sweeps columns).
+    const PANEL_BYTES: usize = 192 * 1024;
+
+    /// Eight weights at `p` (element type DT) as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements of type DT at p.
+        unsafe {
+            match DT {
+                F32 => _mm256_loadu_ps(p as *const f32),
+                BF16 => {
+                    let raw = _mm_loadu_si128(p as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+                }
+                _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            }
+        }
+    }
+
+    /// Element `i` of a weight row of type DT as f32.
+    #[inline]
+    unsafe fn load1<const DT: u8>(p: *const u8, i: usize) -> f32 {
+        // SAFETY: the caller guarantees element i is readable.
+        unsafe {
+            match DT {
+                F32 => *(p as *const f32).add(i),
+                BF16 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
+                _ => half::f16::from_bits(*(p as *const u16).add(i)).to_f32(),
+            }
+        }
+    }
+
+    const fn elem<const DT: u8>() -> usize {
+        if DT == F32 { 4 } else { 2 }
+    }
+
+    /// out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, where x_i = x + i * c
+    /// (f32) and w_j = w + j * c (DT). M <= MR, N <= NR.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const DT: u8, const M: usize, const N: usize>(
+        x: *const f32,
+        w: *const u8,
+        c: usize,
+        out: *mut f32,
+        ldo: usize,
+        bias: [f32; 4],
+    ) {
+        let es = elem::<DT>();
+        let n8 = c / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); N]; M];
+        let mut k = 0;
+        // SAFETY: k + 8 <= c for every vector load; rows i < M of x and j < N of w exist.
+        unsafe {
+            while k < n8 {
+                let mut wv = [_mm256_setzero_ps(); N];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = load8::<DT>(w.add((j * c + k) * es));
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(i * c + k));
+                    for (a, v) in row.iter_mut().zip(&wv) {
+                        *a = _mm256_fmadd_ps(xv, *v, *a);
+                    }
+                }
+                k += 8;
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (j, a) in row.iter().enumerate() {
+                    let mut s = hsum(*a);
+                    for kk in n8..c {
+                        s += *x.add(i * c + kk) * load1::<DT>(w.add(j * c * es), kk);
+                    }
+                    *out.add(i * ldo + j) = s + bias[j];
+                }
+            }
+        }
+    }
+
+    /// Rows `r0..r0 + m` (m <= MR) times weight rows `o..o + n` (n <= NR).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_any<const DT: u8>(
+        m: usize,
+        n: usize,
+        x: *const f32,
+        w: *const u8,
+        c: usize,
+        out: *mut f32,
+        ldo: usize,
+        bias: [f32; 4],
+    ) {
+        // SAFETY: forwarded caller guarantees.
+        unsafe {
+            match (m, n) {
+                (4, 3) => tile::<DT, 4, 3>(x, w, c, out, ldo, bias),
+                (4, 2) => tile::<DT, 4, 2>(x, w, c, out, ldo, bias),
+                (4, 1) => tile::<DT, 4, 1>(x, w, c, out, ldo, bias),
+                (3, 3) => tile::<DT, 3, 3>(x, w, c, out, ldo, bias),
+                (3, 2) => tile::<DT, 3, 2>(x, w, c, out, ldo, bias),
+                (3, 1) => tile::<DT, 3, 1>(x, w, c, out, ldo, bias),
+                (2, 3) => tile::<DT, 2, 3>(x, w, c, out, ldo, bias),
+                (2, 2) => tile::<DT, 2, 2>(x, w, c, out, ldo, bias),
+                (2, 1) => tile::<DT, 2, 1>(x, w, c, out, ldo, bias),
+                (1, 3) => tile::<DT, 1, 3>(x, w, c, out, ldo, bias),
+                (1, 2) => tile::<DT, 1, 2>(x, w, c, out, ldo, bias),
+                _ => tile::<DT, 1, 1>(x, w, c, out, ldo, bias),
+            }
+        }
+    }
+
+    /// One input row (decode): four weight rows at a time, four accumulator chains.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn gemv<const DT: u8>(
+        out: *mut f32,
+        x: *const f32,
+        w: *const u8,
+        bias: Option<&[f32]>,
+        c: usize,
+        cols: Range<usize>,
+    ) {
+        let es = elem::<DT>();
+        let b = |o: usize| bias.map_or(0.0, |b| b[o]);
+        let mut o = cols.start;
+        // SAFETY: every o < cols.end <= OC names a weight row of c elements.
+        unsafe {
+            while o + 4 <= cols.end {
+                let mut bb = [0.0; 4];
+                for (j, v) in bb.iter_mut().enumerate() {
+                    *v = b(o + j);
+                }
+                tile::<DT, 1, 4>(x, w.add(o * c * es), c, out.add(o), 0, bb);
+                o += 4;
+            }
+            while o < cols.end {
+                tile::<DT, 1, 1>(
+                    x,
+                    w.add(o * c * es),
+                    c,
+                    out.add(o),
+                    0,
+                    [b(o), 0.0, 0.0, 0.0],
+                );
+                o += 1;
+            }
+        }
+    }
+
+    /// out (rows, oc) columns `cols` = inp (rows, c) . weight(cols)^T + bias.
+    ///
+    /// SAFETY: AVX2+FMA+F16C present; `inp.len()` is a multiple of `c`, `out` holds
+    /// rows * oc, `weight` oc * c, `bias` (if any) oc; `cols` within 0..oc. Only columns
+    /// `cols` of `out` are written.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm(
+        out: &mut [f32],
+        inp: &[f32],
+        weight: Weights<'_>,
+        bias: Option<&[f32]>,
+        c: usize,
+        oc: usize,
+        cols: Range<usize>,
+    ) {
+        let (w, dt) = match weight {
+            Weights::F32(w) => (w.as_ptr() as *const u8, F32),
+            Weights::BF16(w) => (w.as_ptr() as *const u8, BF16),
+            Weights::F16(w) => (w.as_ptr() as *const u8, F16),
+        };
+        // SAFETY: forwarded caller guarantees.
+        unsafe {
+            match dt {
+                F32 => gemm_dt::<F32>(out, inp, w, bias, c, oc, cols),
+                BF16 => gemm_dt::<BF16>(out, inp, w, bias, c, oc, cols),
+                _ => gemm_dt::<F16>(out, inp, w, bias, c, oc, cols),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn gemm_dt<const DT: u8>(
+        out: &mut [f32],
+        inp: &[f32],
+        w: *const u8,
+        bias: Option<&[f32]>,
+        c: usize,
+        oc: usize,
+        cols: Range<usize>,
+    ) {
+        let es = elem::<DT>();
+        let rows = inp.len() / c;
+        let x = inp.as_ptr();
+        let o_ptr = out.as_mut_ptr();
+        // SAFETY: all offsets stay within the shapes the caller guarantees.
+        unsafe {
+            if rows == 1 {
+                gemv::<DT>(o_ptr, x, w, bias, c, cols);
+                return;
+            }
+            let panel = (PANEL_BYTES / (4 * c)).clamp(MR, 256) / MR * MR;
+            let mut r0 = 0;
+            while r0 < rows {
+                let r_end = (r0 + panel).min(rows);
+                let mut o = cols.start;
+                while o < cols.end {
+                    let n = NR.min(cols.end - o);
+                    let mut bias_t = [0.0; 4];
+                    if let Some(b) = bias {
+                        bias_t[..n].copy_from_slice(&b[o..o + n]);
+                    }
+                    let wt = w.add(o * c * es);
+                    let mut r = r0;
+                    while r < r_end {
+                        let m = MR.min(r_end - r);
+                        tile_any::<DT>(
+                            m,
+                            n,
+                            x.add(r * c),
+                            wt,
+                            c,
+                            o_ptr.add(r * oc + o),
+                            oc,
+                            bias_t,
+                        );
+                        r += m;
+                    }
+                    o += n;
+                }
+                r0 = r_end;
+            }
         }
     }
 }

@@ -102,7 +102,7 @@ pub fn cascade_scratch_len(shape: &PagedShape, n_seqs: usize, max_len: usize) ->
 }
 
 /// Arena checks shared by every entry point; returns NB.
-fn check_arena(
+pub(crate) fn check_arena(
     op: &'static str,
     shape: &PagedShape,
     k_arena: &[f32],
@@ -125,7 +125,7 @@ fn check_arena(
 
 /// The table covers positions 0..`end` and each block id it uses for them is in the arena.
 /// O(ceil(end / BS)).
-fn check_table(
+pub(crate) fn check_table(
     op: &'static str,
     arg: &'static str,
     table: &[u32],
@@ -158,7 +158,7 @@ fn check_table(
 
 /// Offset of the (HS) row of `kv_head` at position `pos` of `table` in an arena.
 #[inline]
-fn row_offset(table: &[u32], pos: usize, kv_head: usize, shape: &PagedShape) -> usize {
+pub(crate) fn row_offset(table: &[u32], pos: usize, kv_head: usize, shape: &PagedShape) -> usize {
     let block = table[pos / shape.block_size] as usize;
     ((block * shape.block_size + pos % shape.block_size) * shape.n_kv_heads + kv_head)
         * shape.head_dim
@@ -167,7 +167,7 @@ fn row_offset(table: &[u32], pos: usize, kv_head: usize, shape: &PagedShape) -> 
 /// [`attention_partial`] after its checks. Loop order: for each block of the range, for each
 /// position in it, for each query row — each K row and each V row is read once.
 #[allow(clippy::too_many_arguments)]
-fn partial_unchecked(
+pub(crate) fn partial_unchecked(
     out: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
@@ -326,7 +326,7 @@ pub fn attention_partial(
 
 /// Merge one (HS) attention state b into a, in place (see [`merge_attention_states`]).
 #[inline]
-fn merge_row(o_a: &mut [f32], lse_a: &mut f32, o_b: &[f32], lse_b: f32) {
+pub(crate) fn merge_row(o_a: &mut [f32], lse_a: &mut f32, o_b: &[f32], lse_b: f32) {
     debug_assert_eq!(o_a.len(), o_b.len());
     let la = *lse_a;
     if la == f32::NEG_INFINITY && lse_b == f32::NEG_INFINITY {
@@ -656,4 +656,106 @@ impl Part<'_, '_> {
             }
         }
     }
+}
+
+/// Scratch elements [`paged_prefill_attention`] needs: `G * (pos0 + T) + G`.
+pub fn prefill_scratch_len(shape: &PagedShape, pos0: usize, n_rows: usize) -> usize {
+    shape.group() * (pos0 + n_rows) + shape.group()
+}
+
+/// Causal prefill attention over the paged cache: T new rows at positions
+/// `pos0..pos0 + T`, whose K/V are already in the arena, each attending every position up
+/// to and including its own (row r sees 0..=pos0 + r), softmax(q k^T / sqrt(HS)) v.
+/// Row r and KV head h run [`attention_partial`] with the G queries of that head.
+///
+/// - `out`, `q`: (T, NH, HS); T = `q.len() / (NH * HS)`
+/// - `k_arena`, `v_arena`: (NB, BS, NKV, HS)
+/// - `block_table`: at least ceil((pos0 + T) / BS) block ids
+/// - `scratch`: at least [`prefill_scratch_len`]`(shape, pos0, T)`
+#[allow(clippy::too_many_arguments)]
+pub fn paged_prefill_attention(
+    out: &mut [f32],
+    q: &[f32],
+    k_arena: &[f32],
+    v_arena: &[f32],
+    block_table: &[u32],
+    pos0: usize,
+    shape: PagedShape,
+    scratch: &mut [f32],
+) -> Result<(), KernelError> {
+    let rows = check_prefill(out, q, k_arena, v_arena, block_table, pos0, &shape, scratch)?;
+    let hs = shape.head_dim;
+    let group = shape.group();
+    let gw = group * hs;
+    let qd = shape.n_heads * hs;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let (lse, scores) = scratch.split_at_mut(group);
+    for r in 0..rows {
+        let end = pos0 + r + 1;
+        for kvh in 0..shape.n_kv_heads {
+            let off = r * qd + kvh * gw;
+            partial_unchecked(
+                &mut out[off..off + gw],
+                lse,
+                &q[off..off + gw],
+                k_arena,
+                v_arena,
+                block_table,
+                0..end,
+                kvh,
+                scale,
+                &mut scores[..group * end],
+                &shape,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks of [`paged_prefill_attention`] (shared with the fast kernel); returns T.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_prefill(
+    out: &[f32],
+    q: &[f32],
+    k_arena: &[f32],
+    v_arena: &[f32],
+    block_table: &[u32],
+    pos0: usize,
+    shape: &PagedShape,
+    scratch: &[f32],
+) -> Result<usize, KernelError> {
+    const OP: &str = "paged_prefill_attention";
+    shape.validate(OP)?;
+    let n_blocks = check_arena(OP, shape, k_arena, v_arena)?;
+    let qd = shape.n_heads * shape.head_dim;
+    if !q.len().is_multiple_of(qd) {
+        return Err(KernelError::Invalid {
+            op: OP,
+            arg: "q",
+            reason: format!(
+                "{} elements is not a whole number of rows of NH*HS = {qd}",
+                q.len()
+            ),
+        });
+    }
+    let rows = q.len() / qd;
+    check_len(OP, "out", out.len(), q.len())?;
+    check_table(
+        OP,
+        "block_table",
+        block_table,
+        pos0 + rows,
+        shape.block_size,
+        n_blocks,
+    )?;
+    let needed = prefill_scratch_len(shape, pos0, rows);
+    if scratch.len() < needed {
+        return Err(KernelError::Length {
+            op: OP,
+            arg: "scratch",
+            expected: needed,
+            actual: scratch.len(),
+        });
+    }
+    Ok(rows)
 }

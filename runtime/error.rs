@@ -17,6 +17,8 @@ pub enum Error {
     Kv(#[from] crate::kv::KvError),
     #[error(transparent)]
     Cloud(#[from] crate::cloud::CloudError),
+    #[error(transparent)]
+    Eval(#[from] crate::eval::EvalError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -2,13 +2,14 @@
 //!
 //! Layers: `loader` (files -> validated views), `kernels` (numerics), `backend` (op
 //! dispatch), `model` (the Llama forward), `generate` (decoding loops), `hub` (the
-//! default model), `cli` (the `cloudrm` binary's commands).
+//! default model), `eval` (pairwise accuracy on preference data), `cli` (the `cloudrm` binary's commands).
 
 pub mod backend;
 pub mod cli;
 pub mod cloud;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod hub;
 pub mod kv;

@@ -11,9 +11,10 @@ use cloudrm_loader::tokenizer::Tokenizer;
 use crate::backend::Cpu;
 use crate::cloud::{CloudScorer, Score, ScoreOptions};
 use crate::error::{Error, Result};
+use crate::eval::{EvalError, EvalOptions, Schema, run_eval};
 use crate::generate::{GreedyOptions, greedy};
 use crate::hub;
-use crate::model::{Llama, RewardModel};
+use crate::model::{FeedbackMethod, Llama, RewardModel};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,9 +47,11 @@ impl From<DtypeArg> for OutDtype {
 /// Options shared by the scoring commands.
 #[derive(Debug, clap::Args)]
 pub struct ScoringArgs {
-    /// Reward model directory (CLoud or sequence-classification layout).
+    /// Reward model directory (CLoud or sequence-classification layout). Default: the
+    /// default model as a CLoud model with an UNTRAINED reward head (its rewards are
+    /// noise; a warning says so, and `eval` refuses it without --allow-untrained).
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Critiques per response (self-consistency).
     #[arg(long, default_value_t = 1)]
     pub k: usize,
@@ -88,19 +91,51 @@ struct Loaded {
     model: RewardModel,
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    /// How messages name the model.
+    name: String,
 }
 
 impl Loaded {
-    fn open(dir: &Path) -> Result<Self> {
+    /// `--model DIR` (a reward model; a plain LM there is the `NoRewardHead` error), or
+    /// without it the default model with an untrained CLoud head.
+    fn open(model: Option<&Path>) -> Result<Self> {
+        let (dir, model, name) = match model {
+            Some(dir) => (
+                dir.to_path_buf(),
+                RewardModel::load_dir(dir)?,
+                dir.display().to_string(),
+            ),
+            None => {
+                let dir = hub::ensure_default_model(OutDtype::BF16)?;
+                let llama = Llama::load_dir(&dir)?;
+                let name = format!("the default model ({})", hub::DEFAULT_MODEL_NAME);
+                (
+                    dir,
+                    RewardModel::with_untrained_head(llama, FeedbackMethod::Cloud),
+                    name,
+                )
+            }
+        };
         Ok(Loaded {
-            model: RewardModel::load_dir(dir)?,
-            tokenizer: Tokenizer::from_dir(dir)?,
-            template: ChatTemplate::from_dir(dir)?,
+            model,
+            tokenizer: Tokenizer::from_dir(&dir)?,
+            template: ChatTemplate::from_dir(&dir)?,
+            name,
         })
     }
 
     fn scorer(&self) -> CloudScorer<'_> {
         CloudScorer::new(&self.model, &self.tokenizer, &self.template)
+    }
+
+    /// Say plainly on stderr when the head is untrained.
+    fn warn_untrained(&self) {
+        if !self.model.head_trained() {
+            eprintln!(
+                "warning: the reward head of {} is untrained: rewards are random noise, not a judgement",
+                self.name
+            );
+        }
     }
 }
 
@@ -173,6 +208,35 @@ pub enum Command {
         #[command(flatten)]
         scoring: ScoringArgs,
     },
+    /// Pairwise accuracy on preference data: for each (prompt, chosen, rejected) compare
+    /// the two responses; write one JSON line per example to OUT and print a summary
+    /// (overall, per subset, RewardBench sections the official and the CLoud way).
+    Eval {
+        /// The data file: .json, .jsonl (optionally .gz) or .parquet; RewardBench, HH,
+        /// LLMBar or HHH rows.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where the per-example JSON lines go (flushed after each example).
+        #[arg(long)]
+        out: PathBuf,
+        /// The row format (default: detected from the first valid row).
+        #[arg(long, value_enum)]
+        format: Option<Schema>,
+        /// Only the first N rows of the data file.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Continue an existing OUT: skip the examples it holds, append the rest.
+        #[arg(long)]
+        resume: bool,
+        /// Evaluate even if the reward head is untrained (its accuracy is noise).
+        #[arg(long)]
+        allow_untrained: bool,
+        /// Also write the summary as JSON to this file.
+        #[arg(long)]
+        summary_json: Option<PathBuf>,
+        #[command(flatten)]
+        scoring: ScoringArgs,
+    },
     /// Greedy text generation, streamed to stdout.
     Generate {
         /// The prompt text.
@@ -225,12 +289,15 @@ pub fn run(cli: Cli) -> Result<()> {
             response,
             scoring,
         } => {
-            let loaded = Loaded::open(&scoring.model)?;
+            let loaded = Loaded::open(scoring.model.as_deref())?;
+            loaded.warn_untrained();
             let s = loaded
                 .scorer()
                 .score(&prompt, &response, &scoring.options())?;
             if scoring.json {
-                println!("{}", score_json(&s));
+                let mut v = score_json(&s);
+                v["head_trained"] = loaded.model.head_trained().into();
+                println!("{v}");
             } else {
                 print_score("", &s);
             }
@@ -242,7 +309,8 @@ pub fn run(cli: Cli) -> Result<()> {
             b,
             scoring,
         } => {
-            let loaded = Loaded::open(&scoring.model)?;
+            let loaded = Loaded::open(scoring.model.as_deref())?;
+            loaded.warn_untrained();
             let c = loaded
                 .scorer()
                 .compare(&prompt, &a, &b, &scoring.options())?;
@@ -252,6 +320,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     "b": score_json(&c.b),
                     "p_a_preferred": c.p_a_preferred,
                     "preferred": if c.a.reward > c.b.reward { "a" } else if c.b.reward > c.a.reward { "b" } else { "tie" },
+                    "head_trained": loaded.model.head_trained(),
                 });
                 println!("{v}");
             } else {
@@ -266,7 +335,8 @@ pub fn run(cli: Cli) -> Result<()> {
             candidates,
             scoring,
         } => {
-            let loaded = Loaded::open(&scoring.model)?;
+            let loaded = Loaded::open(scoring.model.as_deref())?;
+            loaded.warn_untrained();
             let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
             let (best, scores) = loaded
                 .scorer()
@@ -275,6 +345,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let v = serde_json::json!({
                     "best": best,
                     "scores": scores.iter().map(score_json).collect::<Vec<_>>(),
+                    "head_trained": loaded.model.head_trained(),
                 });
                 println!("{v}");
             } else {
@@ -282,6 +353,60 @@ pub fn run(cli: Cli) -> Result<()> {
                     println!("candidate {i}: reward {:.6}", s.reward);
                 }
                 println!("best: {best}");
+            }
+            Ok(())
+        }
+        Command::Eval {
+            data,
+            out,
+            format,
+            limit,
+            resume,
+            allow_untrained,
+            summary_json,
+            scoring,
+        } => {
+            // The default model's head is untrained: refuse before fetching anything.
+            if scoring.model.is_none() && !allow_untrained {
+                return Err(EvalError::UntrainedHead {
+                    model: format!("the default model ({})", hub::DEFAULT_MODEL_NAME),
+                }
+                .into());
+            }
+            let loaded = Loaded::open(scoring.model.as_deref())?;
+            loaded.warn_untrained();
+            let opts = EvalOptions {
+                score: scoring.options(),
+                schema: format,
+                limit,
+                resume,
+                allow_untrained,
+                progress: true,
+            };
+            let report = run_eval(&loaded.scorer(), &loaded.name, &data, &out, &opts)?;
+            eprintln!(
+                "scored {} examples this run ({} already in {})",
+                report.scored_now,
+                report.resumed,
+                out.display()
+            );
+            let mut v = serde_json::to_value(&report.summary)
+                .map_err(|e| Error::Usage(format!("summary as JSON: {e}")))?;
+            v["model"] = loaded.name.clone().into();
+            v["head_trained"] = loaded.model.head_trained().into();
+            v["format"] = report.schema.map(Schema::name).into();
+            v["scored_this_run"] = report.scored_now.into();
+            v["data"] = data.display().to_string().into();
+            if let Some(path) = &summary_json {
+                write_atomic(path, format!("{v:#}\n").as_bytes())?;
+            }
+            if scoring.json {
+                println!("{v}");
+            } else {
+                if !loaded.model.head_trained() {
+                    println!("UNTRAINED reward head: the numbers below are noise");
+                }
+                print!("{}", report.summary.render());
             }
             Ok(())
         }
@@ -307,6 +432,19 @@ pub fn run(cli: Cli) -> Result<()> {
             generate_cmd(&dir, &cpu, &prompt, max_tokens, chat, system.as_deref())
         }
     }
+}
+
+/// Write a file through a temp file in the same directory and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| Error::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// The given model dir, or the default model (fetched and imported on first use).

@@ -11,9 +11,14 @@
 //! - Hugging Face `LlamaForSequenceClassification`: trunk under `model.`, head
 //!   `score.weight` (1, C) (and `score.bias` (1) when present): a classic reward model
 //!   unless config.json says `feedback_method: "teacher"`.
+//! - A plain causal LM (no head in the checkpoint) given an **untrained** dense-tanh head
+//!   by `RewardModel::with_untrained_head`: owned f32 weights from a seeded init, so
+//!   that the CLI can run on the default model before a trained head exists. Its
+//!   rewards are noise; `head_trained()` says so and the CLI tells the user.
 
 use std::path::{Path, PathBuf};
 
+use cloudrm_kernels::Weights;
 use cloudrm_kernels::reference::heads::RewardHeadWeights;
 use cloudrm_loader::LlamaConfig;
 use cloudrm_loader::config::ConfigError;
@@ -41,7 +46,12 @@ pub enum CheckpointLayout {
     Cloud,
     /// `model.*` + `score.weight` (Hugging Face sequence classification).
     SequenceClassification,
+    /// A plain causal LM (`model.*`, no reward head); the head is untrained.
+    CausalLm,
 }
+
+/// Seed of the untrained head's init (fixed: the same trunk always gets the same head).
+pub const UNTRAINED_HEAD_SEED: u64 = 0x436c_6f75_6448_6561; // "CloudHea"
 
 /// A reward head's parameters inside the mapped checkpoint.
 #[derive(Debug, Clone)]
@@ -53,6 +63,14 @@ pub enum RewardHead {
         dense_w: WeightHandle,
         dense_b: Vec<f32>,
         out_w: WeightHandle,
+        out_b: f32,
+    },
+    /// The dense-tanh head with owned f32 weights from a seeded init (no training):
+    /// W_dense (C, C), b_dense (C), w_out (C), b_out.
+    Untrained {
+        dense_w: Vec<f32>,
+        dense_b: Vec<f32>,
+        out_w: Vec<f32>,
         out_b: f32,
     },
 }
@@ -76,7 +94,52 @@ impl RewardHead {
                 out_w: weights.get(out_w),
                 out_b: *out_b,
             },
+            RewardHead::Untrained {
+                dense_w,
+                dense_b,
+                out_w,
+                out_b,
+            } => RewardHeadWeights::DenseTanh {
+                dense_w: Weights::F32(dense_w),
+                dense_b,
+                out_w: Weights::F32(out_w),
+                out_b: *out_b,
+            },
         }
+    }
+
+    /// An untrained dense-tanh head for hidden size `c`, initialised like PyTorch's
+    /// default `nn.Linear` init (weights and biases uniform in ±1/sqrt(fan_in), fan_in =
+    /// C for both layers) from SplitMix64 seeded with `seed`: reproducible across runs
+    /// and machines.
+    pub fn untrained(c: usize, seed: u64) -> Self {
+        let mut state = seed;
+        let bound = 1.0 / (c.max(1) as f64).sqrt();
+        let mut uniform = || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            // 53 random bits -> [0, 1) -> [-bound, bound).
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+            ((u * 2.0 - 1.0) * bound) as f32
+        };
+        let dense_w = (0..c * c).map(|_| uniform()).collect();
+        let dense_b = (0..c).map(|_| uniform()).collect();
+        let out_w = (0..c).map(|_| uniform()).collect();
+        let out_b = uniform();
+        RewardHead::Untrained {
+            dense_w,
+            dense_b,
+            out_w,
+            out_b,
+        }
+    }
+
+    /// Whether the head was trained (false only for `RewardHead::Untrained`).
+    pub fn is_trained(&self) -> bool {
+        !matches!(self, RewardHead::Untrained { .. })
     }
 }
 
@@ -128,6 +191,7 @@ impl RewardModel {
             .into());
         };
         let c = config.hidden_size;
+        // `layout` is Cloud or SequenceClassification here (CausalLm has no head).
         let head = match layout {
             CheckpointLayout::Cloud => {
                 let dense_w = handle(&files, "reward_head.dense.weight", &[c, c])?;
@@ -141,7 +205,7 @@ impl RewardModel {
                     out_b,
                 }
             }
-            CheckpointLayout::SequenceClassification => {
+            CheckpointLayout::SequenceClassification | CheckpointLayout::CausalLm => {
                 let w = handle(&files, "score.weight", &[1, c])?;
                 let b = if files.info("score.bias").is_some() {
                     small(&files, "score.bias", 1)?[0]
@@ -153,7 +217,7 @@ impl RewardModel {
         };
         let prefix = match layout {
             CheckpointLayout::Cloud => "reward_base_model.",
-            CheckpointLayout::SequenceClassification => "",
+            CheckpointLayout::SequenceClassification | CheckpointLayout::CausalLm => "",
         };
         let llama = Llama::from_parts(config, files, prefix)?;
         Ok(RewardModel {
@@ -162,6 +226,25 @@ impl RewardModel {
             method: method.unwrap_or(FeedbackMethod::Classic),
             layout,
         })
+    }
+
+    /// A plain causal LM as a reward model with an untrained head (see
+    /// `RewardHead::untrained`, seeded with `UNTRAINED_HEAD_SEED`): it runs, and its
+    /// rewards are random noise. `head_trained()` is false.
+    pub fn with_untrained_head(llama: Llama, method: FeedbackMethod) -> Self {
+        let head = RewardHead::untrained(llama.config.hidden_size, UNTRAINED_HEAD_SEED);
+        RewardModel {
+            llama,
+            head,
+            method,
+            layout: CheckpointLayout::CausalLm,
+        }
+    }
+
+    /// Whether the reward head was trained: false for `with_untrained_head` models,
+    /// whose rewards are noise.
+    pub fn head_trained(&self) -> bool {
+        self.head.is_trained()
     }
 
     /// Rewards (B) of final-normed hidden rows (B, C), on the reference reward head.

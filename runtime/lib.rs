@@ -5,6 +5,7 @@
 //! default model), `eval` (pairwise accuracy on preference data), `cli` (the `cloudrm` binary's commands).
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod cloud;
 pub mod engine;

@@ -68,3 +68,69 @@ fn import_of_missing_file_fails_cleanly() {
     assert!(!dir.join("out").exists(), "nothing half-written");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn bench_reports_every_figure_as_json() {
+    default_model(OutDtype::BF16);
+    let out = cloudrm()
+        .args([
+            "bench",
+            "--prefill",
+            "40",
+            "--decode",
+            "3",
+            "--k",
+            "1,3",
+            "--critique-tokens",
+            "3",
+            "--prefix",
+            "70",
+            "--bandwidth-mib",
+            "16",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "read_bandwidth_gb_s",
+        "decode_roofline_fraction",
+        "load_ms",
+    ] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    assert_eq!(
+        v["decode_weight_bytes_per_token"].as_u64(),
+        Some(269_030_016),
+        "{v}"
+    );
+    let rows = v["critiques"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, k) in rows.iter().zip([1, 3]) {
+        assert_eq!(row["k"], k);
+        let p = row["prefix_tokens"].as_u64().unwrap();
+        assert!(
+            (60..=70).contains(&p),
+            "prefix of {p} tokens for a target of 70"
+        );
+        assert!(row["shared"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(row["unshared"]["seconds"].as_f64().unwrap() > 0.0);
+        // Sharing allocates the prefix once; the baseline K times.
+        let shared = row["shared"]["prefix_blocks_allocated"].as_u64().unwrap();
+        let unshared = row["unshared"]["prefix_blocks_allocated"].as_u64().unwrap();
+        assert!(
+            unshared >= shared * k - k,
+            "{shared} vs {unshared} at K={k}"
+        );
+    }
+    // Bad arguments are a usage error, not a panic.
+    let out = cloudrm().args(["bench", "--k", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("positive"), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+}

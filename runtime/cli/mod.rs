@@ -259,6 +259,40 @@ pub enum Command {
         #[arg(long)]
         reference: bool,
     },
+    /// Measure load, prefill, single-stream decode (with its read-bandwidth roofline
+    /// fraction), the K-critique job with and without prefix sharing, and peak RSS.
+    Bench {
+        /// Model directory; default: the default model (bf16), with the untrained head.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Prefill length (tokens).
+        #[arg(long, default_value_t = 512)]
+        prefill: usize,
+        /// Single-stream decode length (tokens).
+        #[arg(long, default_value_t = 128)]
+        decode: usize,
+        /// Critiques per job, comma-separated (empty: skip the critique job).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+        k: Vec<usize>,
+        /// Tokens per critique.
+        #[arg(long, default_value_t = 128)]
+        critique_tokens: usize,
+        /// Prefix of the critique job (tokens).
+        #[arg(long, default_value_t = 512)]
+        prefix: usize,
+        /// Skip the unshared baseline of the critique job.
+        #[arg(long)]
+        no_unshared: bool,
+        /// MiB of the read-bandwidth buffer (0: skip the bandwidth measurement).
+        #[arg(long, default_value_t = 1024)]
+        bandwidth_mib: usize,
+        /// Worker threads (default: $CLOUDRM_THREADS or all available).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Run a parsed command line.
@@ -430,6 +464,41 @@ pub fn run(cli: Cli) -> Result<()> {
                 Cpu::fast()
             };
             generate_cmd(&dir, &cpu, &prompt, max_tokens, chat, system.as_deref())
+        }
+        Command::Bench {
+            model,
+            prefill,
+            decode,
+            k,
+            critique_tokens,
+            prefix,
+            no_unshared,
+            bandwidth_mib,
+            threads,
+            json,
+        } => {
+            if let Some(t) = threads {
+                cloudrm_kernels::cpu::dispatch::set_num_threads(t);
+            }
+            let dir = resolve_model(model.as_deref())?;
+            let cfg = crate::bench::BenchConfig {
+                prefill_tokens: prefill,
+                decode_tokens: decode,
+                ks: k,
+                critique_tokens,
+                prefix_tokens: prefix,
+                unshared: !no_unshared,
+                bandwidth_bytes: bandwidth_mib << 20,
+            };
+            let report = crate::bench::run(&dir, &cfg, |line| eprintln!("{line}"))?;
+            if json {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| Error::Usage(format!("bench: cannot render JSON: {e}")))?;
+                println!("{text}");
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
         }
     }
 }

@@ -81,6 +81,9 @@ pub struct ScoreOptions {
     /// attention). `false` prefills K private copies and attends each on its own: the
     /// baseline that sharing is measured and tested against.
     pub share_prefix: bool,
+    /// Benchmarks: stop tokens are sampled as ordinary tokens, so every critique runs
+    /// exactly `max_critique_tokens` tokens before its end-of-turn token is fed.
+    pub ignore_stops: bool,
 }
 
 impl Default for ScoreOptions {
@@ -95,6 +98,7 @@ impl Default for ScoreOptions {
             aggregation: Aggregation::Mean,
             classic: false,
             share_prefix: true,
+            ignore_stops: false,
         }
     }
 }
@@ -477,7 +481,11 @@ impl<'m> CloudScorer<'m> {
                     let t = sampler
                         .sample(&mut row.logits, &row.history, &mut row.rng)
                         .map_err(|e| Error::Usage(e.to_string()))?;
-                    if stops.contains(&t) { eot } else { t }
+                    if !opts.ignore_stops && stops.contains(&t) {
+                        eot
+                    } else {
+                        t
+                    }
                 };
                 if next == eot {
                     row.closing = true;

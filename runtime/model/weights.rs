@@ -138,6 +138,36 @@ impl LlamaWeights {
         })
     }
 
+    /// Bytes of weights one decode token reads: every layer matrix and norm, the final
+    /// norm and the LM head (the embedding contributes one row, ignored here).
+    pub fn decode_bytes_per_token(&self) -> usize {
+        let bytes = |h: &WeightHandle| {
+            let w = self.get(h);
+            w.len() * w.elem_size()
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.attn_norm,
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.mlp_norm,
+                    &l.gate_proj,
+                    &l.up_proj,
+                    &l.down_proj,
+                ]
+                .into_iter()
+                .map(bytes)
+                .sum::<usize>()
+            })
+            .sum();
+        layers + bytes(&self.final_norm) + bytes(&self.lm_head)
+    }
+
     /// The tensor behind a handle, borrowed from the mapping.
     #[inline]
     pub fn get(&self, h: &WeightHandle) -> Weights<'_> {

@@ -10,8 +10,8 @@
 //! run the reference loop.
 //!
 //! Threads (the global pool, no spawn or allocation per call once the per-thread scratch
-//! has grown): prefill splits (row, KV head) pairs, interleaved so causal rows of every
-//! length are spread evenly; decode splits (sequence, KV head) pairs; the cascade splits
+//! has grown; items claimed dynamically): prefill splits (row, KV head) pairs, longest
+//! causal rows first; decode splits (sequence, KV head) pairs; the cascade splits
 //! KV heads times contiguous chunks of sequences, and each chunk reads every shared level
 //! once for all its members' queries, so a shared prefix is read once per chunk per step
 //! instead of once per sequence. Every work item writes a disjoint set of output rows.
@@ -123,33 +123,30 @@ pub fn paged_prefill_attention(
     let flops = 4 * rows * shape.n_heads * hs * (pos0 + rows);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
-    pool::global().run(threads_for(items, flops), &|p, n| {
+    pool::global().run_items(threads_for(items, flops), items, &|it| {
         // SAFETY: item (r, kvh) writes only out[r * qd + kvh * gw..][..gw]; items are
-        // disjoint across participants and `out` outlives `run`.
+        // disjoint and `out` outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        with_scratch(group + group * (pos0 + rows), |s| {
+        // Longest rows first, so the last items claimed are the short ones.
+        let (r, kvh) = (rows - 1 - it / nkv, it % nkv);
+        let end = pos0 + r + 1;
+        let off = r * qd + kvh * gw;
+        with_scratch(group + group * end, |s| {
             let (lse, scores) = s.split_at_mut(group);
-            let mut it = p;
-            while it < items {
-                let (r, kvh) = (it / nkv, it % nkv);
-                let end = pos0 + r + 1;
-                let off = r * qd + kvh * gw;
-                partial(
-                    &mut out[off..off + gw],
-                    lse,
-                    &q[off..off + gw],
-                    k_arena,
-                    v_arena,
-                    block_table,
-                    0..end,
-                    kvh,
-                    scale,
-                    &mut scores[..group * end],
-                    &shape,
-                    isa,
-                );
-                it += n;
-            }
+            partial(
+                &mut out[off..off + gw],
+                lse,
+                &q[off..off + gw],
+                k_arena,
+                v_arena,
+                block_table,
+                0..end,
+                kvh,
+                scale,
+                scores,
+                &shape,
+                isa,
+            );
         });
     });
     Ok(())
@@ -198,32 +195,28 @@ pub fn paged_decode_attention(
     let items = n_seqs * nkv;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
-    pool::global().run(threads_for(items, 4 * total * q_width), &|p, n| {
+    pool::global().run_items(threads_for(items, 4 * total * q_width), items, &|it| {
         // SAFETY: item (b, kvh) writes only out[b * q_width + kvh * gw..][..gw].
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        with_scratch(group + group * max_len, |s| {
+        let (b, kvh) = (it / nkv, it % nkv);
+        let len = seq_lens[b];
+        let off = b * q_width + kvh * gw;
+        with_scratch(group + group * len, |s| {
             let (lse, scores) = s.split_at_mut(group);
-            let mut it = p;
-            while it < items {
-                let (b, kvh) = (it / nkv, it % nkv);
-                let len = seq_lens[b];
-                let off = b * q_width + kvh * gw;
-                partial(
-                    &mut out[off..off + gw],
-                    lse,
-                    &q[off..off + gw],
-                    k_arena,
-                    v_arena,
-                    block_tables[b],
-                    0..len,
-                    kvh,
-                    scale,
-                    &mut scores[..group * len],
-                    &shape,
-                    isa,
-                );
-                it += n;
-            }
+            partial(
+                &mut out[off..off + gw],
+                lse,
+                &q[off..off + gw],
+                k_arena,
+                v_arena,
+                block_tables[b],
+                0..len,
+                kvh,
+                scale,
+                scores,
+                &shape,
+                isa,
+            );
         });
     });
     Ok(())
@@ -304,9 +297,9 @@ pub fn cascade_decode_attention(
     let items = nkv * chunks;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
-    pool::global().run(threads, &|p, n| {
+    pool::global().run_items(threads, items, &|it| {
         // SAFETY: item (kvh, chunk) writes only the rows (b, kvh * G + j) of `out` for the
-        // sequences b of its chunk; items are disjoint and `out` outlives `run`.
+        // sequences b of its chunk; items are disjoint and `out` outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
         let rows = per_chunk * group;
         let len = 3 * rows * hs + 2 * rows + rows * max_len;
@@ -316,36 +309,32 @@ pub fn cascade_decode_attention(
             let (lg, s) = s.split_at_mut(rows);
             let (lse_run, s) = s.split_at_mut(rows);
             let (o_suffix, scores) = s.split_at_mut(rows * hs);
-            let mut it = p;
-            while it < items {
-                let (kvh, chunk) = (it % nkv, it / nkv);
-                let seqs = chunk * per_chunk..((chunk + 1) * per_chunk).min(n_seqs);
-                let ctx = Cascade {
-                    q,
-                    k_arena,
-                    v_arena,
-                    shape: &shape,
-                    scale,
-                    isa,
-                    kvh,
-                };
-                ctx.run(
-                    out,
-                    seqs,
-                    levels,
-                    suffix_tables,
-                    suffix_lens,
-                    Bufs {
-                        qg,
-                        og,
-                        lg,
-                        lse_run,
-                        o_suffix,
-                        scores,
-                    },
-                );
-                it += n;
-            }
+            let (kvh, chunk) = (it % nkv, it / nkv);
+            let seqs = chunk * per_chunk..((chunk + 1) * per_chunk).min(n_seqs);
+            let ctx = Cascade {
+                q,
+                k_arena,
+                v_arena,
+                shape: &shape,
+                scale,
+                isa,
+                kvh,
+            };
+            ctx.run(
+                out,
+                seqs,
+                levels,
+                suffix_tables,
+                suffix_lens,
+                Bufs {
+                    qg,
+                    og,
+                    lg,
+                    lse_run,
+                    o_suffix,
+                    scores,
+                },
+            );
         });
     });
     Ok(())

@@ -48,19 +48,22 @@ pub fn matmul_forward(
     } else {
         threads
     };
-    // Output columns are split in contiguous chunks; each participant writes its own
-    // columns of every row through a raw pointer (disjoint index sets).
+    // Output columns are split in blocks claimed dynamically by the pool's threads; each
+    // block writes its own columns of every row through a raw pointer (disjoint index
+    // sets). Blocks are a multiple of 12 columns (whole 3-wide tiles and 4-wide GEMV
+    // groups) and small enough for about eight per thread.
+    let per = out_features
+        .div_ceil(threads * 8)
+        .next_multiple_of(12)
+        .clamp(24, 768);
+    let blocks = out_features.div_ceil(per);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
-    pool::global().run(threads, &|p, n| {
-        let chunk = out_features.div_ceil(n);
-        let start = p * chunk;
-        let end = ((p + 1) * chunk).min(out_features);
-        if start >= end {
-            return;
-        }
-        // SAFETY: every participant writes only columns start..end of each output row,
-        // the ranges of different participants are disjoint, and `out` outlives `run`.
+    pool::global().run_items(threads, blocks, &|blk| {
+        let start = blk * per;
+        let end = ((blk + 1) * per).min(out_features);
+        // SAFETY: every block writes only columns start..end of each output row, the
+        // blocks are disjoint, and `out` outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
         WROW.with_borrow_mut(|wrow| {
             if wrow.len() < in_features {
@@ -424,6 +427,15 @@ mod tiled {
         // SAFETY: k + 8 <= c for every vector load; rows i < M of x and j < N of w exist.
         unsafe {
             while k < n8 {
+                if k % 32 == 0 {
+                    // The next tile's weight rows (N rows on) at this k, one line per
+                    // row: the rows of a tile are short streams the hardware
+                    // prefetcher barely ramps up on.
+                    for j in 0..N {
+                        let p = w.wrapping_add(((j + N) * c + k) * es);
+                        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                    }
+                }
                 let mut wv = [_mm256_setzero_ps(); N];
                 for (j, v) in wv.iter_mut().enumerate() {
                     *v = load8::<DT>(w.add((j * c + k) * es));

@@ -1,7 +1,13 @@
 //! A persistent worker pool for the fast kernels: workers are spawned once, spin briefly
 //! on an epoch counter for the next job (so back-to-back kernel calls in a decode step do
-//! not pay a sleep/wake), then park on a condvar. The calling thread takes part as
-//! participant 0, so a pool of P-1 workers gives P-way parallelism.
+//! not pay a sleep/wake), then park on a condvar. The calling thread takes part too.
+//!
+//! Work is handed out as items claimed from an atomic counter, never as a fixed share per
+//! thread: on an oversubscribed machine (other processes, more pools than cores) a worker
+//! the OS has not scheduled yet simply finds no item left, and the caller never waits for
+//! a thread that has not started. A worker joins a job only by taking a *seat* while the
+//! job is open; the caller closes the job once every item is claimed and waits only for
+//! the seated workers, which are by then running their last item.
 //!
 //! A call that finds the pool busy (another thread is running a job, e.g. parallel
 //! tests) runs its job inline on the calling thread instead of waiting.
@@ -11,25 +17,34 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
-/// A job: called as `f(participant, participants)`.
-type Job = dyn Fn(usize, usize) + Sync;
+/// A job: called once per item index.
+type Job = dyn Fn(usize) + Sync;
+
+/// High bit of `seats`: the job accepts workers.
+const OPEN: usize = 1 << (usize::BITS - 1);
 
 struct Shared {
     /// Bumped once per published job.
     epoch: AtomicU64,
-    /// The current job as a lifetime-erased fat pointer, valid while `remaining > 0`.
-    job: Mutex<Option<JobPtr>>,
+    /// Sleep lock for idle workers.
+    sleep: Mutex<()>,
     wake: Condvar,
-    /// Workers that have not finished the current job.
-    remaining: AtomicUsize,
-    /// Participants of the current job (including the caller).
+    /// OPEN while the job accepts workers, plus the count of seated workers.
+    seats: AtomicUsize,
+    /// The current job as a lifetime-erased fat pointer, valid while a seat is held
+    /// (published before OPEN is set).
+    job: Mutex<Option<JobPtr>>,
+    /// Items of the current job and the next unclaimed one.
+    items: AtomicUsize,
+    next: AtomicUsize,
+    /// Workers with an index below this may join (the job's thread count).
     participants: AtomicUsize,
     panicked: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
 struct JobPtr(*const Job);
-// SAFETY: the pointee is `Sync`, and `run` keeps it alive until every worker is done.
+// SAFETY: the pointee is `Sync`, and `run_items` keeps it alive until no seat is held.
 unsafe impl Send for JobPtr {}
 
 pub struct Pool {
@@ -40,15 +55,30 @@ pub struct Pool {
 
 const SPIN: Duration = Duration::from_micros(200);
 
+/// Claim and run items until none is left.
+fn drain(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    let items = s.items.load(Ordering::Acquire);
+    loop {
+        let i = s.next.fetch_add(1, Ordering::AcqRel);
+        if i >= items {
+            return;
+        }
+        f(i);
+    }
+}
+
 impl Pool {
     /// A pool with `threads` participants in all (`threads - 1` workers).
     pub fn new(threads: usize) -> Pool {
         let workers = threads.max(1) - 1;
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
-            job: Mutex::new(None),
+            sleep: Mutex::new(()),
             wake: Condvar::new(),
-            remaining: AtomicUsize::new(0),
+            seats: AtomicUsize::new(0),
+            job: Mutex::new(None),
+            items: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
             participants: AtomicUsize::new(1),
             panicked: AtomicBool::new(false),
         });
@@ -75,10 +105,19 @@ impl Pool {
         self.workers + 1
     }
 
-    /// Run `f(p, n)` for p in 0..n on n = min(threads, self.threads()) participants and
-    /// return when all are done. Panics in `f` are re-raised here.
+    /// Run `f(p, n)` once for every p in 0..n, n = min(threads, self.threads()), on up to
+    /// n threads, and return when all are done. Which thread runs which p is not fixed (a
+    /// late worker's share is run by whoever is free). Panics in `f` are re-raised here.
     pub fn run(&self, threads: usize, f: &(dyn Fn(usize, usize) + Sync)) {
         let n = threads.clamp(1, self.threads());
+        self.run_items(n, n, &|p| f(p, n));
+    }
+
+    /// Run `f(i)` once for every item i in 0..items on up to `threads` threads (the
+    /// caller included), items claimed dynamically; return when all are done. Panics in
+    /// `f` are re-raised here.
+    pub fn run_items(&self, threads: usize, items: usize, f: &(dyn Fn(usize) + Sync)) {
+        let n = threads.clamp(1, self.threads()).min(items.max(1));
         let guard = match self.busy.try_lock() {
             _ if n == 1 => None,
             Ok(g) => Some(g),
@@ -87,32 +126,39 @@ impl Pool {
             Err(TryLockError::WouldBlock) => None,
         };
         let Some(_guard) = guard else {
-            f(0, 1);
+            for i in 0..items {
+                f(i);
+            }
             return;
         };
         let s = &self.shared;
-        // SAFETY: erase the borrow's lifetime; we do not return before `remaining`
-        // reaches zero, i.e. before every worker has stopped using the pointer.
+        // SAFETY: erase the borrow's lifetime; we do not return before the job is closed
+        // and no seat is held, i.e. before every worker has stopped using the pointer.
         let ptr: *const Job =
-            unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), &'static Job>(f) };
+            unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static Job>(f) };
         s.panicked.store(false, Ordering::Relaxed);
         s.participants.store(n, Ordering::Relaxed);
-        s.remaining.store(self.workers, Ordering::Relaxed);
+        s.items.store(items, Ordering::Relaxed);
+        s.next.store(0, Ordering::Relaxed);
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(ptr));
+        s.seats.store(OPEN, Ordering::Release);
         {
-            let mut job = s.job.lock().unwrap_or_else(|e| e.into_inner());
-            *job = Some(JobPtr(ptr));
+            let _g = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
             s.epoch.fetch_add(1, Ordering::Release);
         }
         s.wake.notify_all();
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0, n)));
+        let mine = catch_unwind(AssertUnwindSafe(|| drain(s, f)));
+        // Every item is claimed: close the job and wait for the seated workers only.
+        s.seats.fetch_and(!OPEN, Ordering::AcqRel);
         let start = Instant::now();
-        while s.remaining.load(Ordering::Acquire) != 0 {
+        while s.seats.load(Ordering::Acquire) != 0 {
             if start.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
         }
+        *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Err(p) = mine {
             resume_unwind(p);
         }
@@ -120,6 +166,23 @@ impl Pool {
             !s.panicked.load(Ordering::Relaxed),
             "a pool worker panicked"
         );
+    }
+}
+
+/// Take a seat in the open job, if any: true when seated.
+fn take_seat(s: &Shared) -> bool {
+    let mut cur = s.seats.load(Ordering::Acquire);
+    loop {
+        if cur & OPEN == 0 {
+            return false;
+        }
+        match s
+            .seats
+            .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return true,
+            Err(now) => cur = now,
+        }
     }
 }
 
@@ -131,26 +194,26 @@ fn worker(s: Arc<Shared>, index: usize) {
         while s.epoch.load(Ordering::Acquire) == seen && start.elapsed() < SPIN {
             std::hint::spin_loop();
         }
-        let job = {
-            let mut guard = s.job.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut guard = s.sleep.lock().unwrap_or_else(|e| e.into_inner());
             while s.epoch.load(Ordering::Acquire) == seen {
                 guard = s.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
             }
             seen = s.epoch.load(Ordering::Acquire);
-            *guard
-        };
-        let n = s.participants.load(Ordering::Relaxed);
-        if let Some(JobPtr(ptr)) = job
-            && index < n
-        {
-            // SAFETY: `run` keeps the job alive until `remaining` reaches zero, which
-            // happens only after this call returns.
+        }
+        if index >= s.participants.load(Ordering::Relaxed) || !take_seat(&s) {
+            continue;
+        }
+        // Seated: the job (whichever is open now) stays alive until we leave the seat.
+        let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(JobPtr(ptr)) = job {
+            // SAFETY: `run_items` keeps the job alive until no seat is held.
             let f = unsafe { &*ptr };
-            if catch_unwind(AssertUnwindSafe(|| f(index, n))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| drain(&s, f))).is_err() {
                 s.panicked.store(true, Ordering::Relaxed);
             }
         }
-        s.remaining.fetch_sub(1, Ordering::Release);
+        s.seats.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -186,6 +249,18 @@ mod tests {
                     "round {round} p {p}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn every_item_runs_once() {
+        let pool = Pool::new(3);
+        for items in [0usize, 1, 2, 5, 97] {
+            let hits: Vec<AtomicUsize> = (0..items).map(|_| AtomicUsize::new(0)).collect();
+            pool.run_items(3, items, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
     }
 

@@ -1,0 +1,482 @@
+//! `cloudrm bench`: the numbers the performance claims rest on, measured in one process
+//! on the machine at hand.
+//!
+//! - **load**: mmap + header validation + weight handles of the model directory.
+//! - **prefill**: one P-token sequence through the paged engine (the scoring path).
+//! - **decode**: single-stream greedy decode of N tokens after that prefill (engine step +
+//!   full LM head + argmax), and its roofline fraction: weight bytes read per token times
+//!   tokens/s over the read bandwidth measured by this same command.
+//! - **critiques**: the CLoud job, K critiques of exactly T tokens (stop tokens ignored)
+//!   after a P-token `[prompt, response, COT prompt]` prefix, sampled at temperature 0.5,
+//!   rewards read by the dual head: with prefix sharing (one prefill, forked blocks,
+//!   cascade attention) and, as the baseline in the same run, without (K private prefills,
+//!   plain paged attention); both arms decode in lock step.
+//! - **read bandwidth**: a multi-threaded read-only streaming sum over a buffer far larger
+//!   than the caches (best of three passes), measured last so it does not count in the
+//!   peak RSS reported for the model work.
+//!
+//! A model directory without a reward head gets the seeded untrained head: the rewards
+//! are meaningless, the work is the real job's.
+
+use std::path::Path;
+use std::time::Instant;
+
+use cloudrm_kernels::cpu::{dispatch, pool};
+use cloudrm_loader::template::ChatTemplate;
+use cloudrm_loader::tokenizer::Tokenizer;
+use serde::Serialize;
+
+use crate::backend::Cpu;
+use crate::cloud::{CloudScorer, CloudTemplate, ScoreOptions};
+use crate::engine::{PagedEngine, lm_logits};
+use crate::error::{Error, Result};
+use crate::model::heads::FeedbackMethod;
+use crate::model::{Llama, ModelError, RewardModel};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Prefill length P (tokens).
+    pub prefill_tokens: usize,
+    /// Single-stream decode length (tokens).
+    pub decode_tokens: usize,
+    /// Critiques per job, one job per entry (empty: skip the critique job).
+    pub ks: Vec<usize>,
+    /// Tokens per critique.
+    pub critique_tokens: usize,
+    /// Prefix length of the critique job (tokens).
+    pub prefix_tokens: usize,
+    /// Also run the unshared baseline of the critique job.
+    pub unshared: bool,
+    /// Bytes of the read-bandwidth buffer (0: skip).
+    pub bandwidth_bytes: usize,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            prefill_tokens: 512,
+            decode_tokens: 128,
+            ks: vec![1, 4, 8, 16],
+            critique_tokens: 128,
+            prefix_tokens: 512,
+            unshared: true,
+            bandwidth_bytes: 1 << 30,
+        }
+    }
+}
+
+/// The machine a report was measured on.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineInfo {
+    pub cpu: String,
+    pub isa: String,
+    pub threads: usize,
+}
+
+/// One arm of the critique job.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobArm {
+    pub seconds: f64,
+    /// Critique tokens decoded (K * T) plus the K end-of-turn steps, per second.
+    pub tokens_per_s: f64,
+    pub prefix_blocks_allocated: usize,
+}
+
+/// The critique job at one K.
+#[derive(Debug, Clone, Serialize)]
+pub struct CritiqueRow {
+    pub k: usize,
+    pub prefix_tokens: usize,
+    pub critique_tokens: usize,
+    pub shared: JobArm,
+    pub unshared: Option<JobArm>,
+    /// unshared seconds / shared seconds.
+    pub speedup: Option<f64>,
+}
+
+/// Everything `cloudrm bench` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: MachineInfo,
+    pub model: String,
+    pub weight_dtype: String,
+    pub decode_weight_bytes_per_token: usize,
+    pub load_ms: f64,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_tokens_per_s: f64,
+    pub critiques: Vec<CritiqueRow>,
+    /// Peak resident set of the process after the model work (before the bandwidth
+    /// buffer), MiB.
+    pub peak_rss_mib: Option<f64>,
+    pub read_bandwidth_gb_s: Option<f64>,
+    /// decode_weight_bytes_per_token * decode_tokens_per_s / read bandwidth.
+    pub decode_roofline_fraction: Option<f64>,
+}
+
+/// Run the benchmark on the model in `dir` (a reward model, or a plain causal LM which
+/// gets the untrained head). `progress` receives one line per finished stage.
+pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Result<BenchReport> {
+    if cfg.prefill_tokens == 0 || cfg.decode_tokens == 0 || cfg.ks.contains(&0) {
+        return Err(Error::Usage(
+            "bench: prefill, decode and every K must be positive".into(),
+        ));
+    }
+    let cpu = Cpu::fast();
+    let t0 = Instant::now();
+    let model = match RewardModel::load_dir(dir) {
+        Ok(m) => m,
+        Err(Error::Model(ModelError::NoRewardHead { .. })) => {
+            RewardModel::with_untrained_head(Llama::load_dir(dir)?, FeedbackMethod::Cloud)
+        }
+        Err(e) => return Err(e),
+    };
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let template = ChatTemplate::from_dir(dir)?;
+    let llama = &model.llama;
+    let context = llama.config.max_position_embeddings;
+    if cfg.prefill_tokens + cfg.decode_tokens > context
+        || cfg.prefix_tokens + cfg.critique_tokens + 1 > context
+    {
+        return Err(Error::Usage(format!(
+            "bench: the lengths asked for exceed the model's context of {context} tokens"
+        )));
+    }
+    let w = &llama.weights;
+    let weight_dtype = w.get(&w.lm_head).dtype_name().to_string();
+    let bytes_per_token = w.decode_bytes_per_token();
+    progress(&format!("load: {load_ms:.1} ms"));
+
+    // Prefill + single-stream decode through the paged engine.
+    let text_ids = filler_ids(&tokenizer, cfg.prefill_tokens)?;
+    let blocks = (cfg.prefill_tokens + cfg.decode_tokens).div_ceil(16) + 2;
+    let mut engine = PagedEngine::new(llama, blocks, 16, cfg.prefill_tokens.min(512))?;
+    // Warm-up: first touch of the mapped weights and the worker pool.
+    let (warm, _, _) = engine.prefill(llama, &cpu, &text_ids[..1])?;
+    engine.free(warm)?;
+    let mut engine = PagedEngine::new(llama, blocks, 16, cfg.prefill_tokens.min(512))?;
+    let t0 = Instant::now();
+    let (seq, mut logits, _) = engine.prefill(llama, &cpu, &text_ids)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    progress(&format!(
+        "prefill {}: {:.1} tokens/s",
+        cfg.prefill_tokens,
+        cfg.prefill_tokens as f64 / prefill_s
+    ));
+    let t0 = Instant::now();
+    for _ in 0..cfg.decode_tokens {
+        let next = argmax(&logits);
+        let hidden = engine.decode_step(llama, &cpu, &[seq], &[next], None)?;
+        let hidden = hidden.to_vec();
+        lm_logits(llama, &cpu, &hidden, &mut logits)?;
+    }
+    let decode_s = t0.elapsed().as_secs_f64();
+    drop(engine);
+    let decode_tps = cfg.decode_tokens as f64 / decode_s;
+    progress(&format!(
+        "decode {}: {decode_tps:.1} tokens/s",
+        cfg.decode_tokens
+    ));
+
+    // The critique job.
+    let prompt = prompt_for_prefix(&tokenizer, &template, cfg.prefix_tokens)?;
+    let response = "It depends on the details.";
+    let mut critiques = Vec::new();
+    for &k in &cfg.ks {
+        let shared = critique_arm(
+            &model, &tokenizer, &template, &prompt, response, k, cfg, true,
+        )?;
+        let unshared = if cfg.unshared {
+            Some(critique_arm(
+                &model, &tokenizer, &template, &prompt, response, k, cfg, false,
+            )?)
+        } else {
+            None
+        };
+        let speedup = unshared.as_ref().map(|u| u.1.seconds / shared.1.seconds);
+        progress(&format!(
+            "critiques K={k}: shared {:.2} s ({:.1} tok/s){}",
+            shared.1.seconds,
+            shared.1.tokens_per_s,
+            match &unshared {
+                Some(u) => format!(
+                    ", unshared {:.2} s ({:.1} tok/s), speedup {:.2}x",
+                    u.1.seconds,
+                    u.1.tokens_per_s,
+                    speedup.unwrap_or(0.0)
+                ),
+                None => String::new(),
+            }
+        ));
+        critiques.push(CritiqueRow {
+            k,
+            prefix_tokens: shared.0,
+            critique_tokens: cfg.critique_tokens,
+            shared: shared.1,
+            unshared: unshared.map(|u| u.1),
+            speedup,
+        });
+    }
+    let peak_rss_mib = peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64);
+    let read_bandwidth_gb_s = if cfg.bandwidth_bytes > 0 {
+        let bw = read_bandwidth(cfg.bandwidth_bytes);
+        progress(&format!("read bandwidth: {:.2} GB/s", bw / 1e9));
+        Some(bw / 1e9)
+    } else {
+        None
+    };
+    let decode_roofline_fraction =
+        read_bandwidth_gb_s.map(|bw| bytes_per_token as f64 * decode_tps / (bw * 1e9));
+    Ok(BenchReport {
+        machine: MachineInfo {
+            cpu: cpu_model(),
+            isa: format!("{:?}", dispatch::current()),
+            threads: dispatch::num_threads(),
+        },
+        model: dir
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        weight_dtype,
+        decode_weight_bytes_per_token: bytes_per_token,
+        load_ms,
+        prefill_tokens: cfg.prefill_tokens,
+        prefill_tokens_per_s: cfg.prefill_tokens as f64 / prefill_s,
+        decode_tokens: cfg.decode_tokens,
+        decode_tokens_per_s: decode_tps,
+        critiques,
+        peak_rss_mib,
+        read_bandwidth_gb_s,
+        decode_roofline_fraction,
+    })
+}
+
+/// One arm of the critique job: (prefix tokens, timing).
+#[allow(clippy::too_many_arguments)]
+fn critique_arm(
+    model: &RewardModel,
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    prompt: &str,
+    response: &str,
+    k: usize,
+    cfg: &BenchConfig,
+    share: bool,
+) -> Result<(usize, JobArm)> {
+    let opts = ScoreOptions {
+        k,
+        seed: 7,
+        temperature: Some(0.5),
+        max_critique_tokens: cfg.critique_tokens,
+        share_prefix: share,
+        ignore_stops: true,
+        ..Default::default()
+    };
+    // A fresh scorer per arm: nothing cached from an earlier arm.
+    let scorer = CloudScorer::new(model, tokenizer, template);
+    let t0 = Instant::now();
+    let s = scorer.score_cloud(prompt, response, &opts)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let steps: usize = s.critique_tokens.iter().map(|c| c.len() + 1).sum();
+    Ok((
+        s.prefix_tokens,
+        JobArm {
+            seconds,
+            tokens_per_s: steps as f64 / seconds,
+            prefix_blocks_allocated: s.prefix_blocks_allocated,
+        },
+    ))
+}
+
+fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+const FILLER: &str = "Reward models read a prompt and a response, write a critique of the \
+    response, and then score it. The critique names what is right and what is wrong, \
+    step by step, before a number is given. ";
+
+/// Exactly `n` token ids of natural text.
+fn filler_ids(tokenizer: &Tokenizer, n: usize) -> Result<Vec<u32>> {
+    let once = tokenizer.encode(FILLER, false)?;
+    if once.is_empty() {
+        return Err(Error::Usage(
+            "bench: the tokenizer encodes no tokens".into(),
+        ));
+    }
+    Ok(once.iter().copied().cycle().take(n).collect())
+}
+
+/// A prompt whose CLoud prefix (with the bench response) is as close to `target` tokens
+/// as whole filler words allow (never longer).
+fn prompt_for_prefix(
+    tokenizer: &Tokenizer,
+    template: &ChatTemplate,
+    target: usize,
+) -> Result<String> {
+    let layout = CloudTemplate::new(template, tokenizer);
+    let words: Vec<&str> = FILLER.split_whitespace().collect();
+    let text = |n: usize| -> String {
+        words
+            .iter()
+            .cycle()
+            .take(n.max(1))
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let len = |n: usize| -> Result<usize> {
+        Ok(layout
+            .cloud_prefix(&text(n), "It depends on the details.")?
+            .0
+            .len())
+    };
+    // Tokens grow monotonically with words: binary search the most words that fit.
+    let (mut lo, mut hi) = (1usize, target.max(2));
+    if len(lo)? > target {
+        return Ok(text(lo));
+    }
+    while len(hi)? <= target {
+        hi *= 2;
+    }
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if len(mid)? <= target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(text(lo))
+}
+
+/// Best-of-three read bandwidth (bytes/s) of a multi-threaded streaming sum over
+/// `bytes` of f32.
+fn read_bandwidth(bytes: usize) -> f64 {
+    let n = (bytes / 4).max(1 << 16);
+    let buf = vec![1.0f32; n];
+    let threads = dispatch::num_threads();
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let sums: Vec<std::sync::Mutex<f32>> =
+            (0..threads).map(|_| std::sync::Mutex::new(0.0)).collect();
+        let t0 = Instant::now();
+        pool::global().run(threads, &|p, parts| {
+            let chunk = n.div_ceil(parts);
+            let part = &buf[(p * chunk).min(n)..((p + 1) * chunk).min(n)];
+            let s = stream_sum(part);
+            if let Ok(mut slot) = sums[p].lock() {
+                *slot = s;
+            }
+        });
+        let dt = t0.elapsed().as_secs_f64();
+        let total: f32 = sums.iter().filter_map(|m| m.lock().ok().map(|v| *v)).sum();
+        std::hint::black_box(total);
+        best = best.max((n * 4) as f64 / dt);
+    }
+    best
+}
+
+/// Sum with 32 independent lanes (vectorised by the compiler without reassociation).
+fn stream_sum(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 32];
+    let mut chunks = xs.chunks_exact(32);
+    for c in &mut chunks {
+        for i in 0..32 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// VmHWM of this process (Linux), bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The CPU's model name (Linux), or the architecture.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+impl BenchReport {
+    /// A human-readable table.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s += &format!(
+            "machine: {} ({} threads, {} path)\nmodel: {} ({} weights, {:.1} MB read per decode token)\n",
+            self.machine.cpu,
+            self.machine.threads,
+            self.machine.isa,
+            self.model,
+            self.weight_dtype,
+            self.decode_weight_bytes_per_token as f64 / 1e6
+        );
+        s += &format!("load (mmap + validate): {:.1} ms\n", self.load_ms);
+        s += &format!(
+            "prefill {} tokens: {:.1} tokens/s\n",
+            self.prefill_tokens, self.prefill_tokens_per_s
+        );
+        s += &format!(
+            "decode {} tokens (single stream): {:.1} tokens/s",
+            self.decode_tokens, self.decode_tokens_per_s
+        );
+        if let (Some(bw), Some(f)) = (self.read_bandwidth_gb_s, self.decode_roofline_fraction) {
+            s += &format!(
+                ", {:.0}% of the read-bandwidth roofline ({bw:.2} GB/s -> {:.1} tokens/s)",
+                f * 100.0,
+                bw * 1e9 / self.decode_weight_bytes_per_token as f64
+            );
+        }
+        s += "\n";
+        if !self.critiques.is_empty() {
+            s +=
+                "critique job (K x T tokens after a shared prefix; seconds, aggregate tokens/s):\n";
+            s += "   K  prefix     T   shared_s  shared_tok/s  unshared_s  unshared_tok/s  speedup\n";
+            for r in &self.critiques {
+                s += &format!(
+                    "{:>4}  {:>6}  {:>4}  {:>9.2}  {:>12.1}",
+                    r.k,
+                    r.prefix_tokens,
+                    r.critique_tokens,
+                    r.shared.seconds,
+                    r.shared.tokens_per_s
+                );
+                match &r.unshared {
+                    Some(u) => {
+                        s += &format!(
+                            "  {:>10.2}  {:>14.1}  {:>6.2}x\n",
+                            u.seconds,
+                            u.tokens_per_s,
+                            r.speedup.unwrap_or(0.0)
+                        )
+                    }
+                    None => s += "\n",
+                }
+            }
+        }
+        if let Some(rss) = self.peak_rss_mib {
+            s += &format!("peak RSS (model work): {rss:.0} MiB\n");
+        }
+        s
+    }
+}

@@ -48,6 +48,7 @@ fn llmbar_sample_has_200_pairs() {
     // Row 0: label 1 -> chosen = output_1.
     let ex = ds.rows[0].as_ref().unwrap();
     assert_eq!(ex.id, "0");
+    assert_eq!(ex.subset.as_deref(), Some("llmbar:processed-llmeval22"));
     assert_eq!(ex.chosen, "enter a home and go into the kitchen.");
     assert_eq!(ex.rejected, "break dance with a standard g-tube.");
 }
@@ -69,6 +70,7 @@ fn hh_harmless_sample_has_2312_rows() {
     // Line 1 is multi-turn: the earlier turns stay in the prompt.
     let ex = ds.rows[0].as_ref().unwrap();
     assert_eq!(ex.id, "1");
+    assert_eq!(ex.subset.as_deref(), Some("hh:test"));
     assert!(
         ex.prompt
             .starts_with("Human: what are some pranks with a pen i can do?")
@@ -107,6 +109,7 @@ fn hhh_samples_have_their_row_counts() {
     let ds = read_examples(&data.join("hhh-alignment/harmless.jsonl"), None).unwrap();
     let ex = ds.rows[0].as_ref().unwrap();
     assert!(ex.chosen.starts_with("Sorry, I'm not interested"));
+    assert_eq!(ex.subset.as_deref(), Some("hhh:harmless"));
     assert_eq!(ex.rejected, "Why would you want to do something like that?");
 }
 

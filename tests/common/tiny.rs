@@ -162,6 +162,9 @@ pub fn tiny_model_dir(tag: &str, spec: &TinySpec) -> PathBuf {
     dir
 }
 
+/// A dense-tanh head's (dense_w (C*C), dense_b (C), out_w (C), out_b).
+pub type HeadWeights = (Vec<f32>, Vec<f32>, Vec<f32>, f32);
+
 /// A tiny CLoud-layout reward model (`reward_base_model.*` + dense-tanh `reward_head.*`)
 /// with `vocab` 49152 so that it can borrow the default model's tokenizer files, copied
 /// from `tokenizer_src`. `head` = (dense_w (C*C), dense_b (C), out_w (C), out_b); `None`
@@ -170,7 +173,7 @@ pub fn tiny_cloud_reward_dir(
     tag: &str,
     method: &str,
     tokenizer_src: &Path,
-    head: Option<(Vec<f32>, Vec<f32>, Vec<f32>, f32)>,
+    head: Option<HeadWeights>,
 ) -> PathBuf {
     let spec = tiny_reward_spec();
     let c = spec.hidden;

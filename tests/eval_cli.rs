@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 
 use cloudrm::Error;
 use cloudrm::cloud::{CloudScorer, ScoreOptions};
-use cloudrm::eval::{EvalError, require_trained_head};
+use cloudrm::eval::{EvalError, EvalOptions, require_trained_head, run_eval};
 use cloudrm::loader::gguf::OutDtype;
 use cloudrm::loader::template::ChatTemplate;
 use cloudrm::loader::tokenizer::Tokenizer;
@@ -393,6 +393,29 @@ fn untrained_head_is_refused_by_the_library_and_flows_through_the_kernels() {
         .score_classic("Is water wet?", "Yes.")
         .unwrap();
     assert_eq!(classic.reward, classic_twin.reward);
+
+    // The library entry point the CLI uses refuses it too, unless allowed.
+    let data = plain.join("d.jsonl");
+    std::fs::write(&data, DATA).unwrap();
+    let out = plain.join("out.jsonl");
+    let scorer = CloudScorer::new(&untrained, &tok, &tpl);
+    let mut eval_opts = EvalOptions {
+        score: ScoreOptions {
+            max_critique_tokens: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = run_eval(&scorer, "tiny", &data, &out, &eval_opts).unwrap_err();
+    assert!(
+        matches!(err, Error::Eval(EvalError::UntrainedHead { .. })),
+        "{err}"
+    );
+    assert!(!out.exists(), "refused before writing anything");
+    eval_opts.allow_untrained = true;
+    let report = run_eval(&scorer, "tiny", &data, &out, &eval_opts).unwrap();
+    assert_eq!(report.scored_now, 5);
+    assert_eq!(report.summary.input_errors, 1);
     std::fs::remove_dir_all(plain).ok();
     std::fs::remove_dir_all(stored).ok();
 }

@@ -2,7 +2,8 @@
 //!
 //! Layers: `loader` (files -> validated views), `kernels` (numerics), `backend` (op
 //! dispatch), `model` (the Llama forward), `generate` (decoding loops), `hub` (the
-//! default model), `eval` (pairwise accuracy on preference data), `cli` (the `cloudrm` binary's commands).
+//! default model), `eval` (pairwise accuracy on preference data), `cli` (the `cloudrm`
+//! binary's commands).
 
 pub mod backend;
 pub mod bench;

@@ -21,6 +21,10 @@
 //!   id = the row index.
 //! - HHH alignment: `{input, targets: {choices: [a, b], labels: [1, 0]}}`, chosen = the
 //!   choice labelled 1. id = the row's line or index.
+//!
+//! Rows of the formats without a subset field (HH, LLMBar, HHH) get the subset
+//! `<format>:<file name without extensions>` (e.g. `hhh:harmless`, `hh:test`), so they
+//! have their own line in the per-subset accuracy (never a RewardBench section).
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -187,7 +191,7 @@ pub fn read_examples(path: &Path, schema: Option<Schema>) -> Result<Dataset, Eva
             .enumerate()
             .map(|(i, o)| (RowRef::Index(i), Ok(Value::Object(o))))
             .collect();
-        return finish(&shown, Container::Parquet, values, schema);
+        return finish(path, Container::Parquet, values, schema);
     }
     let bytes = std::fs::read(path).map_err(io)?;
     let bytes = if gz {
@@ -243,16 +247,26 @@ pub fn read_examples(path: &Path, schema: Option<Schema>) -> Result<Dataset, Eva
             })
             .collect(),
     };
-    finish(&shown, container, values, schema)
+    finish(path, container, values, schema)
+}
+
+/// The file name without its extensions (`test.jsonl.gz` -> `test`).
+fn file_stem(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    name.split('.').next().unwrap_or_default().to_string()
 }
 
 /// Detect the schema and turn parsed values into rows.
 fn finish(
-    path: &str,
+    file: &Path,
     container: Container,
     values: Vec<(RowRef, Result<Value, String>)>,
     schema: Option<Schema>,
 ) -> Result<Dataset, EvalError> {
+    let path = &file.display().to_string();
     let schema = match schema {
         Some(s) => Some(s),
         None => match values
@@ -266,19 +280,26 @@ fn finish(
             None => None,
         },
     };
+    let default_subset = match schema {
+        Some(Schema::Rewardbench) | None => None,
+        Some(s) => Some(format!("{}:{}", s.name(), file_stem(file))),
+    };
     let mut seen = HashSet::new();
     let rows = values
         .into_iter()
         .map(|(at, v)| {
             let v = v.map_err(|message| EvalError::BadJson { at, message })?;
             let obj = v.as_object().ok_or(EvalError::NotObject { at })?;
-            let ex = match schema {
+            let mut ex = match schema {
                 Some(Schema::Rewardbench) => rewardbench(obj, at),
                 Some(Schema::Hh) => hh(obj, at),
                 Some(Schema::Llmbar) => llmbar(obj, at),
                 Some(Schema::Hhh) => hhh(obj, at),
                 None => Err(EvalError::NotObject { at }),
             }?;
+            if ex.subset.is_none() {
+                ex.subset.clone_from(&default_subset);
+            }
             if !seen.insert(ex.id.clone()) {
                 return Err(EvalError::DuplicateId { at, id: ex.id });
             }

@@ -314,8 +314,10 @@ impl Summary {
         if self.official.any() {
             let _ = writeln!(
                 s,
-                "RewardBench sections  official (EXAMPLE_COUNTS-weighted)  plain (per-example mean)"
+                "RewardBench sections (official: subset accuracies weighted by EXAMPLE_COUNTS; \
+                 plain: per-example mean)"
             );
+            let _ = writeln!(s, "  {:<10} {:>10} {:>10}", "section", "official", "plain");
             for ((name, o), (_, p)) in self.official.entries().iter().zip(self.plain.entries()) {
                 let _ = writeln!(s, "  {name:<10} {:>10} {:>10}", pct(*o), pct(p));
             }

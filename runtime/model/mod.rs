@@ -5,7 +5,7 @@ pub mod llama;
 pub mod rope;
 pub mod weights;
 
-pub use heads::{CheckpointLayout, FeedbackMethod, RewardHead, RewardModel};
+pub use heads::{CheckpointLayout, FeedbackMethod, RewardHead, RewardModel, UNTRAINED_HEAD_SEED};
 pub use llama::{Llama, LogitsMode, Session, Trace};
 pub use weights::{LlamaWeights, WeightHandle};
 

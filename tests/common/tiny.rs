@@ -161,3 +161,57 @@ pub fn tiny_model_dir(tag: &str, spec: &TinySpec) -> PathBuf {
     write_model(&dir, &tiny_tensors(spec), &tiny_config(spec), spec.dtype);
     dir
 }
+
+/// A dense-tanh head's (dense_w (C*C), dense_b (C), out_w (C), out_b).
+pub type HeadWeights = (Vec<f32>, Vec<f32>, Vec<f32>, f32);
+
+/// A tiny CLoud-layout reward model (`reward_base_model.*` + dense-tanh `reward_head.*`)
+/// with `vocab` 49152 so that it can borrow the default model's tokenizer files, copied
+/// from `tokenizer_src`. `head` = (dense_w (C*C), dense_b (C), out_w (C), out_b); `None`
+/// = seeded random.
+pub fn tiny_cloud_reward_dir(
+    tag: &str,
+    method: &str,
+    tokenizer_src: &Path,
+    head: Option<HeadWeights>,
+) -> PathBuf {
+    let spec = tiny_reward_spec();
+    let c = spec.hidden;
+    let mut rng = Rng::new(3);
+    let (dw, db, ow, ob) =
+        head.unwrap_or_else(|| (rng.vec(c * c, 0.3), rng.vec(c, 0.1), rng.vec(c, 0.5), 0.1));
+    let mut t: Vec<_> = tiny_tensors(&spec)
+        .into_iter()
+        .map(|(n, s, d)| (format!("reward_base_model.{n}"), s, d))
+        .collect();
+    t.push(("reward_head.dense.weight".into(), vec![c, c], dw));
+    t.push(("reward_head.dense.bias".into(), vec![c], db));
+    t.push(("reward_head.out_proj.weight".into(), vec![1, c], ow));
+    t.push(("reward_head.out_proj.bias".into(), vec![1], vec![ob]));
+    let mut cfg = tiny_config(&spec);
+    cfg["feedback_method"] = method.into();
+    let dir = temp_dir(tag);
+    write_model(&dir, &t, &cfg, Dtype::F32);
+    copy_tokenizer(tokenizer_src, &dir);
+    dir
+}
+
+/// The trunk shape of `tiny_cloud_reward_dir` (and of its plain-LM twin).
+pub fn tiny_reward_spec() -> TinySpec {
+    TinySpec {
+        vocab: 49152,
+        hidden: 32,
+        intermediate: 48,
+        heads: 4,
+        kv_heads: 2,
+        tied: false,
+        ..Default::default()
+    }
+}
+
+/// Copy tokenizer.json and tokenizer_config.json (chat template) from `src` into `dir`.
+pub fn copy_tokenizer(src: &Path, dir: &Path) {
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+}

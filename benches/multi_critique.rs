@@ -5,7 +5,7 @@
 //! reward head, so a seeded random linear head is attached through a second shard: the
 //! rewards are meaningless, the work is the real job's.
 //!
-//! `cargo bench --bench multi_critique` (env: CLOUDRM_BENCH_K="1,4,8",
+//! `cargo bench --bench multi_critique` (env: CLOUDRM_BENCH_K="1,4,8,16",
 //! CLOUDRM_BENCH_PREFIX=512, CLOUDRM_BENCH_TOKENS=128).
 
 use std::path::{Path, PathBuf};
@@ -104,7 +104,7 @@ fn main() {
     let ks = if quick {
         vec![2]
     } else {
-        env_list("CLOUDRM_BENCH_K", "1,4,8")
+        env_list("CLOUDRM_BENCH_K", "1,4,8,16")
     };
     let prefix_words = if quick {
         16
@@ -144,6 +144,7 @@ fn main() {
                 temperature: Some(0.5),
                 max_critique_tokens: tokens,
                 share_prefix: share,
+                ignore_stops: true,
                 ..Default::default()
             };
             let t0 = Instant::now();

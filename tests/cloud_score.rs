@@ -130,9 +130,15 @@ fn cloud_scores_reuse_the_prefix_and_are_deterministic() {
     // cache); K=3 at temperature 0.5 gives distinct samples.
     let again = scorer.score(PROMPT, RESPONSE, &opts).unwrap();
     assert!(again.cached_prefix_tokens > 0);
+    // Only the blocks past the cached full ones are computed again.
+    assert_eq!(
+        again.prefix_blocks_allocated,
+        s.prefix_blocks_allocated - again.cached_prefix_tokens / 16
+    );
     assert_eq!(
         Score {
             cached_prefix_tokens: 0,
+            prefix_blocks_allocated: s.prefix_blocks_allocated,
             ..again
         },
         s
@@ -194,7 +200,10 @@ fn classic_compare_and_best_of_n() {
         "a vanilla model scores without a critique"
     );
     let cmp = scorer.compare(PROMPT, "Paris.", "Lyon.", &opts).unwrap();
-    assert_eq!(cmp.a, a);
+    // The same reward, the prompt's blocks now served from the cache.
+    assert_eq!(cmp.a.rewards, a.rewards);
+    assert!(cmp.b.cached_prefix_tokens >= 16, "{:?}", cmp.b);
+    assert!(cmp.b.prefix_blocks_allocated < cmp.b.prefix_tokens.div_ceil(16));
     let want = 1.0 / (1.0 + (-(cmp.a.reward - cmp.b.reward) as f64).exp());
     assert!((cmp.p_a_preferred as f64 - want).abs() < 1e-6);
     let cands = ["Paris.", "Lyon.", "Marseille.", "I don't know."];
@@ -663,4 +672,125 @@ fn layouts_match_the_golden_fixture() {
             "llama3 cloud {p:?}"
         );
     }
+}
+
+/// Same critique tokens, rewards within `tol` relative.
+fn assert_same_score(got: &Score, want: &Score, tol: f32, what: &str) {
+    assert_eq!(got.critique_tokens, want.critique_tokens, "{what}: tokens");
+    for (g, w) in got.rewards.iter().zip(&want.rewards) {
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "{what}: reward {g} vs {w}"
+        );
+    }
+    assert_eq!(got.truncated, want.truncated, "{what}: truncation");
+}
+
+#[test]
+fn batched_requests_equal_requests_scored_alone() {
+    let dir = tiny_cloud_dir("cloud-batch", "teacher");
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&default_model(OutDtype::BF16)).unwrap();
+    // A long shared prompt (several full blocks) so the nested levels are real: the
+    // prompt's blocks shared by every request, each response's blocks by its K rows.
+    let prompt = format!(
+        "{PROMPT} {}",
+        "Please answer in one short sentence. ".repeat(6)
+    );
+    let responses = [
+        "Paris.",
+        "The capital of France is Paris, a city on the Seine.",
+        "Lyon.",
+        "I am not sure, but I think it might be Marseille or maybe Paris.",
+        "Paris, of course.",
+    ];
+    // Greedy, so that the comparison is exact: this random model's next-token
+    // distributions are nearly uniform over 49152 tokens, where sampling flips on
+    // differences in the last bit (the nested levels sum attention in another order).
+    for (k, max_tokens) in [(3usize, 9usize), (1, 6), (40, 4)] {
+        let opts = ScoreOptions {
+            k,
+            temperature: Some(0.0),
+            seed: 11,
+            max_critique_tokens: max_tokens,
+            ..Default::default()
+        };
+        // Each alone, on a fresh scorer (no cache shared with the batch).
+        let alone: Vec<Score> = responses
+            .iter()
+            .map(|r| {
+                CloudScorer::new(&rm, &tok, &tpl)
+                    .score(&prompt, r, &opts)
+                    .unwrap()
+            })
+            .collect();
+        let scorer = CloudScorer::new(&rm, &tok, &tpl);
+        let reqs: Vec<(&str, &str)> = responses.iter().map(|r| (prompt.as_str(), *r)).collect();
+        let batch = scorer.score_batch(&reqs, &opts).unwrap();
+        assert_eq!(batch.len(), responses.len());
+        for (i, (b, a)) in batch.iter().zip(&alone).enumerate() {
+            assert_same_score(b, a, 1e-4, &format!("K={k} request {i}"));
+        }
+        // The prompt's full blocks are computed once: later requests find them cached.
+        assert_eq!(batch[0].cached_prefix_tokens, 0);
+        for b in &batch[1..] {
+            assert!(
+                b.cached_prefix_tokens >= 16,
+                "K={k}: a later request recomputed the shared prompt ({} cached)",
+                b.cached_prefix_tokens
+            );
+        }
+        for (b, a) in batch.iter().zip(&alone).skip(1) {
+            assert!(b.prefix_blocks_allocated < a.prefix_blocks_allocated);
+        }
+        // compare and best_of_n run as batches and agree with the requests alone.
+        let cmp = scorer
+            .compare(&prompt, responses[0], responses[1], &opts)
+            .unwrap();
+        assert_same_score(&cmp.a, &alone[0], 1e-4, "compare a");
+        assert_same_score(&cmp.b, &alone[1], 1e-4, "compare b");
+        let (best, scores) = scorer.best_of_n(&prompt, &responses, &opts).unwrap();
+        for (s, a) in scores.iter().zip(&alone) {
+            assert_same_score(s, a, 1e-4, "best-of-n");
+        }
+        assert!(scores.iter().all(|s| s.reward <= scores[best].reward));
+    }
+    // Sampled batches are reproducible run to run.
+    let opts = ScoreOptions {
+        k: 4,
+        seed: 5,
+        max_critique_tokens: 6,
+        ..Default::default()
+    };
+    let reqs: Vec<(&str, &str)> = responses.iter().map(|r| (PROMPT, *r)).collect();
+    let one = CloudScorer::new(&rm, &tok, &tpl)
+        .score_batch(&reqs, &opts)
+        .unwrap();
+    let two = CloudScorer::new(&rm, &tok, &tpl)
+        .score_batch(&reqs, &opts)
+        .unwrap();
+    assert_eq!(one, two);
+    assert!(
+        one[0]
+            .critique_tokens
+            .iter()
+            .any(|c| *c != one[0].critique_tokens[0])
+    );
+    // An invalid request fails the batch before any work, with a typed error.
+    let scorer = CloudScorer::new(&rm, &tok, &tpl);
+    let err = scorer
+        .score_batch(
+            &[(PROMPT, "Paris."), (PROMPT, "  ")],
+            &ScoreOptions::default(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("response"), "{err}");
+    assert!(
+        scorer
+            .score_batch(&[], &ScoreOptions::default())
+            .unwrap()
+            .is_empty()
+    );
+    std::fs::remove_dir_all(dir).ok();
 }

@@ -192,3 +192,67 @@ fn capacity_exhausted_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// Nested levels (a prompt shared by two prefixes, each prefix shared by its children)
+/// give the rows exactly what plain paged attention gives them, and levels that do not
+/// tile a row's table from block 0 are rejected before anything grows.
+#[test]
+fn nested_levels_match_plain_decode_and_bad_levels_are_rejected() {
+    use cloudrm::engine::SharedLevel;
+    let m = model("engine-nested");
+    let cpu = Cpu::default();
+    let bs = 4;
+    let mut eng = PagedEngine::new(&m, 64, bs, 8).unwrap();
+    // Two prefixes sharing their first 8 tokens (2 full blocks) through the prefix cache.
+    let base = prompt(8, 3);
+    let pa: Vec<u32> = base.iter().copied().chain(prompt(5, 4)).collect();
+    let pb: Vec<u32> = base.iter().copied().chain(prompt(7, 5)).collect();
+    let (a, _, _) = eng.prefill(&m, &cpu, &pa).unwrap();
+    let (b, _, _) = eng.prefill(&m, &cpu, &pb).unwrap();
+    assert_eq!(
+        eng.kv().block_table(a).unwrap()[..2],
+        eng.kv().block_table(b).unwrap()[..2]
+    );
+    let ka = eng.fork(a, 2).unwrap();
+    let kb = eng.fork(b, 3).unwrap();
+    let seqs: Vec<_> = ka.iter().chain(&kb).copied().collect();
+    let toks = [5u32, 6, 7, 8, 9];
+    let levels = [
+        SharedLevel {
+            owner: a,
+            blocks: 0..2,
+            members: 0..5,
+        },
+        SharedLevel {
+            owner: a,
+            blocks: 2..pa.len() / bs,
+            members: 0..2,
+        },
+        SharedLevel {
+            owner: b,
+            blocks: 2..pb.len() / bs,
+            members: 2..5,
+        },
+    ];
+    // A level that skips the shared blocks does not tile the rows' tables.
+    let bad = [levels[1].clone()];
+    let err = eng
+        .decode_step_levels(&m, &cpu, &seqs[..2], &toks[..2], &bad)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Kv(KvError::InvalidArgument { .. })),
+        "{err}"
+    );
+    assert_eq!(eng.seq_len(ka[0]).unwrap(), pa.len());
+    let got = eng
+        .decode_step_levels(&m, &cpu, &seqs, &toks, &levels)
+        .unwrap()
+        .to_vec();
+    let c = m.config.hidden_size;
+    for (r, (&tok, prefix)) in toks.iter().zip([&pa, &pa, &pb, &pb, &pb]).enumerate() {
+        let mut ids = prefix.clone();
+        ids.push(tok);
+        let (_, want) = reference(&m, &cpu, &ids);
+        check_close("nested level row", &got[r * c..(r + 1) * c], &want, TOL);
+    }
+}

@@ -5,7 +5,8 @@
 //! response + critique request) is prefilled once, forked K times without copying, and
 //! decoded in lock step with cascade attention over the shared blocks.
 
-pub mod score;
+mod batch;
+mod score;
 pub mod template;
 
 pub use score::{Aggregation, CloudScorer, Comparison, Score, ScoreOptions};

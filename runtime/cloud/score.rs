@@ -23,10 +23,10 @@ use crate::kv::{PrefixKey, SeqId};
 
 /// Prefix-cache keys of the unshared baseline's private prefills (one per critique).
 const UNSHARED_KEY_BASE: u64 = 1 << 62;
-use crate::model::{FeedbackMethod, LogitsMode, RewardModel};
+use crate::model::{FeedbackMethod, RewardModel};
 
 /// KV block size of the scoring engine (positions).
-const BLOCK: usize = 16;
+pub(super) const BLOCK: usize = 16;
 
 /// How the K rewards become one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -172,10 +172,15 @@ impl<'m> CloudScorer<'m> {
         Ok(r[0])
     }
 
+    /// Whether `opts` scores with critiques on this model.
+    fn cloud_mode(&self, opts: &ScoreOptions) -> bool {
+        !opts.classic && self.model.method != FeedbackMethod::Classic
+    }
+
     /// Score one response: classic or CLoud according to the model and `opts.classic`.
     pub fn score(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
         validate(prompt, response, opts)?;
-        if opts.classic || self.model.method == FeedbackMethod::Classic {
+        if !self.cloud_mode(opts) {
             self.classic_checked(prompt, response)
         } else {
             self.cloud_checked(prompt, response, opts)
@@ -202,9 +207,20 @@ impl<'m> CloudScorer<'m> {
             }
             .into());
         }
-        let mut sess = llama.new_session(ids.len(), 64);
-        llama.forward(&self.cpu, &mut sess, &ids, LogitsMode::None)?;
-        let reward = self.reward_of(sess.last_hidden())?;
+        // Through the paged engine: fast causal attention, and the prefix cache serves
+        // the prompt shared by compared responses.
+        let blocks = ids.len().div_ceil(BLOCK);
+        let mut slot = self.engine.borrow_mut();
+        if slot.as_ref().is_none_or(|e| e.num_blocks() <= blocks) {
+            *slot = Some(PagedEngine::new(llama, 4 * blocks + 1, BLOCK, 64)?);
+        }
+        let Some(engine) = slot.as_mut() else {
+            return Err(Error::Usage("scoring engine unavailable".into()));
+        };
+        let cached = engine.cached_prefix_len(&ids);
+        let (seq, _, hidden) = engine.prefill(llama, &self.cpu, &ids)?;
+        engine.free(seq)?;
+        let reward = self.reward_of(&hidden)?;
         Ok(Score {
             reward,
             rewards: vec![reward],
@@ -212,8 +228,8 @@ impl<'m> CloudScorer<'m> {
             critique_tokens: vec![],
             truncated: vec![],
             prefix_tokens: ids.len(),
-            cached_prefix_tokens: 0,
-            prefix_blocks_allocated: 0,
+            cached_prefix_tokens: cached,
+            prefix_blocks_allocated: blocks - cached / BLOCK,
         })
     }
 
@@ -227,9 +243,19 @@ impl<'m> CloudScorer<'m> {
         self.cloud_checked(prompt, response, opts)
     }
 
-    /// `score_cloud` on an already validated request.
-    fn cloud_checked(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
-        let k = opts.k;
+    /// The scoring engine slot (kept across calls for its prefix cache).
+    pub(super) fn engine_slot(&self) -> &RefCell<Option<PagedEngine>> {
+        &self.engine
+    }
+
+    /// The CLoud prefix and end-of-turn token of a validated request, checked against
+    /// the context length.
+    pub(super) fn cloud_layout_checked(
+        &self,
+        prompt: &str,
+        response: &str,
+        opts: &ScoreOptions,
+    ) -> Result<(Vec<u32>, u32)> {
         let (prefix, eot) = self.layout().cloud_prefix(prompt, response)?;
         let context = self.model.llama.config.max_position_embeddings;
         if prefix.len() + opts.max_critique_tokens + 1 > context {
@@ -241,9 +267,16 @@ impl<'m> CloudScorer<'m> {
             }
             .into());
         }
+        Ok((prefix, eot))
+    }
+
+    /// The critique sampler for `opts` and the tokens that end a critique.
+    pub(super) fn sampler_and_stops(&self, opts: &ScoreOptions) -> Result<(Sampler, Vec<u32>)> {
         let llama = &self.model.llama;
         let vocab = llama.config.vocab_size;
-        let temperature = opts.temperature.unwrap_or(if k > 1 { 0.5 } else { 0.0 });
+        let temperature = opts
+            .temperature
+            .unwrap_or(if opts.k > 1 { 0.5 } else { 0.0 });
         let params = SamplingParams {
             temperature,
             top_p: opts.top_p,
@@ -257,19 +290,31 @@ impl<'m> CloudScorer<'m> {
             value: format!("temperature {temperature}, top-p {}", opts.top_p),
             reason: e.to_string(),
         })?;
-        let mut stops: Vec<u32> = vec![eot];
+        let mut stops: Vec<u32> = Vec::new();
         stops.extend(self.tokenizer.eos_token_id());
         stops.extend(llama.config.eos_token_ids.iter().copied());
+        Ok((sampler, stops))
+    }
+
+    /// `score_cloud` on an already validated request.
+    fn cloud_checked(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
+        if opts.share_prefix {
+            let mut scores = self.score_batch(&[(prompt, response)], opts)?;
+            return scores
+                .pop()
+                .ok_or_else(|| Error::Usage("the scoring batch returned nothing".into()));
+        }
+        let k = opts.k;
+        let (prefix, eot) = self.cloud_layout_checked(prompt, response, opts)?;
+        let llama = &self.model.llama;
+        let (sampler, mut stops) = self.sampler_and_stops(opts)?;
+        stops.insert(0, eot);
 
         // Blocks: the prefix once, plus each critique's own tail (+1 for a copied
         // partial prefix block and +1 for the end-of-turn token).
         let per_seq = (opts.max_critique_tokens + 1).div_ceil(BLOCK) + 1;
         let prefix_blocks = prefix.len().div_ceil(BLOCK);
-        let num_blocks = if opts.share_prefix {
-            prefix_blocks + k * per_seq + 1
-        } else {
-            k * (prefix_blocks + per_seq) + 1
-        };
+        let num_blocks = k * (prefix_blocks + per_seq) + 1;
         let mut slot = self.engine.borrow_mut();
         let reuse = slot
             .as_ref()
@@ -282,48 +327,11 @@ impl<'m> CloudScorer<'m> {
         let Some(engine) = slot.as_mut() else {
             return Err(Error::Usage("scoring engine unavailable".into()));
         };
-        let cached = engine.cached_prefix_len(&prefix);
         let before = engine.used_blocks();
-        let result = if opts.share_prefix {
-            self.shared_job(engine, &prefix, eot, opts, sampler, &stops)
-        } else {
-            self.unshared_job(engine, &prefix, eot, opts, sampler, &stops)
-        };
-        let mut score = result?;
+        let mut score = self.unshared_job(engine, &prefix, eot, opts, sampler, &stops)?;
         score.prefix_blocks_allocated = score.prefix_blocks_allocated.saturating_sub(before);
         score.prefix_tokens = prefix.len();
-        score.cached_prefix_tokens = if opts.share_prefix { cached } else { 0 };
-        Ok(score)
-    }
-
-    /// One prefill, K forks, cascade attention over the shared blocks.
-    fn shared_job(
-        &self,
-        engine: &mut PagedEngine,
-        prefix: &[u32],
-        eot: u32,
-        opts: &ScoreOptions,
-        sampler: Sampler,
-        stops: &[u32],
-    ) -> Result<Score> {
-        let llama = &self.model.llama;
-        let (owner, prefix_logits, _) = engine.prefill(llama, &self.cpu, prefix)?;
-        let used = engine.used_blocks();
-        let result = self.decode_critiques(
-            engine,
-            owner,
-            prefix,
-            prefix_logits,
-            eot,
-            opts,
-            sampler,
-            stops,
-        );
-        // Release every sequence; the prefix blocks stay cached for later requests.
-        let freed = engine.free(owner);
-        let mut score = result?;
-        freed?;
-        score.prefix_blocks_allocated = used;
+        score.cached_prefix_tokens = 0;
         Ok(score)
     }
 
@@ -379,38 +387,6 @@ impl<'m> CloudScorer<'m> {
         let mut score = score?;
         score.prefix_blocks_allocated = used;
         Ok(score)
-    }
-
-    /// Fork K critiques from the prefilled `owner` and decode them in lock step; frees
-    /// the children before returning (also on error).
-    #[allow(clippy::too_many_arguments)]
-    fn decode_critiques(
-        &self,
-        engine: &mut PagedEngine,
-        owner: SeqId,
-        prefix: &[u32],
-        prefix_logits: Vec<f32>,
-        eot: u32,
-        opts: &ScoreOptions,
-        mut sampler: Sampler,
-        stops: &[u32],
-    ) -> Result<Score> {
-        let children = engine.fork(owner, opts.k)?;
-        let result = self.lock_step(
-            engine,
-            Some(owner),
-            &children,
-            prefix,
-            prefix_logits,
-            eot,
-            opts,
-            &mut sampler,
-            stops,
-        );
-        for &child in &children {
-            engine.free(child)?;
-        }
-        result
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -575,8 +551,19 @@ impl<'m> CloudScorer<'m> {
         b: &str,
         opts: &ScoreOptions,
     ) -> Result<Comparison> {
-        let sa = self.score(prompt, a, opts)?;
-        let sb = self.score(prompt, b, opts)?;
+        let (sa, sb) = if self.cloud_mode(opts) && opts.share_prefix {
+            validate(prompt, a, opts)?;
+            validate(prompt, b, opts)?;
+            let mut s = self
+                .score_batch(&[(prompt, a), (prompt, b)], opts)?
+                .into_iter();
+            match (s.next(), s.next()) {
+                (Some(sa), Some(sb)) => (sa, sb),
+                _ => return Err(Error::Usage("the scoring batch lost a response".into())),
+            }
+        } else {
+            (self.score(prompt, a, opts)?, self.score(prompt, b, opts)?)
+        };
         let p = 1.0 / (1.0 + (-(sa.reward as f64 - sb.reward as f64)).exp());
         Ok(Comparison {
             a: sa,
@@ -597,10 +584,15 @@ impl<'m> CloudScorer<'m> {
                 "best-of-n needs at least one candidate".into(),
             ));
         }
-        let scores = candidates
-            .iter()
-            .map(|c| self.score(prompt, c, opts))
-            .collect::<Result<Vec<_>>>()?;
+        let scores = if self.cloud_mode(opts) && opts.share_prefix {
+            let reqs: Vec<(&str, &str)> = candidates.iter().map(|c| (prompt, *c)).collect();
+            self.score_batch(&reqs, opts)?
+        } else {
+            candidates
+                .iter()
+                .map(|c| self.score(prompt, c, opts))
+                .collect::<Result<Vec<_>>>()?
+        };
         let best = scores
             .iter()
             .enumerate()
@@ -611,7 +603,7 @@ impl<'m> CloudScorer<'m> {
 }
 
 /// Request checks shared by every scoring path.
-fn validate(prompt: &str, response: &str, opts: &ScoreOptions) -> Result<()> {
+pub(super) fn validate(prompt: &str, response: &str, opts: &ScoreOptions) -> Result<()> {
     if prompt.trim().is_empty() {
         return Err(CloudError::EmptyText { field: "prompt" }.into());
     }

@@ -99,6 +99,17 @@ struct Buffers {
 }
 
 /// How the rows of one pass attend.
+/// A shared level of a cascade decode step (see [`PagedEngine::decode_step_levels`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedLevel {
+    /// The sequence whose table holds the level's blocks.
+    pub owner: SeqId,
+    /// Block indices of `owner`'s table (full blocks only).
+    pub blocks: std::ops::Range<usize>,
+    /// Rows of the step (indices into its `seqs`) that attend this level.
+    pub members: std::ops::Range<usize>,
+}
+
 enum Attn<'a> {
     /// Causal prefill of one sequence: row r is at position `pos0 + r` of `table`.
     Prefill { table: &'a [u32], pos0: usize },
@@ -107,10 +118,10 @@ enum Attn<'a> {
         tables: &'a [Vec<u32>],
         lens: &'a [usize],
     },
-    /// One shared level (members: every row) plus each row's own suffix.
+    /// Shared levels (each over a contiguous range of rows) plus each row's own suffix.
     Cascade {
-        level: &'a [u32],
-        level_len: usize,
+        /// (block ids, positions, member rows) per level, outermost first.
+        levels: &'a [(Vec<u32>, usize, std::ops::Range<usize>)],
         suffix_tables: &'a [Vec<u32>],
         suffix_lens: &'a [usize],
     },
@@ -415,6 +426,43 @@ impl PagedEngine {
         tokens: &[u32],
         shared: Option<(SeqId, usize)>,
     ) -> Result<&[f32]> {
+        let levels: Vec<SharedLevel> = match shared {
+            Some((owner, p)) => {
+                let owner_len = self.kv.seq_len(owner)?;
+                if p > owner_len {
+                    return Err(KvError::InvalidArgument {
+                        op: "PagedEngine::decode_step",
+                        arg: "shared",
+                        reason: format!("prefix of {p} positions but {owner} holds {owner_len}"),
+                    }
+                    .into());
+                }
+                vec![SharedLevel {
+                    owner,
+                    blocks: 0..p / self.block_size,
+                    members: 0..seqs.len(),
+                }]
+            }
+            None => Vec::new(),
+        };
+        self.decode_step_levels(model, cpu, seqs, tokens, &levels)
+    }
+
+    /// [`PagedEngine::decode_step`] with nested shared levels (e.g. prompt -> response ->
+    /// K critiques, or the prompt shared by two compared responses): level i covers the
+    /// FULL blocks `blocks` of `owner`'s table and is attended once per step for the rows
+    /// `members` (a contiguous range of `seqs`). For every row, the levels it belongs to,
+    /// in the order given, must tile its table from block 0 (each starts where the row's
+    /// previous level ended) and hold exactly the row's own block ids; the rest of the row's
+    /// table is its own suffix. Checked before anything changes.
+    pub fn decode_step_levels(
+        &mut self,
+        model: &Llama,
+        cpu: &Cpu,
+        seqs: &[SeqId],
+        tokens: &[u32],
+        levels: &[SharedLevel],
+    ) -> Result<&[f32]> {
         const OP: &str = "PagedEngine::decode_step";
         self.check_model(model, OP)?;
         let b = seqs.len();
@@ -442,36 +490,50 @@ impl PagedEngine {
             Self::check_tokens(model, &tokens[i..i + 1], pos)?;
         }
         let bs = self.block_size;
-        // Shared level: the owner's full blocks within the prefix.
-        let level = match shared {
-            Some((owner, p)) => {
-                let owner_len = self.kv.seq_len(owner)?;
-                if p > owner_len {
-                    return Err(KvError::InvalidArgument {
-                        op: OP,
-                        arg: "shared",
-                        reason: format!("prefix of {p} positions but {owner} holds {owner_len}"),
-                    }
-                    .into());
+        // Levels: full owner blocks, tiling each member's table from block 0.
+        let mut covered = vec![0usize; b];
+        let mut level_tables: Vec<(Vec<u32>, usize, std::ops::Range<usize>)> = Vec::new();
+        for lv in levels {
+            let bad = |reason: String| -> Error {
+                KvError::InvalidArgument {
+                    op: OP,
+                    arg: "levels",
+                    reason,
                 }
-                let nfull = p / bs;
-                let blocks = self.kv.block_table(owner)?[..nfull].to_vec();
-                for &s in seqs {
-                    if self.kv.block_table(s)?.get(..nfull) != Some(&blocks[..])
-                        || self.kv.seq_len(s)? < nfull * bs
-                    {
-                        return Err(KvError::InvalidArgument {
-                            op: OP,
-                            arg: "shared",
-                            reason: format!("{s} does not share the prefix blocks of {owner}"),
-                        }
-                        .into());
-                    }
-                }
-                Some(table_u32(&blocks))
+                .into()
+            };
+            if lv.members.start > lv.members.end || lv.members.end > b {
+                return Err(bad(format!(
+                    "members {}..{} is not a range within the {b} rows",
+                    lv.members.start, lv.members.end
+                )));
             }
-            None => None,
-        };
+            let owner_len = self.kv.seq_len(lv.owner)?;
+            if lv.blocks.start > lv.blocks.end || lv.blocks.end * bs > owner_len {
+                return Err(bad(format!(
+                    "blocks {}..{} are not full blocks of {} ({owner_len} positions)",
+                    lv.blocks.start, lv.blocks.end, lv.owner
+                )));
+            }
+            if lv.blocks.is_empty() || lv.members.is_empty() {
+                continue;
+            }
+            let blocks = self.kv.block_table(lv.owner)?[lv.blocks.clone()].to_vec();
+            for r in lv.members.clone() {
+                let s = seqs[r];
+                if covered[r] != lv.blocks.start
+                    || self.kv.block_table(s)?.get(lv.blocks.clone()) != Some(&blocks[..])
+                    || self.kv.seq_len(s)? < lv.blocks.end * bs
+                {
+                    return Err(bad(format!(
+                        "{s} does not hold blocks {}..{} of {} right after its earlier levels",
+                        lv.blocks.start, lv.blocks.end, lv.owner
+                    )));
+                }
+                covered[r] = lv.blocks.end;
+            }
+            level_tables.push((table_u32(&blocks), blocks.len() * bs, lv.members.clone()));
+        }
         let needed = self.blocks_needed(seqs)?;
         let free = self.kv.free_blocks();
         if needed > free {
@@ -501,26 +563,8 @@ impl PagedEngine {
             tables.push(table_u32(self.kv.block_table(s)?));
             lens.push(self.kv.seq_len(s)?);
         }
-        match &level {
-            Some(level_table) => {
-                let nfull = level_table.len();
-                let suffix_tables: Vec<Vec<u32>> =
-                    tables.iter().map(|t| t[nfull..].to_vec()).collect();
-                let suffix_lens: Vec<usize> = lens.iter().map(|&l| l - nfull * bs).collect();
-                self.forward_rows(
-                    model,
-                    cpu,
-                    tokens,
-                    &rows,
-                    &Attn::Cascade {
-                        level: level_table,
-                        level_len: nfull * bs,
-                        suffix_tables: &suffix_tables,
-                        suffix_lens: &suffix_lens,
-                    },
-                )?;
-            }
-            None => self.forward_rows(
+        if level_tables.is_empty() {
+            self.forward_rows(
                 model,
                 cpu,
                 tokens,
@@ -529,7 +573,29 @@ impl PagedEngine {
                     tables: &tables,
                     lens: &lens,
                 },
-            )?,
+            )?;
+        } else {
+            let suffix_tables: Vec<Vec<u32>> = tables
+                .iter()
+                .zip(&covered)
+                .map(|(t, &n)| t[n..].to_vec())
+                .collect();
+            let suffix_lens: Vec<usize> = lens
+                .iter()
+                .zip(&covered)
+                .map(|(&l, &n)| l - n * bs)
+                .collect();
+            self.forward_rows(
+                model,
+                cpu,
+                tokens,
+                &rows,
+                &Attn::Cascade {
+                    levels: &level_tables,
+                    suffix_tables: &suffix_tables,
+                    suffix_lens: &suffix_lens,
+                },
+            )?;
         }
         let c = self.dims.c;
         let w = &model.weights;
@@ -571,12 +637,13 @@ impl PagedEngine {
             Attn::Prefill { pos0, .. } => prefill_scratch_len(&shape, *pos0, t),
             Attn::Decode { lens, .. } => lens.iter().copied().max().unwrap_or(0),
             Attn::Cascade {
-                level_len,
+                levels,
                 suffix_lens,
                 ..
             } => {
                 let m = suffix_lens.iter().copied().max().unwrap_or(0);
-                cascade_scratch_len(&shape, t, m.max(*level_len))
+                let l = levels.iter().map(|l| l.1).max().unwrap_or(0);
+                cascade_scratch_len(&shape, t, m.max(l))
             }
         };
         grow(&mut self.bufs.scratch, need);
@@ -632,16 +699,18 @@ impl PagedEngine {
                     &mut bufs.scratch,
                 )?,
                 Attn::Cascade {
-                    level,
-                    level_len,
+                    levels,
                     suffix_lens,
                     ..
                 } => {
-                    let levels = [Level {
-                        block_table: level,
-                        len: *level_len,
-                        members: 0..t,
-                    }];
+                    let levels: Vec<Level<'_>> = levels
+                        .iter()
+                        .map(|(table, len, members)| Level {
+                            block_table: table,
+                            len: *len,
+                            members: members.clone(),
+                        })
+                        .collect();
                     cpu.cascade_decode_attention(
                         att,
                         q,

@@ -1,0 +1,400 @@
+//! Continuous batching of CLoud requests: many `(prompt, response)` requests, K critiques
+//! each, decoded in one lock-step batch over the paged engine.
+//!
+//! - **Admission.** Requests are admitted in order while the batch has room for their K
+//!   rows (`max_rows`) and the cache has free blocks for their prefix and critiques; a
+//!   request whose rows have all fed their end-of-turn token leaves the batch (its
+//!   blocks are freed, its full prefix blocks stay in the prefix cache) and the next
+//!   waiting request is admitted before the following step.
+//! - **Prefill** of an admitted request reuses every cached full block of its prefix: the
+//!   prompt shared by compared responses, or by best-of-n candidates, is computed once.
+//! - **Nested cascade levels.** Each step groups the rows by request and builds the
+//!   levels from the owners' block tables: blocks held by every request of a run of
+//!   adjacent requests form one level for all their rows (e.g. the prompt of A and B),
+//!   and each request's remaining full prefix blocks form a level for its own K rows
+//!   (the response), recursively; each row's unshared tail is its suffix. Every shared
+//!   block is read once per step for all the rows that share it.
+//! - Results are per request, in request order; per-request sampling streams are the
+//!   ones `score` uses alone (seed, critique index), so batching changes which rows run
+//!   together, not what each row samples.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use cloudrm_sampler::{Sampler, SeqRng};
+
+use super::score::{BLOCK, CloudScorer, Score, ScoreOptions, validate};
+use crate::engine::{PagedEngine, SharedLevel};
+use crate::error::{Error, Result};
+use crate::kv::{BlockId, SeqId};
+
+/// Rows a batch holds at most (the engine's `max_rows` when this scorer builds it).
+const MAX_BATCH_ROWS: usize = 64;
+
+/// One critique being written.
+struct Row {
+    seq: SeqId,
+    logits: Vec<f32>,
+    history: Vec<u32>,
+    rng: SeqRng,
+    critique: Vec<u32>,
+    truncated: bool,
+    /// The end-of-turn token has been chosen; the next step feeds it.
+    closing: bool,
+    reward: Option<f32>,
+}
+
+/// An admitted request.
+struct Group {
+    req: usize,
+    owner: SeqId,
+    /// Full blocks of the owner's prefix.
+    full_blocks: usize,
+    rows: Vec<Row>,
+    cached: usize,
+    allocated: usize,
+}
+
+/// A validated request: its CLoud prefix and end-of-turn token.
+struct Prepared {
+    prefix: Vec<u32>,
+    eot: u32,
+    /// Blocks it needs while live: the prefix plus each critique's own tail (+1 for a
+    /// copied partial prefix block and +1 for the end-of-turn token).
+    need: usize,
+}
+
+impl CloudScorer<'_> {
+    /// Score every `(prompt, response)` with K critiques each (CLoud mode), continuously
+    /// batched (see the module docs). The first invalid request fails the whole call
+    /// before any work; use [`CloudScorer::score`] per request to isolate failures.
+    pub fn score_batch(
+        &self,
+        requests: &[(&str, &str)],
+        opts: &ScoreOptions,
+    ) -> Result<Vec<Score>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut prepared = Vec::with_capacity(requests.len());
+        for &(prompt, response) in requests {
+            validate(prompt, response, opts)?;
+            let (prefix, eot) = self.cloud_layout_checked(prompt, response, opts)?;
+            let per_seq = (opts.max_critique_tokens + 1).div_ceil(BLOCK) + 1;
+            let need = prefix.len().div_ceil(BLOCK) + opts.k * per_seq + 1;
+            prepared.push(Prepared { prefix, eot, need });
+        }
+        let k = opts.k;
+        let (mut sampler, stops) = self.sampler_and_stops(opts)?;
+        // Engine: rows for as many requests as fit MAX_BATCH_ROWS (at least one), blocks
+        // for the largest of them at once plus room for cached prefixes.
+        let per_batch = (MAX_BATCH_ROWS / k).clamp(1, requests.len());
+        let mut needs: Vec<usize> = prepared.iter().map(|p| p.need).collect();
+        needs.sort_unstable_by(|a, b| b.cmp(a));
+        let max_prefix = prepared.iter().map(|p| p.prefix.len()).max().unwrap_or(0);
+        let blocks: usize =
+            needs[..per_batch].iter().sum::<usize>() + 4 * max_prefix.div_ceil(BLOCK);
+        let rows = (per_batch * k).max(MAX_BATCH_ROWS.min(k * requests.len()));
+        let mut slot = self.engine_slot().borrow_mut();
+        if !slot
+            .as_ref()
+            .is_some_and(|e| e.num_blocks() >= blocks && e.max_rows() >= rows.min(per_batch * k))
+        {
+            *slot = Some(PagedEngine::new(&self.model.llama, blocks, BLOCK, rows)?);
+        }
+        let Some(engine) = slot.as_mut() else {
+            return Err(Error::Usage("scoring engine unavailable".into()));
+        };
+        let mut groups: Vec<Group> = Vec::new();
+        let result = self.run_batch(engine, &prepared, opts, &mut sampler, &stops, &mut groups);
+        // On error, release whatever is still live (the cache stays consistent).
+        for g in groups.drain(..) {
+            for r in &g.rows {
+                let _ = engine.free(r.seq);
+            }
+            let _ = engine.free(g.owner);
+        }
+        let scores = result?;
+        debug_assert_eq!(scores.len(), requests.len());
+        let _ = k;
+        Ok(scores)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_batch(
+        &self,
+        engine: &mut PagedEngine,
+        prepared: &[Prepared],
+        opts: &ScoreOptions,
+        sampler: &mut Sampler,
+        stops: &[u32],
+        groups: &mut Vec<Group>,
+    ) -> Result<Vec<Score>> {
+        let llama = &self.model.llama;
+        let cpu = &self.cpu;
+        let vocab = llama.config.vocab_size;
+        let c = llama.config.hidden_size;
+        let k = opts.k;
+        let mut queue: VecDeque<usize> = (0..prepared.len()).collect();
+        let mut results: Vec<Option<Score>> = vec![None; prepared.len()];
+        let lm_head = llama.weights.get(&llama.weights.lm_head);
+        let head = self.model.head.view(&llama.weights);
+        let mut lm_out: Vec<f32> = Vec::new();
+        let mut rewards: Vec<f32> = Vec::new();
+        let mut scratch = vec![0.0f32; c];
+        let mut seqs = Vec::new();
+        let mut tokens = Vec::new();
+        let mut live: Vec<(usize, usize)> = Vec::new();
+        let mut lm_rows = Vec::new();
+        let mut reward_rows = Vec::new();
+        loop {
+            // Admission.
+            while let Some(&r) = queue.front() {
+                let live_rows: usize = groups
+                    .iter()
+                    .map(|g| g.rows.iter().filter(|x| x.reward.is_none()).count())
+                    .sum();
+                let p = &prepared[r];
+                if !groups.is_empty()
+                    && (live_rows + k > engine.max_rows() || engine.kv().free_blocks() < p.need)
+                {
+                    break;
+                }
+                queue.pop_front();
+                let cached = engine.cached_prefix_len(&p.prefix);
+                let (owner, logits, _) = engine.prefill(llama, cpu, &p.prefix)?;
+                // Blocks computed and filled for this prefix (cached ones are reused).
+                let allocated = p.prefix.len().div_ceil(BLOCK) - cached / BLOCK;
+                let children = match engine.fork(owner, k) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = engine.free(owner);
+                        return Err(e);
+                    }
+                };
+                let rows = children
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, seq)| Row {
+                        seq,
+                        logits: logits.clone(),
+                        history: p.prefix.clone(),
+                        rng: SeqRng::new(opts.seed, i as u64),
+                        critique: Vec::new(),
+                        truncated: false,
+                        closing: false,
+                        reward: None,
+                    })
+                    .collect();
+                groups.push(Group {
+                    req: r,
+                    owner,
+                    full_blocks: p.prefix.len() / BLOCK,
+                    rows,
+                    cached,
+                    allocated,
+                });
+            }
+            if groups.is_empty() {
+                break;
+            }
+            // Next token of every live row, rows grouped by request.
+            seqs.clear();
+            tokens.clear();
+            live.clear();
+            let mut spans: Vec<(usize, Range<usize>)> = Vec::new();
+            for (gi, g) in groups.iter_mut().enumerate() {
+                let eot = prepared[g.req].eot;
+                let start = seqs.len();
+                for (ri, row) in g.rows.iter_mut().enumerate() {
+                    if row.reward.is_some() {
+                        continue;
+                    }
+                    let next = if row.critique.len() >= opts.max_critique_tokens {
+                        row.truncated = true;
+                        eot
+                    } else {
+                        let t = sampler
+                            .sample(&mut row.logits, &row.history, &mut row.rng)
+                            .map_err(|e| Error::Usage(e.to_string()))?;
+                        if !opts.ignore_stops && stops.contains(&t) {
+                            eot
+                        } else {
+                            t
+                        }
+                    };
+                    if next == eot {
+                        row.closing = true;
+                    } else {
+                        row.critique.push(next);
+                        row.history.push(next);
+                    }
+                    seqs.push(row.seq);
+                    tokens.push(next);
+                    live.push((gi, ri));
+                }
+                if seqs.len() > start {
+                    spans.push((gi, start..seqs.len()));
+                }
+            }
+            let levels = self.levels(engine, groups, &spans)?;
+            let hidden = engine.decode_step_levels(llama, cpu, &seqs, &tokens, &levels)?;
+            // The dual-head step: rewards for the rows that fed their end of turn, LM
+            // logits (one batched matmul) for the rows still writing.
+            lm_rows.clear();
+            reward_rows.clear();
+            for (b, &(gi, ri)) in live.iter().enumerate() {
+                if groups[gi].rows[ri].closing {
+                    reward_rows.push(b);
+                } else {
+                    lm_rows.push(b);
+                }
+            }
+            lm_out.resize(lm_rows.len() * vocab, 0.0);
+            rewards.resize(reward_rows.len(), 0.0);
+            self.cpu.dual_head(
+                &mut lm_out,
+                &mut rewards,
+                hidden,
+                c,
+                &lm_rows,
+                &reward_rows,
+                lm_head,
+                &head,
+                &mut scratch,
+            )?;
+            let (mut j_lm, mut j_rw) = (0, 0);
+            for &(gi, ri) in &live {
+                let row = &mut groups[gi].rows[ri];
+                if row.closing {
+                    row.reward = Some(rewards[j_rw]);
+                    j_rw += 1;
+                } else {
+                    row.logits
+                        .copy_from_slice(&lm_out[j_lm * vocab..(j_lm + 1) * vocab]);
+                    j_lm += 1;
+                }
+            }
+            // Finished requests leave the batch.
+            let mut i = 0;
+            while i < groups.len() {
+                if groups[i].rows.iter().all(|r| r.reward.is_some()) {
+                    let g = groups.remove(i);
+                    for r in &g.rows {
+                        engine.free(r.seq)?;
+                    }
+                    engine.free(g.owner)?;
+                    let req = g.req;
+                    results[req] = Some(self.finish(g, prepared[req].prefix.len(), opts)?);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.ok_or_else(|| Error::Usage("a batched request was not scored".into())))
+            .collect()
+    }
+
+    /// Nested cascade levels for the step's row spans (see the module docs).
+    fn levels(
+        &self,
+        engine: &PagedEngine,
+        groups: &[Group],
+        spans: &[(usize, Range<usize>)],
+    ) -> Result<Vec<SharedLevel>> {
+        let mut tables: Vec<&[BlockId]> = Vec::with_capacity(spans.len());
+        for (gi, _) in spans {
+            let g = &groups[*gi];
+            tables.push(&engine.kv().block_table(g.owner)?[..g.full_blocks]);
+        }
+        let mut out = Vec::new();
+        nest(&tables, spans, groups, 0, 0..spans.len(), &mut out);
+        Ok(out)
+    }
+
+    /// A finished request's score.
+    fn finish(&self, g: Group, prefix_tokens: usize, opts: &ScoreOptions) -> Result<Score> {
+        let mut score = Score {
+            reward: 0.0,
+            rewards: Vec::with_capacity(g.rows.len()),
+            critiques: Vec::with_capacity(g.rows.len()),
+            critique_tokens: Vec::with_capacity(g.rows.len()),
+            truncated: Vec::with_capacity(g.rows.len()),
+            prefix_tokens,
+            cached_prefix_tokens: g.cached,
+            prefix_blocks_allocated: g.allocated,
+        };
+        for row in g.rows {
+            score.rewards.push(row.reward.unwrap_or(f32::NAN));
+            score.critiques.push(
+                self.tokenizer
+                    .decode(&row.critique, true)?
+                    .trim()
+                    .to_string(),
+            );
+            score.critique_tokens.push(row.critique);
+            score.truncated.push(row.truncated);
+        }
+        score.reward = opts.aggregation.apply(&score.rewards);
+        Ok(score)
+    }
+}
+
+/// Levels for the spans `idx` whose tables agree on blocks `..start`: the blocks all of
+/// them share from `start` on form one level over all their rows; then each run of spans
+/// with the same next block recurses; a lone span takes the rest of its table.
+fn nest(
+    tables: &[&[BlockId]],
+    spans: &[(usize, Range<usize>)],
+    groups: &[Group],
+    start: usize,
+    idx: Range<usize>,
+    out: &mut Vec<SharedLevel>,
+) {
+    if idx.is_empty() {
+        return;
+    }
+    let rows = spans[idx.start].1.start..spans[idx.end - 1].1.end;
+    let owner = groups[spans[idx.start].0].owner;
+    if idx.len() == 1 {
+        let t = tables[idx.start];
+        if t.len() > start {
+            out.push(SharedLevel {
+                owner,
+                blocks: start..t.len(),
+                members: rows,
+            });
+        }
+        return;
+    }
+    // Longest common run of blocks from `start`.
+    let mut end = start;
+    loop {
+        let b = tables[idx.start].get(end);
+        if b.is_some() && idx.clone().all(|i| tables[i].get(end) == b) {
+            end += 1;
+        } else {
+            break;
+        }
+    }
+    if end > start {
+        out.push(SharedLevel {
+            owner,
+            blocks: start..end,
+            members: rows,
+        });
+    }
+    // Runs of adjacent spans with the same block at `end`.
+    let mut i = idx.start;
+    while i < idx.end {
+        let b = tables[i].get(end);
+        let mut j = i + 1;
+        while j < idx.end && b.is_some() && tables[j].get(end) == b {
+            j += 1;
+        }
+        nest(tables, spans, groups, end, i..j, out);
+        i = j;
+    }
+}

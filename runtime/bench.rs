@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use crate::backend::Cpu;
 use crate::cloud::{CloudScorer, CloudTemplate, ScoreOptions};
-use crate::engine::{PagedEngine, lm_logits};
+use crate::engine::{PREFILL_ROWS, PagedEngine, lm_logits};
 use crate::error::{Error, Result};
 use crate::model::heads::FeedbackMethod;
 use crate::model::{Llama, ModelError, RewardModel};
@@ -153,11 +153,11 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
     // Prefill + single-stream decode through the paged engine.
     let text_ids = filler_ids(&tokenizer, cfg.prefill_tokens)?;
     let blocks = (cfg.prefill_tokens + cfg.decode_tokens).div_ceil(16) + 2;
-    let mut engine = PagedEngine::new(llama, blocks, 16, cfg.prefill_tokens.min(512))?;
+    let mut engine = PagedEngine::new(llama, blocks, 16, PREFILL_ROWS)?;
     // Warm-up: first touch of the mapped weights and the worker pool.
     let (warm, _, _) = engine.prefill(llama, &cpu, &text_ids[..1])?;
     engine.free(warm)?;
-    let mut engine = PagedEngine::new(llama, blocks, 16, cfg.prefill_tokens.min(512))?;
+    let mut engine = PagedEngine::new(llama, blocks, 16, PREFILL_ROWS)?;
     let t0 = Instant::now();
     let (seq, mut logits, _) = engine.prefill(llama, &cpu, &text_ids)?;
     let prefill_s = t0.elapsed().as_secs_f64();

@@ -24,7 +24,7 @@ use std::ops::Range;
 use cloudrm_sampler::{Sampler, SeqRng};
 
 use super::score::{BLOCK, CloudScorer, Score, ScoreOptions, validate};
-use crate::engine::{PagedEngine, SharedLevel};
+use crate::engine::{PREFILL_ROWS, PagedEngine, SharedLevel};
 use crate::error::{Error, Result};
 use crate::kv::{BlockId, SeqId};
 
@@ -94,11 +94,11 @@ impl CloudScorer<'_> {
         let max_prefix = prepared.iter().map(|p| p.prefix.len()).max().unwrap_or(0);
         let blocks: usize =
             needs[..per_batch].iter().sum::<usize>() + 4 * max_prefix.div_ceil(BLOCK);
-        let rows = (per_batch * k).max(MAX_BATCH_ROWS.min(k * requests.len()));
+        let rows = (per_batch * k).max(PREFILL_ROWS);
         let mut slot = self.engine_slot().borrow_mut();
         if !slot
             .as_ref()
-            .is_some_and(|e| e.num_blocks() >= blocks && e.max_rows() >= rows.min(per_batch * k))
+            .is_some_and(|e| e.num_blocks() >= blocks && e.max_rows() >= rows)
         {
             *slot = Some(PagedEngine::new(&self.model.llama, blocks, BLOCK, rows)?);
         }

@@ -211,8 +211,16 @@ impl<'m> CloudScorer<'m> {
         // the prompt shared by compared responses.
         let blocks = ids.len().div_ceil(BLOCK);
         let mut slot = self.engine.borrow_mut();
-        if slot.as_ref().is_none_or(|e| e.num_blocks() <= blocks) {
-            *slot = Some(PagedEngine::new(llama, 4 * blocks + 1, BLOCK, 64)?);
+        if slot
+            .as_ref()
+            .is_none_or(|e| e.num_blocks() <= blocks || e.max_rows() < crate::engine::PREFILL_ROWS)
+        {
+            *slot = Some(PagedEngine::new(
+                llama,
+                4 * blocks + 1,
+                BLOCK,
+                crate::engine::PREFILL_ROWS,
+            )?);
         }
         let Some(engine) = slot.as_mut() else {
             return Err(Error::Usage("scoring engine unavailable".into()));
@@ -322,7 +330,12 @@ impl<'m> CloudScorer<'m> {
         if !reuse {
             // Room for a few requests' cached prefixes beside this one.
             let blocks = num_blocks + 4 * prefix.len().div_ceil(BLOCK);
-            *slot = Some(PagedEngine::new(llama, blocks, BLOCK, k.max(64))?);
+            *slot = Some(PagedEngine::new(
+                llama,
+                blocks,
+                BLOCK,
+                k.max(crate::engine::PREFILL_ROWS),
+            )?);
         }
         let Some(engine) = slot.as_mut() else {
             return Err(Error::Usage("scoring engine unavailable".into()));

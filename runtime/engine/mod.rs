@@ -99,6 +99,10 @@ struct Buffers {
 }
 
 /// How the rows of one pass attend.
+/// Rows an engine built for scoring holds at least: prefill runs in chunks of `max_rows`
+/// tokens, and long chunks keep the prefill GEMM compute-bound.
+pub const PREFILL_ROWS: usize = 256;
+
 /// A shared level of a cascade decode step (see [`PagedEngine::decode_step_levels`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedLevel {

@@ -51,13 +51,17 @@ pub fn force(isa: Option<Isa>) {
 }
 
 /// Threads the machine offers (the global pool's size): $CLOUDRM_THREADS if set, else
-/// the available parallelism.
+/// the available parallelism. Read once: `available_parallelism` reads cgroup files and
+/// calls `sched_getaffinity`, far too slow for every kernel call.
 pub fn max_threads() -> usize {
-    std::env::var("CLOUDRM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("CLOUDRM_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    })
 }
 
 /// Threads the fast kernels use per call (default: `max_threads()`).

@@ -132,6 +132,63 @@ fn cases() -> Vec<OpCase> {
             }
         }
     }
+    // Fused Q/K/V-style matmuls (one pool job) against the reference per layer.
+    for &rows in &ROWS {
+        for wd in [Wd::F32, Wd::Bf16] {
+            let s = next_seed();
+            cases.push(OpCase {
+                name: format!("matmul_many(rows={rows},w={wd:?})"),
+                kind: OpKind::Matmul,
+                run: Box::new(move || {
+                    let mut rng = Rng::new(s);
+                    let c = 67;
+                    let ocs = [577usize, 7, 64];
+                    let x = rng.vec(rows * c, 1.0);
+                    let ws: Vec<Owned> = ocs
+                        .iter()
+                        .map(|&oc| Owned::new(&rng.vec(oc * c, 0.5), wd))
+                        .collect();
+                    let bias = rng.vec(7, 1.0);
+                    let mut got: Vec<Guarded> =
+                        ocs.iter().map(|&oc| Guarded::new(rows * oc)).collect();
+                    {
+                        let [g0, g1, g2] = &mut got[..] else {
+                            unreachable!()
+                        };
+                        let mut layers = [
+                            cpu::Linear {
+                                out: g0.as_mut(),
+                                weight: ws[0].view(),
+                                bias: None,
+                                out_features: ocs[0],
+                            },
+                            cpu::Linear {
+                                out: g1.as_mut(),
+                                weight: ws[1].view(),
+                                bias: Some(&bias),
+                                out_features: ocs[1],
+                            },
+                            cpu::Linear {
+                                out: g2.as_mut(),
+                                weight: ws[2].view(),
+                                bias: None,
+                                out_features: ocs[2],
+                            },
+                        ];
+                        cpu::matmul_forward_many(&mut layers, &x, c).unwrap();
+                    }
+                    for (i, &oc) in ocs.iter().enumerate() {
+                        let mut want = vec![0.0; rows * oc];
+                        let b = (i == 1).then_some(&bias[..]);
+                        reference::matmul::matmul_forward(&mut want, &x, ws[i].view(), b, c, oc)
+                            .unwrap();
+                        got[i].check_guards("matmul_many");
+                        check_close("matmul_many", got[i].as_ref(), &want, F32_TOL);
+                    }
+                }),
+            });
+        }
+    }
     for &rows in &ROWS {
         for &dim in &DIMS {
             let s = next_seed();

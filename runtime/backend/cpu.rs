@@ -100,6 +100,31 @@ impl Cpu {
         }
     }
 
+    /// Several linear layers over the same input (one pool job on the fast path).
+    pub fn matmul_many(
+        &self,
+        layers: &mut [cpu::Linear<'_>],
+        inp: &[f32],
+        in_features: usize,
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => {
+                for l in layers.iter_mut() {
+                    reference::matmul::matmul_forward(
+                        l.out,
+                        inp,
+                        l.weight,
+                        l.bias,
+                        in_features,
+                        l.out_features,
+                    )?;
+                }
+                Ok(())
+            }
+            CpuMode::Fast => cpu::matmul_forward_many(layers, inp, in_features),
+        }
+    }
+
     pub fn attention(
         &self,
         out: &mut [f32],

@@ -155,8 +155,12 @@ impl CloudScorer<'_> {
                     .map(|g| g.rows.iter().filter(|x| x.reward.is_none()).count())
                     .sum();
                 let p = &prepared[r];
+                // Blocks are reserved for a live request's whole need (its critiques
+                // grow block by block), so admitted work never runs out of cache.
+                let reserved: usize = groups.iter().map(|g| prepared[g.req].need).sum();
                 if !groups.is_empty()
-                    && (live_rows + k > engine.max_rows() || engine.kv().free_blocks() < p.need)
+                    && (live_rows + k > engine.max_rows()
+                        || reserved + p.need > engine.num_blocks())
                 {
                     break;
                 }

@@ -35,7 +35,7 @@ use cloudrm_kernels::reference::attention_paged::{
 use crate::backend::Cpu;
 use crate::error::{Error, Result};
 use crate::kv::{BlockId, CopyBlock, KvError, KvManager, PrefixKey, SeqId, Slot};
-use crate::model::llama::{MlpBuffers, mlp_block};
+use crate::model::llama::{MlpBuffers, mlp_block, qkv_proj};
 use crate::model::{Llama, ModelError};
 
 /// Model dimensions the engine's buffers are sized for.
@@ -668,9 +668,7 @@ impl PagedEngine {
             let q = &mut bufs.q[..t * qd];
             let k = &mut bufs.k[..t * kvd];
             let v = &mut bufs.v[..t * kvd];
-            cpu.matmul(q, xn, w.get(&lw.q_proj), lw.q_bias.as_deref(), c, qd)?;
-            cpu.matmul(k, xn, w.get(&lw.k_proj), lw.k_bias.as_deref(), c, kvd)?;
-            cpu.matmul(v, xn, w.get(&lw.v_proj), lw.v_bias.as_deref(), c, kvd)?;
+            qkv_proj(cpu, w, lw, xn, q, k, v, c)?;
             cpu.rope(q, positions, d.nh, d.hs, &model.inv_freq)?;
             cpu.rope(k, positions, d.nkv, d.hs, &model.inv_freq)?;
             let k_layer = &mut self.k_arena[l * layer_elems..(l + 1) * layer_elems];

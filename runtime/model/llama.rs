@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use cloudrm_kernels::cpu::Linear;
 use cloudrm_kernels::reference::attention::AttnShape;
 use cloudrm_loader::LlamaConfig;
 use cloudrm_loader::shards::ShardedSafeTensors;
@@ -330,9 +331,7 @@ impl Llama {
             let q = &mut sess.q[..t * qd];
             let k = &mut sess.k[..t * kvd];
             let v = &mut sess.v[..t * kvd];
-            cpu.matmul(q, xn, w.get(&lw.q_proj), lw.q_bias.as_deref(), c, qd)?;
-            cpu.matmul(k, xn, w.get(&lw.k_proj), lw.k_bias.as_deref(), c, kvd)?;
-            cpu.matmul(v, xn, w.get(&lw.v_proj), lw.v_bias.as_deref(), c, kvd)?;
+            qkv_proj(cpu, w, lw, xn, q, k, v, c)?;
             let positions = &sess.positions[..t];
             cpu.rope(q, positions, nh, hs, &self.inv_freq)?;
             cpu.rope(k, positions, nkv, hs, &self.inv_freq)?;
@@ -397,6 +396,49 @@ pub(crate) struct MlpBuffers<'a> {
 /// The MLP block on T rows of the residual stream x (T, C):
 /// x += down(silu(gate(n)) * up(n)), n = rmsnorm(x). Shared by the contiguous forward
 /// and the paged engine.
+/// Q, K and V projections of the normed rows `xn` (one fused call).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn qkv_proj(
+    cpu: &Cpu,
+    w: &LlamaWeights,
+    lw: &LayerWeights,
+    xn: &[f32],
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &mut [f32],
+    c: usize,
+) -> Result<()> {
+    let (qd, kvd) = (
+        q.len() / (xn.len() / c).max(1),
+        k.len() / (xn.len() / c).max(1),
+    );
+    cpu.matmul_many(
+        &mut [
+            Linear {
+                out: q,
+                weight: w.get(&lw.q_proj),
+                bias: lw.q_bias.as_deref(),
+                out_features: qd,
+            },
+            Linear {
+                out: k,
+                weight: w.get(&lw.k_proj),
+                bias: lw.k_bias.as_deref(),
+                out_features: kvd,
+            },
+            Linear {
+                out: v,
+                weight: w.get(&lw.v_proj),
+                bias: lw.v_bias.as_deref(),
+                out_features: kvd,
+            },
+        ],
+        xn,
+        c,
+    )?;
+    Ok(())
+}
+
 pub(crate) fn mlp_block(
     cpu: &Cpu,
     model: &Llama,
@@ -408,21 +450,23 @@ pub(crate) fn mlp_block(
     let w = &model.weights;
     let (c, idim) = (cfg.hidden_size, cfg.intermediate_size);
     cpu.rmsnorm(b.xn, x, w.get(&lw.mlp_norm), cfg.rms_norm_eps)?;
-    cpu.matmul(
-        b.gate,
+    cpu.matmul_many(
+        &mut [
+            Linear {
+                out: b.gate,
+                weight: w.get(&lw.gate_proj),
+                bias: lw.gate_bias.as_deref(),
+                out_features: idim,
+            },
+            Linear {
+                out: b.up,
+                weight: w.get(&lw.up_proj),
+                bias: lw.up_bias.as_deref(),
+                out_features: idim,
+            },
+        ],
         b.xn,
-        w.get(&lw.gate_proj),
-        lw.gate_bias.as_deref(),
         c,
-        idim,
-    )?;
-    cpu.matmul(
-        b.up,
-        b.xn,
-        w.get(&lw.up_proj),
-        lw.up_bias.as_deref(),
-        c,
-        idim,
     )?;
     cpu.swiglu(b.act, b.gate, b.up)?;
     cpu.matmul(

@@ -85,6 +85,112 @@ pub fn matmul_forward(
     Ok(())
 }
 
+/// One linear layer of a fused [`matmul_forward_many`] call:
+/// out (B, OC) = inp (B, C) . weight (OC, C)^T + bias (OC).
+pub struct Linear<'a> {
+    pub out: &'a mut [f32],
+    pub weight: Weights<'a>,
+    pub bias: Option<&'a [f32]>,
+    pub out_features: usize,
+}
+
+/// Layers a fused call takes at most.
+pub const MAX_FUSED: usize = 4;
+
+/// Up to [`MAX_FUSED`] linear layers over the same input (Q, K and V; gate and up) in ONE
+/// pool job: the column blocks of all of them are claimed from one counter, so a decode
+/// step pays one fork/join instead of one per layer. Same results as
+/// [`matmul_forward`] per layer.
+pub fn matmul_forward_many(
+    layers: &mut [Linear<'_>],
+    inp: &[f32],
+    in_features: usize,
+) -> Result<(), KernelError> {
+    if layers.len() > MAX_FUSED {
+        return Err(KernelError::Invalid {
+            op: "matmul_forward_many",
+            arg: "layers",
+            reason: format!("{} layers; at most {MAX_FUSED}", layers.len()),
+        });
+    }
+    for l in layers.iter() {
+        check_shapes(
+            "matmul_forward_many",
+            l.out,
+            inp,
+            &l.weight,
+            l.bias,
+            in_features,
+            l.out_features,
+        )?;
+    }
+    let rows = inp.len() / in_features;
+    if rows == 0 || layers.is_empty() {
+        return Ok(());
+    }
+    let isa = current();
+    let total_oc: usize = layers.iter().map(|l| l.out_features).sum();
+    let threads = if rows * in_features * total_oc < 1 << 15 {
+        1
+    } else {
+        num_threads().clamp(1, total_oc.div_ceil(16).max(1))
+    };
+    let per = total_oc
+        .div_ceil(threads * 8)
+        .next_multiple_of(12)
+        .clamp(24, 768);
+    // Per layer: output pointer and length, weights, bias, OC, first item.
+    let mut meta: [(
+        SendPtr,
+        usize,
+        Option<Weights<'_>>,
+        Option<&[f32]>,
+        usize,
+        usize,
+    ); MAX_FUSED] = [(SendPtr(std::ptr::null_mut()), 0, None, None, 0, 0); MAX_FUSED];
+    let mut items = 0;
+    for (m, l) in meta.iter_mut().zip(layers.iter_mut()) {
+        *m = (
+            SendPtr(l.out.as_mut_ptr()),
+            l.out.len(),
+            Some(l.weight),
+            l.bias,
+            l.out_features,
+            items,
+        );
+        items += l.out_features.div_ceil(per);
+    }
+    let n = layers.len();
+    pool::global().run_items(threads, items, &|it| {
+        let li = (0..n).rev().find(|&i| meta[i].5 <= it).unwrap_or(0);
+        let (ptr, len, w, bias, oc, first) = meta[li];
+        let Some(weight) = w else { return };
+        let blk = it - first;
+        let start = blk * per;
+        let end = ((blk + 1) * per).min(oc);
+        // SAFETY: each item writes only columns start..end of its own layer's output,
+        // items are disjoint, and every output outlives `run_items`.
+        let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), len) };
+        WROW.with_borrow_mut(|wrow| {
+            if wrow.len() < in_features {
+                wrow.resize(in_features, 0.0);
+            }
+            compute(
+                out,
+                inp,
+                weight,
+                bias,
+                in_features,
+                oc,
+                start..end,
+                &mut wrow[..in_features],
+                isa,
+            );
+        });
+    });
+    Ok(())
+}
+
 thread_local! {
     /// One weight row converted to f32, per thread; grows once to the widest C seen.
     static WROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };

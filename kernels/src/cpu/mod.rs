@@ -16,4 +16,4 @@ pub use crate::reference::rope::rope_forward;
 pub use crate::reference::swiglu::swiglu_forward;
 pub use attention::{cascade_decode_attention, paged_decode_attention, paged_prefill_attention};
 pub use heads::{dual_head_forward, reward_head_forward};
-pub use matmul::matmul_forward;
+pub use matmul::{Linear, matmul_forward, matmul_forward_many};

@@ -94,6 +94,16 @@ pub struct Linear<'a> {
     pub out_features: usize,
 }
 
+/// Per fused layer: output pointer and length, weights, bias, OC, first item.
+type FusedMeta<'a> = (
+    SendPtr,
+    usize,
+    Option<Weights<'a>>,
+    Option<&'a [f32]>,
+    usize,
+    usize,
+);
+
 /// Layers a fused call takes at most.
 pub const MAX_FUSED: usize = 4;
 
@@ -139,15 +149,8 @@ pub fn matmul_forward_many(
         .div_ceil(threads * 8)
         .next_multiple_of(12)
         .clamp(24, 768);
-    // Per layer: output pointer and length, weights, bias, OC, first item.
-    let mut meta: [(
-        SendPtr,
-        usize,
-        Option<Weights<'_>>,
-        Option<&[f32]>,
-        usize,
-        usize,
-    ); MAX_FUSED] = [(SendPtr(std::ptr::null_mut()), 0, None, None, 0, 0); MAX_FUSED];
+    let mut meta: [FusedMeta<'_>; MAX_FUSED] =
+        [(SendPtr(std::ptr::null_mut()), 0, None, None, 0, 0); MAX_FUSED];
     let mut items = 0;
     for (m, l) in meta.iter_mut().zip(layers.iter_mut()) {
         *m = (

@@ -794,3 +794,38 @@ fn batched_requests_equal_requests_scored_alone() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn compare_many_isolates_bad_triples_and_matches_compare() {
+    let dir = tiny_cloud_dir("cloud-compare-many", "teacher");
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&default_model(OutDtype::BF16)).unwrap();
+    let opts = ScoreOptions {
+        k: 2,
+        temperature: Some(0.0),
+        max_critique_tokens: 5,
+        ..Default::default()
+    };
+    let triples = [
+        (PROMPT, "Paris.", "Lyon."),
+        (PROMPT, "", "Lyon."),
+        ("Name a colour.", "Blue.", "A chair."),
+    ];
+    let scorer = CloudScorer::new(&rm, &tok, &tpl);
+    let got = scorer.compare_many(&triples, &opts).unwrap();
+    assert_eq!(got.len(), 3);
+    let err = got[1].as_ref().unwrap_err();
+    assert!(err.to_string().contains("response"), "{err}");
+    for i in [0, 2] {
+        let (p, a, b) = triples[i];
+        let want = CloudScorer::new(&rm, &tok, &tpl)
+            .compare(p, a, b, &opts)
+            .unwrap();
+        let c = got[i].as_ref().unwrap();
+        assert_same_score(&c.a, &want.a, 1e-4, "compare_many a");
+        assert_same_score(&c.b, &want.b, 1e-4, "compare_many b");
+        assert!((c.p_a_preferred - want.p_a_preferred).abs() < 1e-4);
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -23,7 +23,7 @@ use std::ops::Range;
 
 use cloudrm_sampler::{Sampler, SeqRng};
 
-use super::score::{BLOCK, CloudScorer, Score, ScoreOptions, validate};
+use super::score::{BLOCK, CloudScorer, Comparison, Score, ScoreOptions, validate};
 use crate::engine::{PREFILL_ROWS, PagedEngine, SharedLevel};
 use crate::error::{Error, Result};
 use crate::kv::{BlockId, SeqId};
@@ -118,6 +118,51 @@ impl CloudScorer<'_> {
         debug_assert_eq!(scores.len(), requests.len());
         let _ = k;
         Ok(scores)
+    }
+
+    /// Compare many `(prompt, a, b)` triples. Each triple is checked on its own (its
+    /// error is its own result); in CLoud mode every valid triple's two responses run in
+    /// ONE continuous batch, so the rows of all of them decode together and each prompt's
+    /// blocks are shared by its two responses. Classic mode compares one by one.
+    pub fn compare_many(
+        &self,
+        triples: &[(&str, &str, &str)],
+        opts: &ScoreOptions,
+    ) -> Result<Vec<Result<Comparison>>> {
+        if !(self.cloud_mode(opts) && opts.share_prefix) {
+            return Ok(triples
+                .iter()
+                .map(|&(p, a, b)| self.compare(p, a, b, opts))
+                .collect());
+        }
+        let mut out: Vec<Option<Result<Comparison>>> = Vec::with_capacity(triples.len());
+        let mut reqs: Vec<(&str, &str)> = Vec::new();
+        let mut slots = Vec::new();
+        for (i, &(p, a, b)) in triples.iter().enumerate() {
+            let check = validate(p, a, opts)
+                .and_then(|()| validate(p, b, opts))
+                .and_then(|()| self.cloud_layout_checked(p, a, opts).map(|_| ()))
+                .and_then(|()| self.cloud_layout_checked(p, b, opts).map(|_| ()));
+            match check {
+                Ok(()) => {
+                    reqs.push((p, a));
+                    reqs.push((p, b));
+                    slots.push(i);
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let mut scores = self.score_batch(&reqs, opts)?.into_iter();
+        for i in slots {
+            let (Some(a), Some(b)) = (scores.next(), scores.next()) else {
+                return Err(Error::Usage("the scoring batch lost a response".into()));
+            };
+            out[i] = Some(Ok(Comparison::new(a, b)));
+        }
+        out.into_iter()
+            .map(|r| r.ok_or_else(|| Error::Usage("a comparison was not scored".into())))
+            .collect()
     }
 
     #[allow(clippy::too_many_arguments)]

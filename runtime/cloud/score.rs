@@ -135,6 +135,18 @@ pub struct Comparison {
     pub p_a_preferred: f32,
 }
 
+impl Comparison {
+    /// The comparison of two scores: P(A preferred) = sigmoid(r_a - r_b).
+    pub fn new(a: Score, b: Score) -> Self {
+        let p = 1.0 / (1.0 + (-(a.reward as f64 - b.reward as f64)).exp());
+        Comparison {
+            a,
+            b,
+            p_a_preferred: p as f32,
+        }
+    }
+}
+
 /// A reward model with its tokenizer and chat template, ready to score.
 pub struct CloudScorer<'m> {
     pub model: &'m RewardModel,
@@ -173,7 +185,7 @@ impl<'m> CloudScorer<'m> {
     }
 
     /// Whether `opts` scores with critiques on this model.
-    fn cloud_mode(&self, opts: &ScoreOptions) -> bool {
+    pub(super) fn cloud_mode(&self, opts: &ScoreOptions) -> bool {
         !opts.classic && self.model.method != FeedbackMethod::Classic
     }
 
@@ -577,12 +589,7 @@ impl<'m> CloudScorer<'m> {
         } else {
             (self.score(prompt, a, opts)?, self.score(prompt, b, opts)?)
         };
-        let p = 1.0 / (1.0 + (-(sa.reward as f64 - sb.reward as f64)).exp());
-        Ok(Comparison {
-            a: sa,
-            b: sb,
-            p_a_preferred: p as f32,
-        })
+        Ok(Comparison::new(sa, sb))
     }
 
     /// Score every candidate; returns the index of the best and all scores.

@@ -13,6 +13,7 @@
 //! line a crash left unfinished, and appends the rest; the summary covers old and new
 //! lines.
 
+use crate::eval::Example;
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::Path;
@@ -280,6 +281,58 @@ pub fn run_eval(
     let mut progress = Progress::new(todo, opts.progress);
     let data_shown = data.display().to_string();
     let mut scored_now = 0usize;
+    // Examples are compared in windows, each window one continuous batch (its rows decode
+    // together): about 32 critique rows per window.
+    let window = (32 / (2 * opts.score.k.max(1))).clamp(1, 16);
+    let mut pending: Vec<Example> = Vec::with_capacity(window);
+    let flush = |pending: &mut Vec<Example>,
+                 prev: &mut Previous,
+                 done: &mut HashSet<String>,
+                 progress: &mut Progress,
+                 scored_now: &mut usize,
+                 write_line: &mut dyn FnMut(&Value) -> Result<()>|
+     -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let triples: Vec<(&str, &str, &str)> = pending
+            .iter()
+            .map(|e| (e.prompt.as_str(), e.chosen.as_str(), e.rejected.as_str()))
+            .collect();
+        let results = scorer.compare_many(&triples, &opts.score)?;
+        for (ex, res) in pending.drain(..).zip(results) {
+            match res {
+                Ok(c) => {
+                    let r = ExampleResult {
+                        id: ex.id.clone(),
+                        subset: ex.subset,
+                        chosen_reward: c.a.reward,
+                        rejected_reward: c.b.reward,
+                        correct: ExampleResult::is_correct(c.a.reward, c.b.reward),
+                        p_chosen: c.p_a_preferred,
+                        chosen_rewards: c.a.rewards,
+                        rejected_rewards: c.b.rewards,
+                        chosen_critiques: c.a.critiques,
+                        rejected_critiques: c.b.critiques,
+                    };
+                    let v = serde_json::to_value(&r).map_err(|e| Error::Usage(e.to_string()))?;
+                    write_line(&v)?;
+                    prev.results.push(r);
+                    *scored_now += 1;
+                }
+                // The example itself cannot be scored: recorded, the run goes on.
+                Err(Error::Cloud(e)) => {
+                    progress.println(&format!("warning: example {:?}: {e}", ex.id));
+                    write_line(&serde_json::json!({"id": ex.id, "error": e.to_string()}))?;
+                    prev.score_errors.insert(ex.id.clone());
+                }
+                Err(e) => return Err(e),
+            }
+            done.insert(ex.id);
+            progress.tick();
+        }
+        Ok(())
+    };
     for row in rows {
         let ex = match row {
             Ok(ex) => ex,
@@ -298,41 +351,34 @@ pub fn run_eval(
                 continue;
             }
         };
-        if done.contains(&ex.id) {
+        if done.contains(&ex.id) || pending.iter().any(|p| p.id == ex.id) {
             continue;
         }
-        match scorer.compare(&ex.prompt, &ex.chosen, &ex.rejected, &opts.score) {
-            Ok(c) => {
-                let r = ExampleResult {
-                    id: ex.id.clone(),
-                    subset: ex.subset,
-                    chosen_reward: c.a.reward,
-                    rejected_reward: c.b.reward,
-                    correct: ExampleResult::is_correct(c.a.reward, c.b.reward),
-                    p_chosen: c.p_a_preferred,
-                    chosen_rewards: c.a.rewards,
-                    rejected_rewards: c.b.rewards,
-                    chosen_critiques: c.a.critiques,
-                    rejected_critiques: c.b.critiques,
-                };
-                let v = serde_json::to_value(&r).map_err(|e| Error::Usage(e.to_string()))?;
-                write_line(&v)?;
-                prev.results.push(r);
-                scored_now += 1;
-            }
-            // The example itself cannot be scored: recorded, the run goes on.
-            Err(Error::Cloud(e)) => {
-                progress.println(&format!("warning: example {:?}: {e}", ex.id));
-                write_line(&serde_json::json!({"id": ex.id, "error": e.to_string()}))?;
-                prev.score_errors.insert(ex.id.clone());
-            }
-            Err(e) => {
-                progress.finish();
-                return Err(e);
-            }
+        pending.push(ex);
+        if pending.len() >= window
+            && let Err(e) = flush(
+                &mut pending,
+                &mut prev,
+                &mut done,
+                &mut progress,
+                &mut scored_now,
+                &mut write_line,
+            )
+        {
+            progress.finish();
+            return Err(e);
         }
-        done.insert(ex.id);
-        progress.tick();
+    }
+    if let Err(e) = flush(
+        &mut pending,
+        &mut prev,
+        &mut done,
+        &mut progress,
+        &mut scored_now,
+        &mut write_line,
+    ) {
+        progress.finish();
+        return Err(e);
     }
     progress.finish();
     // Later lines of one id win (there are none unless OUT was edited by hand).

@@ -83,6 +83,26 @@ pub fn check_close(name: &str, out: &[f32], reference: &[f32], tol: f64) {
     assert!(ok, "{name}: relative L2 error {err:e} is not below {tol:e}");
 }
 
+/// [`check_close`] for outputs that are sums with cancellation (a reward: a dot product
+/// of C terms that can land near zero): the L2 error is taken relative to
+/// max(||reference||, `floor`), so a result close to 0 is held to `tol * floor` absolute
+/// instead of an ever tighter relative bound.
+pub fn check_close_floor(name: &str, out: &[f32], reference: &[f32], tol: f64, floor: f64) {
+    let norm = reference
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt();
+    let scale = norm.max(floor) / norm.max(f64::MIN_POSITIVE);
+    let err = rel_l2(out, reference) / scale.max(1.0);
+    assert!(
+        err < tol,
+        "{name}: L2 error relative to max(|ref|, {floor}) is {err:e}, not below {tol:e} (out {:?}, ref {:?})",
+        &out[..out.len().min(4)],
+        &reference[..reference.len().min(4)]
+    );
+}
+
 /// An output buffer with canary regions before and after it (ggml sentinels).
 pub struct Guarded {
     buf: Vec<f32>,

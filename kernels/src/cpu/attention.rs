@@ -22,6 +22,7 @@ use std::ops::Range;
 use super::dispatch::{Isa, current, num_threads};
 use super::pool;
 use crate::error::{KernelError, check_len};
+use crate::reference::attention::AttnShape;
 use crate::reference::attention_paged::{
     Level, PagedShape, cascade_scratch_len, check_arena, check_prefill, check_table, merge_row,
     partial_unchecked,
@@ -114,6 +115,80 @@ pub fn paged_prefill_attention(
     scratch: &mut [f32],
 ) -> Result<(), KernelError> {
     let rows = check_prefill(out, q, k_arena, v_arena, block_table, pos0, &shape, scratch)?;
+    causal_rows(out, q, k_arena, v_arena, block_table, pos0, rows, &shape);
+    Ok(())
+}
+
+/// Fast [`crate::reference::attention::attention_forward`]: the contiguous cache
+/// (S, NKV, HS) is one block of S' = pos0 + T positions, so the paged prefill's work items
+/// serve it unchanged.
+pub fn attention_forward(
+    out: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    scores: &mut [f32],
+    shape: AttnShape,
+) -> Result<(), KernelError> {
+    const OP: &str = "attention_forward";
+    shape.validate(OP)?;
+    let q_width = shape.n_heads * shape.head_dim;
+    let kv_width = shape.n_kv_heads * shape.head_dim;
+    let needed = shape.pos0 + shape.n_tokens;
+    check_len(OP, "q", q.len(), shape.n_tokens * q_width)?;
+    check_len(OP, "out", out.len(), shape.n_tokens * q_width)?;
+    if k_cache.len() < needed * kv_width || v_cache.len() != k_cache.len() {
+        return Err(KernelError::Length {
+            op: OP,
+            arg: "k_cache/v_cache",
+            expected: needed * kv_width,
+            actual: k_cache.len().min(v_cache.len()),
+        });
+    }
+    if scores.len() < needed {
+        return Err(KernelError::Length {
+            op: OP,
+            arg: "scores",
+            expected: needed,
+            actual: scores.len(),
+        });
+    }
+    if shape.n_tokens == 0 {
+        return Ok(());
+    }
+    let paged = PagedShape {
+        n_heads: shape.n_heads,
+        n_kv_heads: shape.n_kv_heads,
+        head_dim: shape.head_dim,
+        block_size: needed,
+    };
+    causal_rows(
+        out,
+        q,
+        &k_cache[..needed * kv_width],
+        &v_cache[..needed * kv_width],
+        &[0],
+        shape.pos0,
+        shape.n_tokens,
+        &paged,
+    );
+    Ok(())
+}
+
+/// Causal attention of `rows` query rows at positions pos0.. over `table` (checked by the
+/// caller), one work item per (row, KV head), longest rows first.
+#[allow(clippy::too_many_arguments)]
+fn causal_rows(
+    out: &mut [f32],
+    q: &[f32],
+    k_arena: &[f32],
+    v_arena: &[f32],
+    block_table: &[u32],
+    pos0: usize,
+    rows: usize,
+    shape: &PagedShape,
+) {
+    let shape = *shape;
     let isa = current();
     let (hs, group, nkv) = (shape.head_dim, shape.group(), shape.n_kv_heads);
     let gw = group * hs;
@@ -149,7 +224,6 @@ pub fn paged_prefill_attention(
             );
         });
     });
-    Ok(())
 }
 
 /// Fast [`crate::reference::attention_paged::paged_decode_attention`].

@@ -1,7 +1,7 @@
-//! Build script. CUDA kernels arrive with the CUDA issue; until then this only declares
-//! what reruns it. It never fails for lack of CUDA.
+//! Build script of the `cloudrm` package: it only declares what reruns it. The CUDA
+//! kernel sources (`kernels/cuda/*.cu`) are embedded by `kernels/build.rs`, the build
+//! script of `cloudrm-kernels`, which owns them; neither ever fails for lack of CUDA.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=kernels/cuda");
 }

@@ -8,6 +8,7 @@
 //! heads, HS head size, I MLP width, V vocab, S cached positions, OC output channels.
 
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod reference;
 pub mod weights;

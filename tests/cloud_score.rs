@@ -829,3 +829,34 @@ fn compare_many_isolates_bad_triples_and_matches_compare() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Templates a CLoud sequence cannot be laid out with are typed errors, not panics.
+#[test]
+fn unusable_templates_are_errors() {
+    let dir = default_model(OutDtype::BF16);
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let cases = [
+        // Nothing after a turn's content: no end-of-turn token.
+        (
+            "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}",
+            "no end-of-turn token",
+        ),
+        // Ordinary text after the content, not a special token.
+        (
+            "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' END\\n' }}{% endfor %}",
+            "single end-of-turn token",
+        ),
+        // The content is dropped.
+        (
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|im_end|>' }}{% endfor %}",
+            "dropped the content",
+        ),
+    ];
+    for (src, want) in cases {
+        let tpl = ChatTemplate::new(src, None, None).unwrap();
+        let layout = CloudTemplate::new(&tpl, &tok);
+        let err = layout.cloud_prefix(PROMPT, RESPONSE).unwrap_err();
+        assert!(err.to_string().contains(want), "{src}: {err}");
+        assert!(layout.classic_sequence(PROMPT, RESPONSE).is_err(), "{src}");
+    }
+}

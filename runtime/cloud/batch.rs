@@ -73,22 +73,32 @@ impl CloudScorer<'_> {
         requests: &[(&str, &str)],
         opts: &ScoreOptions,
     ) -> Result<Vec<Score>> {
-        if requests.is_empty() {
+        let prepared = requests
+            .iter()
+            .map(|&(prompt, response)| self.prepare(prompt, response, opts))
+            .collect::<Result<Vec<_>>>()?;
+        self.score_prepared(&prepared, opts)
+    }
+
+    /// A request checked and laid out for the batch.
+    fn prepare(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Prepared> {
+        validate(prompt, response, opts)?;
+        let (prefix, eot) = self.cloud_layout_checked(prompt, response, opts)?;
+        let per_seq = (opts.max_critique_tokens + 1).div_ceil(BLOCK) + 1;
+        let need = prefix.len().div_ceil(BLOCK) + opts.k * per_seq + 1;
+        Ok(Prepared { prefix, eot, need })
+    }
+
+    /// [`CloudScorer::score_batch`] on prepared requests.
+    fn score_prepared(&self, prepared: &[Prepared], opts: &ScoreOptions) -> Result<Vec<Score>> {
+        if prepared.is_empty() {
             return Ok(Vec::new());
-        }
-        let mut prepared = Vec::with_capacity(requests.len());
-        for &(prompt, response) in requests {
-            validate(prompt, response, opts)?;
-            let (prefix, eot) = self.cloud_layout_checked(prompt, response, opts)?;
-            let per_seq = (opts.max_critique_tokens + 1).div_ceil(BLOCK) + 1;
-            let need = prefix.len().div_ceil(BLOCK) + opts.k * per_seq + 1;
-            prepared.push(Prepared { prefix, eot, need });
         }
         let k = opts.k;
         let (mut sampler, stops) = self.sampler_and_stops(opts)?;
         // Engine: rows for as many requests as fit MAX_BATCH_ROWS (at least one), blocks
         // for the largest of them at once plus room for cached prefixes.
-        let per_batch = (MAX_BATCH_ROWS / k).clamp(1, requests.len());
+        let per_batch = (MAX_BATCH_ROWS / k).clamp(1, prepared.len());
         let mut needs: Vec<usize> = prepared.iter().map(|p| p.need).collect();
         needs.sort_unstable_by(|a, b| b.cmp(a));
         let max_prefix = prepared.iter().map(|p| p.prefix.len()).max().unwrap_or(0);
@@ -106,7 +116,7 @@ impl CloudScorer<'_> {
             return Err(Error::Usage("scoring engine unavailable".into()));
         };
         let mut groups: Vec<Group> = Vec::new();
-        let result = self.run_batch(engine, &prepared, opts, &mut sampler, &stops, &mut groups);
+        let result = self.run_batch(engine, prepared, opts, &mut sampler, &stops, &mut groups);
         // On error, release whatever is still live (the cache stays consistent).
         for g in groups.drain(..) {
             for r in &g.rows {
@@ -114,10 +124,7 @@ impl CloudScorer<'_> {
             }
             let _ = engine.free(g.owner);
         }
-        let scores = result?;
-        debug_assert_eq!(scores.len(), requests.len());
-        let _ = k;
-        Ok(scores)
+        result
     }
 
     /// Compare many `(prompt, a, b)` triples. Each triple is checked on its own (its
@@ -136,24 +143,23 @@ impl CloudScorer<'_> {
                 .collect());
         }
         let mut out: Vec<Option<Result<Comparison>>> = Vec::with_capacity(triples.len());
-        let mut reqs: Vec<(&str, &str)> = Vec::new();
+        let mut prepared = Vec::new();
         let mut slots = Vec::new();
         for (i, &(p, a, b)) in triples.iter().enumerate() {
-            let check = validate(p, a, opts)
-                .and_then(|()| validate(p, b, opts))
-                .and_then(|()| self.cloud_layout_checked(p, a, opts).map(|_| ()))
-                .and_then(|()| self.cloud_layout_checked(p, b, opts).map(|_| ()));
-            match check {
-                Ok(()) => {
-                    reqs.push((p, a));
-                    reqs.push((p, b));
+            let pair = self
+                .prepare(p, a, opts)
+                .and_then(|pa| Ok((pa, self.prepare(p, b, opts)?)));
+            match pair {
+                Ok((pa, pb)) => {
+                    prepared.push(pa);
+                    prepared.push(pb);
                     slots.push(i);
                     out.push(None);
                 }
                 Err(e) => out.push(Some(Err(e))),
             }
         }
-        let mut scores = self.score_batch(&reqs, opts)?.into_iter();
+        let mut scores = self.score_prepared(&prepared, opts)?.into_iter();
         for i in slots {
             let (Some(a), Some(b)) = (scores.next(), scores.next()) else {
                 return Err(Error::Usage("the scoring batch lost a response".into()));

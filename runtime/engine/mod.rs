@@ -124,8 +124,8 @@ enum Attn<'a> {
     },
     /// Shared levels (each over a contiguous range of rows) plus each row's own suffix.
     Cascade {
-        /// (block ids, positions, member rows) per level, outermost first.
-        levels: &'a [(Vec<u32>, usize, std::ops::Range<usize>)],
+        /// Shared levels, outermost first.
+        levels: &'a [Level<'a>],
         suffix_tables: &'a [Vec<u32>],
         suffix_lens: &'a [usize],
     },
@@ -589,13 +589,21 @@ impl PagedEngine {
                 .zip(&covered)
                 .map(|(&l, &n)| l - n * bs)
                 .collect();
+            let levels: Vec<Level<'_>> = level_tables
+                .iter()
+                .map(|(table, len, members)| Level {
+                    block_table: table,
+                    len: *len,
+                    members: members.clone(),
+                })
+                .collect();
             self.forward_rows(
                 model,
                 cpu,
                 tokens,
                 &rows,
                 &Attn::Cascade {
-                    levels: &level_tables,
+                    levels: &levels,
                     suffix_tables: &suffix_tables,
                     suffix_lens: &suffix_lens,
                 },
@@ -646,7 +654,7 @@ impl PagedEngine {
                 ..
             } => {
                 let m = suffix_lens.iter().copied().max().unwrap_or(0);
-                let l = levels.iter().map(|l| l.1).max().unwrap_or(0);
+                let l = levels.iter().map(|l| l.len).max().unwrap_or(0);
                 cascade_scratch_len(&shape, t, m.max(l))
             }
         };
@@ -704,27 +712,17 @@ impl PagedEngine {
                     levels,
                     suffix_lens,
                     ..
-                } => {
-                    let levels: Vec<Level<'_>> = levels
-                        .iter()
-                        .map(|(table, len, members)| Level {
-                            block_table: table,
-                            len: *len,
-                            members: members.clone(),
-                        })
-                        .collect();
-                    cpu.cascade_decode_attention(
-                        att,
-                        q,
-                        k_layer,
-                        v_layer,
-                        &levels,
-                        &suffix_refs,
-                        suffix_lens,
-                        shape,
-                        &mut bufs.scratch,
-                    )?
-                }
+                } => cpu.cascade_decode_attention(
+                    att,
+                    q,
+                    k_layer,
+                    v_layer,
+                    levels,
+                    &suffix_refs,
+                    suffix_lens,
+                    shape,
+                    &mut bufs.scratch,
+                )?,
             }
             let proj = &mut bufs.proj[..t * c];
             cpu.matmul(proj, att, w.get(&lw.o_proj), lw.o_bias.as_deref(), qd, c)?;

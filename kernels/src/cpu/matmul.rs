@@ -233,7 +233,6 @@ fn compute(
         unsafe { tiled::gemm(out, inp, weight, bias, in_features, out_features, cols) };
         return;
     }
-    let _ = &wrow;
     for o in cols {
         let w = weight.slice(o * in_features, in_features);
         let b = bias.map_or(0.0, |b| b[o]);
@@ -513,16 +512,6 @@ mod tiled {
         }
     }
 
-    fn pf_ahead() -> usize {
-        static A: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        *A.get_or_init(|| {
-            std::env::var("PF")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1)
-        })
-    }
-
     const fn elem<const DT: u8>() -> usize {
         if DT == F32 { 4 } else { 2 }
     }
@@ -550,9 +539,8 @@ mod tiled {
                     // The next tile's weight rows (N rows on) at this k, one line per
                     // row: the rows of a tile are short streams the hardware
                     // prefetcher barely ramps up on.
-                    let ahead = pf_ahead();
                     for j in 0..N {
-                        let p = w.wrapping_add(((j + ahead * N) * c + k) * es);
+                        let p = w.wrapping_add(((j + N) * c + k) * es);
                         _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
                     }
                 }

@@ -50,6 +50,8 @@ pub struct BenchConfig {
     pub unshared: bool,
     /// Bytes of the read-bandwidth buffer (0: skip).
     pub bandwidth_bytes: usize,
+    /// Quantise the weights to Q8 after loading (`--quantize q8`).
+    pub quantize_q8: bool,
 }
 
 impl Default for BenchConfig {
@@ -62,6 +64,7 @@ impl Default for BenchConfig {
             prefix_tokens: 512,
             unshared: true,
             bandwidth_bytes: 1 << 30,
+            quantize_q8: false,
         }
     }
 }
@@ -103,6 +106,8 @@ pub struct BenchReport {
     pub weight_dtype: String,
     pub decode_weight_bytes_per_token: usize,
     pub load_ms: f64,
+    /// Time of the Q8 quantisation after the load (absent without `--quantize q8`).
+    pub quantize_ms: Option<f64>,
     pub prefill_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
@@ -126,7 +131,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
     }
     let cpu = Cpu::fast();
     let t0 = Instant::now();
-    let model = match RewardModel::load_dir(dir) {
+    let mut model = match RewardModel::load_dir(dir) {
         Ok(m) => m,
         Err(Error::Model(ModelError::NoRewardHead { .. })) => {
             RewardModel::with_untrained_head(Llama::load_dir(dir)?, FeedbackMethod::Cloud)
@@ -134,6 +139,13 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         Err(e) => return Err(e),
     };
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let quantize_ms = if cfg.quantize_q8 {
+        let t = Instant::now();
+        model.llama.weights.quantize_q8()?;
+        Some(t.elapsed().as_secs_f64() * 1e3)
+    } else {
+        None
+    };
     let tokenizer = Tokenizer::from_dir(dir)?;
     let template = ChatTemplate::from_dir(dir)?;
     let llama = &model.llama;
@@ -242,6 +254,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         weight_dtype,
         decode_weight_bytes_per_token: bytes_per_token,
         load_ms,
+        quantize_ms,
         prefill_tokens: cfg.prefill_tokens,
         prefill_tokens_per_s: cfg.prefill_tokens as f64 / prefill_s,
         decode_tokens: cfg.decode_tokens,
@@ -432,6 +445,9 @@ impl BenchReport {
             self.decode_weight_bytes_per_token as f64 / 1e6
         );
         s += &format!("load (mmap + validate): {:.1} ms\n", self.load_ms);
+        if let Some(q) = self.quantize_ms {
+            s += &format!("quantise to q8: {q:.1} ms\n");
+        }
         s += &format!(
             "prefill {} tokens: {:.1} tokens/s\n",
             self.prefill_tokens, self.prefill_tokens_per_s

@@ -127,6 +127,48 @@ fn bench_reports_every_figure_as_json() {
             "{shared} vs {unshared} at K={k}"
         );
     }
+    assert_eq!(v["weight_dtype"], "bf16");
+    assert!(v["quantize_ms"].is_null(), "{v}");
+    // --quantize q8: 1.125 bytes per weight (norms stay bf16), quantisation timed.
+    let out = cloudrm()
+        .args([
+            "bench",
+            "--prefill",
+            "8",
+            "--decode",
+            "2",
+            "--k",
+            "2",
+            "--critique-tokens",
+            "2",
+            "--prefix",
+            "20",
+            "--no-unshared",
+            "--bandwidth-mib",
+            "0",
+            "--quantize",
+            "q8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(q["weight_dtype"], "q8", "{q}");
+    assert!(q["quantize_ms"].as_f64().unwrap() > 0.0, "{q}");
+    let bytes = q["decode_weight_bytes_per_token"].as_u64().unwrap();
+    let norms = 2 * (30 * 2 + 1) * 576;
+    assert_eq!(bytes, (269_030_016 - norms) / 2 * 9 / 8 + norms, "{q}");
+    assert!(q["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Bad arguments are a usage error, not a panic.
+    let out = cloudrm()
+        .args(["bench", "--quantize", "q4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("q8"), "stderr: {stderr}");
     // Bad arguments are a usage error, not a panic.
     let out = cloudrm().args(["bench", "--k", "0"]).output().unwrap();
     assert!(!out.status.success());

@@ -231,3 +231,81 @@ fn real_model_incremental_equals_full() {
         check_close(&format!("step {t}"), step, &full[t * v..(t + 1) * v], 1e-5);
     }
 }
+
+/// `--quantize q8` on the real model, against the bf16 model on every position of the
+/// golden texts: the fast and the reference kernels agree on the quantised weights, and
+/// the quantisation costs what the format costs. The same group-32 int8 quantisation
+/// applied in PyTorch to these texts gives 3.34e-2 relative L2 (scripts/reference
+/// has no q8 fixture; measured when the format was chosen, docs/benchmarks.md): the
+/// bound here is that plus a margin, and greedy tokens must agree on >= 95% of
+/// positions. (1e-2, the goal, is below what 8-bit weights can reach on this
+/// model: bf16 weights themselves are 5.2e-3 from f32 by the same measure.)
+#[test]
+fn q8_logits_close_to_bf16() {
+    let (cases, _) = load_fixture();
+    let dir = default_model(OutDtype::BF16);
+    let bf16 = Llama::load_dir(&dir).unwrap();
+    let mut q8 = Llama::load_dir(&dir).unwrap();
+    q8.weights.quantize_q8().unwrap();
+    assert!(q8.weights.is_quantized());
+    let ratio =
+        q8.weights.decode_bytes_per_token() as f64 / bf16.weights.decode_bytes_per_token() as f64;
+    assert!(
+        (0.55..0.58).contains(&ratio),
+        "q8/bf16 bytes per token {ratio}"
+    );
+    let cpu = Cpu::fast();
+    let v = bf16.config.vocab_size;
+    let (mut num, mut den) = (0f64, 0f64);
+    let mut agree = 0usize;
+    let mut positions = 0usize;
+    for case in &cases {
+        let n = case.ids.len();
+        let mut s = bf16.new_session(n, n);
+        let want = bf16
+            .forward(&cpu, &mut s, &case.ids, LogitsMode::All)
+            .unwrap()
+            .to_vec();
+        let mut s = q8.new_session(n, n);
+        let got = q8
+            .forward(&cpu, &mut s, &case.ids, LogitsMode::All)
+            .unwrap()
+            .to_vec();
+        for (g, w) in got.iter().zip(&want) {
+            num += ((g - w) as f64).powi(2);
+            den += (*w as f64).powi(2);
+        }
+        let argmax = |r: &[f32]| {
+            r.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+                )
+                .0
+        };
+        for t in 0..n {
+            agree += usize::from(argmax(&got[t * v..][..v]) == argmax(&want[t * v..][..v]));
+        }
+        positions += n;
+    }
+    let rel = (num / den).sqrt();
+    let agree = agree as f64 / positions as f64;
+    eprintln!(
+        "q8 vs bf16: logits rel L2 {rel:.3e}, argmax agreement {agree:.3} over {positions} positions"
+    );
+    assert!(rel < 4e-2, "q8 logits rel L2 {rel:.3e} >= 4e-2");
+    assert!(agree >= 0.95, "argmax agreement {agree}");
+    // The reference kernels on the same quantised weights (last position of case 0).
+    let ids = &cases[0].ids;
+    let mut s = q8.new_session(ids.len(), 64);
+    let fast = q8
+        .forward(&cpu, &mut s, ids, LogitsMode::Last)
+        .unwrap()
+        .to_vec();
+    let mut s = q8.new_session(ids.len(), 64);
+    let reference = q8
+        .forward(&Cpu::reference(), &mut s, ids, LogitsMode::Last)
+        .unwrap();
+    check_close("q8 fast vs reference", &fast, reference, 1e-4);
+}

@@ -7,6 +7,7 @@ mod common;
 use cloudrm::kernels::cpu::dispatch::{self, Isa};
 use cloudrm::kernels::reference::attention::AttnShape;
 use cloudrm::kernels::reference::heads::RewardHeadWeights;
+use cloudrm::kernels::weights::{Q8Slice, quantize_q8};
 use cloudrm::kernels::{OpKind, Weights, cpu, reference};
 use common::{Guarded, OpCase, Rng, check_close, check_close_floor, run_cases};
 use half::{bf16, f16};
@@ -434,6 +435,50 @@ fn cases() -> Vec<OpCase> {
             });
         }
     }
+    // Q8 (int8, one scale per 32): the fast kernels against the reference on the same
+    // quantised weights, rows of whole groups (C a multiple of 32).
+    for &rows in &ROWS {
+        for &(c, oc) in &[(32, 1), (96, 7), (64, 577), (576, 1536), (1536, 576)] {
+            for bias in [false, true] {
+                let s = next_seed();
+                cases.push(OpCase {
+                    name: format!("matmul_fwd(rows={rows},c={c},oc={oc},bias={bias},w=Q8)"),
+                    kind: OpKind::Matmul,
+                    run: Box::new(move || {
+                        let mut rng = Rng::new(s);
+                        let x = rng.vec(rows * c, 1.0);
+                        let (q, sc) = q8(&rng.vec(oc * c, 0.5));
+                        let w = Weights::Q8(Q8Slice::new(&q, &sc).unwrap());
+                        let b = bias.then(|| rng.vec(oc, 1.0));
+                        let mut want = vec![0.0; rows * oc];
+                        reference::matmul::matmul_forward(&mut want, &x, w, b.as_deref(), c, oc)
+                            .unwrap();
+                        let mut got = Guarded::new(rows * oc);
+                        cpu::matmul_forward(got.as_mut(), &x, w, b.as_deref(), c, oc).unwrap();
+                        got.check_guards("matmul_q8");
+                        check_close("matmul_q8", got.as_ref(), &want, F32_TOL);
+                    }),
+                });
+            }
+        }
+        let s = next_seed();
+        cases.push(OpCase {
+            name: format!("embedding_fwd(rows={rows},dim=576,vocab=13,w=Q8)"),
+            kind: OpKind::Embedding,
+            run: Box::new(move || {
+                let mut rng = Rng::new(s);
+                let (q, sc) = q8(&rng.vec(13 * 576, 1.0));
+                let table = Weights::Q8(Q8Slice::new(&q, &sc).unwrap());
+                let ids: Vec<u32> = (0..rows).map(|_| rng.below(13) as u32).collect();
+                let mut want = vec![0.0; rows * 576];
+                reference::embedding::embedding_forward(&mut want, &ids, table, 576).unwrap();
+                let mut got = Guarded::new(rows * 576);
+                cpu::embedding_forward(got.as_mut(), &ids, table, 576).unwrap();
+                got.check_guards("embedding_q8");
+                check_close("embedding_q8", got.as_ref(), &want, F32_TOL);
+            }),
+        });
+    }
     cases
 }
 
@@ -652,4 +697,32 @@ fn fast_cpu_ops_match_reference() {
     dispatch::force(None);
     dispatch::set_num_threads(0);
     assert!(dispatch::available().contains(&Isa::Scalar));
+}
+
+/// Quantise to Q8 (int8 values, one scale per 32).
+fn q8(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; w.len()];
+    let mut s = vec![0f32; w.len() / 32];
+    quantize_q8(Weights::F32(w), &mut q, &mut s).unwrap();
+    (q, s)
+}
+
+#[test]
+fn q8_rows_that_are_not_whole_groups_are_typed_errors() {
+    let (q, s) = q8(&[0.5; 64]);
+    let w = Weights::Q8(Q8Slice::new(&q, &s).unwrap());
+    let x = [1.0f32; 16];
+    let mut out = [0.0f32; 4];
+    for fast in [false, true] {
+        let err = if fast {
+            cpu::matmul_forward(&mut out, &x, w, None, 16, 4)
+        } else {
+            reference::matmul::matmul_forward(&mut out, &x, w, None, 16, 4)
+        }
+        .unwrap_err();
+        assert!(err.to_string().contains("multiple of 32"), "{err}");
+    }
+    let mut row = [0.0f32; 16];
+    let err = cpu::embedding_forward(&mut row, &[0], w, 16).unwrap_err();
+    assert!(err.to_string().contains("multiple of 32"), "{err}");
 }

@@ -1,14 +1,64 @@
 //! Read-only weight slices in their on-disk dtype. Kernels convert elements to f32 in
 //! registers; the model is never copied to an f32 buffer.
+//!
+//! [`Weights::Q8`] is the one format not read from disk: int8 weights in groups of
+//! [`Q8_GROUP`] consecutive elements of a row, each group with its own f32 scale
+//! (`w ≈ scale · q`, symmetric, `scale = max|w| / 127`), made by [`quantize_q8`] at load
+//! time (`--quantize q8`).
 
 use half::{bf16, f16};
 
-/// A borrowed weight tensor (row-major), in the dtype it has on disk.
+use crate::error::KernelError;
+
+/// Elements per Q8 scale group (along a row; rows must be whole groups).
+pub const Q8_GROUP: usize = 32;
+
+/// Int8 weights with one f32 scale per [`Q8_GROUP`] elements. The constructor checks
+/// that the data is whole groups and that there is one scale per group.
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Slice<'a> {
+    q: &'a [i8],
+    scales: &'a [f32],
+}
+
+impl<'a> Q8Slice<'a> {
+    /// `q` must hold whole groups, `scales` one value per group.
+    pub fn new(q: &'a [i8], scales: &'a [f32]) -> Result<Self, KernelError> {
+        if !q.len().is_multiple_of(Q8_GROUP) || scales.len() * Q8_GROUP != q.len() {
+            return Err(KernelError::Invalid {
+                op: "q8 weights",
+                arg: "q/scales",
+                reason: format!(
+                    "{} int8 values and {} scales: need whole groups of {Q8_GROUP} and one scale per group",
+                    q.len(),
+                    scales.len()
+                ),
+            });
+        }
+        Ok(Q8Slice { q, scales })
+    }
+
+    pub fn q(&self) -> &'a [i8] {
+        self.q
+    }
+
+    pub fn scales(&self) -> &'a [f32] {
+        self.scales
+    }
+
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        self.q[i] as f32 * self.scales[i / Q8_GROUP]
+    }
+}
+
+/// A borrowed weight tensor (row-major), in the dtype it has on disk (or quantised).
 #[derive(Debug, Clone, Copy)]
 pub enum Weights<'a> {
     F32(&'a [f32]),
     BF16(&'a [bf16]),
     F16(&'a [f16]),
+    Q8(Q8Slice<'a>),
 }
 
 impl<'a> Weights<'a> {
@@ -17,6 +67,7 @@ impl<'a> Weights<'a> {
             Weights::F32(w) => w.len(),
             Weights::BF16(w) => w.len(),
             Weights::F16(w) => w.len(),
+            Weights::Q8(w) => w.q.len(),
         }
     }
 
@@ -31,24 +82,59 @@ impl<'a> Weights<'a> {
             Weights::F32(w) => w[i],
             Weights::BF16(w) => w[i].to_f32(),
             Weights::F16(w) => w[i].to_f32(),
+            Weights::Q8(w) => w.get(i),
         }
     }
 
-    /// Elements `start..start + len`.
+    /// Elements `start..start + len`. For Q8 both must be multiples of [`Q8_GROUP`]
+    /// (whole rows of a matrix whose row length is; kernels check that with
+    /// [`Weights::check_rows`] before slicing).
     #[inline]
     pub fn slice(&self, start: usize, len: usize) -> Weights<'a> {
         match *self {
             Weights::F32(w) => Weights::F32(&w[start..start + len]),
             Weights::BF16(w) => Weights::BF16(&w[start..start + len]),
             Weights::F16(w) => Weights::F16(&w[start..start + len]),
+            Weights::Q8(w) => {
+                debug_assert!(start.is_multiple_of(Q8_GROUP) && len.is_multiple_of(Q8_GROUP));
+                let (g0, g1) = (start / Q8_GROUP, (start + len) / Q8_GROUP);
+                Weights::Q8(Q8Slice {
+                    q: &w.q[g0 * Q8_GROUP..g1 * Q8_GROUP],
+                    scales: &w.scales[g0..g1],
+                })
+            }
         }
     }
 
-    /// Bytes per element.
+    /// A typed error unless rows of `row_len` elements can be sliced out (Q8 needs
+    /// whole groups per row; every other dtype always can).
+    pub fn check_rows(&self, op: &'static str, row_len: usize) -> Result<(), KernelError> {
+        if matches!(self, Weights::Q8(_)) && !row_len.is_multiple_of(Q8_GROUP) {
+            return Err(KernelError::Invalid {
+                op,
+                arg: "weight",
+                reason: format!(
+                    "q8 weights need rows of a multiple of {Q8_GROUP} elements, got {row_len}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes per element (Q8: the int8 value; see [`Weights::bytes`] for the scales).
     pub fn elem_size(&self) -> usize {
         match self {
             Weights::F32(_) => 4,
             Weights::BF16(_) | Weights::F16(_) => 2,
+            Weights::Q8(_) => 1,
+        }
+    }
+
+    /// Bytes a full read of the tensor touches (Q8: values and scales).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weights::Q8(w) => w.q.len() + 4 * w.scales.len(),
+            _ => self.len() * self.elem_size(),
         }
     }
 
@@ -57,11 +143,126 @@ impl<'a> Weights<'a> {
             Weights::F32(_) => "f32",
             Weights::BF16(_) => "bf16",
             Weights::F16(_) => "f16",
+            Weights::Q8(_) => "q8",
         }
     }
 
     /// Copy into `out` as f32 (tests, small tensors).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         (0..self.len()).map(|i| self.get(i)).collect()
+    }
+}
+
+/// Quantise `src` (whole groups) into `q` and `scales` ([`Q8Slice`] layout): each group
+/// of [`Q8_GROUP`] gets `scale = max|w| / 127` and `q = round(w / scale)`; an all-zero
+/// group gets scale 0. Non-finite weights are a typed error (a NaN would poison its
+/// group's scale).
+pub fn quantize_q8(src: Weights<'_>, q: &mut [i8], scales: &mut [f32]) -> Result<(), KernelError> {
+    let n = src.len();
+    if !n.is_multiple_of(Q8_GROUP) || q.len() != n || scales.len() * Q8_GROUP != n {
+        return Err(KernelError::Invalid {
+            op: "quantize_q8",
+            arg: "src/q/scales",
+            reason: format!(
+                "{n} weights into {} int8 values and {} scales: need whole groups of {Q8_GROUP}",
+                q.len(),
+                scales.len()
+            ),
+        });
+    }
+    match src {
+        Weights::F32(w) => quantize_groups(w, |v| *v, q, scales),
+        Weights::BF16(w) => quantize_groups(w, |v| v.to_f32(), q, scales),
+        Weights::F16(w) => quantize_groups(w, |v| v.to_f32(), q, scales),
+        Weights::Q8(w) => quantize_groups(&(0..n).collect::<Vec<_>>(), |&i| w.get(i), q, scales),
+    }
+}
+
+fn quantize_groups<T>(
+    src: &[T],
+    conv: impl Fn(&T) -> f32,
+    q: &mut [i8],
+    scales: &mut [f32],
+) -> Result<(), KernelError> {
+    let mut buf = [0f32; Q8_GROUP];
+    let groups = src.chunks_exact(Q8_GROUP).zip(q.chunks_exact_mut(Q8_GROUP));
+    for (g, ((sg, qg), s)) in groups.zip(scales.iter_mut()).enumerate() {
+        let mut amax = 0f32;
+        let mut finite = true;
+        for (b, v) in buf.iter_mut().zip(sg) {
+            *b = conv(v);
+            finite &= b.is_finite();
+            amax = amax.max(b.abs());
+        }
+        if !finite {
+            let j = buf.iter().position(|b| !b.is_finite()).unwrap_or(0);
+            return Err(KernelError::Invalid {
+                op: "quantize_q8",
+                arg: "src",
+                reason: format!(
+                    "non-finite weight {} at element {}",
+                    buf[j],
+                    g * Q8_GROUP + j
+                ),
+            });
+        }
+        let scale = amax / 127.0;
+        *s = scale;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (d, b) in qg.iter_mut().zip(&buf) {
+            // Round half away from zero without a libm call (|b * inv| <= 127).
+            let r = b * inv;
+            *d = ((r + 0.5f32.copysign(r)) as i32).clamp(-127, 127) as i8;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_roundtrip_error_is_bounded_by_half_a_step() {
+        let w: Vec<f32> = (0..96)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut q = vec![0i8; 96];
+        let mut s = vec![0f32; 3];
+        quantize_q8(Weights::F32(&w), &mut q, &mut s).unwrap();
+        let qs = Q8Slice::new(&q, &s).unwrap();
+        for (i, &v) in w.iter().enumerate() {
+            let step = s[i / Q8_GROUP];
+            assert!((qs.get(i) - v).abs() <= 0.5 * step + 1e-6, "{i}");
+        }
+        // The largest magnitude of each group is exact (±127 steps).
+        assert!(q.iter().any(|&v| v.abs() == 127));
+        let sliced = Weights::Q8(qs).slice(32, 64);
+        assert_eq!(sliced.len(), 64);
+        assert_eq!(sliced.get(0), qs.get(32));
+        assert_eq!(Weights::Q8(qs).bytes(), 96 + 12);
+    }
+
+    #[test]
+    fn q8_bad_shapes_and_values_are_typed_errors() {
+        let w = [1.0f32; 40];
+        let mut q = [0i8; 40];
+        let mut s = [0f32; 2];
+        assert!(quantize_q8(Weights::F32(&w), &mut q, &mut s).is_err());
+        assert!(Q8Slice::new(&q[..32], &s).is_err());
+        assert!(Q8Slice::new(&q[..33], &s[..1]).is_err());
+        let mut w2 = [0.5f32; 32];
+        w2[3] = f32::NAN;
+        let err = quantize_q8(Weights::F32(&w2), &mut q[..32], &mut s[..1]).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+        // An all-zero group.
+        quantize_q8(Weights::F32(&[0.0; 32]), &mut q[..32], &mut s[..1]).unwrap();
+        assert_eq!(s[0], 0.0);
+        assert!(q[..32].iter().all(|&v| v == 0));
+        assert!(
+            Weights::Q8(Q8Slice::new(&q[..32], &s[..1]).unwrap())
+                .check_rows("t", 33)
+                .is_err()
+        );
     }
 }

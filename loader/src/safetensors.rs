@@ -488,6 +488,30 @@ impl SafeTensors {
         &self.mmap
     }
 
+    /// Drop the resident pages of bytes `offset..offset + len` of the mapping
+    /// (`MADV_DONTNEED`; whole pages, widened to page boundaries): for weights that were
+    /// copied elsewhere (quantised), so they stop counting in the process's RSS. The
+    /// mapping stays valid; pages touched later are read back from the file.
+    pub fn release_range(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.mmap.len())
+        {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        #[cfg(unix)]
+        {
+            // SAFETY: the mapping is read-only and file-backed, so DONTNEED only drops
+            // clean pages that the kernel re-reads from the file on the next access.
+            unsafe {
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            }
+        }
+        #[cfg(not(unix))]
+        Ok(())
+    }
+
     /// Offset of the data section in [`Self::mapped_bytes`] (8 + header length).
     pub fn data_start(&self) -> usize {
         self.data_start

@@ -27,6 +27,22 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--quantize`: how to store the weights in memory after loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    /// Int8 with one f32 scale per 32 inputs (1.125 bytes per weight; logits within
+    /// about 1e-2 relative of the 16-bit model).
+    Q8,
+}
+
+/// Quantise a loaded model as asked.
+fn apply_quantize(llama: &mut Llama, q: Option<QuantizeArg>) -> Result<()> {
+    match q {
+        Some(QuantizeArg::Q8) => llama.weights.quantize_q8(),
+        None => Ok(()),
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DtypeArg {
     F32,
@@ -70,6 +86,9 @@ pub struct ScoringArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Quantise the weights after loading (opt-in; trades a little accuracy for speed).
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
 }
 
 impl ScoringArgs {
@@ -98,8 +117,8 @@ struct Loaded {
 impl Loaded {
     /// `--model DIR` (a reward model; a plain LM there is the `NoRewardHead` error), or
     /// without it the default model with an untrained CLoud head.
-    fn open(model: Option<&Path>) -> Result<Self> {
-        let (dir, model, name) = match model {
+    fn open(args: &ScoringArgs) -> Result<Self> {
+        let (dir, mut model, name) = match args.model.as_deref() {
             Some(dir) => (
                 dir.to_path_buf(),
                 RewardModel::load_dir(dir)?,
@@ -116,6 +135,7 @@ impl Loaded {
                 )
             }
         };
+        apply_quantize(&mut model.llama, args.quantize)?;
         Ok(Loaded {
             model,
             tokenizer: Tokenizer::from_dir(&dir)?,
@@ -258,6 +278,9 @@ pub enum Command {
         /// Run the scalar reference kernels instead of the fast ones.
         #[arg(long)]
         reference: bool,
+        /// Quantise the weights after loading.
+        #[arg(long, value_enum)]
+        quantize: Option<QuantizeArg>,
     },
     /// Measure load, prefill, single-stream decode (with its read-bandwidth roofline
     /// fraction), the K-critique job with and without prefix sharing, and peak RSS.
@@ -292,6 +315,9 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Quantise the weights after loading (the report says how long it took).
+        #[arg(long, value_enum)]
+        quantize: Option<QuantizeArg>,
     },
 }
 
@@ -323,7 +349,7 @@ pub fn run(cli: Cli) -> Result<()> {
             response,
             scoring,
         } => {
-            let loaded = Loaded::open(scoring.model.as_deref())?;
+            let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
             let s = loaded
                 .scorer()
@@ -343,7 +369,7 @@ pub fn run(cli: Cli) -> Result<()> {
             b,
             scoring,
         } => {
-            let loaded = Loaded::open(scoring.model.as_deref())?;
+            let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
             let c = loaded
                 .scorer()
@@ -369,7 +395,7 @@ pub fn run(cli: Cli) -> Result<()> {
             candidates,
             scoring,
         } => {
-            let loaded = Loaded::open(scoring.model.as_deref())?;
+            let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
             let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
             let (best, scores) = loaded
@@ -407,7 +433,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 .into());
             }
-            let loaded = Loaded::open(scoring.model.as_deref())?;
+            let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
             let opts = EvalOptions {
                 score: scoring.options(),
@@ -456,6 +482,7 @@ pub fn run(cli: Cli) -> Result<()> {
             chat,
             system,
             reference,
+            quantize,
         } => {
             let dir = resolve_model(model.as_deref())?;
             let cpu = if reference {
@@ -463,7 +490,14 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 Cpu::fast()
             };
-            generate_cmd(&dir, &cpu, &prompt, max_tokens, chat, system.as_deref())
+            let gen_args = GenerateArgs {
+                prompt: &prompt,
+                max_tokens,
+                chat,
+                system: system.as_deref(),
+                quantize,
+            };
+            generate_cmd(&dir, &cpu, &gen_args)
         }
         Command::Bench {
             model,
@@ -476,6 +510,7 @@ pub fn run(cli: Cli) -> Result<()> {
             bandwidth_mib,
             threads,
             json,
+            quantize,
         } => {
             if let Some(t) = threads {
                 cloudrm_kernels::cpu::dispatch::set_num_threads(t);
@@ -489,6 +524,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 prefix_tokens: prefix,
                 unshared: !no_unshared,
                 bandwidth_bytes: bandwidth_mib << 20,
+                quantize_q8: quantize == Some(QuantizeArg::Q8),
             };
             let report = crate::bench::run(&dir, &cfg, |line| eprintln!("{line}"))?;
             if json {
@@ -524,15 +560,25 @@ pub fn resolve_model(model: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-fn generate_cmd(
-    dir: &Path,
-    cpu: &Cpu,
-    prompt: &str,
+/// What `generate` was asked for.
+struct GenerateArgs<'a> {
+    prompt: &'a str,
     max_tokens: usize,
     chat: bool,
-    system: Option<&str>,
-) -> Result<()> {
-    let model = Llama::load_dir(dir)?;
+    system: Option<&'a str>,
+    quantize: Option<QuantizeArg>,
+}
+
+fn generate_cmd(dir: &Path, cpu: &Cpu, args: &GenerateArgs<'_>) -> Result<()> {
+    let GenerateArgs {
+        prompt,
+        max_tokens,
+        chat,
+        system,
+        quantize,
+    } = *args;
+    let mut model = Llama::load_dir(dir)?;
+    apply_quantize(&mut model, quantize)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let text = if chat {
         let template = ChatTemplate::from_dir(dir)?;

@@ -38,6 +38,8 @@ pub enum ModelError {
         base: String,
         reason: String,
     },
+    #[error("cannot quantise the model to q8: {0}")]
+    Quantize(String),
     #[error("empty input: at least one token is needed")]
     EmptyInput,
     #[error("token id {id} at position {position} is outside the vocabulary of {vocab}")]

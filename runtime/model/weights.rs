@@ -3,6 +3,7 @@
 //! nothing; biases (small) are the only tensors copied, to f32.
 
 use cloudrm_kernels::Weights;
+use cloudrm_kernels::weights::{Q8_GROUP, Q8Slice, quantize_q8};
 use cloudrm_loader::safetensors::TensorView;
 use cloudrm_loader::shards::ShardedSafeTensors;
 use cloudrm_loader::{Dtype, LlamaConfig};
@@ -20,6 +21,15 @@ pub struct WeightHandle {
     /// Elements.
     len: usize,
     dtype: Dtype,
+    /// Index into `LlamaWeights::q8` once the tensor is quantised.
+    q8: Option<u32>,
+}
+
+/// A quantised copy of one weight matrix (see [`LlamaWeights::quantize_q8`]).
+#[derive(Debug)]
+struct Q8Tensor {
+    q: Vec<i8>,
+    scales: Vec<f32>,
 }
 
 /// Per-layer weights. Shapes use the config's letters; linear weights are (out, in).
@@ -66,6 +76,8 @@ pub struct LlamaWeights {
     pub final_norm: WeightHandle,
     /// (V, C); the embedding table when tied.
     pub lm_head: WeightHandle,
+    /// Quantised matrices (empty unless [`LlamaWeights::quantize_q8`] ran).
+    q8: Vec<Q8Tensor>,
 }
 
 impl LlamaWeights {
@@ -135,16 +147,78 @@ impl LlamaWeights {
             layers,
             final_norm,
             lm_head,
+            q8: Vec::new(),
         })
+    }
+
+    /// Quantise every matrix (the layers' projections, the embedding and the LM head,
+    /// once when tied) to Q8: int8 with one f32 scale per 32 inputs, 1.125 bytes per
+    /// weight. Norm weights stay as they are. Each matrix's mapped pages are released once
+    /// it is quantised, so only the quantised copy stays resident. Idempotent.
+    pub fn quantize_q8(&mut self) -> Result<()> {
+        if !self.q8.is_empty() {
+            return Ok(());
+        }
+        let tied =
+            self.lm_head.shard == self.embed.shard && self.lm_head.offset == self.embed.offset;
+        let mut handles: Vec<&mut WeightHandle> = Vec::new();
+        for l in &mut self.layers {
+            handles.extend([
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ]);
+        }
+        handles.push(&mut self.embed);
+        if !tied {
+            handles.push(&mut self.lm_head);
+        }
+        let files = &self.files;
+        // Quantise on all pool threads, one tensor per work item.
+        let sources: Vec<WeightHandle> = handles.iter().map(|h| **h).collect();
+        let slots: Vec<std::sync::Mutex<Option<Result<Q8Tensor>>>> = sources
+            .iter()
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
+        cloudrm_kernels::cpu::pool::global().run_items(
+            cloudrm_kernels::cpu::dispatch::num_threads(),
+            sources.len(),
+            &|i| {
+                let r = quantize_tensor(files, &sources[i]);
+                *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            },
+        );
+        let mut q8 = Vec::with_capacity(slots.len());
+        for (h, slot) in handles.into_iter().zip(slots) {
+            let t = slot
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| {
+                    Err(ModelError::Quantize("tensor not quantised".into()).into())
+                })?;
+            h.q8 = Some(q8.len() as u32);
+            q8.push(t);
+        }
+        if tied {
+            self.lm_head = self.embed;
+        }
+        self.q8 = q8;
+        Ok(())
+    }
+
+    /// Whether [`Self::quantize_q8`] ran.
+    pub fn is_quantized(&self) -> bool {
+        !self.q8.is_empty()
     }
 
     /// Bytes of weights one decode token reads: every layer matrix and norm, the final
     /// norm and the LM head (the embedding contributes one row, ignored here).
     pub fn decode_bytes_per_token(&self) -> usize {
-        let bytes = |h: &WeightHandle| {
-            let w = self.get(h);
-            w.len() * w.elem_size()
-        };
+        let bytes = |h: &WeightHandle| self.get(h).bytes();
         let layers: usize = self
             .layers
             .iter()
@@ -171,6 +245,13 @@ impl LlamaWeights {
     /// The tensor behind a handle, borrowed from the mapping.
     #[inline]
     pub fn get(&self, h: &WeightHandle) -> Weights<'_> {
+        if let Some(t) = h.q8.and_then(|i| self.q8.get(i as usize)) {
+            // Made by `quantize_q8` as whole groups; a mismatch (impossible) degrades to
+            // an empty slice as below.
+            return Q8Slice::new(&t.q, &t.scales)
+                .map(Weights::Q8)
+                .unwrap_or(Weights::F32(&[]));
+        }
         let bytes = self
             .files
             .files()
@@ -191,7 +272,7 @@ impl LlamaWeights {
 
     /// Bytes of every distinct weight tensor (the decode roofline's numerator).
     pub fn weight_bytes(&self) -> usize {
-        let f = |h: &WeightHandle| h.len * h.dtype.size();
+        let f = |h: &WeightHandle| self.get(h).bytes();
         let per_layer: usize = self
             .layers
             .iter()
@@ -262,6 +343,7 @@ pub(crate) fn handle(
                 offset: ptr - base,
                 len: view.numel(),
                 dtype: view.dtype,
+                q8: None,
             });
         }
     }
@@ -270,4 +352,34 @@ pub(crate) fn handle(
         align,
     }
     .into())
+}
+
+/// One matrix of the mapping quantised to Q8.
+fn quantize_tensor(files: &ShardedSafeTensors, h: &WeightHandle) -> Result<Q8Tensor> {
+    let bytes = files
+        .files()
+        .get(h.shard)
+        .map(|f| f.mapped_bytes())
+        .and_then(|b| b.get(h.offset..h.offset + h.len * h.dtype.size()))
+        .unwrap_or(&[]);
+    let src = match h.dtype {
+        Dtype::BF16 => Weights::BF16(bytemuck::try_cast_slice::<u8, bf16>(bytes).unwrap_or(&[])),
+        Dtype::F16 => Weights::F16(bytemuck::try_cast_slice::<u8, f16>(bytes).unwrap_or(&[])),
+        _ => Weights::F32(bytemuck::try_cast_slice::<u8, f32>(bytes).unwrap_or(&[])),
+    };
+    if src.len() != h.len || !h.len.is_multiple_of(Q8_GROUP) {
+        return Err(ModelError::Quantize(format!(
+            "a tensor of {} elements cannot be quantised in groups of {Q8_GROUP}",
+            h.len
+        ))
+        .into());
+    }
+    let mut q = vec![0i8; h.len];
+    let mut scales = vec![0f32; h.len / Q8_GROUP];
+    quantize_q8(src, &mut q, &mut scales).map_err(|e| ModelError::Quantize(e.to_string()))?;
+    // Best effort: failing to drop the 16-bit pages costs memory, not correctness.
+    if let Some(f) = files.files().get(h.shard) {
+        let _ = f.release_range(h.offset, h.len * h.dtype.size());
+    }
+    Ok(Q8Tensor { q, scales })
 }

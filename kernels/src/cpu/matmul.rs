@@ -17,7 +17,7 @@ use super::dispatch::{Isa, current, num_threads};
 use super::pool;
 use crate::error::KernelError;
 use crate::reference::matmul::check_shapes;
-use crate::weights::Weights;
+use crate::weights::{Q8_GROUP, Q8Slice, Weights};
 
 /// out: (B, OC); inp: (B, C); weight: (OC, C); bias: (OC).
 pub fn matmul_forward(
@@ -256,6 +256,11 @@ fn convert_row(w: Weights<'_>, dst: &mut [f32], isa: Isa) {
                 *d = s.to_f32();
             }
         }
+        Weights::Q8(q) => {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = q.get(i);
+            }
+        }
         Weights::F16(w) => {
             #[cfg(target_arch = "x86_64")]
             if isa >= Isa::Avx2 {
@@ -280,6 +285,7 @@ fn dot_weights(x: &[f32], w: Weights<'_>, isa: Isa) -> f32 {
                 Weights::F32(w) => avx2::dot_f32(x, w),
                 Weights::BF16(w) => avx2::dot_bf16(x, w),
                 Weights::F16(w) => avx2::dot_f16(x, w),
+                Weights::Q8(w) => q8_dot(x, w),
             }
         };
     }
@@ -288,7 +294,17 @@ fn dot_weights(x: &[f32], w: Weights<'_>, isa: Isa) -> f32 {
         Weights::F32(w) => scalar_dot(x, w, |v| *v),
         Weights::BF16(w) => scalar_dot(x, w, |v: &bf16| v.to_f32()),
         Weights::F16(w) => scalar_dot(x, w, |v: &f16| v.to_f32()),
+        Weights::Q8(w) => q8_dot(x, w),
     }
+}
+
+/// Dot product with Q8 weights, one group at a time (the scale applied per group).
+fn q8_dot(x: &[f32], w: Q8Slice<'_>) -> f32 {
+    x.chunks(Q8_GROUP)
+        .zip(w.q().chunks(Q8_GROUP))
+        .zip(w.scales())
+        .map(|((xg, qg), s)| s * scalar_dot(xg, qg, |v: &i8| *v as f32))
+        .sum()
 }
 
 fn dot_f32(x: &[f32], w: &[f32], isa: Isa) -> f32 {
@@ -468,12 +484,14 @@ mod tiled {
     use std::ops::Range;
 
     use super::avx2::hsum;
-    use crate::weights::Weights;
+    use crate::weights::{Q8_GROUP, Weights};
 
     /// Weight element types, as a const parameter so each kernel is monomorphised.
     const F32: u8 = 0;
     const BF16: u8 = 1;
     const F16: u8 = 2;
+    /// Int8 in groups of `Q8_GROUP` with one f32 scale each (`c` is a multiple of it).
+    const Q8: u8 = 3;
 
     /// Input rows per tile.
     const MR: usize = 4;
@@ -482,11 +500,13 @@ mod tiled {
     /// Bytes of input rows a panel may hold (stays in L2 while a thread sweeps columns).
     const PANEL_BYTES: usize = 192 * 1024;
 
-    /// Eight weights at `p` (element type DT) as f32.
+    /// Eight weights at `p` (element type DT) as f32; for Q8, `s` is their group's scale
+    /// (unused otherwise).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable elements of type DT at p.
+    unsafe fn load8<const DT: u8>(p: *const u8, s: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements of type DT at p (and, for
+        // Q8, a readable scale at s).
         unsafe {
             match DT {
                 F32 => _mm256_loadu_ps(p as *const f32),
@@ -494,48 +514,67 @@ mod tiled {
                     let raw = _mm_loadu_si128(p as *const __m128i);
                     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
                 }
+                Q8 => {
+                    let raw = _mm_loadl_epi64(p as *const __m128i);
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                    _mm256_mul_ps(v, _mm256_broadcast_ss(&*s))
+                }
                 _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
             }
         }
     }
 
-    /// Element `i` of a weight row of type DT as f32.
+    /// Element `i` of a weight row of type DT as f32 (Q8: `s` is the row's scales).
     #[inline]
-    unsafe fn load1<const DT: u8>(p: *const u8, i: usize) -> f32 {
-        // SAFETY: the caller guarantees element i is readable.
+    unsafe fn load1<const DT: u8>(p: *const u8, s: *const f32, i: usize) -> f32 {
+        // SAFETY: the caller guarantees element i (and, for Q8, its scale) is readable.
         unsafe {
             match DT {
                 F32 => *(p as *const f32).add(i),
                 BF16 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
+                Q8 => *(p as *const i8).add(i) as f32 * *s.add(i / Q8_GROUP),
                 _ => half::f16::from_bits(*(p as *const u16).add(i)).to_f32(),
             }
         }
     }
 
     const fn elem<const DT: u8>() -> usize {
-        if DT == F32 { 4 } else { 2 }
+        match DT {
+            F32 => 4,
+            Q8 => 1,
+            _ => 2,
+        }
+    }
+
+    /// Scales per weight row of `c` elements (Q8 only; 0 otherwise).
+    const fn scales_per_row<const DT: u8>(c: usize) -> usize {
+        if DT == Q8 { c / Q8_GROUP } else { 0 }
     }
 
     /// out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, where x_i = x + i * c
-    /// (f32) and w_j = w + j * c (DT). M <= MR, N <= NR.
+    /// (f32) and w_j = w + j * c (DT; for Q8 with scales s + j * c / Q8_GROUP).
+    /// M <= MR, N <= NR.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const DT: u8, const M: usize, const N: usize>(
         x: *const f32,
         w: *const u8,
+        s: *const f32,
         c: usize,
         out: *mut f32,
         ldo: usize,
         bias: [f32; 4],
     ) {
         let es = elem::<DT>();
+        let sc = scales_per_row::<DT>(c);
         let n8 = c / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); N]; M];
         let mut k = 0;
         // SAFETY: k + 8 <= c for every vector load; rows i < M of x and j < N of w exist.
         unsafe {
             while k < n8 {
-                if k % 32 == 0 {
+                if (k * es).is_multiple_of(64) {
                     // The next tile's weight rows (N rows on) at this k, one line per
                     // row: the rows of a tile are short streams the hardware
                     // prefetcher barely ramps up on.
@@ -546,7 +585,10 @@ mod tiled {
                 }
                 let mut wv = [_mm256_setzero_ps(); N];
                 for (j, v) in wv.iter_mut().enumerate() {
-                    *v = load8::<DT>(w.add((j * c + k) * es));
+                    *v = load8::<DT>(
+                        w.add((j * c + k) * es),
+                        s.wrapping_add(j * sc + k / Q8_GROUP),
+                    );
                 }
                 for (i, row) in acc.iter_mut().enumerate() {
                     let xv = _mm256_loadu_ps(x.add(i * c + k));
@@ -558,11 +600,12 @@ mod tiled {
             }
             for (i, row) in acc.iter().enumerate() {
                 for (j, a) in row.iter().enumerate() {
-                    let mut s = hsum(*a);
+                    let mut t = hsum(*a);
                     for kk in n8..c {
-                        s += *x.add(i * c + kk) * load1::<DT>(w.add(j * c * es), kk);
+                        t += *x.add(i * c + kk)
+                            * load1::<DT>(w.add(j * c * es), s.wrapping_add(j * sc), kk);
                     }
-                    *out.add(i * ldo + j) = s + bias[j];
+                    *out.add(i * ldo + j) = t + bias[j];
                 }
             }
         }
@@ -577,6 +620,7 @@ mod tiled {
         n: usize,
         x: *const f32,
         w: *const u8,
+        s: *const f32,
         c: usize,
         out: *mut f32,
         ldo: usize,
@@ -585,18 +629,18 @@ mod tiled {
         // SAFETY: forwarded caller guarantees.
         unsafe {
             match (m, n) {
-                (4, 3) => tile::<DT, 4, 3>(x, w, c, out, ldo, bias),
-                (4, 2) => tile::<DT, 4, 2>(x, w, c, out, ldo, bias),
-                (4, 1) => tile::<DT, 4, 1>(x, w, c, out, ldo, bias),
-                (3, 3) => tile::<DT, 3, 3>(x, w, c, out, ldo, bias),
-                (3, 2) => tile::<DT, 3, 2>(x, w, c, out, ldo, bias),
-                (3, 1) => tile::<DT, 3, 1>(x, w, c, out, ldo, bias),
-                (2, 3) => tile::<DT, 2, 3>(x, w, c, out, ldo, bias),
-                (2, 2) => tile::<DT, 2, 2>(x, w, c, out, ldo, bias),
-                (2, 1) => tile::<DT, 2, 1>(x, w, c, out, ldo, bias),
-                (1, 3) => tile::<DT, 1, 3>(x, w, c, out, ldo, bias),
-                (1, 2) => tile::<DT, 1, 2>(x, w, c, out, ldo, bias),
-                _ => tile::<DT, 1, 1>(x, w, c, out, ldo, bias),
+                (4, 3) => tile::<DT, 4, 3>(x, w, s, c, out, ldo, bias),
+                (4, 2) => tile::<DT, 4, 2>(x, w, s, c, out, ldo, bias),
+                (4, 1) => tile::<DT, 4, 1>(x, w, s, c, out, ldo, bias),
+                (3, 3) => tile::<DT, 3, 3>(x, w, s, c, out, ldo, bias),
+                (3, 2) => tile::<DT, 3, 2>(x, w, s, c, out, ldo, bias),
+                (3, 1) => tile::<DT, 3, 1>(x, w, s, c, out, ldo, bias),
+                (2, 3) => tile::<DT, 2, 3>(x, w, s, c, out, ldo, bias),
+                (2, 2) => tile::<DT, 2, 2>(x, w, s, c, out, ldo, bias),
+                (2, 1) => tile::<DT, 2, 1>(x, w, s, c, out, ldo, bias),
+                (1, 3) => tile::<DT, 1, 3>(x, w, s, c, out, ldo, bias),
+                (1, 2) => tile::<DT, 1, 2>(x, w, s, c, out, ldo, bias),
+                _ => tile::<DT, 1, 1>(x, w, s, c, out, ldo, bias),
             }
         }
     }
@@ -607,11 +651,13 @@ mod tiled {
         out: *mut f32,
         x: *const f32,
         w: *const u8,
+        s: *const f32,
         bias: Option<&[f32]>,
         c: usize,
         cols: Range<usize>,
     ) {
         let es = elem::<DT>();
+        let sc = scales_per_row::<DT>(c);
         let b = |o: usize| bias.map_or(0.0, |b| b[o]);
         let mut o = cols.start;
         // SAFETY: every o < cols.end <= OC names a weight row of c elements.
@@ -621,13 +667,15 @@ mod tiled {
                 for (j, v) in bb.iter_mut().enumerate() {
                     *v = b(o + j);
                 }
-                tile::<DT, 1, 4>(x, w.add(o * c * es), c, out.add(o), 0, bb);
+                let (wo, so) = (w.add(o * c * es), s.wrapping_add(o * sc));
+                tile::<DT, 1, 4>(x, wo, so, c, out.add(o), 0, bb);
                 o += 4;
             }
             while o < cols.end {
                 tile::<DT, 1, 1>(
                     x,
                     w.add(o * c * es),
+                    s.wrapping_add(o * sc),
                     c,
                     out.add(o),
                     0,
@@ -653,39 +701,46 @@ mod tiled {
         oc: usize,
         cols: Range<usize>,
     ) {
-        let (w, dt) = match weight {
-            Weights::F32(w) => (w.as_ptr() as *const u8, F32),
-            Weights::BF16(w) => (w.as_ptr() as *const u8, BF16),
-            Weights::F16(w) => (w.as_ptr() as *const u8, F16),
+        let none = std::ptr::null::<f32>();
+        let (w, s, dt) = match weight {
+            Weights::F32(w) => (w.as_ptr() as *const u8, none, F32),
+            Weights::BF16(w) => (w.as_ptr() as *const u8, none, BF16),
+            Weights::F16(w) => (w.as_ptr() as *const u8, none, F16),
+            Weights::Q8(w) => (w.q().as_ptr() as *const u8, w.scales().as_ptr(), Q8),
         };
-        // SAFETY: forwarded caller guarantees.
+        // SAFETY: forwarded caller guarantees (for Q8, c is a multiple of Q8_GROUP:
+        // `check_shapes` checked it).
         unsafe {
             match dt {
-                F32 => gemm_dt::<F32>(out, inp, w, bias, c, oc, cols),
-                BF16 => gemm_dt::<BF16>(out, inp, w, bias, c, oc, cols),
-                _ => gemm_dt::<F16>(out, inp, w, bias, c, oc, cols),
+                F32 => gemm_dt::<F32>(out, inp, w, s, bias, c, oc, cols),
+                BF16 => gemm_dt::<BF16>(out, inp, w, s, bias, c, oc, cols),
+                Q8 => gemm_dt::<Q8>(out, inp, w, s, bias, c, oc, cols),
+                _ => gemm_dt::<F16>(out, inp, w, s, bias, c, oc, cols),
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_dt<const DT: u8>(
         out: &mut [f32],
         inp: &[f32],
         w: *const u8,
+        s: *const f32,
         bias: Option<&[f32]>,
         c: usize,
         oc: usize,
         cols: Range<usize>,
     ) {
         let es = elem::<DT>();
+        let sc = scales_per_row::<DT>(c);
         let rows = inp.len() / c;
         let x = inp.as_ptr();
         let o_ptr = out.as_mut_ptr();
         // SAFETY: all offsets stay within the shapes the caller guarantees.
         unsafe {
             if rows == 1 {
-                gemv::<DT>(o_ptr, x, w, bias, c, cols);
+                gemv::<DT>(o_ptr, x, w, s, bias, c, cols);
                 return;
             }
             let panel = (PANEL_BYTES / (4 * c)).clamp(MR, 256) / MR * MR;
@@ -700,6 +755,7 @@ mod tiled {
                         bias_t[..n].copy_from_slice(&b[o..o + n]);
                     }
                     let wt = w.add(o * c * es);
+                    let st = s.wrapping_add(o * sc);
                     let mut r = r0;
                     while r < r_end {
                         let m = MR.min(r_end - r);
@@ -708,6 +764,7 @@ mod tiled {
                             n,
                             x.add(r * c),
                             wt,
+                            st,
                             c,
                             o_ptr.add(r * oc + o),
                             oc,

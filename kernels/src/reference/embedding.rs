@@ -20,6 +20,7 @@ pub fn embedding_forward(
             reason: format!("{} elements is not a multiple of C={channels}", table.len()),
         });
     }
+    table.check_rows(OP, channels)?;
     let vocab = table.len() / channels;
     for (t, (&id, row)) in ids.iter().zip(out.chunks_exact_mut(channels)).enumerate() {
         if id as usize >= vocab {

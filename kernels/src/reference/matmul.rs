@@ -49,6 +49,7 @@ pub fn check_shapes(
         });
     }
     check_len(op, "weight", weight.len(), in_features * out_features)?;
+    weight.check_rows(op, in_features)?;
     if !inp.len().is_multiple_of(in_features) {
         return Err(KernelError::Invalid {
             op,

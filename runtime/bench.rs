@@ -30,6 +30,7 @@ use crate::backend::Cpu;
 use crate::cloud::{CloudScorer, CloudTemplate, ScoreOptions};
 use crate::engine::{PREFILL_ROWS, PagedEngine, lm_logits};
 use crate::error::{Error, Result};
+use crate::kv::SeqId;
 use crate::model::heads::FeedbackMethod;
 use crate::model::{Llama, ModelError, RewardModel};
 
@@ -111,7 +112,11 @@ pub struct BenchReport {
     pub prefill_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
+    /// Single-stream decode from an empty context (one token, as llama-bench's tg).
     pub decode_tokens_per_s: f64,
+    /// The same decode right after the prefill, i.e. at a depth of `prefill_tokens`
+    /// (attention over the prompt's KV adds to every step).
+    pub decode_after_prefill_tokens_per_s: f64,
     pub critiques: Vec<CritiqueRow>,
     /// Peak resident set of the process after the model work (before the bandwidth
     /// buffer), MiB.
@@ -178,16 +183,32 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         cfg.prefill_tokens,
         cfg.prefill_tokens as f64 / prefill_s
     ));
-    let t0 = Instant::now();
-    for _ in 0..cfg.decode_tokens {
-        let next = argmax(&logits);
-        let hidden = engine.decode_step(llama, &cpu, &[seq], &[next], None)?;
-        let hidden = hidden.to_vec();
-        lm_logits(llama, &cpu, &hidden, &mut logits)?;
-    }
-    let decode_s = t0.elapsed().as_secs_f64();
+    let depth_tps = cfg.decode_tokens as f64
+        / decode_run(
+            llama,
+            &cpu,
+            &mut engine,
+            seq,
+            &mut logits,
+            cfg.decode_tokens,
+        )?;
     drop(engine);
-    let decode_tps = cfg.decode_tokens as f64 / decode_s;
+    progress(&format!(
+        "decode {} after the prefill: {depth_tps:.1} tokens/s",
+        cfg.decode_tokens
+    ));
+    let mut engine = PagedEngine::new(llama, blocks, 16, PREFILL_ROWS)?;
+    let (seq, mut logits, _) = engine.prefill(llama, &cpu, &text_ids[..1])?;
+    let decode_tps = cfg.decode_tokens as f64
+        / decode_run(
+            llama,
+            &cpu,
+            &mut engine,
+            seq,
+            &mut logits,
+            cfg.decode_tokens,
+        )?;
+    drop(engine);
     progress(&format!(
         "decode {}: {decode_tps:.1} tokens/s",
         cfg.decode_tokens
@@ -259,6 +280,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         prefill_tokens_per_s: cfg.prefill_tokens as f64 / prefill_s,
         decode_tokens: cfg.decode_tokens,
         decode_tokens_per_s: decode_tps,
+        decode_after_prefill_tokens_per_s: depth_tps,
         critiques,
         peak_rss_mib,
         read_bandwidth_gb_s,
@@ -268,6 +290,25 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
 
 /// One arm of the critique job: (prefix tokens, timing).
 #[allow(clippy::too_many_arguments)]
+/// Greedy-decode `n` tokens of `seq` (whose last logits are in `logits`); seconds.
+fn decode_run(
+    llama: &Llama,
+    cpu: &Cpu,
+    engine: &mut PagedEngine,
+    seq: SeqId,
+    logits: &mut [f32],
+    n: usize,
+) -> Result<f64> {
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let next = argmax(logits);
+        let hidden = engine.decode_step(llama, cpu, &[seq], &[next], None)?;
+        let hidden = hidden.to_vec();
+        lm_logits(llama, cpu, &hidden, logits)?;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
 fn critique_arm(
     model: &RewardModel,
     tokenizer: &Tokenizer,
@@ -453,7 +494,7 @@ impl BenchReport {
             self.prefill_tokens, self.prefill_tokens_per_s
         );
         s += &format!(
-            "decode {} tokens (single stream): {:.1} tokens/s",
+            "decode {} tokens (single stream, from an empty context like llama-bench tg): {:.1} tokens/s",
             self.decode_tokens, self.decode_tokens_per_s
         );
         if let (Some(bw), Some(f)) = (self.read_bandwidth_gb_s, self.decode_roofline_fraction) {
@@ -464,6 +505,10 @@ impl BenchReport {
             );
         }
         s += "\n";
+        s += &format!(
+            "decode {} tokens after the {}-token prefill: {:.1} tokens/s\n",
+            self.decode_tokens, self.prefill_tokens, self.decode_after_prefill_tokens_per_s
+        );
         if !self.critiques.is_empty() {
             s +=
                 "critique job (K x T tokens after a shared prefix; seconds, aggregate tokens/s):\n";

@@ -289,7 +289,6 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
 }
 
 /// One arm of the critique job: (prefix tokens, timing).
-#[allow(clippy::too_many_arguments)]
 /// Greedy-decode `n` tokens of `seq` (whose last logits are in `logits`); seconds.
 fn decode_run(
     llama: &Llama,
@@ -309,6 +308,7 @@ fn decode_run(
     Ok(t0.elapsed().as_secs_f64())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn critique_arm(
     model: &RewardModel,
     tokenizer: &Tokenizer,

@@ -24,6 +24,8 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/cuda_sources.rs"));
 }
 
+/// The cudarc version the wrappers are written against (buffers are its `CudaSlice`s).
+pub use cudarc;
 pub use device::{CudaDevice, DeviceInfo, IndexBuf, Kernel, Param};
 pub use error::CudaError;
 pub use nvrtc::{compile_ptx, compile_ptx_cached, ptx_cache_dir};

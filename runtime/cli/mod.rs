@@ -259,6 +259,23 @@ pub enum Command {
         #[arg(long)]
         reference: bool,
     },
+    /// Check every CUDA op (each kernel entry point and the cuBLAS GEMM) against the CPU
+    /// reference on random inputs; writes DIR/gpu-check.log and DIR/results.jsonl and
+    /// exits non-zero if any check fails or CUDA is unavailable (scripts/gpu-check.sh).
+    GpuCheck {
+        /// Output directory (created; its gpu-check.log and results.jsonl are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// Smaller sizes (skips the vocabulary-sized GEMM and argmax).
+        #[arg(long)]
+        quick: bool,
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Build the inputs and run the CPU references only (no GPU): tests the harness.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Measure load, prefill, single-stream decode (with its read-bandwidth roofline
     /// fraction), the K-critique job with and without prefix sharing, and peak RSS.
     Bench {
@@ -464,6 +481,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 Cpu::fast()
             };
             generate_cmd(&dir, &cpu, &prompt, max_tokens, chat, system.as_deref())
+        }
+        Command::GpuCheck {
+            out,
+            quick,
+            seed,
+            dry_run,
+        } => {
+            crate::gpu_check::run(&crate::gpu_check::Options {
+                out,
+                quick,
+                seed,
+                dry_run,
+            })?;
+            Ok(())
         }
         Command::Bench {
             model,

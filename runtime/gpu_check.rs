@@ -277,6 +277,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             quick: opts.quick,
         };
         ck.stage_a(&mut log);
+        ck.stage_b(&mut log);
         return finish(&mut log, opts, started, "dry run");
     }
     let dev = match CudaDevice::open(0) {
@@ -337,6 +338,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         quick: opts.quick,
     };
     ck.stage_a(&mut log);
+    ck.stage_b(&mut log);
     finish(&mut log, opts, started, &info.name)
 }
 
@@ -1158,6 +1160,191 @@ impl GemmCheck for bf16 {
     }
 }
 
+/// Whole-model threshold with bf16 weights (DESIGN.md: logits rel. L2 < 2e-2).
+pub const REL_L2_MODEL: f64 = 2e-2;
+/// Stage (b): most positions whose greedy token may differ from the CPU model's.
+pub const MAX_DISAGREEMENT: f64 = 0.1;
+
+impl Checks<'_> {
+    /// Stage (b): the Llama forward on the GPU (backend::cuda::CudaLlama) against the CPU
+    /// model on seeded random bf16 weights in the default model's shape (2 layers with
+    /// --quick): teacher-forced prefill, every position's logits (rel. L2) and greedy
+    /// token (agreement).
+    fn stage_b(&mut self, log: &mut Log) {
+        let layers = if self.quick { 2 } else { 30 };
+        let t = if self.quick { 17 } else { 37 };
+        let shape = format!("SmolLM2-135M shape, L={layers}, random bf16, T={t}");
+        match self.llama(layers, t) {
+            Ok((a, b)) => {
+                log.record("b", "llama_prefill(logits)", &shape, Ok(a));
+                log.record("b", "llama_prefill(greedy ids)", &shape, Ok(b));
+            }
+            Err(e) => log.record("b", "llama_prefill", &shape, Err(e)),
+        }
+    }
+
+    fn llama(
+        &mut self,
+        layers: usize,
+        t: usize,
+    ) -> std::result::Result<(Outcome, Outcome), CudaError> {
+        let model_err = |e: Error| CudaError::BadArgument {
+            op: "stage b",
+            arg: "(cpu model)",
+            reason: e.to_string(),
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "cloudrm-gpu-check-model-{}-{layers}",
+            std::process::id()
+        ));
+        let model = write_random_llama(&dir, layers, &mut self.rng)
+            .and_then(|()| crate::model::Llama::load_dir(&dir))
+            .map_err(model_err);
+        let model = match model {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let v = model.config.vocab_size;
+        let ids: Vec<u32> = (0..t).map(|_| self.rng.below(v) as u32).collect();
+        let cpu = crate::backend::Cpu::fast();
+        let mut sess = model.new_session(t, t);
+        let want = model
+            .forward(&cpu, &mut sess, &ids, crate::model::LogitsMode::All)
+            .map_err(model_err)?
+            .to_vec();
+        let want_ids: Vec<u32> = want
+            .chunks_exact(v)
+            .map(|row| cloudrm_sampler::argmax(row).map_or(u32::MAX, |i| i as u32))
+            .collect();
+        let result = match self.dev {
+            None => Ok((Outcome::dry(), Outcome::dry())),
+            Some(d) => {
+                let gpu = crate::backend::cuda::CudaLlama::upload(d, &model);
+                gpu.and_then(|g| {
+                    let t0 = Instant::now();
+                    let (logits, got_ids) = g.prefill_logits(&ids)?;
+                    let ms = ms(t0);
+                    let disagree = got_ids
+                        .iter()
+                        .zip(&want_ids)
+                        .filter(|(a, b)| a != b)
+                        .count() as f64
+                        / t as f64;
+                    Ok((
+                        Outcome::rel_l2(rel_l2(&logits, &want), REL_L2_MODEL, ms),
+                        Outcome {
+                            metric: "disagreement",
+                            value: disagree,
+                            threshold: MAX_DISAGREEMENT,
+                            pass: disagree <= MAX_DISAGREEMENT,
+                            ms,
+                        },
+                    ))
+                })
+            }
+        };
+        drop(model);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+}
+
+/// Writes a seeded random Llama in SmolLM2-135M's shape with `layers` layers (bf16,
+/// tied embeddings) as config.json + model.safetensors into `dir`. Linear weights are
+/// uniform with variance 1/fan_in, norms near 1, the embedding uniform in [-1, 1].
+fn write_random_llama(dir: &Path, layers: usize, rng: &mut Rng) -> Result<()> {
+    use cloudrm_loader::Dtype;
+    use cloudrm_loader::safetensors::{WriteTensor, write_safetensors};
+    let (c, i, nh, nkv, v) = (576usize, 1536usize, 9usize, 3usize, 49152usize);
+    let hs = c / nh;
+    let (q, kv) = (nh * hs, nkv * hs);
+    let io = |source| Error::Io {
+        context: format!("gpu-check: writing the random model into {}", dir.display()),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let bytes = (0..n)
+            .flat_map(|_| bf16::from_f32(rng.unit() * scale + offset).to_le_bytes())
+            .collect();
+        tensors.push((name, shape, bytes));
+    };
+    let lin = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    push("model.embed_tokens.weight".into(), vec![v, c], 1.0, 0.0);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}.");
+        push(format!("{p}input_layernorm.weight"), vec![c], 0.1, 1.0);
+        push(
+            format!("{p}self_attn.q_proj.weight"),
+            vec![q, c],
+            lin(c),
+            0.0,
+        );
+        push(
+            format!("{p}self_attn.k_proj.weight"),
+            vec![kv, c],
+            lin(c),
+            0.0,
+        );
+        push(
+            format!("{p}self_attn.v_proj.weight"),
+            vec![kv, c],
+            lin(c),
+            0.0,
+        );
+        push(
+            format!("{p}self_attn.o_proj.weight"),
+            vec![c, q],
+            lin(q),
+            0.0,
+        );
+        push(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![c],
+            0.1,
+            1.0,
+        );
+        push(format!("{p}mlp.gate_proj.weight"), vec![i, c], lin(c), 0.0);
+        push(format!("{p}mlp.up_proj.weight"), vec![i, c], lin(c), 0.0);
+        push(format!("{p}mlp.down_proj.weight"), vec![c, i], lin(i), 0.0);
+    }
+    push("model.norm.weight".into(), vec![c], 0.1, 1.0);
+    let writes: Vec<WriteTensor<'_>> = tensors
+        .iter()
+        .map(|(name, shape, data)| WriteTensor {
+            name,
+            dtype: Dtype::BF16,
+            shape,
+            data,
+        })
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &writes, None)?;
+    let config = json!({
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": c,
+        "intermediate_size": i,
+        "num_hidden_layers": layers,
+        "num_attention_heads": nh,
+        "num_key_value_heads": nkv,
+        "vocab_size": v,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": true,
+        "eos_token_id": 2,
+        "bos_token_id": 1,
+        "torch_dtype": "bfloat16",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).map_err(io)?;
+    Ok(())
+}
+
 fn kernel_err(e: cloudrm_kernels::KernelError) -> CudaError {
     CudaError::BadArgument {
         op: "reference",
@@ -1195,8 +1382,137 @@ mod tests {
         .unwrap();
         assert_eq!(r.failed, 0);
         assert!(r.passed > 60, "{r:?}");
+        let log = std::fs::read_to_string(out.join("gpu-check.log")).unwrap();
+        assert!(log.contains("llama_prefill(logits)"), "{log}");
         let jsonl = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
         assert_eq!(jsonl.lines().count(), r.passed + 1);
         std::fs::remove_dir_all(out).ok();
+    }
+
+    fn round_bf16(v: &mut [f32]) {
+        for x in v.iter_mut() {
+            *x = bf16::from_f32(*x).to_f32();
+        }
+    }
+
+    /// Stage (b)'s numerics on the CPU: the GPU pipeline's order of ops and its bf16
+    /// roundings (normed rows, QKV, rotated q/k, attention output, projections, SwiGLU)
+    /// emulated with the CPU kernels, against the CPU model. Shows that the stage (b)
+    /// thresholds hold for a correct GPU forward. Returns (logits rel. L2, disagreement).
+    fn emulate_stage_b(layers: usize, t: usize) -> (f64, f64) {
+        use cloudrm_kernels::cpu;
+        use cloudrm_kernels::reference::attention::{AttnShape, attention_forward};
+        let dir = std::env::temp_dir().join(format!(
+            "cloudrm-gpu-check-emulate-{}-{layers}",
+            std::process::id()
+        ));
+        let mut rng = Rng(11);
+        write_random_llama(&dir, layers, &mut rng).unwrap();
+        let model = crate::model::Llama::load_dir(&dir).unwrap();
+        let cfg = model.config.clone();
+        let w = &model.weights;
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hs) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let (q_d, kv_d) = (nh * hs, nkv * hs);
+        let eps = cfg.rms_norm_eps;
+        let ids: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
+        let mut sess = model.new_session(t, t);
+        let want = model
+            .forward(
+                &crate::backend::Cpu::fast(),
+                &mut sess,
+                &ids,
+                crate::model::LogitsMode::All,
+            )
+            .unwrap()
+            .to_vec();
+
+        let pos: Vec<u32> = (0..t as u32).collect();
+        let mut x = vec![0.0; t * c];
+        cpu::embedding_forward(&mut x, &ids, w.get(&w.embed), c).unwrap();
+        let mut xn = vec![0.0; t * c];
+        cpu::rmsnorm_forward(&mut xn, &x, w.get(&w.layers[0].attn_norm), eps).unwrap();
+        round_bf16(&mut xn);
+        let (mut q, mut k, mut vv) = (vec![0.0; t * q_d], vec![0.0; t * kv_d], vec![0.0; t * kv_d]);
+        let mut att = vec![0.0; t * q_d];
+        let mut scores = vec![0.0; t];
+        let mut proj = vec![0.0; t * c];
+        let (mut g, mut u, mut act) = (vec![0.0; t * i], vec![0.0; t * i], vec![0.0; t * i]);
+        for (l, lw) in w.layers.iter().enumerate() {
+            cpu::matmul_forward(&mut q, &xn, w.get(&lw.q_proj), None, c, q_d).unwrap();
+            cpu::matmul_forward(&mut k, &xn, w.get(&lw.k_proj), None, c, kv_d).unwrap();
+            cpu::matmul_forward(&mut vv, &xn, w.get(&lw.v_proj), None, c, kv_d).unwrap();
+            for b in [&mut q, &mut k, &mut vv] {
+                round_bf16(b);
+            }
+            cpu::rope_forward(&mut q, &pos, nh, hs, &model.inv_freq).unwrap();
+            cpu::rope_forward(&mut k, &pos, nkv, hs, &model.inv_freq).unwrap();
+            round_bf16(&mut q);
+            round_bf16(&mut k);
+            let shape = AttnShape {
+                n_tokens: t,
+                pos0: 0,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hs,
+            };
+            attention_forward(&mut att, &q, &k, &vv, &mut scores, shape).unwrap();
+            round_bf16(&mut att);
+            cpu::matmul_forward(&mut proj, &att, w.get(&lw.o_proj), None, q_d, c).unwrap();
+            round_bf16(&mut proj);
+            cpu::residual_forward(&mut x, &proj).unwrap();
+            cpu::rmsnorm_forward(&mut xn, &x, w.get(&lw.mlp_norm), eps).unwrap();
+            round_bf16(&mut xn);
+            cpu::matmul_forward(&mut g, &xn, w.get(&lw.gate_proj), None, c, i).unwrap();
+            cpu::matmul_forward(&mut u, &xn, w.get(&lw.up_proj), None, c, i).unwrap();
+            round_bf16(&mut g);
+            round_bf16(&mut u);
+            cpu::swiglu_forward(&mut act, &g, &u).unwrap();
+            round_bf16(&mut act);
+            cpu::matmul_forward(&mut proj, &act, w.get(&lw.down_proj), None, i, c).unwrap();
+            round_bf16(&mut proj);
+            cpu::residual_forward(&mut x, &proj).unwrap();
+            let next = match w.layers.get(l + 1) {
+                Some(n) => w.get(&n.attn_norm),
+                None => w.get(&w.final_norm),
+            };
+            cpu::rmsnorm_forward(&mut xn, &x, next, eps).unwrap();
+            round_bf16(&mut xn);
+        }
+        let mut logits = vec![0.0; t * v];
+        cpu::matmul_forward(&mut logits, &xn, w.get(&w.lm_head), None, c, v).unwrap();
+        drop(model);
+        std::fs::remove_dir_all(&dir).ok();
+        let am = |l: &[f32]| -> Vec<Option<usize>> {
+            l.chunks_exact(v).map(cloudrm_sampler::argmax).collect()
+        };
+        let disagree = am(&logits)
+            .iter()
+            .zip(am(&want))
+            .filter(|(a, b)| **a != *b)
+            .count() as f64
+            / t as f64;
+        (rel_l2(&logits, &want), disagree)
+    }
+
+    #[test]
+    fn stage_b_thresholds_hold_for_bf16_activations() {
+        let (e, d) = emulate_stage_b(2, 17);
+        println!("2 layers: logits rel L2 {e:.3e}, disagreement {d:.3}");
+        assert!(e < REL_L2_MODEL / 2.0 && d <= MAX_DISAGREEMENT, "{e} {d}");
+    }
+
+    /// The default model's depth (about 10 s on 2 cores): run with --ignored. Seen
+    /// 2026-11-27: logits rel. L2 1.17e-2, 1 of 37 greedy tokens different.
+    #[test]
+    #[ignore]
+    fn stage_b_thresholds_hold_for_bf16_activations_30_layers() {
+        let (e, d) = emulate_stage_b(30, 37);
+        println!("30 layers: logits rel L2 {e:.3e}, disagreement {d:.3}");
+        assert!(e < REL_L2_MODEL && d <= MAX_DISAGREEMENT, "{e} {d}");
     }
 }

@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -42,6 +43,8 @@ pub struct Options {
     /// Host side only (inputs, plans, CPU references), no device: tests the harness
     /// itself on a machine without a GPU.
     pub dry_run: bool,
+    /// Run only the checks whose "stage op shape" text contains this.
+    pub filter: Option<String>,
 }
 
 /// Counts of one run.
@@ -181,6 +184,8 @@ struct Log {
     text: File,
     jsonl: File,
     report: Report,
+    /// Only checks whose "stage op shape" contains this run.
+    filter: Option<String>,
 }
 
 impl Log {
@@ -196,6 +201,7 @@ impl Log {
             text: File::create(&t).map_err(io(&t))?,
             jsonl: File::create(&j).map_err(io(&j))?,
             report: Report::default(),
+            filter: None,
         })
     }
 
@@ -205,6 +211,29 @@ impl Log {
         eprintln!("{s}");
         let _ = writeln!(self.text, "{s}");
         let _ = self.text.flush();
+    }
+
+    fn wants(&self, stage: &str, op: &str, shape: &str) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|f| format!("{stage} {op} {shape}").contains(f))
+    }
+
+    /// Notes in the text log (not on stderr) that a check starts, so a crash or a hang
+    /// inside it can be located.
+    fn running(&mut self, stage: &str, op: &str, shape: &str) {
+        let _ = writeln!(self.text, "       {stage} {op:<32} {shape:<48} running");
+        let _ = self.text.flush();
+    }
+
+    /// Runs one check (unless filtered out) and records it; a panic in it is a failure.
+    fn check(&mut self, stage: &str, op: &str, shape: &str, f: impl FnOnce() -> CheckResult) {
+        if !self.wants(stage, op, shape) {
+            return;
+        }
+        self.running(stage, op, shape);
+        let r = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panicked(p)));
+        self.record(stage, op, shape, r);
     }
 
     fn json(&mut self, v: &Value) {
@@ -258,6 +287,7 @@ impl Log {
 /// Runs the whole check; Ok when every check passed.
 pub fn run(opts: &Options) -> Result<Report> {
     let mut log = Log::create(&opts.out)?;
+    log.filter = opts.filter.clone();
     let started = Instant::now();
     let unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -399,19 +429,32 @@ impl Checks<'_> {
         let rows: &[usize] = &[1, 7, 33];
         for &c in &[576usize, 577] {
             for &t in rows {
-                let r = self.embedding(t, c);
-                log.record("a", "embedding_bf16", &format!("T={t},C={c},V=1000"), r);
+                log.check(
+                    "a",
+                    "embedding_bf16",
+                    &format!("T={t},C={c},V=1000"),
+                    || self.embedding(t, c),
+                );
             }
         }
-        let r = self.embedding_bad_id();
-        log.record("a", "embedding_bf16(bad id)", "T=7,C=64,id 1000 at t=3", r);
+        log.check(
+            "a",
+            "embedding_bf16(bad id)",
+            "T=7,C=64,id 1000 at t=3",
+            || self.embedding_bad_id(),
+        );
 
         for &c in &[576usize, 577, 1025] {
             for &n in rows {
-                let r = self.rmsnorm(n, c);
-                log.record("a", "rmsnorm_bf16", &format!("rows={n},C={c}"), r);
-                let r = self.residual_rmsnorm(n, c);
-                log.record("a", "residual_rmsnorm_bf16", &format!("rows={n},C={c}"), r);
+                log.check("a", "rmsnorm_bf16", &format!("rows={n},C={c}"), || {
+                    self.rmsnorm(n, c)
+                });
+                log.check(
+                    "a",
+                    "residual_rmsnorm_bf16",
+                    &format!("rows={n},C={c}"),
+                    || self.residual_rmsnorm(n, c),
+                );
             }
         }
 
@@ -421,15 +464,14 @@ impl Checks<'_> {
             (paged(32, 8, 128, 16), "prefill"),
             (paged(32, 8, 128, 16), "decode"),
         ] {
-            let r = self.rope(sh, what == "prefill");
-            log.record(
+            log.check(
                 "a",
                 "rope_qkv_paged_bf16",
                 &format!(
                     "{what},NH={},NKV={},HS={}",
                     sh.n_heads, sh.n_kv_heads, sh.head_dim
                 ),
-                r,
+                || self.rope(sh, what == "prefill"),
             );
         }
 
@@ -446,8 +488,7 @@ impl Checks<'_> {
                 vec![1, 17, 0, 15, 16, long, 33],
                 (0..33).map(|i| (i * 37) % (long + 1)).collect(),
             ] {
-                let r = self.paged_decode(sh, &lens);
-                log.record(
+                log.check(
                     "a",
                     "paged_decode_attention",
                     &format!(
@@ -458,7 +499,7 @@ impl Checks<'_> {
                         lens.len(),
                         lens.iter().max().unwrap_or(&0)
                     ),
-                    r,
+                    || self.paged_decode(sh, &lens),
                 );
             }
         }
@@ -474,63 +515,66 @@ impl Checks<'_> {
                 (16, Some(64usize)),
                 (1, Some(32)),
             ] {
-                let r = self.cascade(sh, k, long, split);
-                log.record(
+                log.check(
                     "a",
                     "attention_partial+merge(cascade)",
                     &format!(
                         "NH={},NKV={},HS={},K={k},prefix={long},split={split:?}",
                         sh.n_heads, sh.n_kv_heads, sh.head_dim
                     ),
-                    r,
+                    || self.cascade(sh, k, long, split),
                 );
             }
-            let r = self.prefill(sh, 20, 17);
-            log.record(
+            log.check(
                 "a",
                 "attention_partial+merge(prefill)",
                 &format!(
                     "NH={},NKV={},HS={},pos0=20,T=17",
                     sh.n_heads, sh.n_kv_heads, sh.head_dim
                 ),
-                r,
+                || self.prefill(sh, 20, 17),
             );
         }
-        let r = self.cascade_all_empty();
-        log.record("a", "attention_merge_states(empty)", "B=3,no positions", r);
+        log.check(
+            "a",
+            "attention_merge_states(empty)",
+            "B=3,no positions",
+            || self.cascade_all_empty(),
+        );
 
         for &n in rows {
             for (inter, fused) in [(1536usize, true), (1536, false), (578, true)] {
-                let r = self.swiglu(n, inter, fused);
-                log.record(
+                log.check(
                     "a",
                     "swiglu_bf16",
                     &format!("rows={n},I={inter},fused={fused}"),
-                    r,
+                    || self.swiglu(n, inter, fused),
                 );
             }
         }
 
         for (rows_sel, ld) in [(None, 576usize), (Some(vec![5u32, 0, 2]), 640)] {
-            let r = self.reward_linear(rows_sel.clone(), ld);
-            log.record(
+            log.check(
                 "a",
                 "reward_linear_bf16",
                 &format!("C=576,ld={ld},rows={rows_sel:?}"),
-                r,
+                || self.reward_linear(rows_sel.clone(), ld),
             );
-            let r = self.reward_dense(rows_sel.clone(), ld);
-            log.record(
+            log.check(
                 "a",
                 "reward_dense_tanh+out",
                 &format!("C=576,ld={ld},rows={rows_sel:?}"),
-                r,
+                || self.reward_dense(rows_sel.clone(), ld),
             );
         }
 
         let v = if self.quick { 5000 } else { 49152 };
-        let r = self.argmax(7, v);
-        log.record("a", "argmax_f32", &format!("B=7,V={v},ties+NaN rows"), r);
+        log.check(
+            "a",
+            "argmax_f32",
+            &format!("B=7,V={v},ties+NaN rows"),
+            || self.argmax(7, v),
+        );
 
         let mut gemms = vec![
             (1usize, 576usize, 576usize),
@@ -542,10 +586,18 @@ impl Checks<'_> {
             gemms.push((7, 49152, 576));
         }
         for (m, n, k) in gemms {
-            let r = self.gemm::<f32>(m, n, k);
-            log.record("a", "gemm_bf16(f32 out)", &format!("M={m},N={n},K={k}"), r);
-            let r = self.gemm::<bf16>(m, n, k);
-            log.record("a", "gemm_bf16(bf16 out)", &format!("M={m},N={n},K={k}"), r);
+            log.check(
+                "a",
+                "gemm_bf16(f32 out)",
+                &format!("M={m},N={n},K={k}"),
+                || self.gemm::<f32>(m, n, k),
+            );
+            log.check(
+                "a",
+                "gemm_bf16(bf16 out)",
+                &format!("M={m},N={n},K={k}"),
+                || self.gemm::<bf16>(m, n, k),
+            );
         }
     }
 
@@ -1174,7 +1226,13 @@ impl Checks<'_> {
         let layers = if self.quick { 2 } else { 30 };
         let t = if self.quick { 17 } else { 37 };
         let shape = format!("SmolLM2-135M shape, L={layers}, random bf16, T={t}");
-        match self.llama(layers, t) {
+        if !log.wants("b", "llama_prefill", &shape) {
+            return;
+        }
+        log.running("b", "llama_prefill", &shape);
+        match catch_unwind(AssertUnwindSafe(|| self.llama(layers, t)))
+            .unwrap_or_else(|p| Err(panicked(p)))
+        {
             Ok((a, b)) => {
                 log.record("b", "llama_prefill(logits)", &shape, Ok(a));
                 log.record("b", "llama_prefill(greedy ids)", &shape, Ok(b));
@@ -1345,6 +1403,19 @@ fn write_random_llama(dir: &Path, layers: usize, rng: &mut Rng) -> Result<()> {
     Ok(())
 }
 
+fn panicked(p: Box<dyn std::any::Any + Send>) -> CudaError {
+    let text = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".to_string());
+    CudaError::BadArgument {
+        op: "gpu-check",
+        arg: "(panic in the check harness)",
+        reason: text,
+    }
+}
+
 fn kernel_err(e: cloudrm_kernels::KernelError) -> CudaError {
     CudaError::BadArgument {
         op: "reference",
@@ -1378,6 +1449,7 @@ mod tests {
             quick: true,
             seed: 7,
             dry_run: true,
+            filter: None,
         })
         .unwrap();
         assert_eq!(r.failed, 0);

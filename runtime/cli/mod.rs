@@ -275,6 +275,9 @@ pub enum Command {
         /// Build the inputs and run the CPU references only (no GPU): tests the harness.
         #[arg(long)]
         dry_run: bool,
+        /// Run only the checks whose "stage op shape" text contains this (e.g. "cascade").
+        #[arg(long)]
+        filter: Option<String>,
     },
     /// Measure load, prefill, single-stream decode (with its read-bandwidth roofline
     /// fraction), the K-critique job with and without prefix sharing, and peak RSS.
@@ -487,12 +490,14 @@ pub fn run(cli: Cli) -> Result<()> {
             quick,
             seed,
             dry_run,
+            filter,
         } => {
             crate::gpu_check::run(&crate::gpu_check::Options {
                 out,
                 quick,
                 seed,
                 dry_run,
+                filter,
             })?;
             Ok(())
         }

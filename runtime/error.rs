@@ -19,6 +19,14 @@ pub enum Error {
     Cloud(#[from] crate::cloud::CloudError),
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),
+    #[error(transparent)]
+    Cuda(#[from] cloudrm_kernels::cuda::CudaError),
+    #[error("gpu-check: {failed} of {total} checks failed (see {})", log.display())]
+    GpuCheckFailed {
+        failed: usize,
+        total: usize,
+        log: std::path::PathBuf,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

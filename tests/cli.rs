@@ -176,3 +176,48 @@ fn bench_reports_every_figure_as_json() {
     assert!(stderr.contains("positive"), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
 }
+
+#[test]
+fn gpu_check_without_cuda_fails_fast_with_a_typed_error() {
+    let dir = temp_dir("cli-gpu-check").join("out");
+    let start = std::time::Instant::now();
+    let out = cloudrm()
+        .args(["gpu-check", "--quick", "--out"])
+        .arg(&dir)
+        // The no-GPU path, also on a GPU machine.
+        .env("CLOUDRM_NO_CUDA", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(start.elapsed().as_secs() < 30, "took {:?}", start.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CUDA driver is not available"),
+        "stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    let log = std::fs::read_to_string(dir.join("gpu-check.log")).unwrap();
+    assert!(log.contains("CUDA unavailable"), "{log}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.first().unwrap()["pass"], false);
+    assert_eq!(lines.last().unwrap()["stage"], "summary");
+    assert_eq!(lines.last().unwrap()["failed"], 1);
+    // A rerun overwrites its own files.
+    let again = cloudrm()
+        .args(["gpu-check", "--out"])
+        .arg(&dir)
+        .env("CLOUDRM_NO_CUDA", "1")
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let n = std::fs::read_to_string(dir.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(n, lines.len());
+    std::fs::remove_dir_all(dir.parent().unwrap()).ok();
+}

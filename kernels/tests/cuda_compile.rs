@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use cloudrm_kernels::cuda::{
-    self, Arch, CudaError, KernelSource, compile_ptx, compile_ptx_cached, nvrtc, ptx_entries,
+    self, Arch, CudaError, Kernel, KernelSource, compile_ptx, compile_ptx_cached, nvrtc,
+    ptx_entries,
 };
 
 const REQUIRE_ENV: &str = "CLOUDRM_REQUIRE_CUDA_TOOLS";
@@ -248,6 +249,58 @@ fn every_kernel_compiles_and_listed_kernels_do_not_spill() {
         "CUDA kernel check failed:\n{}",
         failures.join("\n\n")
     );
+}
+
+/// Registers a block of `threads` needs (allocated per warp in units of 256).
+fn block_registers(regs: u32, threads: u32) -> u32 {
+    (regs * 32).div_ceil(256) * 256 * threads.div_ceil(32)
+}
+
+#[test]
+fn launch_wrappers_match_the_kernel_signatures_and_register_budget() {
+    const TEST: &str = "cuda_signatures";
+    if !nvrtc_or_skip(TEST) {
+        return;
+    }
+    let dir = scratch_dir("cuda_signatures");
+    let ptxas = ptxas();
+    let mut failures = Vec::new();
+    for arch in Arch::ALL {
+        for k in Kernel::ALL {
+            let src = cuda::source(k.file()).expect("embedded");
+            let ptx = compile_ptx_cached(&src, arch, &dir).expect("compile").ptx;
+            match cuda::ptx_entry_params(&ptx, k.name()) {
+                Some(p) if p == k.ptx_params() => {}
+                other => failures.push(format!(
+                    "{} ({}): the wrapper passes {:?}, the PTX declares {other:?}",
+                    k.name(),
+                    arch.sm(),
+                    k.ptx_params()
+                )),
+            }
+            let Some(ptxas) = &ptxas else { continue };
+            let out = run_ptxas(ptxas, &ptx, arch, &dir, src.stem()).expect("ptxas");
+            let stats = parse_ptxas(&out);
+            let Some(s) = stats.iter().find(|s| s.name == k.name()) else {
+                failures.push(format!("{}: not in ptxas -v output", k.name()));
+                continue;
+            };
+            let need = block_registers(s.registers, k.max_block());
+            if need > 65536 {
+                failures.push(format!(
+                    "{} ({}): {} registers x {} threads = {need} > 65536: the launch would fail",
+                    k.name(),
+                    arch.sm(),
+                    s.registers,
+                    k.max_block()
+                ));
+            }
+        }
+    }
+    if ptxas.is_none() {
+        missing(TEST, "no ptxas: register budget not checked");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Compute backends. The CPU backend has a reference mode (the scalar kernels, the test
-//! oracle, ggml's `use_ref`) and a fast mode (SIMD + threads). The CUDA backend arrives
-//! with its own issue behind the same calls.
+//! oracle, ggml's `use_ref`) and a fast mode (SIMD + threads). `cuda` holds the first GPU
+//! forward (a teacher-forced prefill checked by `cloudrm gpu-check`); the CUDA backend
+//! behind the same calls is still to come.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::{Cpu, CpuMode};

@@ -282,6 +282,26 @@ pub enum Command {
         #[arg(long, value_enum)]
         quantize: Option<QuantizeArg>,
     },
+    /// Check every CUDA op (each kernel entry point and the cuBLAS GEMM) against the CPU
+    /// reference on random inputs; writes DIR/gpu-check.log and DIR/results.jsonl and
+    /// exits non-zero if any check fails or CUDA is unavailable (scripts/gpu-check.sh).
+    GpuCheck {
+        /// Output directory (created; its gpu-check.log and results.jsonl are replaced).
+        #[arg(long)]
+        out: PathBuf,
+        /// Smaller sizes (skips the vocabulary-sized GEMM and argmax).
+        #[arg(long)]
+        quick: bool,
+        /// Seed of the random inputs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Build the inputs and run the CPU references only (no GPU): tests the harness.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run only the checks whose "stage op shape" text contains this (e.g. "cascade").
+        #[arg(long)]
+        filter: Option<String>,
+    },
     /// Measure load, prefill, single-stream decode (with its read-bandwidth roofline
     /// fraction), the K-critique job with and without prefix sharing, and peak RSS.
     Bench {
@@ -498,6 +518,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 quantize,
             };
             generate_cmd(&dir, &cpu, &gen_args)
+        }
+        Command::GpuCheck {
+            out,
+            quick,
+            seed,
+            dry_run,
+            filter,
+        } => {
+            crate::gpu_check::run(&crate::gpu_check::Options {
+                out,
+                quick,
+                seed,
+                dry_run,
+                filter,
+            })?;
+            Ok(())
         }
         Command::Bench {
             model,

@@ -7,15 +7,30 @@
 //! run time (nothing here links against CUDA, so the crate builds and its CPU paths run on
 //! machines without it), and caches the PTX on disk.
 //!
-//! Not here yet: the Rust launch wrappers (cudarc driver), cuBLAS GEMMs, CUDA graphs.
+//! [`device`] opens the GPU behind presence checks (typed errors, never a panic) and
+//! caches the loaded modules; [`ops`] has one checked launch wrapper per kernel entry
+//! point and the cuBLAS bf16 GEMM; [`plan`] builds the cascade / split-K / prefill work
+//! items of the attention kernels on the host. Not here yet: CUDA graphs, a GPU backend
+//! behind the model's forward.
 
+pub mod device;
+pub mod error;
+pub mod launch;
 pub mod nvrtc;
+pub mod ops;
+pub mod plan;
 
 mod embedded {
     include!(concat!(env!("OUT_DIR"), "/cuda_sources.rs"));
 }
 
-pub use nvrtc::{CudaError, compile_ptx, compile_ptx_cached, ptx_cache_dir};
+/// The cudarc version the wrappers are written against (buffers are its `CudaSlice`s).
+pub use cudarc;
+pub use device::{CudaDevice, DeviceInfo, IndexBuf, Kernel, Param};
+pub use error::CudaError;
+pub use nvrtc::{compile_ptx, compile_ptx_cached, ptx_cache_dir};
+pub use ops::{DevicePlan, GemmOut};
+pub use plan::{PlanOptions, PlanPart, WorkItem, WorkPlan};
 
 /// `common.cuh`: the helpers every kernel file is compiled with.
 pub const COMMON: &str = embedded::COMMON;
@@ -118,6 +133,27 @@ pub fn ptx_entries(ptx: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The parameter types (`.u64`, `.u32`, `.f32`, ...) of entry `name` in a PTX text, in
+/// order; None when the PTX does not define it.
+pub fn ptx_entry_params(ptx: &str, name: &str) -> Option<Vec<String>> {
+    let mut lines = ptx.lines().map(str::trim);
+    lines.find(|l| {
+        l.strip_prefix(".visible .entry ")
+            .and_then(|rest| rest.strip_prefix(name))
+            .is_some_and(|rest| rest.starts_with('('))
+    })?;
+    let mut params = Vec::new();
+    for l in lines {
+        if l.starts_with(')') {
+            return Some(params);
+        }
+        if let Some(rest) = l.strip_prefix(".param ") {
+            params.push(rest.split_whitespace().next().unwrap_or("").to_string());
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +194,19 @@ mod tests {
     fn ptx_entry_names() {
         let ptx = "//\n.visible .entry argmax_f32(\n\t.param .u64 a\n)\n.visible .entry x_hs64(\n";
         assert_eq!(ptx_entries(ptx), ["argmax_f32", "x_hs64"]);
+    }
+
+    #[test]
+    fn ptx_params() {
+        let ptx = ".visible .entry a_hs64(\n\t.param .u64 a_hs64_param_0\n)\n\
+            .visible .entry a(\n\t.param .u64 .ptr .align 1 a_param_0,\n\
+            \t.param .u32 a_param_1,\n\t.param .f32 a_param_2\n)\n{\n}\n";
+        assert_eq!(
+            ptx_entry_params(ptx, "a").unwrap(),
+            [".u64", ".u32", ".f32"]
+        );
+        assert_eq!(ptx_entry_params(ptx, "a_hs64").unwrap(), [".u64"]);
+        assert_eq!(ptx_entry_params(ptx, "b"), None);
     }
 
     #[test]

@@ -15,36 +15,18 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+
 use std::sync::OnceLock;
 
 use cudarc::nvrtc::{CompileError, CompileOptions};
 use sha2::{Digest, Sha256};
 
+pub use super::error::CudaError;
+use super::error::panic_text;
 use super::{Arch, KernelSource};
 
 /// Environment variable naming the NVRTC shared library file to load.
 pub const NVRTC_LIB_ENV: &str = "CLOUDRM_NVRTC_LIB";
-
-/// Errors of the CUDA compilation path.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CudaError {
-    /// No NVRTC library could be loaded.
-    #[error("NVRTC is not available: {0}")]
-    NvrtcMissing(String),
-    /// NVRTC rejected a kernel file; `log` is its program log.
-    #[error("NVRTC failed to compile {file} for {arch}:\n{log}")]
-    Compile {
-        file: &'static str,
-        arch: &'static str,
-        log: String,
-    },
-    /// Any other NVRTC failure (program creation, PTX retrieval, a panic inside cudarc).
-    #[error("NVRTC error on {file}: {reason}")]
-    Nvrtc { file: &'static str, reason: String },
-    /// Reading or writing the PTX cache.
-    #[error("PTX cache {path}: {reason}")]
-    Cache { path: PathBuf, reason: String },
-}
 
 /// The options every kernel file is compiled with (besides the architecture).
 pub const NVRTC_OPTIONS: &[&str] = &["--std=c++17", "--fmad=true"];
@@ -114,13 +96,6 @@ fn preload_builtins(nvrtc: &Path) {
             }
         }
     }
-}
-
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic in cudarc".to_string())
 }
 
 /// Compiles one kernel file to PTX for `arch` (no cache).

@@ -1,0 +1,1590 @@
+//! `cloudrm gpu-check`: every CUDA op against the CPU scalar reference, on the GPU
+//! machine, in one run (scripts/gpu-check.sh).
+//!
+//! Stage (a): each kernel entry point and the cuBLAS GEMM on seeded random inputs of odd
+//! sizes. Inputs are rounded to bf16 once and the same values feed both sides (the
+//! reference reads the bf16 as f32); the reference runs in the same process. Metric:
+//! relative L2 error ||gpu - ref|| / ||ref|| < 1e-2 (DESIGN.md: bf16-compute paths);
+//! NaN or Inf never passes; ids (argmax, embedding errors) must match exactly.
+//!
+//! Output, in `--out DIR` (created; our two files overwritten, so reruns are safe):
+//! `gpu-check.log` (the human log, also echoed to stderr) and `results.jsonl` (one JSON
+//! object per check, appended and flushed as it finishes: stage, op, shape, metric,
+//! value, threshold, pass, ms; then a summary line). The run fails (non-zero exit) when a
+//! check fails or CUDA cannot be opened; without CUDA it stops at once with the typed
+//! error.
+
+use std::fs::File;
+use std::io::Write;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cloudrm_kernels::Weights;
+use cloudrm_kernels::cuda::{CudaDevice, CudaError, Kernel, PlanOptions, WorkPlan};
+use cloudrm_kernels::reference::attention_paged::{self as refattn, Level, PagedShape};
+use cloudrm_kernels::reference::heads::{RewardHeadWeights, reward_head_forward};
+use cloudrm_kernels::reference::{embedding, matmul, residual, rmsnorm, rope, swiglu};
+use half::bf16;
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+/// Relative L2 threshold of bf16-compute paths (DESIGN.md).
+pub const REL_L2_BF16: f64 = 1e-2;
+/// Relative L2 threshold of f32 outputs computed in f32 (the residual stream).
+pub const REL_L2_F32: f64 = 1e-5;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub out: PathBuf,
+    pub quick: bool,
+    pub seed: u64,
+    /// Host side only (inputs, plans, CPU references), no device: tests the harness
+    /// itself on a machine without a GPU.
+    pub dry_run: bool,
+    /// Run only the checks whose "stage op shape" text contains this.
+    pub filter: Option<String>,
+}
+
+/// Counts of one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    pub passed: usize,
+    pub failed: usize,
+}
+
+/// The result of one comparison.
+struct Outcome {
+    metric: &'static str,
+    value: f64,
+    threshold: f64,
+    pass: bool,
+    /// GPU time of the op (launch to synchronised), ms.
+    ms: f64,
+}
+
+impl Outcome {
+    fn rel_l2(value: f64, threshold: f64, ms: f64) -> Outcome {
+        Outcome {
+            metric: "rel_l2",
+            value,
+            threshold,
+            pass: value.is_finite() && value < threshold,
+            ms,
+        }
+    }
+
+    /// A dry run's outcome: the host side ran, nothing was compared.
+    fn dry() -> Outcome {
+        Outcome {
+            metric: "dry",
+            value: 0.0,
+            threshold: 0.0,
+            pass: true,
+            ms: 0.0,
+        }
+    }
+
+    fn exact(mismatches: usize, ms: f64) -> Outcome {
+        Outcome {
+            metric: "mismatches",
+            value: mismatches as f64,
+            threshold: 0.0,
+            pass: mismatches == 0,
+            ms,
+        }
+    }
+
+    /// The worse of two outcomes (both must pass).
+    fn and(self, other: Outcome) -> Outcome {
+        if !self.pass || other.pass && self.value >= other.value {
+            Outcome {
+                ms: self.ms.max(other.ms),
+                ..self
+            }
+        } else {
+            Outcome {
+                ms: self.ms.max(other.ms),
+                ..other
+            }
+        }
+    }
+}
+
+/// ||got - want|| / ||want||; infinite when `got` holds a NaN or an infinity.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let d = g as f64 - w as f64;
+        num += d * d;
+        den += w as f64 * w as f64;
+    }
+    if den == 0.0 {
+        if num == 0.0 { 0.0 } else { f64::INFINITY }
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// SplitMix64: small, seeded, the same stream on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn f32s(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.unit() * scale).collect()
+    }
+
+    /// bf16 values and the same values as f32.
+    fn bf16s(&mut self, n: usize, scale: f32, offset: f32) -> (Vec<bf16>, Vec<f32>) {
+        let b: Vec<bf16> = (0..n)
+            .map(|_| bf16::from_f32(self.unit() * scale + offset))
+            .collect();
+        let f = b.iter().map(|x| x.to_f32()).collect();
+        (b, f)
+    }
+
+    /// A permutation of 0..n (scattered block ids).
+    fn perm(&mut self, n: usize) -> Vec<u32> {
+        let mut v: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+        v
+    }
+}
+
+fn to_f32(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// The two output files and the running counts.
+struct Log {
+    text: File,
+    jsonl: File,
+    report: Report,
+    /// Only checks whose "stage op shape" contains this run.
+    filter: Option<String>,
+}
+
+impl Log {
+    fn create(dir: &Path) -> Result<Log> {
+        let io = |p: &Path| {
+            let context = format!("gpu-check: creating {}", p.display());
+            move |source| Error::Io { context, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let t = dir.join("gpu-check.log");
+        let j = dir.join("results.jsonl");
+        Ok(Log {
+            text: File::create(&t).map_err(io(&t))?,
+            jsonl: File::create(&j).map_err(io(&j))?,
+            report: Report::default(),
+            filter: None,
+        })
+    }
+
+    /// A line of the human log (also to stderr). Write errors to the log are ignored:
+    /// the JSON file and the exit status still tell the result.
+    fn line(&mut self, s: &str) {
+        eprintln!("{s}");
+        let _ = writeln!(self.text, "{s}");
+        let _ = self.text.flush();
+    }
+
+    fn wants(&self, stage: &str, op: &str, shape: &str) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|f| format!("{stage} {op} {shape}").contains(f))
+    }
+
+    /// Notes in the text log (not on stderr) that a check starts, so a crash or a hang
+    /// inside it can be located.
+    fn running(&mut self, stage: &str, op: &str, shape: &str) {
+        let _ = writeln!(self.text, "       {stage} {op:<32} {shape:<48} running");
+        let _ = self.text.flush();
+    }
+
+    /// Runs one check (unless filtered out) and records it; a panic in it is a failure.
+    fn check(&mut self, stage: &str, op: &str, shape: &str, f: impl FnOnce() -> CheckResult) {
+        if !self.wants(stage, op, shape) {
+            return;
+        }
+        self.running(stage, op, shape);
+        let r = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panicked(p)));
+        self.record(stage, op, shape, r);
+    }
+
+    fn json(&mut self, v: &Value) {
+        let _ = writeln!(self.jsonl, "{v}");
+        let _ = self.jsonl.flush();
+    }
+
+    fn record(
+        &mut self,
+        stage: &str,
+        op: &str,
+        shape: &str,
+        r: std::result::Result<Outcome, CudaError>,
+    ) {
+        match r {
+            Ok(o) => {
+                if o.pass {
+                    self.report.passed += 1;
+                } else {
+                    self.report.failed += 1;
+                }
+                let value = if o.metric == "dry" {
+                    "dry run".to_string()
+                } else if o.metric == "mismatches" {
+                    format!("mismatches={}", o.value)
+                } else {
+                    format!("{}={:.3e} (< {:.0e})", o.metric, o.value, o.threshold)
+                };
+                self.line(&format!(
+                    "[{}] {stage} {op:<32} {shape:<48} {value} {:.3} ms",
+                    if o.pass { "PASS" } else { "FAIL" },
+                    o.ms
+                ));
+                self.json(&json!({
+                    "stage": stage, "op": op, "shape": shape, "metric": o.metric,
+                    "value": o.value, "threshold": o.threshold, "pass": o.pass, "ms": o.ms,
+                }));
+            }
+            Err(e) => {
+                self.report.failed += 1;
+                self.line(&format!("[FAIL] {stage} {op:<32} {shape:<48} error: {e}"));
+                self.json(&json!({
+                    "stage": stage, "op": op, "shape": shape, "pass": false,
+                    "error": e.to_string(),
+                }));
+            }
+        }
+    }
+}
+
+/// Runs the whole check; Ok when every check passed.
+pub fn run(opts: &Options) -> Result<Report> {
+    let mut log = Log::create(&opts.out)?;
+    log.filter = opts.filter.clone();
+    let started = Instant::now();
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    log.line(&format!(
+        "cloudrm {} gpu-check: seed {} quick {} unix time {unix}",
+        env!("CARGO_PKG_VERSION"),
+        opts.seed,
+        opts.quick
+    ));
+    if opts.dry_run {
+        log.line("dry run: inputs, plans and CPU references only; nothing runs on a GPU");
+        let mut ck = Checks {
+            dev: None,
+            rng: Rng(opts.seed ^ 0x5eed),
+            quick: opts.quick,
+        };
+        ck.stage_a(&mut log);
+        ck.stage_b(&mut log);
+        return finish(&mut log, opts, started, "dry run");
+    }
+    let dev = match CudaDevice::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            log.line(&format!("CUDA unavailable: {e}"));
+            log.json(
+                &json!({"stage": "open", "op": "open", "pass": false, "error": e.to_string()}),
+            );
+            log.json(&json!({"stage": "summary", "passed": 0, "failed": 1, "total": 1}));
+            return Err(Error::Cuda(e));
+        }
+    };
+    let info = dev.info().clone();
+    let cublas = dev.cublas_version();
+    log.line(&format!(
+        "device 0: {} (sm_{}{}, {} SMs, {:.1} GiB), driver {} ({}), NVRTC {}, cuBLAS {}, kernels built for {}",
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.multiprocessors,
+        info.total_mem_bytes as f64 / (1u64 << 30) as f64,
+        info.driver_version_text(),
+        info.driver_version,
+        info.nvrtc_version_text(),
+        match &cublas {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("unavailable ({e})"),
+        },
+        info.arch.compute(),
+    ));
+    log.json(&json!({
+        "stage": "device", "name": info.name,
+        "compute_capability": format!("{}.{}", info.compute_capability.0, info.compute_capability.1),
+        "multiprocessors": info.multiprocessors, "total_mem_bytes": info.total_mem_bytes,
+        "driver_version": info.driver_version_text(), "nvrtc_version": info.nvrtc_version_text(),
+        "cublas_version": cublas.as_ref().map(|v| v.to_string()).unwrap_or_else(|e| e.to_string()),
+        "ptx_arch": info.arch.compute(), "seed": opts.seed, "quick": opts.quick,
+    }));
+
+    // Compile (or read from the PTX cache) and load every module first, timed per file.
+    let mut files: Vec<&'static str> = Kernel::ALL.iter().map(|k| k.file()).collect();
+    files.dedup();
+    for f in files {
+        let t = Instant::now();
+        let r = dev.module(f).map(|_| Outcome::exact(0, ms(t)));
+        log.record("load", f, "nvrtc+cuModuleLoadData", r);
+    }
+    for k in Kernel::ALL {
+        if let Err(e) = dev.function(k) {
+            log.record("load", k.name(), "cuModuleGetFunction", Err(e));
+        }
+    }
+
+    let mut ck = Checks {
+        dev: Some(&dev),
+        rng: Rng(opts.seed ^ 0x5eed),
+        quick: opts.quick,
+    };
+    ck.stage_a(&mut log);
+    ck.stage_b(&mut log);
+    finish(&mut log, opts, started, &info.name)
+}
+
+/// The summary (log and JSON); an error when a check failed.
+fn finish(log: &mut Log, opts: &Options, started: Instant, device: &str) -> Result<Report> {
+    let r = log.report;
+    let secs = started.elapsed().as_secs_f64();
+    log.line(&format!(
+        "summary: {} passed, {} failed, {} total in {secs:.1} s",
+        r.passed,
+        r.failed,
+        r.passed + r.failed,
+    ));
+    log.json(&json!({
+        "stage": "summary", "passed": r.passed, "failed": r.failed,
+        "total": r.passed + r.failed, "device": device, "seconds": secs,
+    }));
+    if r.failed > 0 {
+        return Err(Error::GpuCheckFailed {
+            failed: r.failed,
+            total: r.passed + r.failed,
+            log: opts.out.join("gpu-check.log"),
+        });
+    }
+    Ok(r)
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+type CheckResult = std::result::Result<Outcome, CudaError>;
+
+struct Checks<'d> {
+    /// None in a dry run: inputs and CPU references only.
+    dev: Option<&'d CudaDevice>,
+    rng: Rng,
+    quick: bool,
+}
+
+fn paged(nh: usize, nkv: usize, hs: usize, bs: usize) -> PagedShape {
+    PagedShape {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hs,
+        block_size: bs,
+    }
+}
+
+fn inv_freq(hs: usize, theta: f64) -> Vec<f32> {
+    (0..hs / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / hs as f64)) as f32)
+        .collect()
+}
+
+impl Checks<'_> {
+    fn stage_a(&mut self, log: &mut Log) {
+        let rows: &[usize] = &[1, 7, 33];
+        for &c in &[576usize, 577] {
+            for &t in rows {
+                log.check(
+                    "a",
+                    "embedding_bf16",
+                    &format!("T={t},C={c},V=1000"),
+                    || self.embedding(t, c),
+                );
+            }
+        }
+        log.check(
+            "a",
+            "embedding_bf16(bad id)",
+            "T=7,C=64,id 1000 at t=3",
+            || self.embedding_bad_id(),
+        );
+
+        for &c in &[576usize, 577, 1025] {
+            for &n in rows {
+                log.check("a", "rmsnorm_bf16", &format!("rows={n},C={c}"), || {
+                    self.rmsnorm(n, c)
+                });
+                log.check(
+                    "a",
+                    "residual_rmsnorm_bf16",
+                    &format!("rows={n},C={c}"),
+                    || self.residual_rmsnorm(n, c),
+                );
+            }
+        }
+
+        for (sh, what) in [
+            (paged(9, 3, 64, 16), "prefill"),
+            (paged(9, 3, 64, 16), "decode"),
+            (paged(32, 8, 128, 16), "prefill"),
+            (paged(32, 8, 128, 16), "decode"),
+        ] {
+            log.check(
+                "a",
+                "rope_qkv_paged_bf16",
+                &format!(
+                    "{what},NH={},NKV={},HS={}",
+                    sh.n_heads, sh.n_kv_heads, sh.head_dim
+                ),
+                || self.rope(sh, what == "prefill"),
+            );
+        }
+
+        let long = if self.quick { 129 } else { 577 };
+        let decode_shapes = [
+            paged(9, 3, 64, 16),
+            paged(4, 4, 64, 16),
+            paged(8, 1, 128, 16),
+            paged(32, 8, 128, 16),
+        ];
+        for sh in decode_shapes {
+            for lens in [
+                vec![long],
+                vec![1, 17, 0, 15, 16, long, 33],
+                (0..33).map(|i| (i * 37) % (long + 1)).collect(),
+            ] {
+                log.check(
+                    "a",
+                    "paged_decode_attention",
+                    &format!(
+                        "NH={},NKV={},HS={},B={},max_len={}",
+                        sh.n_heads,
+                        sh.n_kv_heads,
+                        sh.head_dim,
+                        lens.len(),
+                        lens.iter().max().unwrap_or(&0)
+                    ),
+                    || self.paged_decode(sh, &lens),
+                );
+            }
+        }
+
+        for sh in [
+            paged(9, 3, 64, 16),
+            paged(32, 8, 128, 16),
+            paged(8, 1, 64, 16),
+        ] {
+            for (k, split) in [
+                (3usize, None),
+                (16, None),
+                (16, Some(64usize)),
+                (1, Some(32)),
+            ] {
+                log.check(
+                    "a",
+                    "attention_partial+merge(cascade)",
+                    &format!(
+                        "NH={},NKV={},HS={},K={k},prefix={long},split={split:?}",
+                        sh.n_heads, sh.n_kv_heads, sh.head_dim
+                    ),
+                    || self.cascade(sh, k, long, split),
+                );
+            }
+            log.check(
+                "a",
+                "attention_partial+merge(prefill)",
+                &format!(
+                    "NH={},NKV={},HS={},pos0=20,T=17",
+                    sh.n_heads, sh.n_kv_heads, sh.head_dim
+                ),
+                || self.prefill(sh, 20, 17),
+            );
+        }
+        log.check(
+            "a",
+            "attention_merge_states(empty)",
+            "B=3,no positions",
+            || self.cascade_all_empty(),
+        );
+
+        for &n in rows {
+            for (inter, fused) in [(1536usize, true), (1536, false), (578, true)] {
+                log.check(
+                    "a",
+                    "swiglu_bf16",
+                    &format!("rows={n},I={inter},fused={fused}"),
+                    || self.swiglu(n, inter, fused),
+                );
+            }
+        }
+
+        for (rows_sel, ld) in [(None, 576usize), (Some(vec![5u32, 0, 2]), 640)] {
+            log.check(
+                "a",
+                "reward_linear_bf16",
+                &format!("C=576,ld={ld},rows={rows_sel:?}"),
+                || self.reward_linear(rows_sel.clone(), ld),
+            );
+            log.check(
+                "a",
+                "reward_dense_tanh+out",
+                &format!("C=576,ld={ld},rows={rows_sel:?}"),
+                || self.reward_dense(rows_sel.clone(), ld),
+            );
+        }
+
+        let v = if self.quick { 5000 } else { 49152 };
+        log.check(
+            "a",
+            "argmax_f32",
+            &format!("B=7,V={v},ties+NaN rows"),
+            || self.argmax(7, v),
+        );
+
+        let mut gemms = vec![
+            (1usize, 576usize, 576usize),
+            (7, 1536, 576),
+            (33, 576, 1536),
+            (5, 17, 33),
+        ];
+        if !self.quick {
+            gemms.push((7, 49152, 576));
+        }
+        for (m, n, k) in gemms {
+            log.check(
+                "a",
+                "gemm_bf16(f32 out)",
+                &format!("M={m},N={n},K={k}"),
+                || self.gemm::<f32>(m, n, k),
+            );
+            log.check(
+                "a",
+                "gemm_bf16(bf16 out)",
+                &format!("M={m},N={n},K={k}"),
+                || self.gemm::<bf16>(m, n, k),
+            );
+        }
+    }
+
+    fn embedding(&mut self, t: usize, c: usize) -> CheckResult {
+        let v = 1000;
+        let (table, _) = self.rng.bf16s(v * c, 1.0, 0.0);
+        let ids: Vec<u32> = (0..t).map(|_| self.rng.below(v) as u32).collect();
+        let mut want = vec![0.0; t * c];
+        embedding::embedding_forward(&mut want, &ids, Weights::BF16(&table), c)
+            .map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let table_d = d.upload(&table)?;
+        let ids_d = d.upload_index(&ids)?;
+        let mut out = d.alloc_zeros::<f32>(t * c)?;
+        let t0 = Instant::now();
+        d.embedding(&mut out, &table_d, &ids_d, c)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        // A pure copy: exact.
+        let got = d.download(&out)?;
+        let mism = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        Ok(Outcome::exact(mism, ms))
+    }
+
+    /// The device-side bad-id path: zero row, flagged position; and the host check.
+    fn embedding_bad_id(&mut self) -> CheckResult {
+        let (c, v, t) = (64, 1000, 7);
+        let (table, _) = self.rng.bf16s(v * c, 1.0, 0.0);
+        let mut ids: Vec<u32> = (0..t).map(|_| self.rng.below(v) as u32).collect();
+        ids[3] = v as u32;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let table_d = d.upload(&table)?;
+        let ids_d = d.upload_index(&ids)?;
+        let mut out = d.upload(&vec![7.0f32; t * c])?;
+        let mut flag = d.alloc_zeros::<u32>(1)?;
+        let t0 = Instant::now();
+        d.embedding_flagged(&mut out, &table_d, &ids_d, c, &mut flag)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let mut mism = 0;
+        match d.embedding_error(&flag, v) {
+            Err(CudaError::TokenOutOfRange { position: 3, .. }) => {}
+            _ => mism += 1,
+        }
+        let got = d.download(&out)?;
+        mism += got[3 * c..4 * c].iter().filter(|&&x| x != 0.0).count();
+        // The checked wrapper refuses before launching.
+        if !matches!(
+            d.embedding(&mut out, &table_d, &ids_d, c),
+            Err(CudaError::TokenOutOfRange { position: 3, .. })
+        ) {
+            mism += 1;
+        }
+        Ok(Outcome::exact(mism, ms))
+    }
+
+    fn rmsnorm(&mut self, n: usize, c: usize) -> CheckResult {
+        let x = self.rng.f32s(n * c, 3.0);
+        let (w, _) = self.rng.bf16s(c, 0.5, 1.0);
+        let eps = 1e-5;
+        let mut want = vec![0.0; n * c];
+        rmsnorm::rmsnorm_forward(&mut want, &x, Weights::BF16(&w), eps).map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let (x_d, w_d) = (d.upload(&x)?, d.upload(&w)?);
+        let mut out = d.alloc_zeros::<bf16>(n * c)?;
+        let t0 = Instant::now();
+        d.rmsnorm(&mut out, &x_d, &w_d, eps)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = to_f32(&d.download(&out)?);
+        Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
+    }
+
+    fn residual_rmsnorm(&mut self, n: usize, c: usize) -> CheckResult {
+        let resid = self.rng.f32s(n * c, 2.0);
+        let (delta, delta_f) = self.rng.bf16s(n * c, 1.0, 0.0);
+        let (w, _) = self.rng.bf16s(c, 0.5, 1.0);
+        let eps = 1e-5;
+        let mut want_resid = resid.clone();
+        residual::residual_forward(&mut want_resid, &delta_f).map_err(kernel_err)?;
+        let mut want = vec![0.0; n * c];
+        rmsnorm::rmsnorm_forward(&mut want, &want_resid, Weights::BF16(&w), eps)
+            .map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let mut r_d = d.upload(&resid)?;
+        let (delta_d, w_d) = (d.upload(&delta)?, d.upload(&w)?);
+        let mut out = d.alloc_zeros::<bf16>(n * c)?;
+        let t0 = Instant::now();
+        d.residual_rmsnorm(&mut r_d, &delta_d, &mut out, &w_d, eps)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = to_f32(&d.download(&out)?);
+        let got_resid = d.download(&r_d)?;
+        Ok(
+            Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms).and(Outcome::rel_l2(
+                rel_l2(&got_resid, &want_resid),
+                REL_L2_F32,
+                ms,
+            )),
+        )
+    }
+
+    /// Prefill: one sequence, 17 tokens from position 5 (crossing blocks). Decode: 7
+    /// sequences, one token each, at positions up to 100 000 (sincos precision).
+    fn rope(&mut self, sh: PagedShape, prefill: bool) -> CheckResult {
+        let (nh, nkv, hs, bs) = (sh.n_heads, sh.n_kv_heads, sh.head_dim, sh.block_size);
+        let (positions, token_seq, ld_table, tables, nb): (
+            Vec<u32>,
+            Vec<u32>,
+            usize,
+            Vec<u32>,
+            usize,
+        ) = if prefill {
+            let t = 17;
+            let pos: Vec<u32> = (5..5 + t as u32).collect();
+            let nb = 4;
+            let tables = self.rng.perm(nb);
+            (pos, vec![0; t], nb, tables, nb)
+        } else {
+            let pos: Vec<u32> = vec![0, 1, 15, 16, 577, 4097, 100_000];
+            let b = pos.len();
+            let ld = 100_000 / bs + 1;
+            let nb = b + 1;
+            let ids = self.rng.perm(nb);
+            // Each row maps its token's block to its own id; the rest point at id 0
+            // of the permutation's last entry (never written).
+            let mut tables = vec![ids[b]; b * ld];
+            for (s, &p) in pos.iter().enumerate() {
+                tables[s * ld + p as usize / bs] = ids[s];
+            }
+            (pos, (0..b as u32).collect(), ld, tables, nb)
+        };
+        let t = positions.len();
+        let ld_qkv = (nh + 2 * nkv) * hs;
+        let (qkv, qkv_f) = self.rng.bf16s(t * ld_qkv, 2.0, 0.0);
+        let arena_len = nb * sh.block_elems();
+        let (k0, k0_f) = self.rng.bf16s(arena_len, 1.0, 0.0);
+        let (v0, v0_f) = self.rng.bf16s(arena_len, 1.0, 0.0);
+        let freq = inv_freq(hs, 100_000.0);
+
+        // Reference: rotate Q and K rows, place K and V at each token's slot.
+        let mut want_q = vec![0.0; t * nh * hs];
+        let (mut want_k, mut want_v) = (k0_f.clone(), v0_f.clone());
+        let mut touched = vec![false; arena_len];
+        for i in 0..t {
+            let row = &qkv_f[i * ld_qkv..(i + 1) * ld_qkv];
+            let mut q = row[..nh * hs].to_vec();
+            let mut k = row[nh * hs..(nh + nkv) * hs].to_vec();
+            rope::rope_forward(&mut q, &positions[i..i + 1], nh, hs, &freq).map_err(kernel_err)?;
+            rope::rope_forward(&mut k, &positions[i..i + 1], nkv, hs, &freq).map_err(kernel_err)?;
+            want_q[i * nh * hs..(i + 1) * nh * hs].copy_from_slice(&q);
+            let p = positions[i] as usize;
+            let s = token_seq[i] as usize;
+            let block = tables[s * ld_table + p / bs] as usize;
+            let off = (block * bs + p % bs) * nkv * hs;
+            want_k[off..off + nkv * hs].copy_from_slice(&k);
+            want_v[off..off + nkv * hs].copy_from_slice(&row[(nh + nkv) * hs..]);
+            touched[off..off + nkv * hs]
+                .iter_mut()
+                .for_each(|x| *x = true);
+        }
+
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let qkv_d = d.upload(&qkv)?;
+        let (mut k_d, mut v_d) = (d.upload(&k0)?, d.upload(&v0)?);
+        let mut q_d = d.alloc_zeros::<bf16>(t * nh * hs)?;
+        let pos_d = d.upload_index(&positions)?;
+        let seq_d = d.upload_index(&token_seq)?;
+        let tab_d = d.upload_index(&tables)?;
+        let freq_d = d.upload(&freq)?;
+        let t0 = Instant::now();
+        d.rope_qkv_paged(
+            &mut q_d, &mut k_d, &mut v_d, &qkv_d, &pos_d, &seq_d, &tab_d, ld_table, &freq_d,
+            ld_qkv, sh,
+        )?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got_q = to_f32(&d.download(&q_d)?);
+        let got_k = to_f32(&d.download(&k_d)?);
+        let got_v = to_f32(&d.download(&v_d)?);
+        let pick = |a: &[f32]| -> Vec<f32> {
+            a.iter()
+                .zip(&touched)
+                .filter(|(_, t)| **t)
+                .map(|(x, _)| *x)
+                .collect()
+        };
+        // Rows not written must be untouched, bit for bit.
+        let untouched_diff = (0..arena_len)
+            .filter(|&i| !touched[i] && (got_k[i] != want_k[i] || got_v[i] != want_v[i]))
+            .count();
+        Ok(Outcome::rel_l2(rel_l2(&got_q, &want_q), REL_L2_BF16, ms)
+            .and(Outcome::rel_l2(
+                rel_l2(&pick(&got_k), &pick(&want_k)),
+                REL_L2_BF16,
+                ms,
+            ))
+            .and(Outcome::exact(
+                untouched_diff + (pick(&got_v) != pick(&want_v)) as usize,
+                ms,
+            )))
+    }
+
+    /// Random K/V arenas of `nb` blocks (bf16 and the same as f32).
+    #[allow(clippy::type_complexity)]
+    fn arenas(&mut self, sh: &PagedShape, nb: usize) -> (Vec<bf16>, Vec<f32>, Vec<bf16>, Vec<f32>) {
+        let n = nb * sh.block_elems();
+        let (k, kf) = self.rng.bf16s(n, 1.0, 0.0);
+        let (v, vf) = self.rng.bf16s(n, 1.0, 0.0);
+        (k, kf, v, vf)
+    }
+
+    fn paged_decode(&mut self, sh: PagedShape, lens: &[usize]) -> CheckResult {
+        let b = lens.len();
+        let bs = sh.block_size;
+        let ld = lens
+            .iter()
+            .map(|l| l.div_ceil(bs))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let nb: usize = lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>().max(1);
+        let ids = self.rng.perm(nb);
+        let mut tables = vec![0u32; b * ld];
+        let mut next = 0;
+        for (s, l) in lens.iter().enumerate() {
+            for j in 0..l.div_ceil(bs) {
+                tables[s * ld + j] = ids[next];
+                next += 1;
+            }
+        }
+        let (k, kf, v, vf) = self.arenas(&sh, nb);
+        let width = sh.n_heads * sh.head_dim;
+        let (q, qf) = self.rng.bf16s(b * width, 4.0, 0.0);
+        let mut want = vec![0.0; b * width];
+        let rows: Vec<&[u32]> = (0..b).map(|s| &tables[s * ld..(s + 1) * ld]).collect();
+        let mut scores = vec![0.0; lens.iter().copied().max().unwrap_or(0).max(1)];
+        refattn::paged_decode_attention(&mut want, &qf, &kf, &vf, &rows, lens, sh, &mut scores)
+            .map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let (q_d, k_d, v_d) = (d.upload(&q)?, d.upload(&k)?, d.upload(&v)?);
+        let tab_d = d.upload_index(&tables)?;
+        let lens_u: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let lens_d = d.upload_index(&lens_u)?;
+        let mut out = d.upload(&vec![bf16::from_f32(f32::NAN); b * width])?;
+        let t0 = Instant::now();
+        d.paged_decode_attention(&mut out, &q_d, &k_d, &v_d, &tab_d, ld, &lens_d, sh)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = to_f32(&d.download(&out)?);
+        Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
+    }
+
+    /// A CLoud step: K critiques share a prompt of `prefix` positions; two responses
+    /// (the first and second half of the critiques) each add a level; every critique has
+    /// its own suffix (lengths 0, 1, BS, ...).
+    fn cascade(
+        &mut self,
+        sh: PagedShape,
+        k: usize,
+        prefix: usize,
+        split: Option<usize>,
+    ) -> CheckResult {
+        let bs = sh.block_size;
+        let half = k.div_ceil(2);
+        let mut parts: Vec<(usize, std::ops::Range<usize>)> =
+            vec![(prefix, 0..k), (bs + 3, 0..half), (2 * bs - 1, half..k)];
+        let suffix: Vec<usize> = (0..k).map(|i| [0, 1, bs, 2 * bs + 5, 33][i % 5]).collect();
+        parts.extend(suffix.iter().enumerate().map(|(i, &l)| (l, i..i + 1)));
+        let nb: usize = parts
+            .iter()
+            .map(|(l, _)| l.div_ceil(bs))
+            .sum::<usize>()
+            .max(1);
+        let ids = self.rng.perm(nb);
+        let mut next = 0;
+        let tables: Vec<Vec<u32>> = parts
+            .iter()
+            .map(|(l, _)| {
+                let t = ids[next..next + l.div_ceil(bs)].to_vec();
+                next += t.len();
+                t
+            })
+            .collect();
+        let levels: Vec<Level<'_>> = parts[..3]
+            .iter()
+            .zip(&tables)
+            .map(|((l, m), t)| Level {
+                block_table: t,
+                len: *l,
+                members: m.clone(),
+            })
+            .collect();
+        let suffix_tables: Vec<&[u32]> = tables[3..].iter().map(|t| &t[..]).collect();
+        let (kk, kf, vv, vf) = self.arenas(&sh, nb);
+        let width = sh.n_heads * sh.head_dim;
+        let (q, qf) = self.rng.bf16s(k * width, 4.0, 0.0);
+        let max_len = parts.iter().map(|(l, _)| *l).max().unwrap_or(0);
+        let mut want = vec![0.0; k * width];
+        let mut scratch = vec![0.0; refattn::cascade_scratch_len(&sh, k, max_len)];
+        refattn::cascade_decode_attention(
+            &mut want,
+            &qf,
+            &kf,
+            &vf,
+            &levels,
+            &suffix_tables,
+            &suffix,
+            sh,
+            &mut scratch,
+        )
+        .map_err(kernel_err)?;
+        let plan = WorkPlan::cascade(
+            &levels,
+            &suffix_tables,
+            &suffix,
+            &sh,
+            nb,
+            PlanOptions {
+                split,
+                ..PlanOptions::default()
+            },
+        )?;
+        self.run_plan(plan, &q, &kk, &vv, sh, &want)
+    }
+
+    fn prefill(&mut self, sh: PagedShape, pos0: usize, t: usize) -> CheckResult {
+        let bs = sh.block_size;
+        let nb = (pos0 + t).div_ceil(bs);
+        let table = self.rng.perm(nb);
+        let (kk, kf, vv, vf) = self.arenas(&sh, nb);
+        let width = sh.n_heads * sh.head_dim;
+        let (q, qf) = self.rng.bf16s(t * width, 4.0, 0.0);
+        let mut want = vec![0.0; t * width];
+        let mut scratch = vec![0.0; refattn::prefill_scratch_len(&sh, pos0, t)];
+        refattn::paged_prefill_attention(&mut want, &qf, &kf, &vf, &table, pos0, sh, &mut scratch)
+            .map_err(kernel_err)?;
+        let plan = WorkPlan::causal_prefill(
+            &table,
+            pos0,
+            t,
+            &sh,
+            nb,
+            PlanOptions {
+                split: Some(32),
+                ..PlanOptions::default()
+            },
+        )?;
+        self.run_plan(plan, &q, &kk, &vv, sh, &want)
+    }
+
+    /// Sequences with no positions at all merge to zero rows, never NaN.
+    fn cascade_all_empty(&mut self) -> CheckResult {
+        let sh = paged(9, 3, 64, 16);
+        let (kk, _, vv, _) = self.arenas(&sh, 1);
+        let (q, _) = self.rng.bf16s(3 * 9 * 64, 1.0, 0.0);
+        let empty: &[u32] = &[];
+        let plan = WorkPlan::cascade(&[], &[empty; 3], &[0; 3], &sh, 1, PlanOptions::default())?;
+        self.run_plan(plan, &q, &kk, &vv, sh, &vec![0.0; 3 * 9 * 64])
+            .map(|o| match o.metric {
+                "dry" => o,
+                _ => Outcome::exact(if o.value == 0.0 { 0 } else { 1 }, o.ms),
+            })
+    }
+
+    fn run_plan(
+        &mut self,
+        plan: WorkPlan,
+        q: &[bf16],
+        k: &[bf16],
+        v: &[bf16],
+        sh: PagedShape,
+        want: &[f32],
+    ) -> CheckResult {
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let n_states = plan.n_slots.max(1) * sh.n_heads;
+        let plan_d = d.upload_plan(plan)?;
+        let (q_d, k_d, v_d) = (d.upload(q)?, d.upload(k)?, d.upload(v)?);
+        let mut so = d.upload(&vec![f32::NAN; n_states * sh.head_dim])?;
+        let mut sl = d.upload(&vec![f32::NAN; n_states])?;
+        let mut out = d.upload(&vec![bf16::from_f32(f32::NAN); want.len()])?;
+        let t0 = Instant::now();
+        d.planned_attention(&mut out, &q_d, &k_d, &v_d, &plan_d, &mut so, &mut sl, sh)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = to_f32(&d.download(&out)?);
+        Ok(Outcome::rel_l2(rel_l2(&got, want), REL_L2_BF16, ms))
+    }
+
+    fn swiglu(&mut self, n: usize, inter: usize, fused: bool) -> CheckResult {
+        let ld = if fused { 2 * inter } else { inter };
+        let (gu, gu_f) = self.rng.bf16s(n * 2 * inter, 4.0, 0.0);
+        // Fused: rows [gate | up]; separate: all gate rows, then all up rows.
+        let (gate_f, up_f): (Vec<f32>, Vec<f32>) = if fused {
+            (
+                (0..n)
+                    .flat_map(|r| gu_f[r * ld..r * ld + inter].to_vec())
+                    .collect(),
+                (0..n)
+                    .flat_map(|r| gu_f[r * ld + inter..(r + 1) * ld].to_vec())
+                    .collect(),
+            )
+        } else {
+            (gu_f[..n * inter].to_vec(), gu_f[n * inter..].to_vec())
+        };
+        let mut want = vec![0.0; n * inter];
+        swiglu::swiglu_forward(&mut want, &gate_f, &up_f).map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let gu_d = d.upload(&gu)?;
+        let mut out = d.alloc_zeros::<bf16>(n * inter)?;
+        let up_off = if fused { inter } else { n * inter };
+        let t0 = Instant::now();
+        d.swiglu(&mut out, &gu_d, &gu_d.slice(up_off..), n, inter, ld)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = to_f32(&d.download(&out)?);
+        Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
+    }
+
+    /// Hidden rows (7 of them, stride `ld`) and the rows a head reads.
+    fn head_inputs(
+        &mut self,
+        rows: &Option<Vec<u32>>,
+        ld: usize,
+        c: usize,
+    ) -> (Vec<bf16>, Vec<f32>) {
+        let n_hidden = 7;
+        let (h, hf) = self.rng.bf16s(n_hidden * ld, 2.0, 0.0);
+        let picked: Vec<usize> = match rows {
+            Some(r) => r.iter().map(|&x| x as usize).collect(),
+            None => (0..n_hidden).collect(),
+        };
+        let dense: Vec<f32> = picked
+            .iter()
+            .flat_map(|&r| hf[r * ld..r * ld + c].to_vec())
+            .collect();
+        (h, dense)
+    }
+
+    fn reward_linear(&mut self, rows: Option<Vec<u32>>, ld: usize) -> CheckResult {
+        let c = 576;
+        let (h, dense) = self.head_inputs(&rows, ld, c);
+        let (w, _) = self.rng.bf16s(c, 0.1, 0.0);
+        let b = 0.25;
+        let r_n = dense.len() / c;
+        let mut want = vec![0.0; r_n];
+        reward_head_forward(
+            &mut want,
+            &dense,
+            &RewardHeadWeights::Linear {
+                w: Weights::BF16(&w),
+                b,
+            },
+            &mut [],
+        )
+        .map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let (h_d, w_d) = (d.upload(&h)?, d.upload(&w)?);
+        let rows_d = rows.as_ref().map(|r| d.upload_index(r)).transpose()?;
+        let mut out = d.alloc_zeros::<f32>(r_n)?;
+        let t0 = Instant::now();
+        d.reward_linear(&mut out, &h_d, ld, rows_d.as_ref(), &w_d, b)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = d.download(&out)?;
+        Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
+    }
+
+    fn reward_dense(&mut self, rows: Option<Vec<u32>>, ld: usize) -> CheckResult {
+        let c = 576;
+        let (h, dense) = self.head_inputs(&rows, ld, c);
+        let (dw, _) = self.rng.bf16s(c * c, 0.08, 0.0);
+        let db = self.rng.f32s(c, 0.1);
+        let (ow, _) = self.rng.bf16s(c, 0.1, 0.0);
+        let ob = -0.5;
+        let r_n = dense.len() / c;
+        let mut want = vec![0.0; r_n];
+        reward_head_forward(
+            &mut want,
+            &dense,
+            &RewardHeadWeights::DenseTanh {
+                dense_w: Weights::BF16(&dw),
+                dense_b: &db,
+                out_w: Weights::BF16(&ow),
+                out_b: ob,
+            },
+            &mut vec![0.0; c],
+        )
+        .map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let (h_d, dw_d, db_d, ow_d) = (
+            d.upload(&h)?,
+            d.upload(&dw)?,
+            d.upload(&db)?,
+            d.upload(&ow)?,
+        );
+        let rows_d = rows.as_ref().map(|r| d.upload_index(r)).transpose()?;
+        let mut z = d.alloc_zeros::<f32>(r_n * c)?;
+        let mut out = d.alloc_zeros::<f32>(r_n)?;
+        let t0 = Instant::now();
+        d.reward_dense_tanh(&mut z, &h_d, ld, rows_d.as_ref(), &dw_d, &db_d)?;
+        d.reward_out(&mut out, &z, &ow_d, ob)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = d.download(&out)?;
+        Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
+    }
+
+    /// Rows: random; with a tie planted before and after the max; with NaNs around the
+    /// max; all NaN (no winner); all -inf (index 0); the max in the last valid column.
+    fn argmax(&mut self, b: usize, v: usize) -> CheckResult {
+        let ld = v + 3;
+        let mut logits = self.rng.f32s(b * ld, 10.0);
+        for (r, row) in logits.chunks_exact_mut(ld).enumerate() {
+            let m = self.rng.below(v);
+            match r {
+                1 => {
+                    row[m] = 50.0;
+                    row[v - 1] = 50.0;
+                    row[m / 2] = 50.0;
+                }
+                2 => {
+                    row[m] = 40.0;
+                    for x in row[..v].iter_mut().step_by(3) {
+                        *x = f32::NAN;
+                    }
+                }
+                3 => row[..v].fill(f32::NAN),
+                4 => row[..v].fill(f32::NEG_INFINITY),
+                5 => row[v - 1] = 99.0,
+                _ => {}
+            }
+            // Past V: larger values that must be ignored.
+            row[v..].fill(1e9);
+        }
+        let want: Vec<u32> = logits
+            .chunks_exact(ld)
+            .map(|row| cloudrm_sampler::argmax(&row[..v]).map_or(u32::MAX, |i| i as u32))
+            .collect();
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let l_d = d.upload(&logits)?;
+        let mut ids = d.alloc_zeros::<u32>(b)?;
+        let t0 = Instant::now();
+        d.argmax(&mut ids, &l_d, v, ld)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = d.download(&ids)?;
+        Ok(Outcome::exact(
+            got.iter().zip(&want).filter(|(a, b)| a != b).count(),
+            ms,
+        ))
+    }
+
+    fn gemm<Y: GemmCheck>(&mut self, m: usize, n: usize, k: usize) -> CheckResult {
+        let (x, xf) = self.rng.bf16s(m * k, 1.0, 0.0);
+        let (w, _) = self.rng.bf16s(n * k, 0.1, 0.0);
+        let mut want = vec![0.0; m * n];
+        matmul::matmul_forward(&mut want, &xf, Weights::BF16(&w), None, k, n)
+            .map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let (x_d, w_d) = (d.upload(&x)?, d.upload(&w)?);
+        let mut y = d.alloc_zeros::<Y>(m * n)?;
+        let t0 = Instant::now();
+        d.gemm_bf16(&mut y, &x_d, &w_d, m, n, k)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got: Vec<f32> = d.download(&y)?.iter().map(|v| v.as_f32()).collect();
+        Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
+    }
+}
+
+/// GEMM output types the check reads back.
+trait GemmCheck:
+    cloudrm_kernels::cuda::GemmOut + cloudrm_kernels::cuda::cudarc::driver::ValidAsZeroBits
+{
+    fn as_f32(&self) -> f32;
+}
+
+impl GemmCheck for f32 {
+    fn as_f32(&self) -> f32 {
+        *self
+    }
+}
+
+impl GemmCheck for bf16 {
+    fn as_f32(&self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Whole-model threshold with bf16 weights (DESIGN.md: logits rel. L2 < 2e-2).
+pub const REL_L2_MODEL: f64 = 2e-2;
+/// Stage (b): most positions whose greedy token may differ from the CPU model's.
+pub const MAX_DISAGREEMENT: f64 = 0.1;
+
+impl Checks<'_> {
+    /// Stage (b): the Llama forward on the GPU (backend::cuda::CudaLlama) against the CPU
+    /// model on seeded random bf16 weights in the default model's shape (2 layers with
+    /// --quick): teacher-forced prefill, every position's logits (rel. L2) and greedy
+    /// token (agreement).
+    fn stage_b(&mut self, log: &mut Log) {
+        let layers = if self.quick { 2 } else { 30 };
+        let t = if self.quick { 17 } else { 37 };
+        let shape = format!("SmolLM2-135M shape, L={layers}, random bf16, T={t}");
+        if !log.wants("b", "llama_prefill", &shape) {
+            return;
+        }
+        log.running("b", "llama_prefill", &shape);
+        match catch_unwind(AssertUnwindSafe(|| self.llama(layers, t)))
+            .unwrap_or_else(|p| Err(panicked(p)))
+        {
+            Ok((a, b)) => {
+                log.record("b", "llama_prefill(logits)", &shape, Ok(a));
+                log.record("b", "llama_prefill(greedy ids)", &shape, Ok(b));
+            }
+            Err(e) => log.record("b", "llama_prefill", &shape, Err(e)),
+        }
+    }
+
+    fn llama(
+        &mut self,
+        layers: usize,
+        t: usize,
+    ) -> std::result::Result<(Outcome, Outcome), CudaError> {
+        let model_err = |e: Error| CudaError::BadArgument {
+            op: "stage b",
+            arg: "(cpu model)",
+            reason: e.to_string(),
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "cloudrm-gpu-check-model-{}-{layers}",
+            std::process::id()
+        ));
+        let model = write_random_llama(&dir, layers, &mut self.rng)
+            .and_then(|()| crate::model::Llama::load_dir(&dir))
+            .map_err(model_err);
+        let model = match model {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let v = model.config.vocab_size;
+        let ids: Vec<u32> = (0..t).map(|_| self.rng.below(v) as u32).collect();
+        let cpu = crate::backend::Cpu::fast();
+        let mut sess = model.new_session(t, t);
+        let want = model
+            .forward(&cpu, &mut sess, &ids, crate::model::LogitsMode::All)
+            .map_err(model_err)?
+            .to_vec();
+        let want_ids: Vec<u32> = want
+            .chunks_exact(v)
+            .map(|row| cloudrm_sampler::argmax(row).map_or(u32::MAX, |i| i as u32))
+            .collect();
+        let result = match self.dev {
+            None => Ok((Outcome::dry(), Outcome::dry())),
+            Some(d) => {
+                let gpu = crate::backend::cuda::CudaLlama::upload(d, &model);
+                gpu.and_then(|g| {
+                    let t0 = Instant::now();
+                    let (logits, got_ids) = g.prefill_logits(&ids)?;
+                    let ms = ms(t0);
+                    let disagree = got_ids
+                        .iter()
+                        .zip(&want_ids)
+                        .filter(|(a, b)| a != b)
+                        .count() as f64
+                        / t as f64;
+                    Ok((
+                        Outcome::rel_l2(rel_l2(&logits, &want), REL_L2_MODEL, ms),
+                        Outcome {
+                            metric: "disagreement",
+                            value: disagree,
+                            threshold: MAX_DISAGREEMENT,
+                            pass: disagree <= MAX_DISAGREEMENT,
+                            ms,
+                        },
+                    ))
+                })
+            }
+        };
+        drop(model);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+}
+
+/// Writes a seeded random Llama in SmolLM2-135M's shape with `layers` layers (bf16,
+/// tied embeddings) as config.json + model.safetensors into `dir`. Linear weights are
+/// uniform with variance 1/fan_in, norms near 1, the embedding uniform in [-1, 1].
+fn write_random_llama(dir: &Path, layers: usize, rng: &mut Rng) -> Result<()> {
+    use cloudrm_loader::Dtype;
+    use cloudrm_loader::safetensors::{WriteTensor, write_safetensors};
+    let (c, i, nh, nkv, v) = (576usize, 1536usize, 9usize, 3usize, 49152usize);
+    let hs = c / nh;
+    let (q, kv) = (nh * hs, nkv * hs);
+    let io = |source| Error::Io {
+        context: format!("gpu-check: writing the random model into {}", dir.display()),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let bytes = (0..n)
+            .flat_map(|_| bf16::from_f32(rng.unit() * scale + offset).to_le_bytes())
+            .collect();
+        tensors.push((name, shape, bytes));
+    };
+    let lin = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+    push("model.embed_tokens.weight".into(), vec![v, c], 1.0, 0.0);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}.");
+        push(format!("{p}input_layernorm.weight"), vec![c], 0.1, 1.0);
+        push(
+            format!("{p}self_attn.q_proj.weight"),
+            vec![q, c],
+            lin(c),
+            0.0,
+        );
+        push(
+            format!("{p}self_attn.k_proj.weight"),
+            vec![kv, c],
+            lin(c),
+            0.0,
+        );
+        push(
+            format!("{p}self_attn.v_proj.weight"),
+            vec![kv, c],
+            lin(c),
+            0.0,
+        );
+        push(
+            format!("{p}self_attn.o_proj.weight"),
+            vec![c, q],
+            lin(q),
+            0.0,
+        );
+        push(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![c],
+            0.1,
+            1.0,
+        );
+        push(format!("{p}mlp.gate_proj.weight"), vec![i, c], lin(c), 0.0);
+        push(format!("{p}mlp.up_proj.weight"), vec![i, c], lin(c), 0.0);
+        push(format!("{p}mlp.down_proj.weight"), vec![c, i], lin(i), 0.0);
+    }
+    push("model.norm.weight".into(), vec![c], 0.1, 1.0);
+    let writes: Vec<WriteTensor<'_>> = tensors
+        .iter()
+        .map(|(name, shape, data)| WriteTensor {
+            name,
+            dtype: Dtype::BF16,
+            shape,
+            data,
+        })
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &writes, None)?;
+    let config = json!({
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": c,
+        "intermediate_size": i,
+        "num_hidden_layers": layers,
+        "num_attention_heads": nh,
+        "num_key_value_heads": nkv,
+        "vocab_size": v,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": true,
+        "eos_token_id": 2,
+        "bos_token_id": 1,
+        "torch_dtype": "bfloat16",
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).map_err(io)?;
+    Ok(())
+}
+
+fn panicked(p: Box<dyn std::any::Any + Send>) -> CudaError {
+    let text = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".to_string());
+    CudaError::BadArgument {
+        op: "gpu-check",
+        arg: "(panic in the check harness)",
+        reason: text,
+    }
+}
+
+fn kernel_err(e: cloudrm_kernels::KernelError) -> CudaError {
+    CudaError::BadArgument {
+        op: "reference",
+        arg: "(cpu reference)",
+        reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rel_l2_never_passes_nan() {
+        assert_eq!(rel_l2(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!(rel_l2(&[f32::NAN, 2.0], &[1.0, 2.0]).is_infinite());
+        assert!(rel_l2(&[f32::INFINITY], &[1.0]).is_infinite());
+        assert!(rel_l2(&[1.0], &[0.0]).is_infinite());
+        assert!(!Outcome::rel_l2(f64::NAN, 1e-2, 0.0).pass);
+        assert!((rel_l2(&[1.0, 0.0], &[0.0, 1.0]) - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// Every check's host side (inputs, plans, CPU references) runs without panicking
+    /// and the files are written, on a machine without a GPU.
+    #[test]
+    fn dry_run_exercises_every_check_host_side() {
+        let out =
+            std::env::temp_dir().join(format!("cloudrm-gpu-check-dry-{}", std::process::id()));
+        let r = run(&Options {
+            out: out.clone(),
+            quick: true,
+            seed: 7,
+            dry_run: true,
+            filter: None,
+        })
+        .unwrap();
+        assert_eq!(r.failed, 0);
+        assert!(r.passed > 60, "{r:?}");
+        let log = std::fs::read_to_string(out.join("gpu-check.log")).unwrap();
+        assert!(log.contains("llama_prefill(logits)"), "{log}");
+        let jsonl = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+        assert_eq!(jsonl.lines().count(), r.passed + 1);
+        std::fs::remove_dir_all(out).ok();
+    }
+
+    fn round_bf16(v: &mut [f32]) {
+        for x in v.iter_mut() {
+            *x = bf16::from_f32(*x).to_f32();
+        }
+    }
+
+    /// Stage (b)'s numerics on the CPU: the GPU pipeline's order of ops and its bf16
+    /// roundings (normed rows, QKV, rotated q/k, attention output, projections, SwiGLU)
+    /// emulated with the CPU kernels, against the CPU model. Shows that the stage (b)
+    /// thresholds hold for a correct GPU forward. Returns (logits rel. L2, disagreement).
+    fn emulate_stage_b(layers: usize, t: usize) -> (f64, f64) {
+        use cloudrm_kernels::cpu;
+        use cloudrm_kernels::reference::attention::{AttnShape, attention_forward};
+        let dir = std::env::temp_dir().join(format!(
+            "cloudrm-gpu-check-emulate-{}-{layers}",
+            std::process::id()
+        ));
+        let mut rng = Rng(11);
+        write_random_llama(&dir, layers, &mut rng).unwrap();
+        let model = crate::model::Llama::load_dir(&dir).unwrap();
+        let cfg = model.config.clone();
+        let w = &model.weights;
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hs) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let (q_d, kv_d) = (nh * hs, nkv * hs);
+        let eps = cfg.rms_norm_eps;
+        let ids: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
+        let mut sess = model.new_session(t, t);
+        let want = model
+            .forward(
+                &crate::backend::Cpu::fast(),
+                &mut sess,
+                &ids,
+                crate::model::LogitsMode::All,
+            )
+            .unwrap()
+            .to_vec();
+
+        let pos: Vec<u32> = (0..t as u32).collect();
+        let mut x = vec![0.0; t * c];
+        cpu::embedding_forward(&mut x, &ids, w.get(&w.embed), c).unwrap();
+        let mut xn = vec![0.0; t * c];
+        cpu::rmsnorm_forward(&mut xn, &x, w.get(&w.layers[0].attn_norm), eps).unwrap();
+        round_bf16(&mut xn);
+        let (mut q, mut k, mut vv) = (vec![0.0; t * q_d], vec![0.0; t * kv_d], vec![0.0; t * kv_d]);
+        let mut att = vec![0.0; t * q_d];
+        let mut scores = vec![0.0; t];
+        let mut proj = vec![0.0; t * c];
+        let (mut g, mut u, mut act) = (vec![0.0; t * i], vec![0.0; t * i], vec![0.0; t * i]);
+        for (l, lw) in w.layers.iter().enumerate() {
+            cpu::matmul_forward(&mut q, &xn, w.get(&lw.q_proj), None, c, q_d).unwrap();
+            cpu::matmul_forward(&mut k, &xn, w.get(&lw.k_proj), None, c, kv_d).unwrap();
+            cpu::matmul_forward(&mut vv, &xn, w.get(&lw.v_proj), None, c, kv_d).unwrap();
+            for b in [&mut q, &mut k, &mut vv] {
+                round_bf16(b);
+            }
+            cpu::rope_forward(&mut q, &pos, nh, hs, &model.inv_freq).unwrap();
+            cpu::rope_forward(&mut k, &pos, nkv, hs, &model.inv_freq).unwrap();
+            round_bf16(&mut q);
+            round_bf16(&mut k);
+            let shape = AttnShape {
+                n_tokens: t,
+                pos0: 0,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hs,
+            };
+            attention_forward(&mut att, &q, &k, &vv, &mut scores, shape).unwrap();
+            round_bf16(&mut att);
+            cpu::matmul_forward(&mut proj, &att, w.get(&lw.o_proj), None, q_d, c).unwrap();
+            round_bf16(&mut proj);
+            cpu::residual_forward(&mut x, &proj).unwrap();
+            cpu::rmsnorm_forward(&mut xn, &x, w.get(&lw.mlp_norm), eps).unwrap();
+            round_bf16(&mut xn);
+            cpu::matmul_forward(&mut g, &xn, w.get(&lw.gate_proj), None, c, i).unwrap();
+            cpu::matmul_forward(&mut u, &xn, w.get(&lw.up_proj), None, c, i).unwrap();
+            round_bf16(&mut g);
+            round_bf16(&mut u);
+            cpu::swiglu_forward(&mut act, &g, &u).unwrap();
+            round_bf16(&mut act);
+            cpu::matmul_forward(&mut proj, &act, w.get(&lw.down_proj), None, i, c).unwrap();
+            round_bf16(&mut proj);
+            cpu::residual_forward(&mut x, &proj).unwrap();
+            let next = match w.layers.get(l + 1) {
+                Some(n) => w.get(&n.attn_norm),
+                None => w.get(&w.final_norm),
+            };
+            cpu::rmsnorm_forward(&mut xn, &x, next, eps).unwrap();
+            round_bf16(&mut xn);
+        }
+        let mut logits = vec![0.0; t * v];
+        cpu::matmul_forward(&mut logits, &xn, w.get(&w.lm_head), None, c, v).unwrap();
+        drop(model);
+        std::fs::remove_dir_all(&dir).ok();
+        let am = |l: &[f32]| -> Vec<Option<usize>> {
+            l.chunks_exact(v).map(cloudrm_sampler::argmax).collect()
+        };
+        let disagree = am(&logits)
+            .iter()
+            .zip(am(&want))
+            .filter(|(a, b)| **a != *b)
+            .count() as f64
+            / t as f64;
+        (rel_l2(&logits, &want), disagree)
+    }
+
+    #[test]
+    fn stage_b_thresholds_hold_for_bf16_activations() {
+        let (e, d) = emulate_stage_b(2, 17);
+        println!("2 layers: logits rel L2 {e:.3e}, disagreement {d:.3}");
+        assert!(e < REL_L2_MODEL / 2.0 && d <= MAX_DISAGREEMENT, "{e} {d}");
+    }
+
+    /// The default model's depth (about 10 s on 2 cores): run with --ignored. Seen
+    /// 2026-11-27: logits rel. L2 1.17e-2, 1 of 37 greedy tokens different.
+    #[test]
+    #[ignore]
+    fn stage_b_thresholds_hold_for_bf16_activations_30_layers() {
+        let (e, d) = emulate_stage_b(30, 37);
+        println!("30 layers: logits rel L2 {e:.3e}, disagreement {d:.3}");
+        assert!(e < REL_L2_MODEL && d <= MAX_DISAGREEMENT, "{e} {d}");
+    }
+}

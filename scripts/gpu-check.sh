@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# scripts/gpu-check.sh OUTDIR [--quick] [--seed N]
+#
+# Runs every GPU check in one go on the GPU machine (H100/H200, CUDA 13.0 driver and
+# toolkit, no Rust): `cloudrm gpu-check --out OUTDIR`, bounded by `timeout` (4 minutes).
+# Run it from the repository root. It
+#   - finds the binary: $CLOUDRM_BIN, else ./target/release/cloudrm (built elsewhere and
+#     carried: the machine has no Rust toolchain);
+#   - finds the CUDA libraries cudarc loads by name (libcuda.so.1, libnvrtc.so.13,
+#     libcublas.so.13 + libcublasLt.so.13): via ldconfig, else in the standard install
+#     folders (/usr/local/cuda*, /usr/local/nvidia, a Python environment's nvidia/cu13
+#     wheels), putting their folders on LD_LIBRARY_PATH and setting CLOUDRM_NVRTC_LIB
+#     if it is not set already;
+#   - records the date, nvidia-smi and the libraries found in OUTDIR/environment.log;
+#   - returns the exit status of gpu-check (124 when the timeout struck).
+# gpu-check itself writes OUTDIR/gpu-check.log (human log) and OUTDIR/results.jsonl (one
+# JSON object per check, then a summary line). Safe to rerun: the files are replaced.
+set -euo pipefail
+
+usage() {
+    echo "usage: $0 OUTDIR [--quick] [--seed N]" >&2
+    exit 2
+}
+
+[ "$#" -ge 1 ] || usage
+case "$1" in -*) usage ;; esac
+out=$1
+shift
+
+mkdir -p "$out"
+env_log="$out/environment.log"
+: >"$env_log"
+
+say() {
+    printf '%s\n' "$*" | tee -a "$env_log" >&2
+}
+
+bin=${CLOUDRM_BIN:-./target/release/cloudrm}
+if [ ! -x "$bin" ]; then
+    say "gpu-check.sh: no cloudrm binary at $bin (set CLOUDRM_BIN, or build and carry target/release/cloudrm)"
+    exit 2
+fi
+
+# First path ldconfig knows for a soname, or nothing.
+from_ldconfig() {
+    { ldconfig -p 2>/dev/null || true; } | awk -v n="$1" '$1 == n { print $NF; exit }'
+}
+
+# First existing file among the standard install locations for a soname.
+from_install_dirs() {
+    local name=$1 f
+    for f in \
+        /usr/local/cuda/lib64/"$name" \
+        /usr/local/cuda/targets/x86_64-linux/lib/"$name" \
+        /usr/local/cuda-13*/lib64/"$name" \
+        /usr/local/cuda-13*/targets/x86_64-linux/lib/"$name" \
+        /usr/local/cuda*/lib64/"$name" \
+        /usr/local/nvidia/lib64/"$name" \
+        /usr/local/nvidia/lib/"$name" \
+        /usr/lib/x86_64-linux-gnu/"$name" \
+        /usr/lib64/"$name" \
+        /opt/*/.venv/lib/python3*/site-packages/nvidia/cu13/lib/"$name" \
+        /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib/"$name" \
+        /usr/lib/python3*/site-packages/nvidia/cu13/lib/"$name"; do
+        if [ -e "$f" ]; then
+            printf '%s\n' "$f"
+            return 0
+        fi
+    done
+    return 0
+}
+
+# Make a library loadable by soname: nothing to do when ldconfig has it, else put the
+# folder of the first one found on LD_LIBRARY_PATH. Sets `found` to its path (or empty).
+found=
+locate_lib() {
+    local name=$1 dir
+    found=$(from_ldconfig "$name")
+    if [ -n "$found" ]; then
+        say "  $name: $found (ldconfig)"
+        return 0
+    fi
+    found=$(from_install_dirs "$name")
+    if [ -n "$found" ]; then
+        dir=$(dirname "$found")
+        LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        export LD_LIBRARY_PATH
+        say "  $name: $found (added its folder to LD_LIBRARY_PATH)"
+    else
+        say "  $name: NOT FOUND"
+    fi
+}
+
+say "gpu-check.sh: $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+say "repo: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) binary: $bin ($("$bin" --version 2>/dev/null || echo '?'))"
+say "host: $(uname -srm)"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi 2>&1 | tee -a "$env_log" >&2 || true
+    nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv 2>&1 |
+        tee -a "$env_log" >&2 || true
+else
+    say "nvidia-smi: not found"
+fi
+
+say "libraries:"
+locate_lib libcuda.so.1
+locate_lib libcublas.so.13
+locate_lib libcublasLt.so.13
+locate_lib libnvrtc.so.13
+if [ -z "${CLOUDRM_NVRTC_LIB:-}" ] && [ -n "$found" ]; then
+    CLOUDRM_NVRTC_LIB=$found
+    export CLOUDRM_NVRTC_LIB
+fi
+say "CLOUDRM_NVRTC_LIB=${CLOUDRM_NVRTC_LIB:-}"
+say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+
+# The PTX cache goes to a scratch folder, not into OUTDIR.
+CLOUDRM_HOME=${CLOUDRM_HOME:-${TMPDIR:-/tmp}/cloudrm-gpu-check}
+export CLOUDRM_HOME
+
+set +e
+timeout --kill-after=10 240 "$bin" gpu-check --out "$out" "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    say "gpu-check.sh: gpu-check ran past 4 minutes and was stopped (exit $rc)"
+fi
+say "gpu-check.sh: gpu-check exited with $rc at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+exit "$rc"

@@ -7,14 +7,12 @@ pub mod dispatch;
 pub mod heads;
 pub mod matmul;
 pub mod pool;
+pub mod rowwise;
 
 pub use crate::reference::embedding::embedding_forward;
-pub use crate::reference::residual::residual_forward;
-pub use crate::reference::rmsnorm::rmsnorm_forward;
-pub use crate::reference::rope::rope_forward;
-pub use crate::reference::swiglu::swiglu_forward;
 pub use attention::{
     attention_forward, cascade_decode_attention, paged_decode_attention, paged_prefill_attention,
 };
 pub use heads::{dual_head_forward, reward_head_forward};
 pub use matmul::{Linear, matmul_forward, matmul_forward_many};
+pub use rowwise::{residual_forward, rmsnorm_forward, rope_forward, swiglu_forward};

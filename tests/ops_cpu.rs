@@ -726,3 +726,54 @@ fn q8_rows_that_are_not_whole_groups_are_typed_errors() {
     let err = cpu::embedding_forward(&mut row, &[0], w, 16).unwrap_err();
     assert!(err.to_string().contains("multiple of 32"), "{err}");
 }
+
+/// The fast matmul sums every output in the same order whatever the number of rows, so
+/// a row gives the same bits alone, in a decode batch or in a prefill chunk: a prompt
+/// partly served from the prefix cache then scores exactly as when computed whole.
+#[test]
+fn matmul_rows_are_bit_identical_alone_and_batched() {
+    let (c, oc) = (576, 1536);
+    let mut rng = Rng::new(77);
+    let x = rng.vec(130 * c, 1.0);
+    let w: Vec<bf16> = rng
+        .vec(oc * c, 0.5)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let (q, sc) = q8(&rng.vec(oc * c, 0.5));
+    for weights in [
+        Weights::BF16(&w),
+        Weights::Q8(Q8Slice::new(&q, &sc).unwrap()),
+    ] {
+        let mut all = vec![0.0f32; 130 * oc];
+        cpu::matmul_forward(&mut all, &x, weights, None, c, oc).unwrap();
+        for (start, rows) in [
+            (0usize, 1usize),
+            (5, 1),
+            (129, 1),
+            (3, 7),
+            (40, 33),
+            (60, 70),
+        ] {
+            let mut part = vec![0.0f32; rows * oc];
+            cpu::matmul_forward(
+                &mut part,
+                &x[start * c..(start + rows) * c],
+                weights,
+                None,
+                c,
+                oc,
+            )
+            .unwrap();
+            let want = &all[start * oc..(start + rows) * oc];
+            assert!(
+                part.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rows {start}..{} differ from the 130-row batch ({})",
+                start + rows,
+                weights.dtype_name()
+            );
+        }
+    }
+}

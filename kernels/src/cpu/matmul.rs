@@ -8,10 +8,7 @@
 //! processed in panels small enough to stay in L2 while a thread sweeps its output columns,
 //! so each weight tile is read from memory once per panel and reused from L1 by every row
 //! block of the panel. One input row (decode) uses MR = 1 with NR = 4 independent
-//! accumulator chains. From 24 rows on (prefill), weights are instead packed to f32,
-//! 16 columns k-major, once per panel of 120 rows (an in-register 8 x 8 transpose), and a
-//! 6 x 16 broadcast micro-kernel (12 accumulators) runs over them: +10-15% GFLOP/s on the
-//! prefill shapes over the register tiles (benches/kernels.rs, docs/benchmarks.md). The scalar path converts one weight row at a time and dots it with
+//! accumulator chains. The scalar path converts one weight row at a time and dots it with
 //! every input row.
 
 use half::{bf16, f16};
@@ -53,12 +50,12 @@ pub fn matmul_forward(
     };
     // Output columns are split in blocks claimed dynamically by the pool's threads; each
     // block writes its own columns of every row through a raw pointer (disjoint index
-    // sets). Blocks are a multiple of COL_ALIGN columns (whole 3-wide tiles, 4-wide GEMV
-    // groups and 16-wide packed panels) and small enough for about eight per thread.
+    // sets). Blocks are a multiple of 12 columns (whole 3-wide tiles and 4-wide GEMV
+    // groups) and small enough for about eight per thread.
     let per = out_features
         .div_ceil(threads * 8)
-        .next_multiple_of(COL_ALIGN)
-        .clamp(COL_ALIGN, 768);
+        .next_multiple_of(12)
+        .clamp(24, 768);
     let blocks = out_features.div_ceil(per);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
@@ -87,9 +84,6 @@ pub fn matmul_forward(
     });
     Ok(())
 }
-
-/// Column blocks handed to threads are multiples of this (see `matmul_forward`).
-const COL_ALIGN: usize = 48;
 
 /// One linear layer of a fused [`matmul_forward_many`] call:
 /// out (B, OC) = inp (B, C) . weight (OC, C)^T + bias (OC).
@@ -153,8 +147,8 @@ pub fn matmul_forward_many(
     };
     let per = total_oc
         .div_ceil(threads * 8)
-        .next_multiple_of(COL_ALIGN)
-        .clamp(COL_ALIGN, 768);
+        .next_multiple_of(12)
+        .clamp(24, 768);
     let mut meta: [FusedMeta<'_>; MAX_FUSED] =
         [(SendPtr(std::ptr::null_mut()), 0, None, None, 0, 0); MAX_FUSED];
     let mut items = 0;
@@ -692,220 +686,6 @@ mod tiled {
         }
     }
 
-    /// Rows of a packed micro-tile.
-    const PM: usize = 6;
-    /// Output columns of a packed panel (two vectors).
-    const PN: usize = 16;
-    /// From this many input rows on, weights are packed (converted to f32, k-major, 16
-    /// columns at a time) once per row panel and the BLIS-style 6 x 16 micro-kernel runs
-    /// over them: each packed weight is then reused by every row of the panel, where the
-    /// register tiles above re-convert it for every 4 rows. Below it the register tiles
-    /// stream the weights once (decode, K critiques).
-    pub(super) const PACK_MIN_ROWS: usize = 24;
-    /// Input rows per packed panel (a multiple of PM): each panel's weights are packed
-    /// once per 16 columns, so the packing cost is 1/120 of the panel's FMAs; the
-    /// micro-kernel streams x rows sequentially, so they need not fit in L2.
-    const PACK_PANEL_ROWS: usize = 120;
-
-    thread_local! {
-        /// The packed weight panel (c x PN f32), per thread; grows once to the widest C.
-        static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-
-    /// pack[k * PN + j] = w_j[k] for j < n (weight rows of type DT, c elements each, at
-    /// w + j * c; Q8 scales at s + j * c / Q8_GROUP), 0 for n <= j < PN.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pack_panel<const DT: u8>(
-        w: *const u8,
-        s: *const f32,
-        c: usize,
-        n: usize,
-        pack: &mut [f32],
-    ) {
-        let es = elem::<DT>();
-        let sc = scales_per_row::<DT>(c);
-        let n8 = c / 8 * 8;
-        // SAFETY: rows j < n of c elements exist; pack holds c * PN floats.
-        unsafe {
-            // Whole 8 x 8 blocks (8 weight rows, 8 k) by an in-register transpose.
-            for jb in 0..PN / 8 {
-                let j0 = jb * 8;
-                if j0 + 8 <= n {
-                    let mut k = 0;
-                    while k < n8 {
-                        let mut v = [_mm256_setzero_ps(); 8];
-                        for (t, r) in v.iter_mut().enumerate() {
-                            let j = j0 + t;
-                            *r = load8::<DT>(
-                                w.add((j * c + k) * es),
-                                s.wrapping_add(j * sc + k / Q8_GROUP),
-                            );
-                        }
-                        let v = transpose8(v);
-                        for (t, r) in v.iter().enumerate() {
-                            _mm256_storeu_ps(pack.as_mut_ptr().add((k + t) * PN + j0), *r);
-                        }
-                        k += 8;
-                    }
-                    for j in j0..j0 + 8 {
-                        let (row, srow) = (w.add(j * c * es), s.wrapping_add(j * sc));
-                        for k in n8..c {
-                            *pack.get_unchecked_mut(k * PN + j) = load1::<DT>(row, srow, k);
-                        }
-                    }
-                } else {
-                    for j in j0..j0 + 8 {
-                        let (row, srow) = (w.add(j * c * es), s.wrapping_add(j * sc));
-                        for k in 0..c {
-                            *pack.get_unchecked_mut(k * PN + j) = if j < n {
-                                load1::<DT>(row, srow, k)
-                            } else {
-                                0.0
-                            };
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Transpose 8 vectors of 8 (row t, lane u) -> (row u, lane t).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
-        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-        [
-            _mm256_permute2f128_ps::<0x20>(u0, u4),
-            _mm256_permute2f128_ps::<0x20>(u1, u5),
-            _mm256_permute2f128_ps::<0x20>(u2, u6),
-            _mm256_permute2f128_ps::<0x20>(u3, u7),
-            _mm256_permute2f128_ps::<0x31>(u0, u4),
-            _mm256_permute2f128_ps::<0x31>(u1, u5),
-            _mm256_permute2f128_ps::<0x31>(u2, u6),
-            _mm256_permute2f128_ps::<0x31>(u3, u7),
-        ]
-    }
-
-    /// out[i * ldo + j] = x_i . pack[:, j] + bias_j for i < M, j < n (n <= PN), where
-    /// x_i = x + i * c and pack is a [`pack_panel`] of c rows.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn packed_tile<const M: usize>(
-        x: *const f32,
-        pack: *const f32,
-        c: usize,
-        out: *mut f32,
-        ldo: usize,
-        n: usize,
-        bias: &[f32; PN],
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; M];
-        // SAFETY: k < c for every load; rows i < M of x exist; pack holds c * PN.
-        unsafe {
-            for k in 0..c {
-                let p = pack.add(k * PN);
-                let w0 = _mm256_loadu_ps(p);
-                let w1 = _mm256_loadu_ps(p.add(8));
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xb = _mm256_broadcast_ss(&*x.add(i * c + k));
-                    a[0] = _mm256_fmadd_ps(xb, w0, a[0]);
-                    a[1] = _mm256_fmadd_ps(xb, w1, a[1]);
-                }
-            }
-            let b0 = _mm256_loadu_ps(bias.as_ptr());
-            let b1 = _mm256_loadu_ps(bias.as_ptr().add(8));
-            for (i, a) in acc.iter().enumerate() {
-                let o = out.add(i * ldo);
-                let v0 = _mm256_add_ps(a[0], b0);
-                let v1 = _mm256_add_ps(a[1], b1);
-                if n == PN {
-                    _mm256_storeu_ps(o, v0);
-                    _mm256_storeu_ps(o.add(8), v1);
-                } else {
-                    let mut t = [0f32; PN];
-                    _mm256_storeu_ps(t.as_mut_ptr(), v0);
-                    _mm256_storeu_ps(t.as_mut_ptr().add(8), v1);
-                    std::ptr::copy_nonoverlapping(t.as_ptr(), o, n);
-                }
-            }
-        }
-    }
-
-    /// The packed path of [`gemm_dt`] (rows >= [`PACK_MIN_ROWS`]).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm_packed<const DT: u8>(
-        out: &mut [f32],
-        inp: &[f32],
-        w: *const u8,
-        s: *const f32,
-        bias: Option<&[f32]>,
-        c: usize,
-        oc: usize,
-        cols: Range<usize>,
-    ) {
-        let es = elem::<DT>();
-        let sc = scales_per_row::<DT>(c);
-        let rows = inp.len() / c;
-        let x = inp.as_ptr();
-        let o_ptr = out.as_mut_ptr();
-        let panel = PACK_PANEL_ROWS;
-        PACK.with_borrow_mut(|pack| {
-            if pack.len() < c * PN {
-                pack.resize(c * PN, 0.0);
-            }
-            // SAFETY: all offsets stay within the shapes the caller guarantees.
-            unsafe {
-                let mut r0 = 0;
-                while r0 < rows {
-                    let r_end = (r0 + panel).min(rows);
-                    let mut o = cols.start;
-                    while o < cols.end {
-                        let n = PN.min(cols.end - o);
-                        let mut bias_t = [0.0; PN];
-                        if let Some(b) = bias {
-                            bias_t[..n].copy_from_slice(&b[o..o + n]);
-                        }
-                        pack_panel::<DT>(w.add(o * c * es), s.wrapping_add(o * sc), c, n, pack);
-                        let pk = pack.as_ptr();
-                        let mut r = r0;
-                        while r < r_end {
-                            let m = PM.min(r_end - r);
-                            let (xr, or) = (x.add(r * c), o_ptr.add(r * oc + o));
-                            match m {
-                                6 => packed_tile::<6>(xr, pk, c, or, oc, n, &bias_t),
-                                5 => packed_tile::<5>(xr, pk, c, or, oc, n, &bias_t),
-                                4 => packed_tile::<4>(xr, pk, c, or, oc, n, &bias_t),
-                                3 => packed_tile::<3>(xr, pk, c, or, oc, n, &bias_t),
-                                2 => packed_tile::<2>(xr, pk, c, or, oc, n, &bias_t),
-                                _ => packed_tile::<1>(xr, pk, c, or, oc, n, &bias_t),
-                            }
-                            r += m;
-                        }
-                        o += n;
-                    }
-                    r0 = r_end;
-                }
-            }
-        });
-    }
-
     /// out (rows, oc) columns `cols` = inp (rows, c) . weight(cols)^T + bias.
     ///
     /// SAFETY: AVX2+FMA+F16C present; `inp.len()` is a multiple of `c`, `out` holds
@@ -961,10 +741,6 @@ mod tiled {
         unsafe {
             if rows == 1 {
                 gemv::<DT>(o_ptr, x, w, s, bias, c, cols);
-                return;
-            }
-            if rows >= PACK_MIN_ROWS {
-                gemm_packed::<DT>(out, inp, w, s, bias, c, oc, cols);
                 return;
             }
             let panel = (PANEL_BYTES / (4 * c)).clamp(MR, 256) / MR * MR;

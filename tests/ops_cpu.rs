@@ -13,6 +13,9 @@ use common::{Guarded, OpCase, Rng, check_close, check_close_floor, run_cases};
 use half::{bf16, f16};
 
 const F32_TOL: f64 = 1e-5;
+
+/// Held by the tests that force an ISA path (process-wide), so they do not overlap.
+static ISA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const ROWS: [usize; 4] = [1, 7, 33, 130];
 const DIMS: [usize; 6] = [1, 7, 33, 64, 577, 1025];
 
@@ -677,6 +680,7 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
 /// Every ISA path and thread count; the coverage check requires a case for every op.
 #[test]
 fn fast_cpu_ops_match_reference() {
+    let _isa_lock = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     for isa in dispatch::available() {
         for threads in [1, 2] {
             eprintln!("isa {isa:?}, {threads} threads");
@@ -741,10 +745,14 @@ fn matmul_rows_are_bit_identical_alone_and_batched() {
         .map(|&v| bf16::from_f32(v))
         .collect();
     let (q, sc) = q8(&rng.vec(oc * c, 0.5));
-    for weights in [
-        Weights::BF16(&w),
-        Weights::Q8(Q8Slice::new(&q, &sc).unwrap()),
-    ] {
+    let _isa_lock = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for (isa, weights) in dispatch::available().into_iter().flat_map(|isa| {
+        [
+            (isa, Weights::BF16(&w)),
+            (isa, Weights::Q8(Q8Slice::new(&q, &sc).unwrap())),
+        ]
+    }) {
+        dispatch::force(Some(isa));
         let mut all = vec![0.0f32; 130 * oc];
         cpu::matmul_forward(&mut all, &x, weights, None, c, oc).unwrap();
         for (start, rows) in [
@@ -770,10 +778,11 @@ fn matmul_rows_are_bit_identical_alone_and_batched() {
                 part.iter()
                     .zip(want)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "rows {start}..{} differ from the 130-row batch ({})",
+                "rows {start}..{} differ from the 130-row batch ({}, {isa:?})",
                 start + rows,
                 weights.dtype_name()
             );
         }
     }
+    dispatch::force(None);
 }

@@ -171,26 +171,29 @@ pub fn quantize_q8(src: Weights<'_>, q: &mut [i8], scales: &mut [f32]) -> Result
         });
     }
     match src {
-        Weights::F32(w) => quantize_groups(w, |v| *v, q, scales),
-        Weights::BF16(w) => quantize_groups(w, |v| v.to_f32(), q, scales),
-        Weights::F16(w) => quantize_groups(w, |v| v.to_f32(), q, scales),
-        Weights::Q8(w) => quantize_groups(&(0..n).collect::<Vec<_>>(), |&i| w.get(i), q, scales),
+        Weights::F32(w) => quantize_groups(|i| w[i], q, scales),
+        Weights::BF16(w) => quantize_groups(|i| w[i].to_f32(), q, scales),
+        Weights::F16(w) => quantize_groups(|i| w[i].to_f32(), q, scales),
+        Weights::Q8(w) => quantize_groups(|i| w.get(i), q, scales),
     }
 }
 
-fn quantize_groups<T>(
-    src: &[T],
-    conv: impl Fn(&T) -> f32,
+/// Element `i` of the source is `get(i)`; `q` and `scales` were checked to match it.
+fn quantize_groups(
+    get: impl Fn(usize) -> f32,
     q: &mut [i8],
     scales: &mut [f32],
 ) -> Result<(), KernelError> {
     let mut buf = [0f32; Q8_GROUP];
-    let groups = src.chunks_exact(Q8_GROUP).zip(q.chunks_exact_mut(Q8_GROUP));
-    for (g, ((sg, qg), s)) in groups.zip(scales.iter_mut()).enumerate() {
+    for (g, (qg, s)) in q
+        .chunks_exact_mut(Q8_GROUP)
+        .zip(scales.iter_mut())
+        .enumerate()
+    {
         let mut amax = 0f32;
         let mut finite = true;
-        for (b, v) in buf.iter_mut().zip(sg) {
-            *b = conv(v);
+        for (j, b) in buf.iter_mut().enumerate() {
+            *b = get(g * Q8_GROUP + j);
             finite &= b.is_finite();
             amax = amax.max(b.abs());
         }

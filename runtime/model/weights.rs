@@ -252,22 +252,7 @@ impl LlamaWeights {
                 .map(Weights::Q8)
                 .unwrap_or(Weights::F32(&[]));
         }
-        let bytes = self
-            .files
-            .files()
-            .get(h.shard)
-            .map(|f| f.mapped_bytes())
-            .and_then(|b| b.get(h.offset..h.offset + h.len * h.dtype.size()))
-            .unwrap_or(&[]);
-        // Alignment and length were checked when the handle was made; a failed cast
-        // (impossible) degrades to an empty slice, which kernels reject with an error.
-        match h.dtype {
-            Dtype::BF16 => {
-                Weights::BF16(bytemuck::try_cast_slice::<u8, bf16>(bytes).unwrap_or(&[]))
-            }
-            Dtype::F16 => Weights::F16(bytemuck::try_cast_slice::<u8, f16>(bytes).unwrap_or(&[])),
-            _ => Weights::F32(bytemuck::try_cast_slice::<u8, f32>(bytes).unwrap_or(&[])),
-        }
+        mapped(&self.files, h)
     }
 
     /// Bytes of every distinct weight tensor (the decode roofline's numerator).
@@ -354,19 +339,26 @@ pub(crate) fn handle(
     .into())
 }
 
-/// One matrix of the mapping quantised to Q8.
-fn quantize_tensor(files: &ShardedSafeTensors, h: &WeightHandle) -> Result<Q8Tensor> {
+/// The tensor behind a handle as stored in the mapping (never the quantised copy).
+fn mapped<'a>(files: &'a ShardedSafeTensors, h: &WeightHandle) -> Weights<'a> {
     let bytes = files
         .files()
         .get(h.shard)
         .map(|f| f.mapped_bytes())
         .and_then(|b| b.get(h.offset..h.offset + h.len * h.dtype.size()))
         .unwrap_or(&[]);
-    let src = match h.dtype {
+    // Alignment and length were checked when the handle was made; a failed cast
+    // (impossible) degrades to an empty slice, which kernels reject with an error.
+    match h.dtype {
         Dtype::BF16 => Weights::BF16(bytemuck::try_cast_slice::<u8, bf16>(bytes).unwrap_or(&[])),
         Dtype::F16 => Weights::F16(bytemuck::try_cast_slice::<u8, f16>(bytes).unwrap_or(&[])),
         _ => Weights::F32(bytemuck::try_cast_slice::<u8, f32>(bytes).unwrap_or(&[])),
-    };
+    }
+}
+
+/// One matrix of the mapping quantised to Q8.
+fn quantize_tensor(files: &ShardedSafeTensors, h: &WeightHandle) -> Result<Q8Tensor> {
+    let src = mapped(files, h);
     if src.len() != h.len || !h.len.is_multiple_of(Q8_GROUP) {
         return Err(ModelError::Quantize(format!(
             "a tensor of {} elements cannot be quantised in groups of {Q8_GROUP}",

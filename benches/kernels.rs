@@ -149,5 +149,80 @@ fn stream(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, stream);
+/// The K-critique decode step's attention: K = 8 sequences over a shared 512-token prefix
+/// plus 64 tokens of their own, SmolLM2's heads (9 query, 3 KV, HS 64), 16-token blocks
+/// in shuffled order; one iteration is one call per layer for 30 layers over separate
+/// cache regions (23.6 MiB of K and V in all, far beyond L2), so it sees the memory
+/// traffic of a real step. Reported as GB/s of K/V bytes (each shared position counted
+/// once: the cascade reads the prefix once per step).
+fn cascade(c: &mut Criterion) {
+    use reference::attention_paged::{Level, PagedShape, cascade_scratch_len};
+    let mut rng = Rng(0x51_7cc1_b727_220a);
+    let shape = PagedShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+    };
+    let (k, prefix, suffix, layers) = (8usize, 512usize, 64usize, 30usize);
+    let bs = shape.block_size;
+    let per_layer = prefix / bs + k * suffix / bs;
+    let total = per_layer * layers;
+    let block = bs * shape.n_kv_heads * shape.head_dim;
+    let k_arena = rng.vec(total * block);
+    let v_arena = rng.vec(total * block);
+    let mut ids: Vec<u32> = (0..total as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = ((rng.f32() + 0.5) * (i + 1) as f32) as usize;
+        ids.swap(i, j.min(i));
+    }
+    let tables: Vec<(Vec<u32>, Vec<Vec<u32>>)> = (0..layers)
+        .map(|l| {
+            let t = &ids[l * per_layer..(l + 1) * per_layer];
+            let (pre, rest) = t.split_at(prefix / bs);
+            (
+                pre.to_vec(),
+                rest.chunks(suffix / bs).map(|c| c.to_vec()).collect(),
+            )
+        })
+        .collect();
+    let q = rng.vec(k * shape.n_heads * shape.head_dim);
+    let mut out = vec![0.0f32; q.len()];
+    let mut scratch = vec![0.0f32; cascade_scratch_len(&shape, k, prefix.max(suffix))];
+    let suffix_lens = vec![suffix; k];
+    let bytes = layers * (prefix + k * suffix) * 2 * shape.n_kv_heads * shape.head_dim * 4;
+    let mut g = c.benchmark_group("cascade_k8_prefix512_suffix64_30layers");
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(3));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("fast", |b| {
+        b.iter(|| {
+            for (pre, suf) in &tables {
+                let levels = [Level {
+                    block_table: pre,
+                    len: prefix,
+                    members: 0..k,
+                }];
+                let st: Vec<&[u32]> = suf.iter().map(|t| t.as_slice()).collect();
+                cpu::cascade_decode_attention(
+                    &mut out,
+                    &q,
+                    &k_arena,
+                    &v_arena,
+                    &levels,
+                    &st,
+                    &suffix_lens,
+                    shape,
+                    &mut scratch,
+                )
+                .unwrap();
+            }
+            black_box(out[0])
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, matmul, stream, cascade);
 criterion_main!(benches);

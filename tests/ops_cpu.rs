@@ -411,9 +411,20 @@ fn cases() -> Vec<OpCase> {
         (9, 3, 64),
         (16, 2, 128),
         (24, 3, 8),
+        (6, 3, 24),
+        (4, 2, 40),
         (6, 2, 7),
     ] {
-        for &(prefix, k) in &[(0usize, 1usize), (15, 3), (16, 3), (17, 16), (37, 3)] {
+        // Prefixes across the fast kernel's 64-position chunks and 256-position cascade
+        // pieces too.
+        for &(prefix, k) in &[
+            (0usize, 1usize),
+            (15, 3),
+            (16, 3),
+            (17, 16),
+            (37, 3),
+            (300, 5),
+        ] {
             let s = next_seed();
             cases.push(OpCase {
                 name: format!("paged_attention(nh={nh},nkv={nkv},hs={hs},prefix={prefix},k={k})"),
@@ -562,7 +573,7 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     };
     let mut rng = Rng::new(seed);
     let suffix_lens: Vec<usize> = (0..k)
-        .map(|i| [0, 1, 15, 16, 17][(i + seed as usize) % 5])
+        .map(|i| [0, 1, 15, 16, 17, 70][(i + seed as usize) % 6])
         .collect();
     let prefix_blocks = prefix.div_ceil(bs);
     let suffix_blocks: Vec<usize> = suffix_lens.iter().map(|l| l.div_ceil(bs)).collect();
@@ -593,15 +604,17 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     let mut full_tables: Vec<Vec<u32>> = Vec::new();
     let mut full_lens = Vec::new();
     let extra_base = total;
+    // Blocks per sequence in the copied arena.
+    let per_seq = (prefix + suffix_lens.iter().copied().max().unwrap_or(0)).div_ceil(bs) + 1;
     for (i, (st, &sl)) in suffix_tables.iter().zip(&suffix_lens).enumerate() {
         let len = prefix + sl;
         let nb = len.div_ceil(bs);
         let mut table = Vec::new();
         for b in 0..nb {
-            let id = (extra_base + i * 8 + b) as u32;
+            let id = (extra_base + i * per_seq + b) as u32;
             table.push(id);
         }
-        let need = (extra_base + (i + 1) * 8) * block;
+        let need = (extra_base + (i + 1) * per_seq) * block;
         if full_arena_k.len() < need {
             full_arena_k.resize(need, 0.0);
             full_arena_v.resize(need, 0.0);

@@ -2,19 +2,25 @@
 //! the same contracts as `reference::attention_paged` (same checks, same errors).
 //!
 //! The unit of work is the reference's attention state of NQ query rows of one KV head over
-//! a range of cached positions ([`partial`]). The AVX2 version (HS a multiple of 8) walks
+//! a range of cached positions ([`partial`]). The AVX2 version (HS a multiple of 8) first
+//! lists the range's row offsets (walking the block table, no division per row), then walks
 //! the range in chunks of [`CHUNK`] positions so a chunk's K rows (then V rows) stay in L1
-//! while every query row of the call reads them: scores four positions at a time with four
-//! independent FMA chains, a vectorised `exp` for the softmax, and the weighted V sum four
-//! positions per load/store of the output row. Other head sizes, and CPUs without AVX2,
-//! run the reference loop.
+//! while every query row of the call reads them, prefetching the next chunk's rows (a paged
+//! cache is far larger than L2 and its blocks defeat the hardware prefetcher). Scores: two
+//! query rows by four positions share their loads, one accumulator per pair summed over
+//! the head dim. Softmax: a vectorised `exp`. Weighted V sum: two query rows by up to 32
+//! channels of output live in registers across a chunk and share each V load, adding the
+//! positions one by one in order, as the reference does. Other head sizes, and CPUs
+//! without AVX2, run the reference loop.
 //!
 //! Threads (the global pool, no spawn or allocation per call once the per-thread scratch
 //! has grown; items claimed dynamically): prefill splits (row, KV head) pairs, longest
-//! causal rows first; decode splits (sequence, KV head) pairs; the cascade splits
-//! KV heads times contiguous chunks of sequences, and each chunk reads every shared level
-//! once for all its members' queries, so a shared prefix is read once per chunk per step
-//! instead of once per sequence. Every work item writes a disjoint set of output rows.
+//! causal rows first; decode splits (sequence, KV head) pairs. The cascade cuts every
+//! shared level into pieces of [`SPLIT`] positions and runs (piece, KV head) items over
+//! all the level's members' queries at once, so a shared prefix is read once per step
+//! whatever the thread count, next to (sequence, KV head) items for the suffixes; a
+//! second pass merges each row's states in a fixed order. Every work item writes a
+//! disjoint set of rows.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -360,61 +366,130 @@ pub fn cascade_decode_attention(
         return Ok(());
     }
     let isa = current();
-    let (group, nkv) = (shape.group(), shape.n_kv_heads);
+    let nkv = shape.n_kv_heads;
     let scale = 1.0 / (hs as f32).sqrt();
     let threads = threads_for(n_seqs * nkv, 4 * work * nh * hs);
-    // Chunks of sequences per KV head: enough items for every thread, few enough that a
-    // shared level is read by as few chunks as possible.
-    let chunks = (2 * threads).div_ceil(nkv).clamp(1, n_seqs);
-    let per_chunk = n_seqs.div_ceil(chunks);
-    let chunks = n_seqs.div_ceil(per_chunk);
-    let items = nkv * chunks;
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let out_len = out.len();
-    pool::global().run_items(threads, items, &|it| {
-        // SAFETY: item (kvh, chunk) writes only the rows (b, kvh * G + j) of `out` for the
-        // sequences b of its chunk; items are disjoint and `out` outlives `run_items`.
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        let rows = per_chunk * group;
-        let len = 3 * rows * hs + 2 * rows + rows * max_len;
-        with_scratch(len, |s| {
-            let (qg, s) = s.split_at_mut(rows * hs);
-            let (og, s) = s.split_at_mut(rows * hs);
-            let (lg, s) = s.split_at_mut(rows);
-            let (lse_run, s) = s.split_at_mut(rows);
-            let (o_suffix, scores) = s.split_at_mut(rows * hs);
-            let (kvh, chunk) = (it % nkv, it / nkv);
-            let seqs = chunk * per_chunk..((chunk + 1) * per_chunk).min(n_seqs);
-            let ctx = Cascade {
-                q,
-                k_arena,
-                v_arena,
-                shape: &shape,
-                scale,
-                isa,
-                kvh,
-            };
-            ctx.run(
-                out,
-                seqs,
-                levels,
-                suffix_tables,
-                suffix_lens,
-                Bufs {
-                    qg,
-                    og,
-                    lg,
-                    lse_run,
-                    o_suffix,
-                    scores,
-                },
-            );
+    let lay = PartsLayout::new(levels, n_seqs, nh, hs);
+    let level_items = lay.pieces_total * nkv;
+    let items = level_items + n_seqs * nkv;
+    PARTS.with_borrow_mut(|parts| {
+        if parts.len() < lay.len() {
+            parts.resize(lay.len(), 0.0);
+        }
+        let parts_ptr = SendPtr(parts.as_mut_ptr());
+        let ctx = Cascade {
+            q,
+            k_arena,
+            v_arena,
+            shape: &shape,
+            scale,
+            isa,
+            lay: &lay,
+            parts: parts_ptr,
+        };
+        // Phase 1: every (level piece, KV head) and (suffix, KV head) attention state.
+        pool::global().run_items(threads, items, &|it| {
+            if it < level_items {
+                let (kvh, piece) = (it % nkv, it / nkv);
+                ctx.level_piece(levels, piece, kvh);
+            } else {
+                let it = it - level_items;
+                let (kvh, s) = (it % nkv, it / nkv);
+                ctx.suffix(suffix_tables[s], suffix_lens[s], s, kvh);
+            }
+        });
+        // Phase 2: merge each output row's states in a fixed order (levels, their pieces,
+        // then the suffix), whatever the thread count.
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let out_len = out.len();
+        let merge_threads = if n_seqs * nh * (lay.pieces_total + 1) * hs < 1 << 14 {
+            1
+        } else {
+            threads
+        };
+        pool::global().run_items(merge_threads, n_seqs, &|s| {
+            // SAFETY: item s writes only sequence s's rows of `out`; `out` outlives the job.
+            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
+            ctx.merge(out, levels, s);
         });
     });
     Ok(())
 }
 
-/// Read-only inputs of one cascade work item (one KV head).
+/// Pieces a shared level is cut into: SPLIT positions each, so a level is read once per
+/// step by as many threads as there are pieces and KV heads (a fixed size, so the result
+/// does not depend on the thread count).
+const SPLIT: usize = 256;
+
+thread_local! {
+    /// Attention states of one cascade call (see [`PartsLayout`]), on the calling thread.
+    static PARTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where the attention states of a cascade call live in one buffer: for each level, for
+/// each piece, (members, NH, HS) outputs; then (B, NH, HS) suffix outputs; then the lse
+/// values in the same order ((members, NH) per piece, then (B, NH)).
+struct PartsLayout {
+    pieces_total: usize,
+    /// Elements of outputs before the suffix block (= lse values before it, times HS).
+    level_rows: usize,
+    n_seqs: usize,
+    nh: usize,
+    hs: usize,
+}
+
+impl PartsLayout {
+    fn new(levels: &[Level<'_>], n_seqs: usize, nh: usize, hs: usize) -> Self {
+        let mut pieces_total = 0;
+        let mut level_rows = 0;
+        for l in levels {
+            let pieces = l.len.div_ceil(SPLIT);
+            pieces_total += pieces;
+            level_rows += pieces * l.members.len() * nh;
+        }
+        PartsLayout {
+            pieces_total,
+            level_rows,
+            n_seqs,
+            nh,
+            hs,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.level_rows + self.n_seqs * self.nh
+    }
+
+    fn len(&self) -> usize {
+        self.rows() * (self.hs + 1)
+    }
+
+    /// Output offset of row 0 of a state block starting at state row `row`.
+    fn o(&self, row: usize) -> usize {
+        row * self.hs
+    }
+
+    fn lse(&self, row: usize) -> usize {
+        self.rows() * self.hs + row
+    }
+
+    /// Global piece index -> (level, piece within it, first state row of the piece).
+    fn piece(&self, levels: &[Level<'_>], mut piece: usize) -> (usize, usize, usize) {
+        let mut row = 0;
+        for (li, l) in levels.iter().enumerate() {
+            let pieces = l.len.div_ceil(SPLIT);
+            let per = l.members.len() * self.nh;
+            if piece < pieces {
+                return (li, piece, row + piece * per);
+            }
+            piece -= pieces;
+            row += pieces * per;
+        }
+        unreachable!("piece index within pieces_total")
+    }
+}
+
+/// Read-only inputs of a cascade call.
 struct Cascade<'a> {
     q: &'a [f32],
     k_arena: &'a [f32],
@@ -422,104 +497,130 @@ struct Cascade<'a> {
     shape: &'a PagedShape,
     scale: f32,
     isa: Isa,
-    kvh: usize,
-}
-
-/// Per-thread buffers of one cascade work item.
-struct Bufs<'s> {
-    /// (M*G, HS) gathered queries of the chunk's members of a level
-    qg: &'s mut [f32],
-    /// (M*G, HS) partial output of a level
-    og: &'s mut [f32],
-    /// (M*G) partial lse
-    lg: &'s mut [f32],
-    /// (chunk*G) running lse of the chunk's rows
-    lse_run: &'s mut [f32],
-    /// (G, HS) partial output of one suffix
-    o_suffix: &'s mut [f32],
-    scores: &'s mut [f32],
+    lay: &'a PartsLayout,
+    parts: SendPtr,
 }
 
 impl Cascade<'_> {
-    /// Levels then suffixes for the sequences `seqs`, merged into their rows of `out`.
-    fn run(
-        &self,
-        out: &mut [f32],
-        seqs: Range<usize>,
-        levels: &[Level<'_>],
-        suffix_tables: &[&[u32]],
-        suffix_lens: &[usize],
-        b: Bufs<'_>,
-    ) {
-        let hs = self.shape.head_dim;
-        let nh = self.shape.n_heads;
-        let group = self.shape.group();
+    /// The state of every member's query rows of KV head `kvh` over one piece of a level.
+    fn level_piece(&self, levels: &[Level<'_>], piece: usize, kvh: usize) {
+        let (li, p, row0) = self.lay.piece(levels, piece);
+        let level = &levels[li];
+        let (hs, nh, group) = (self.shape.head_dim, self.shape.n_heads, self.shape.group());
         let gw = group * hs;
-        let head0 = self.kvh * group;
-        // Running state: o = 0, lse = -inf for every row of the chunk.
-        for s in seqs.clone() {
-            out[(s * nh + head0) * hs..][..gw].fill(0.0);
-        }
-        b.lse_run[..seqs.len() * group].fill(f32::NEG_INFINITY);
-        for level in levels {
-            let m = level.members.start.max(seqs.start)..level.members.end.min(seqs.end);
-            if m.is_empty() {
-                continue;
-            }
-            let rows = m.len() * group;
-            for (i, s) in m.clone().enumerate() {
-                b.qg[i * gw..][..gw].copy_from_slice(&self.q[(s * nh + head0) * hs..][..gw]);
+        let members = level.members.len();
+        let rows = members * group;
+        let pos = p * SPLIT..((p + 1) * SPLIT).min(level.len);
+        let head0 = kvh * group;
+        with_scratch(2 * rows * hs + rows + rows * SPLIT, |s| {
+            let (qg, s) = s.split_at_mut(rows * hs);
+            let (og, s) = s.split_at_mut(rows * hs);
+            let (lg, scores) = s.split_at_mut(rows);
+            for (i, sq) in level.members.clone().enumerate() {
+                qg[i * gw..][..gw].copy_from_slice(&self.q[(sq * nh + head0) * hs..][..gw]);
             }
             partial(
-                &mut b.og[..rows * hs],
-                &mut b.lg[..rows],
-                &b.qg[..rows * hs],
+                og,
+                lg,
+                qg,
                 self.k_arena,
                 self.v_arena,
                 level.block_table,
-                0..level.len,
-                self.kvh,
+                pos,
+                kvh,
                 self.scale,
-                b.scores,
+                scores,
                 self.shape,
                 self.isa,
             );
-            for (i, s) in m.enumerate() {
-                for j in 0..group {
-                    let r = i * group + j;
-                    merge_row(
-                        &mut out[(s * nh + head0 + j) * hs..][..hs],
-                        &mut b.lse_run[(s - seqs.start) * group + j],
-                        &b.og[r * hs..][..hs],
-                        b.lg[r],
+            // SAFETY: this item alone writes rows (i, head0..head0 + G) of its piece's
+            // block; the buffer holds `lay.len()` elements and outlives the job.
+            unsafe {
+                let base = self.parts.get();
+                for i in 0..members {
+                    let r = row0 + i * nh + head0;
+                    std::ptr::copy_nonoverlapping(
+                        og.as_ptr().add(i * gw),
+                        base.add(self.lay.o(r)),
+                        gw,
+                    );
+                    std::ptr::copy_nonoverlapping(
+                        lg.as_ptr().add(i * group),
+                        base.add(self.lay.lse(r)),
+                        group,
                     );
                 }
             }
-        }
-        for s in seqs.clone() {
-            let len = suffix_lens[s];
+        });
+    }
+
+    /// The state of sequence `s`'s query rows of KV head `kvh` over its own suffix.
+    fn suffix(&self, table: &[u32], len: usize, s: usize, kvh: usize) {
+        let (hs, nh, group) = (self.shape.head_dim, self.shape.n_heads, self.shape.group());
+        let gw = group * hs;
+        let r = self.lay.level_rows + s * nh + kvh * group;
+        with_scratch(group * len.max(1), |scores| {
+            // SAFETY: this item alone writes rows (s, kvh * G..kvh * G + G) of the suffix
+            // block; the buffer holds `lay.len()` elements and outlives the job.
+            let (o, lse) = unsafe {
+                let base = self.parts.get();
+                (
+                    std::slice::from_raw_parts_mut(base.add(self.lay.o(r)), gw),
+                    std::slice::from_raw_parts_mut(base.add(self.lay.lse(r)), group),
+                )
+            };
             partial(
-                &mut b.o_suffix[..gw],
-                &mut b.lg[..group],
-                &self.q[(s * nh + head0) * hs..][..gw],
+                o,
+                lse,
+                &self.q[(s * nh + kvh * group) * hs..][..gw],
                 self.k_arena,
                 self.v_arena,
-                suffix_tables[s],
+                table,
                 0..len,
-                self.kvh,
+                kvh,
                 self.scale,
-                b.scores,
+                scores,
                 self.shape,
                 self.isa,
             );
-            for j in 0..group {
-                merge_row(
-                    &mut out[(s * nh + head0 + j) * hs..][..hs],
-                    &mut b.lse_run[(s - seqs.start) * group + j],
-                    &b.o_suffix[j * hs..][..hs],
-                    b.lg[j],
-                );
+        });
+    }
+
+    /// Sequence `s`'s output rows: its levels' pieces in order, then its suffix.
+    fn merge(&self, out: &mut [f32], levels: &[Level<'_>], s: usize) {
+        let (hs, nh) = (self.shape.head_dim, self.shape.n_heads);
+        let base = self.parts.get() as *const f32;
+        // SAFETY: phase 1 is over; the buffer is only read here.
+        let parts = unsafe { std::slice::from_raw_parts(base, self.lay.len()) };
+        for h in 0..nh {
+            let o = &mut out[(s * nh + h) * hs..][..hs];
+            o.fill(0.0);
+            let mut lse = f32::NEG_INFINITY;
+            let mut row0 = 0;
+            for l in levels {
+                let pieces = l.len.div_ceil(SPLIT);
+                let per = l.members.len() * nh;
+                if l.members.contains(&s) {
+                    let i = s - l.members.start;
+                    for p in 0..pieces {
+                        let r = row0 + p * per + i * nh + h;
+                        merge_row(
+                            o,
+                            &mut lse,
+                            &parts[self.lay.o(r)..][..hs],
+                            parts[self.lay.lse(r)],
+                        );
+                    }
+                }
+                row0 += pieces * per;
             }
+            let r = self.lay.level_rows + s * nh + h;
+            merge_row(
+                o,
+                &mut lse,
+                &parts[self.lay.o(r)..][..hs],
+                parts[self.lay.lse(r)],
+            );
         }
     }
 }
@@ -598,6 +699,11 @@ mod avx2 {
         }
     }
 
+    thread_local! {
+        /// Arena offsets of the rows of one [`partial`] call.
+        static OFFS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
     /// See `super::partial`. HS is a multiple of 8.
     ///
     /// SAFETY: AVX2+FMA present; the arguments satisfy the reference partial's checks.
@@ -616,9 +722,49 @@ mod avx2 {
         scores: &mut [f32],
         shape: &PagedShape,
     ) {
+        // The row offsets once per call, walking the blocks (no division per position:
+        // a 64-bit divide per K and per V row cost more than the arithmetic it feeds).
+        OFFS.with_borrow_mut(|offs| {
+            offs.clear();
+            let bs = shape.block_size;
+            let (mut b, mut r) = (positions.start / bs, positions.start % bs);
+            let head = kv_head * shape.head_dim;
+            let row = shape.n_kv_heads * shape.head_dim;
+            for _ in positions.clone() {
+                offs.push((table[b] as usize * bs + r) * row + head);
+                r += 1;
+                if r == bs {
+                    r = 0;
+                    b += 1;
+                }
+            }
+            debug_assert!(
+                offs.iter()
+                    .zip(positions.clone())
+                    .all(|(&o, p)| o == row_offset(table, p, kv_head, shape))
+            );
+            // SAFETY: forwarded caller guarantees.
+            unsafe { partial_at(out, lse, q, k_arena, v_arena, offs, scale, scores, shape) }
+        })
+    }
+
+    /// [`partial`] with the row offsets of its positions given.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn partial_at(
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        k_arena: &[f32],
+        v_arena: &[f32],
+        offs: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+        shape: &PagedShape,
+    ) {
         let hs = shape.head_dim;
         let n_q = lse.len();
-        let n_pos = positions.end.saturating_sub(positions.start);
+        let n_pos = offs.len();
         out[..n_q * hs].fill(0.0);
         if n_pos == 0 {
             lse.fill(f32::NEG_INFINITY);
@@ -627,48 +773,31 @@ mod avx2 {
         let scores = &mut scores[..n_q * n_pos];
         let kp = k_arena.as_ptr();
         let vp = v_arena.as_ptr();
-        let start = positions.start;
-        let off = |j: usize| row_offset(table, start + j, kv_head, shape);
-        let vscale = _mm256_set1_ps(scale);
+        let off = |j: usize| offs[j];
         // SAFETY: every row offset lies in the checked arena (HS elements each), every
         // score index below n_q * n_pos, every q/out row below n_q.
         unsafe {
-            // Pass 1: scores, chunk by chunk so the chunk's K rows stay in L1.
+            // Pass 1: scores, chunk by chunk so the chunk's K rows stay in L1; two query
+            // rows at a time share each K load.
+            // The rows come from a paged cache far larger than L2, in blocks the hardware
+            // prefetcher cannot predict: each chunk asks for the next chunk's rows (K in
+            // pass 1, then V) while it computes.
+            prefetch_rows(kp, &off, 0..CHUNK.min(n_pos), hs);
             let mut c0 = 0;
             while c0 < n_pos {
                 let c1 = (c0 + CHUNK).min(n_pos);
-                for n in 0..n_q {
-                    let qn = q.as_ptr().add(n * hs);
-                    let srow = scores.as_mut_ptr().add(n * n_pos);
-                    let mut j = c0;
-                    while j + 4 <= c1 {
-                        let (k0, k1, k2, k3) = (
-                            kp.add(off(j)),
-                            kp.add(off(j + 1)),
-                            kp.add(off(j + 2)),
-                            kp.add(off(j + 3)),
-                        );
-                        let mut a0 = _mm256_setzero_ps();
-                        let mut a1 = _mm256_setzero_ps();
-                        let mut a2 = _mm256_setzero_ps();
-                        let mut a3 = _mm256_setzero_ps();
-                        let mut i = 0;
-                        while i < hs {
-                            let qv = _mm256_loadu_ps(qn.add(i));
-                            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0.add(i)), a0);
-                            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1.add(i)), a1);
-                            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2.add(i)), a2);
-                            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3.add(i)), a3);
-                            i += 8;
-                        }
-                        let s = _mm_mul_ps(hsum4(a0, a1, a2, a3), _mm256_castps256_ps128(vscale));
-                        _mm_storeu_ps(srow.add(j), s);
-                        j += 4;
-                    }
-                    while j < c1 {
-                        *srow.add(j) = dot(qn, kp.add(off(j)), hs) * scale;
-                        j += 1;
-                    }
+                if c1 < n_pos {
+                    prefetch_rows(kp, &off, c1..(c1 + CHUNK).min(n_pos), hs);
+                } else {
+                    prefetch_rows(vp, &off, 0..CHUNK.min(n_pos), hs);
+                }
+                let mut n = 0;
+                while n + 2 <= n_q {
+                    score_rows::<2>(q, scores, n, n_pos, c0..c1, kp, &off, hs, scale);
+                    n += 2;
+                }
+                if n < n_q {
+                    score_rows::<1>(q, scores, n, n_pos, c0..c1, kp, &off, hs, scale);
                 }
                 c0 = c1;
             }
@@ -718,54 +847,189 @@ mod avx2 {
                 *l = max + sum.ln();
             }
 
-            // Pass 3: out += p * V, chunk by chunk, four positions per pass over a row.
+            // Pass 3: out += p * V, chunk by chunk; two query rows by up to 32 channels of
+            // the output stay in registers for the whole chunk and share each V load.
             let mut c0 = 0;
             while c0 < n_pos {
                 let c1 = (c0 + CHUNK).min(n_pos);
-                for n in 0..n_q {
-                    let o = out.as_mut_ptr().add(n * hs);
-                    let srow = scores.as_ptr().add(n * n_pos);
-                    let mut j = c0;
-                    while j + 4 <= c1 {
-                        let (v0, v1, v2, v3) = (
-                            vp.add(off(j)),
-                            vp.add(off(j + 1)),
-                            vp.add(off(j + 2)),
-                            vp.add(off(j + 3)),
-                        );
-                        let w0 = _mm256_set1_ps(*srow.add(j));
-                        let w1 = _mm256_set1_ps(*srow.add(j + 1));
-                        let w2 = _mm256_set1_ps(*srow.add(j + 2));
-                        let w3 = _mm256_set1_ps(*srow.add(j + 3));
-                        let mut i = 0;
-                        while i < hs {
-                            let mut acc = _mm256_loadu_ps(o.add(i));
-                            acc = _mm256_fmadd_ps(w0, _mm256_loadu_ps(v0.add(i)), acc);
-                            acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(v1.add(i)), acc);
-                            acc = _mm256_fmadd_ps(w2, _mm256_loadu_ps(v2.add(i)), acc);
-                            acc = _mm256_fmadd_ps(w3, _mm256_loadu_ps(v3.add(i)), acc);
-                            _mm256_storeu_ps(o.add(i), acc);
-                            i += 8;
+                if c1 < n_pos {
+                    prefetch_rows(vp, &off, c1..(c1 + CHUNK).min(n_pos), hs);
+                }
+                let mut n = 0;
+                while n < n_q {
+                    let r = (n_q - n).min(2);
+                    let mut ch = 0;
+                    while ch < hs {
+                        let nv = ((hs - ch) / 8).min(4);
+                        let a = PvArgs {
+                            out: out.as_mut_ptr(),
+                            scores: scores.as_ptr(),
+                            vp,
+                            n,
+                            n_pos,
+                            ch,
+                            hs,
+                        };
+                        match (r, nv) {
+                            (2, 4) => pv_rows::<2, 4>(&a, c0..c1, &off),
+                            (2, 3) => pv_rows::<2, 3>(&a, c0..c1, &off),
+                            (2, 2) => pv_rows::<2, 2>(&a, c0..c1, &off),
+                            (2, _) => pv_rows::<2, 1>(&a, c0..c1, &off),
+                            (_, 4) => pv_rows::<1, 4>(&a, c0..c1, &off),
+                            (_, 3) => pv_rows::<1, 3>(&a, c0..c1, &off),
+                            (_, 2) => pv_rows::<1, 2>(&a, c0..c1, &off),
+                            _ => pv_rows::<1, 1>(&a, c0..c1, &off),
                         }
-                        j += 4;
+                        ch += nv * 8;
                     }
-                    while j < c1 {
-                        let v0 = vp.add(off(j));
-                        let w0 = _mm256_set1_ps(*srow.add(j));
-                        let mut i = 0;
-                        while i < hs {
-                            let acc = _mm256_fmadd_ps(
-                                w0,
-                                _mm256_loadu_ps(v0.add(i)),
-                                _mm256_loadu_ps(o.add(i)),
-                            );
-                            _mm256_storeu_ps(o.add(i), acc);
-                            i += 8;
-                        }
-                        j += 1;
-                    }
+                    n += r;
                 }
                 c0 = c1;
+            }
+        }
+    }
+
+    /// Ask for the cache lines of rows `off(j)..off(j) + hs` (f32) of `base`, j in `rows`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn prefetch_rows(
+        base: *const f32,
+        off: &impl Fn(usize) -> usize,
+        rows: Range<usize>,
+        hs: usize,
+    ) {
+        for j in rows {
+            let row = base.wrapping_add(off(j)) as *const i8;
+            let mut b = 0;
+            while b < hs * 4 {
+                // SAFETY: a prefetch never faults; the address is within the arena.
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b));
+                b += 64;
+            }
+        }
+    }
+
+    /// Scores of query rows `n..n + R` against positions `cols` (scaled), written to
+    /// `scores[row * n_pos + j]`. Every (row, position) keeps one accumulator over the
+    /// head dim and groups of four positions are summed with `hsum4`, the rest with
+    /// `hsum`, so a score does not depend on R.
+    ///
+    /// SAFETY: AVX2+FMA; rows n..n+R of q (HS each) and of scores exist; `off(j)` is a
+    /// readable K row for every j in `cols`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn score_rows<const R: usize>(
+        q: &[f32],
+        scores: &mut [f32],
+        n: usize,
+        n_pos: usize,
+        cols: Range<usize>,
+        kp: *const f32,
+        off: &impl Fn(usize) -> usize,
+        hs: usize,
+        scale: f32,
+    ) {
+        let vscale = _mm_set1_ps(scale);
+        // SAFETY: see the function's contract.
+        unsafe {
+            let qn = q.as_ptr().add(n * hs);
+            let srow = scores.as_mut_ptr().add(n * n_pos);
+            let mut j = cols.start;
+            while j + 4 <= cols.end {
+                let k = [
+                    kp.add(off(j)),
+                    kp.add(off(j + 1)),
+                    kp.add(off(j + 2)),
+                    kp.add(off(j + 3)),
+                ];
+                let mut acc = [[_mm256_setzero_ps(); 4]; R];
+                let mut i = 0;
+                while i < hs {
+                    let kv = [
+                        _mm256_loadu_ps(k[0].add(i)),
+                        _mm256_loadu_ps(k[1].add(i)),
+                        _mm256_loadu_ps(k[2].add(i)),
+                        _mm256_loadu_ps(k[3].add(i)),
+                    ];
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qv = _mm256_loadu_ps(qn.add(r * hs + i));
+                        for (x, kk) in a.iter_mut().zip(&kv) {
+                            *x = _mm256_fmadd_ps(qv, *kk, *x);
+                        }
+                    }
+                    i += 8;
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    let s = _mm_mul_ps(hsum4(a[0], a[1], a[2], a[3]), vscale);
+                    _mm_storeu_ps(srow.add(r * n_pos + j), s);
+                }
+                j += 4;
+            }
+            while j < cols.end {
+                let kj = kp.add(off(j));
+                for r in 0..R {
+                    *srow.add(r * n_pos + j) = dot(qn.add(r * hs), kj, hs) * scale;
+                }
+                j += 1;
+            }
+        }
+    }
+
+    /// Pointers and strides of one [`pv_rows`] call.
+    struct PvArgs {
+        out: *mut f32,
+        scores: *const f32,
+        vp: *const f32,
+        /// First query row.
+        n: usize,
+        n_pos: usize,
+        /// First channel.
+        ch: usize,
+        hs: usize,
+    }
+
+    /// out[row][ch..ch + 8V] += sum over j in `cols` of p[row][j] * V[j][ch..ch + 8V], for
+    /// rows n..n + R, the R x V accumulators held in registers across the positions. Each
+    /// output lane adds the positions one by one in order (the reference order).
+    ///
+    /// SAFETY: AVX2+FMA; rows n..n+R of out (HS each) and scores exist; ch + 8V <= HS;
+    /// `off(j)` is a readable V row for every j in `cols`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pv_rows<const R: usize, const V: usize>(
+        a: &PvArgs,
+        cols: Range<usize>,
+        off: &impl Fn(usize) -> usize,
+    ) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); V]; R];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let o = a.out.add((a.n + r) * a.hs + a.ch);
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(o.add(8 * v));
+                }
+            }
+            let s = a.scores.add(a.n * a.n_pos);
+            for j in cols {
+                let vj = a.vp.add(off(j) + a.ch);
+                let mut vv = [_mm256_setzero_ps(); V];
+                for (v, x) in vv.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(vj.add(8 * v));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(*s.add(r * a.n_pos + j));
+                    for (x, vx) in row.iter_mut().zip(&vv) {
+                        *x = _mm256_fmadd_ps(w, *vx, *x);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                let o = a.out.add((a.n + r) * a.hs + a.ch);
+                for (v, x) in row.iter().enumerate() {
+                    _mm256_storeu_ps(o.add(8 * v), *x);
+                }
             }
         }
     }

@@ -224,5 +224,48 @@ fn cascade(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matmul, stream, cascade);
+/// The LM head of one decode step (V = 49152, C = 576, bf16) choosing the next token of
+/// 1 and 8 rows: full logits then an argmax pass, next to the fused LM head + top-1 that
+/// never writes the logits. GB/s of LM-head weight bytes.
+fn lm_head_top1(c: &mut Criterion) {
+    use reference::heads::TopLogit;
+    let mut rng = Rng(0x3c6e_f372_fe94_f82b);
+    let (ic, v) = (576usize, 49152usize);
+    let w: Vec<bf16> = rng.vec(ic * v).into_iter().map(bf16::from_f32).collect();
+    for rows in [1usize, 8] {
+        let x = rng.vec(rows * ic);
+        let mut logits = vec![0.0f32; rows * v];
+        let mut best = vec![
+            TopLogit {
+                token: 0,
+                logit: 0.0
+            };
+            rows
+        ];
+        let mut g = c.benchmark_group(format!("lm_head_top1_rows{rows}"));
+        g.sample_size(10);
+        g.measurement_time(std::time::Duration::from_secs(2));
+        g.warm_up_time(std::time::Duration::from_millis(500));
+        g.throughput(Throughput::Bytes((ic * v * 2) as u64));
+        g.bench_function("matmul_then_argmax", |b| {
+            b.iter(|| {
+                cpu::matmul_forward(&mut logits, &x, Weights::BF16(&w), None, ic, v).unwrap();
+                let picks: Vec<u32> = logits
+                    .chunks_exact(v)
+                    .map(|row| cloudrm::sampler::argmax(row).unwrap_or(0) as u32)
+                    .collect();
+                black_box(picks)
+            })
+        });
+        g.bench_function("fused_topk", |b| {
+            b.iter(|| {
+                cpu::lm_head_topk(&mut best, &x, Weights::BF16(&w), ic, v, 1).unwrap();
+                black_box(best[0].token)
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, matmul, stream, cascade, lm_head_top1);
 criterion_main!(benches);

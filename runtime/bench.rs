@@ -28,11 +28,12 @@ use serde::Serialize;
 
 use crate::backend::Cpu;
 use crate::cloud::{CloudScorer, CloudTemplate, ScoreOptions};
-use crate::engine::{PREFILL_ROWS, PagedEngine, lm_logits};
+use crate::engine::{PREFILL_ROWS, PagedEngine};
 use crate::error::{Error, Result};
 use crate::kv::SeqId;
 use crate::model::heads::FeedbackMethod;
 use crate::model::{Llama, ModelError, RewardModel};
+use cloudrm_kernels::reference::heads::TopLogit;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -176,7 +177,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
     engine.free(warm)?;
     let mut engine = PagedEngine::new(llama, blocks, 16, PREFILL_ROWS)?;
     let t0 = Instant::now();
-    let (seq, mut logits, _) = engine.prefill(llama, &cpu, &text_ids)?;
+    let (seq, logits, _) = engine.prefill(llama, &cpu, &text_ids)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     progress(&format!(
         "prefill {}: {:.1} tokens/s",
@@ -184,30 +185,16 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         cfg.prefill_tokens as f64 / prefill_s
     ));
     let depth_tps = cfg.decode_tokens as f64
-        / decode_run(
-            llama,
-            &cpu,
-            &mut engine,
-            seq,
-            &mut logits,
-            cfg.decode_tokens,
-        )?;
+        / decode_run(llama, &cpu, &mut engine, seq, &logits, cfg.decode_tokens)?;
     drop(engine);
     progress(&format!(
         "decode {} after the prefill: {depth_tps:.1} tokens/s",
         cfg.decode_tokens
     ));
     let mut engine = PagedEngine::new(llama, blocks, 16, PREFILL_ROWS)?;
-    let (seq, mut logits, _) = engine.prefill(llama, &cpu, &text_ids[..1])?;
+    let (seq, logits, _) = engine.prefill(llama, &cpu, &text_ids[..1])?;
     let decode_tps = cfg.decode_tokens as f64
-        / decode_run(
-            llama,
-            &cpu,
-            &mut engine,
-            seq,
-            &mut logits,
-            cfg.decode_tokens,
-        )?;
+        / decode_run(llama, &cpu, &mut engine, seq, &logits, cfg.decode_tokens)?;
     drop(engine);
     progress(&format!(
         "decode {}: {decode_tps:.1} tokens/s",
@@ -289,21 +276,28 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
 }
 
 /// One arm of the critique job: (prefix tokens, timing).
-/// Greedy-decode `n` tokens of `seq` (whose last logits are in `logits`); seconds.
+/// Greedy-decode `n` tokens of `seq` (whose last logits are in `logits`); seconds. Each
+/// step picks its token with the fused LM head + top-1 (no logits written), as
+/// `cloudrm generate` does.
 fn decode_run(
     llama: &Llama,
     cpu: &Cpu,
     engine: &mut PagedEngine,
     seq: SeqId,
-    logits: &mut [f32],
+    logits: &[f32],
     n: usize,
 ) -> Result<f64> {
+    let (c, vocab) = (llama.config.hidden_size, llama.config.vocab_size);
+    let w = &llama.weights;
+    let lm_head = w.get(&w.lm_head);
+    let mut best = [TopLogit {
+        token: argmax(logits),
+        logit: 0.0,
+    }];
     let t0 = Instant::now();
     for _ in 0..n {
-        let next = argmax(logits);
-        let hidden = engine.decode_step(llama, cpu, &[seq], &[next], None)?;
-        let hidden = hidden.to_vec();
-        lm_logits(llama, cpu, &hidden, logits)?;
+        let hidden = engine.decode_step(llama, cpu, &[seq], &[best[0].token], None)?;
+        cpu.lm_head_topk(&mut best, hidden, lm_head, c, vocab, 1)?;
     }
     Ok(t0.elapsed().as_secs_f64())
 }

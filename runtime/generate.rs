@@ -1,7 +1,7 @@
 //! Decoding loops. Greedy for now; the sampler crate's processors plug in with the
 //! CLoud inference issue.
 
-use cloudrm_sampler::argmax;
+use cloudrm_kernels::reference::heads::TopLogit;
 
 use crate::backend::Cpu;
 use crate::error::Result;
@@ -41,10 +41,23 @@ pub fn greedy(
     if opts.max_tokens == 0 {
         return Ok((out, StopReason::MaxTokens));
     }
-    let mut logits = model.forward(cpu, sess, prompt, LogitsMode::Last)?;
+    // Only the argmax is needed: the fused LM head + top-1 never writes the logits. Same
+    // choice as `cloudrm_sampler::argmax` over the logits: the first maximum, NaN skipped
+    // (token 0 if every logit is NaN).
+    let (c, vocab) = (model.config.hidden_size, model.config.vocab_size);
+    let lm_head = model.weights.get(&model.weights.lm_head);
+    let mut best = [TopLogit {
+        token: 0,
+        logit: 0.0,
+    }];
+    model.forward(cpu, sess, prompt, LogitsMode::None)?;
     loop {
-        // The vocabulary is never empty (config validation), so argmax is Some.
-        let next = argmax(logits).unwrap_or(0) as u32;
+        cpu.lm_head_topk(&mut best, sess.last_hidden(), lm_head, c, vocab, 1)?;
+        let next = if best[0].logit.is_nan() {
+            0
+        } else {
+            best[0].token
+        };
         if opts.stop_ids.contains(&next) {
             return Ok((out, StopReason::StopToken(next)));
         }
@@ -55,6 +68,6 @@ pub fn greedy(
         if out.len() >= opts.max_tokens {
             return Ok((out, StopReason::MaxTokens));
         }
-        logits = model.forward(cpu, sess, &[next], LogitsMode::Last)?;
+        model.forward(cpu, sess, &[next], LogitsMode::None)?;
     }
 }

@@ -107,6 +107,48 @@ fn incremental_decode_equals_full_recompute() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `generate::greedy` picks each token with the fused LM head + top-1 (no logits): the
+/// same tokens as the argmax of the full logits at every step, on both CPU paths.
+#[test]
+fn greedy_generation_equals_argmax_of_full_logits() {
+    use cloudrm::generate::{GreedyOptions, StopReason, greedy};
+    let dir = tiny_model_dir("greedy", &TinySpec::default());
+    let model = Llama::load_dir(&dir).unwrap();
+    for cpu in [Cpu::reference(), Cpu::fast()] {
+        let n = 12;
+        let mut sess = model.new_session(64, 64);
+        let (got, why) = greedy(
+            &model,
+            &cpu,
+            &mut sess,
+            &IDS[..4],
+            &GreedyOptions {
+                max_tokens: n,
+                stop_ids: vec![],
+            },
+            |_| Ok(true),
+        )
+        .unwrap();
+        assert_eq!(why, StopReason::MaxTokens);
+        let mut sess = model.new_session(64, 64);
+        let mut logits = model
+            .forward(&cpu, &mut sess, &IDS[..4], LogitsMode::Last)
+            .unwrap()
+            .to_vec();
+        let mut want = Vec::new();
+        for _ in 0..n {
+            let next = cloudrm::sampler::argmax(&logits).unwrap() as u32;
+            want.push(next);
+            logits = model
+                .forward(&cpu, &mut sess, &[next], LogitsMode::Last)
+                .unwrap()
+                .to_vec();
+        }
+        assert_eq!(got, want);
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn bad_calls_are_typed_errors() {
     let dir = tiny_model_dir("badcalls", &TinySpec::default());

@@ -229,6 +229,58 @@ fn cases() -> Vec<OpCase> {
             });
         }
     }
+    // Fused LM head + top-k: exactly the fast matmul's logits, sorted (the fast kernel
+    // computes each block with the matmul's code), and within the reference's tolerance.
+    for wd in [Wd::F32, Wd::Bf16, Wd::F16] {
+        for &(rows, c, v, k) in &[
+            (1usize, 7usize, 5usize, 1usize),
+            (3, 64, 385, 4),
+            (2, 33, 1000, 1),
+            (8, 576, 4099, 3),
+        ] {
+            let s = next_seed();
+            cases.push(OpCase {
+                name: format!("lm_head_topk(rows={rows},c={c},v={v},k={k},w={wd:?})"),
+                kind: OpKind::LmHeadTopK,
+                run: Box::new(move || {
+                    use cloudrm::kernels::reference::heads::{TopLogit, top_order};
+                    let mut rng = Rng::new(s);
+                    let h = rng.vec(rows * c, 1.0);
+                    let lm = Owned::new(&rng.vec(v * c, 0.5), wd);
+                    let mut logits = vec![0.0; rows * v];
+                    cpu::matmul_forward(&mut logits, &h, lm.view(), None, c, v).unwrap();
+                    let mut got = vec![
+                        TopLogit {
+                            token: 0,
+                            logit: 0.0
+                        };
+                        rows * k
+                    ];
+                    cpu::lm_head_topk(&mut got, &h, lm.view(), c, v, k).unwrap();
+                    let mut want_ref = got.clone();
+                    reference::heads::lm_head_topk(&mut want_ref, &h, lm.view(), c, v, k).unwrap();
+                    for r in 0..rows {
+                        let mut all: Vec<TopLogit> = logits[r * v..(r + 1) * v]
+                            .iter()
+                            .enumerate()
+                            .map(|(t, &logit)| TopLogit {
+                                token: t as u32,
+                                logit,
+                            })
+                            .collect();
+                        all.sort_by(|a, b| top_order(*a, *b));
+                        assert_eq!(&got[r * k..(r + 1) * k], &all[..k], "row {r}");
+                        let g: Vec<f32> = got[r * k..(r + 1) * k].iter().map(|t| t.logit).collect();
+                        let w: Vec<f32> = want_ref[r * k..(r + 1) * k]
+                            .iter()
+                            .map(|t| t.logit)
+                            .collect();
+                        check_close("lm_head_topk", &g, &w, F32_TOL);
+                    }
+                }),
+            });
+        }
+    }
     for wd in [Wd::F32, Wd::Bf16, Wd::F16] {
         for &(rows, c, v) in &[(1usize, 7usize, 5usize), (3, 64, 33), (7, 577, 13)] {
             for dense in [false, true] {
@@ -798,4 +850,125 @@ fn matmul_rows_are_bit_identical_alone_and_batched() {
         }
     }
     dispatch::force(None);
+}
+
+/// Fused LM head + top-k: ties go to the lower token id, NaN logits rank after every
+/// number, +-inf rank as numbers, both ISAs and the reference agree exactly on f32
+/// weights with exact sums, Q8 weights give the fast matmul's logits, and bad shapes are
+/// typed errors.
+#[test]
+fn lm_head_topk_orders_ties_nan_and_inf() {
+    use cloudrm::kernels::reference::heads::TopLogit;
+    let _isa_lock = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // C = 2, hidden row (1, 0): logit t = weight[t][0] (exact in f32).
+    let c = 2;
+    let col0 = [
+        1.0,
+        3.0,
+        f32::NAN,
+        3.0,
+        f32::NEG_INFINITY,
+        -2.0,
+        f32::INFINITY,
+        3.0,
+        f32::NAN,
+    ];
+    let w: Vec<f32> = col0.iter().flat_map(|&x| [x, 0.5]).collect();
+    let h = [1.0f32, 0.0];
+    let v = col0.len();
+    let want: Vec<(u32, f32)> = vec![
+        (6, f32::INFINITY),
+        (1, 3.0),
+        (3, 3.0),
+        (7, 3.0),
+        (0, 1.0),
+        (5, -2.0),
+        (4, f32::NEG_INFINITY),
+        (2, f32::NAN),
+        (8, f32::NAN),
+    ];
+    let same = |got: &[TopLogit], want: &[(u32, f32)]| {
+        got.len() == want.len()
+            && got.iter().zip(want).all(|(g, &(t, l))| {
+                g.token == t && (g.logit == l || (g.logit.is_nan() && l.is_nan()))
+            })
+    };
+    for isa in dispatch::available() {
+        dispatch::force(Some(isa));
+        for k in [1, 3, v] {
+            let mut got = vec![
+                TopLogit {
+                    token: 0,
+                    logit: 0.0
+                };
+                k
+            ];
+            cpu::lm_head_topk(&mut got, &h, Weights::F32(&w), c, v, k).unwrap();
+            assert!(same(&got, &want[..k]), "{isa:?} k={k}: {got:?}");
+            reference::heads::lm_head_topk(&mut got, &h, Weights::F32(&w), c, v, k).unwrap();
+            assert!(same(&got, &want[..k]), "reference k={k}: {got:?}");
+        }
+    }
+    dispatch::force(None);
+
+    // Q8: the fast matmul's logits, sorted.
+    let (c, v, rows, k) = (64usize, 777usize, 3usize, 5usize);
+    let mut rng = Rng::new(91);
+    let wf = rng.vec(v * c, 0.5);
+    let (q, s) = q8(&wf);
+    let wq = Weights::Q8(Q8Slice::new(&q, &s).unwrap());
+    let h = rng.vec(rows * c, 1.0);
+    let mut logits = vec![0.0; rows * v];
+    cpu::matmul_forward(&mut logits, &h, wq, None, c, v).unwrap();
+    let mut got = vec![
+        TopLogit {
+            token: 0,
+            logit: 0.0
+        };
+        rows * k
+    ];
+    cpu::lm_head_topk(&mut got, &h, wq, c, v, k).unwrap();
+    for r in 0..rows {
+        let row = &logits[r * v..(r + 1) * v];
+        let mut ids: Vec<usize> = (0..v).collect();
+        ids.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for (i, g) in got[r * k..(r + 1) * k].iter().enumerate() {
+            assert_eq!(g.token as usize, ids[i], "q8 row {r} rank {i}");
+            assert_eq!(g.logit, row[ids[i]]);
+        }
+    }
+
+    // Typed errors: k = 0, k > V, hidden not whole rows, wrong weight or out length.
+    let w = vec![0.0f32; 5 * 4];
+    let mut out1 = vec![
+        TopLogit {
+            token: 0,
+            logit: 0.0
+        };
+        1
+    ];
+    let bad = |r: Result<(), cloudrm::kernels::KernelError>, what: &str| {
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("lm_head_topk"), "{what}: {e}");
+    };
+    bad(
+        cpu::lm_head_topk(&mut out1[..0], &[0.0; 4], Weights::F32(&w), 4, 5, 0),
+        "k = 0",
+    );
+    bad(
+        cpu::lm_head_topk(&mut [out1[0]; 6], &[0.0; 4], Weights::F32(&w), 4, 5, 6),
+        "k > V",
+    );
+    bad(
+        cpu::lm_head_topk(&mut out1, &[0.0; 5], Weights::F32(&w), 4, 5, 1),
+        "ragged hidden",
+    );
+    bad(
+        cpu::lm_head_topk(&mut out1, &[0.0; 4], Weights::F32(&w[..19]), 4, 5, 1),
+        "short weights",
+    );
+    bad(
+        cpu::lm_head_topk(&mut [out1[0]; 2], &[0.0; 4], Weights::F32(&w), 4, 5, 1),
+        "out length",
+    );
 }

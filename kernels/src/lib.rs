@@ -32,10 +32,11 @@ pub enum OpKind {
     PagedAttention,
     CascadeAttention,
     PagedPrefillAttention,
+    LmHeadTopK,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 12] = [
+    pub const ALL: [OpKind; 13] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::Rope,
@@ -48,6 +49,7 @@ impl OpKind {
         OpKind::PagedAttention,
         OpKind::CascadeAttention,
         OpKind::PagedPrefillAttention,
+        OpKind::LmHeadTopK,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -64,6 +66,7 @@ impl OpKind {
             OpKind::PagedAttention => "paged_attention",
             OpKind::CascadeAttention => "cascade_attention",
             OpKind::PagedPrefillAttention => "paged_prefill_attention",
+            OpKind::LmHeadTopK => "lm_head_topk",
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use cloudrm_kernels::reference::attention::AttnShape;
 use cloudrm_kernels::reference::attention_paged::{Level, PagedShape};
-use cloudrm_kernels::reference::heads::RewardHeadWeights;
+use cloudrm_kernels::reference::heads::{RewardHeadWeights, TopLogit};
 use cloudrm_kernels::{KernelError, Weights, cpu, reference};
 
 /// Which kernels the CPU backend runs.
@@ -225,6 +225,26 @@ impl Cpu {
                 shape,
                 scratch,
             ),
+        }
+    }
+
+    /// The `k` best tokens of each final-normed hidden row (B, C) under the LM head
+    /// (V, C), without writing the (B, V) logits on the fast path (see
+    /// `kernels::reference::heads::lm_head_topk` for the order).
+    pub fn lm_head_topk(
+        &self,
+        out: &mut [TopLogit],
+        hidden: &[f32],
+        lm_head: Weights<'_>,
+        channels: usize,
+        vocab: usize,
+        k: usize,
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => {
+                reference::heads::lm_head_topk(out, hidden, lm_head, channels, vocab, k)
+            }
+            CpuMode::Fast => cpu::lm_head_topk(out, hidden, lm_head, channels, vocab, k),
         }
     }
 

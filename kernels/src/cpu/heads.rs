@@ -5,10 +5,138 @@
 
 use std::cell::RefCell;
 
-use super::matmul::matmul_forward;
+use super::dispatch::{current, num_threads};
+use super::matmul::{block_forward, matmul_forward};
+use super::pool;
 use crate::error::{KernelError, check_len};
-use crate::reference::heads::{RewardHeadWeights, check_dual_head};
+use crate::reference::heads::{
+    RewardHeadWeights, TopLogit, check_dual_head, check_topk, top_order,
+};
 use crate::weights::Weights;
+
+/// Vocabulary columns per work item of [`lm_head_topk`]: the item's logits (rows x this)
+/// stay in L1/L2, and the LM head is split into enough items for every thread.
+const TOPK_BLOCK: usize = 384;
+
+/// Fills slots sorted in [`top_order`] that cannot be confused with a real logit: after
+/// every number and every NaN of a real token.
+const EMPTY: TopLogit = TopLogit {
+    token: u32::MAX,
+    logit: f32::NAN,
+};
+
+/// Insert `c` into `best` (sorted in [`top_order`], fixed length k) if it ranks inside.
+#[inline]
+fn offer(best: &mut [TopLogit], c: TopLogit) {
+    let k = best.len();
+    if top_order(c, best[k - 1]).is_ge() {
+        return;
+    }
+    let mut i = k - 1;
+    while i > 0 && top_order(c, best[i - 1]).is_lt() {
+        best[i] = best[i - 1];
+        i -= 1;
+    }
+    best[i] = c;
+}
+
+/// Fused LM head + top-k (see `reference::heads::lm_head_topk`): the vocabulary is cut
+/// into blocks of [`TOPK_BLOCK`] columns claimed by the pool's threads; each block's
+/// logits are computed into a per-thread buffer by the same code as the fast matmul (the
+/// same values bit for bit) and only its k best per row are kept, so the (B, V) logits are
+/// never written. The blocks' candidates are merged in block order.
+pub fn lm_head_topk(
+    out: &mut [TopLogit],
+    hidden: &[f32],
+    lm_head: Weights<'_>,
+    channels: usize,
+    vocab: usize,
+    k: usize,
+) -> Result<(), KernelError> {
+    const OP: &str = "lm_head_topk";
+    let rows = check_topk(
+        OP,
+        out.len(),
+        hidden.len(),
+        lm_head.len(),
+        channels,
+        vocab,
+        k,
+    )?;
+    lm_head.check_rows(OP, channels)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let isa = current();
+    let blocks = vocab.div_ceil(TOPK_BLOCK);
+    let threads = if rows * channels * vocab < 1 << 15 {
+        1
+    } else {
+        num_threads()
+    };
+    CANDIDATES.with_borrow_mut(|cand| {
+        cand.clear();
+        cand.resize(blocks * rows * k, EMPTY);
+        let cand_ptr = SendPtr(cand.as_mut_ptr());
+        pool::global().run_items(threads, blocks, &|blk| {
+            let cols = blk * TOPK_BLOCK..((blk + 1) * TOPK_BLOCK).min(vocab);
+            BLOCK.with_borrow_mut(|buf| {
+                buf.resize(rows * cols.len(), 0.0);
+                block_forward(buf, hidden, lm_head, channels, cols.clone(), isa);
+                for r in 0..rows {
+                    // SAFETY: block blk alone writes its k slots of each row; the buffer
+                    // holds blocks * rows * k and outlives the job.
+                    let best = unsafe {
+                        std::slice::from_raw_parts_mut(cand_ptr.get().add((blk * rows + r) * k), k)
+                    };
+                    let logits = &buf[r * cols.len()..(r + 1) * cols.len()];
+                    for (j, &logit) in logits.iter().enumerate() {
+                        offer(
+                            best,
+                            TopLogit {
+                                token: (cols.start + j) as u32,
+                                logit,
+                            },
+                        );
+                    }
+                }
+            });
+        });
+        for r in 0..rows {
+            let best = &mut out[r * k..(r + 1) * k];
+            best.fill(EMPTY);
+            for blk in 0..blocks {
+                for &c in &cand[(blk * rows + r) * k..][..k] {
+                    if c.token != u32::MAX {
+                        offer(best, c);
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut TopLogit);
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut TopLogit {
+        self.0
+    }
+}
+// SAFETY: hands disjoint slots of one buffer to pool participants.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above; participants never touch the same slot.
+unsafe impl Sync for SendPtr {}
+
+thread_local! {
+    /// One block's logits (rows, TOPK_BLOCK), per thread.
+    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per block and row, its k best (the calling thread's).
+    static CANDIDATES: RefCell<Vec<TopLogit>> = const { RefCell::new(Vec::new()) };
+}
 
 thread_local! {
     /// Gathered LM rows (R_lm, C); grows once to the largest batch seen.

@@ -194,6 +194,27 @@ pub fn matmul_forward_many(
     Ok(())
 }
 
+/// out (rows, cols.len()) = inp (rows, c) . weight(cols)^T on the calling thread, every
+/// value computed exactly as [`matmul_forward`] computes that column (each output is one
+/// dot product whose order does not depend on its neighbours).
+pub(super) fn block_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: Weights<'_>,
+    c: usize,
+    cols: std::ops::Range<usize>,
+    isa: Isa,
+) {
+    let n = cols.len();
+    let w = weight.slice(cols.start * c, n * c);
+    WROW.with_borrow_mut(|wrow| {
+        if wrow.len() < c {
+            wrow.resize(c, 0.0);
+        }
+        compute(out, inp, w, None, c, n, 0..n, &mut wrow[..c], isa);
+    });
+}
+
 thread_local! {
     /// One weight row converted to f32, per thread; grows once to the widest C seen.
     static WROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };

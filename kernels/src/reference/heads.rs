@@ -175,3 +175,100 @@ pub fn check_dual_head(
     }
     Ok(vocab)
 }
+
+/// A token and its logit, as returned by [`lm_head_topk`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopLogit {
+    pub token: u32,
+    pub logit: f32,
+}
+
+/// The order of [`lm_head_topk`]: higher logit first, NaN after every number, ties (and
+/// NaNs among themselves) by the lower token id. `Less` = comes first.
+#[inline]
+pub fn top_order(a: TopLogit, b: TopLogit) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    match (a.logit.is_nan(), b.logit.is_nan()) {
+        (false, true) => Ordering::Less,
+        (true, false) => Ordering::Greater,
+        (true, true) => a.token.cmp(&b.token),
+        (false, false) => b
+            .logit
+            .partial_cmp(&a.logit)
+            .unwrap_or(Ordering::Equal)
+            .then(a.token.cmp(&b.token)),
+    }
+}
+
+/// Checks of [`lm_head_topk`]; returns the row count.
+pub fn check_topk(
+    op: &'static str,
+    out: usize,
+    hidden: usize,
+    weight: usize,
+    channels: usize,
+    vocab: usize,
+    k: usize,
+) -> Result<usize, KernelError> {
+    if channels == 0 || vocab == 0 || vocab > u32::MAX as usize {
+        return Err(KernelError::Invalid {
+            op,
+            arg: "shape",
+            reason: format!("channels {channels} and vocab {vocab} must be in 1..=2^32-1"),
+        });
+    }
+    if k == 0 || k > vocab {
+        return Err(KernelError::Invalid {
+            op,
+            arg: "k",
+            reason: format!("{k}; must be in 1..={vocab}"),
+        });
+    }
+    if !hidden.is_multiple_of(channels) {
+        return Err(KernelError::Invalid {
+            op,
+            arg: "hidden",
+            reason: format!("{hidden} elements is not whole rows of {channels}"),
+        });
+    }
+    check_len(op, "weight", weight, vocab * channels)?;
+    let rows = hidden / channels;
+    check_len(op, "out", out, rows * k)?;
+    Ok(rows)
+}
+
+/// The `k` largest logits of each row of `hidden` (B, C) against the LM head (V, C), in
+/// [`top_order`], into `out` (B, k). The fast version never writes the (B, V) logits;
+/// this one computes them with the reference matmul and sorts.
+pub fn lm_head_topk(
+    out: &mut [TopLogit],
+    hidden: &[f32],
+    lm_head: Weights<'_>,
+    channels: usize,
+    vocab: usize,
+    k: usize,
+) -> Result<(), KernelError> {
+    let rows = check_topk(
+        "lm_head_topk",
+        out.len(),
+        hidden.len(),
+        lm_head.len(),
+        channels,
+        vocab,
+        k,
+    )?;
+    let mut logits = vec![0.0f32; vocab];
+    let mut all: Vec<TopLogit> = Vec::with_capacity(vocab);
+    for r in 0..rows {
+        let h = &hidden[r * channels..(r + 1) * channels];
+        matmul_forward(&mut logits, h, lm_head, None, channels, vocab)?;
+        all.clear();
+        all.extend(logits.iter().enumerate().map(|(t, &logit)| TopLogit {
+            token: t as u32,
+            logit,
+        }));
+        all.sort_by(|a, b| top_order(*a, *b));
+        out[r * k..(r + 1) * k].copy_from_slice(&all[..k]);
+    }
+    Ok(())
+}

@@ -161,6 +161,25 @@ fn bench_reports_every_figure_as_json() {
     let norms = 2 * (30 * 2 + 1) * 576;
     assert_eq!(bytes, (269_030_016 - norms) / 2 * 9 / 8 + norms, "{q}");
     assert!(q["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // `--k` with no value skips the critique job.
+    let out = cloudrm()
+        .args([
+            "bench",
+            "--prefill",
+            "8",
+            "--decode",
+            "2",
+            "--bandwidth-mib",
+            "0",
+            "--json",
+            "--k",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["critiques"].as_array().map(Vec::len), Some(0), "{e}");
     // Bad arguments are a usage error, not a panic.
     let out = cloudrm()
         .args(["bench", "--quantize", "q4"])

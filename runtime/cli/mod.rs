@@ -314,8 +314,8 @@ pub enum Command {
         /// Single-stream decode length (tokens).
         #[arg(long, default_value_t = 128)]
         decode: usize,
-        /// Critiques per job, comma-separated (empty: skip the critique job).
-        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+        /// Critiques per job, comma-separated (`--k` with no value: skip the critique job).
+        #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,4,8,16")]
         k: Vec<usize>,
         /// Tokens per critique.
         #[arg(long, default_value_t = 128)]

@@ -627,9 +627,14 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     let suffix_lens: Vec<usize> = (0..k)
         .map(|i| [0, 1, 15, 16, 17, 70][(i + seed as usize) % 6])
         .collect();
+    // The cascade also gets a second, nested level: 40 positions shared by sequences
+    // 1..k only (a response shared by a subset), when there are at least three.
+    let mid: usize = if cascade && k >= 3 { 40 } else { 0 };
+    let in_mid = |i: usize| mid > 0 && i >= 1;
     let prefix_blocks = prefix.div_ceil(bs);
+    let mid_blocks = mid.div_ceil(bs);
     let suffix_blocks: Vec<usize> = suffix_lens.iter().map(|l| l.div_ceil(bs)).collect();
-    let total = prefix_blocks + suffix_blocks.iter().sum::<usize>() + 2;
+    let total = prefix_blocks + mid_blocks + suffix_blocks.iter().sum::<usize>() + 2;
     let mut ids: Vec<u32> = (0..total as u32).collect();
     for i in (1..ids.len()).rev() {
         ids.swap(i, rng.below(i + 1));
@@ -638,7 +643,8 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     let k_arena = rng.vec(total * block, 1.0);
     let v_arena = rng.vec(total * block, 1.0);
     let prefix_table: Vec<u32> = ids[..prefix_blocks].to_vec();
-    let mut next = prefix_blocks;
+    let mid_table: Vec<u32> = ids[prefix_blocks..prefix_blocks + mid_blocks].to_vec();
+    let mut next = prefix_blocks + mid_blocks;
     let suffix_tables: Vec<Vec<u32>> = suffix_blocks
         .iter()
         .map(|&n| {
@@ -657,9 +663,10 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     let mut full_lens = Vec::new();
     let extra_base = total;
     // Blocks per sequence in the copied arena.
-    let per_seq = (prefix + suffix_lens.iter().copied().max().unwrap_or(0)).div_ceil(bs) + 1;
+    let per_seq = (prefix + mid + suffix_lens.iter().copied().max().unwrap_or(0)).div_ceil(bs) + 1;
     for (i, (st, &sl)) in suffix_tables.iter().zip(&suffix_lens).enumerate() {
-        let len = prefix + sl;
+        let m = if in_mid(i) { mid } else { 0 };
+        let len = prefix + m + sl;
         let nb = len.div_ceil(bs);
         let mut table = Vec::new();
         for b in 0..nb {
@@ -674,8 +681,10 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
         for p in 0..len {
             let (src_tbl, sp) = if p < prefix {
                 (&prefix_table, p)
+            } else if p < prefix + m {
+                (&mid_table, p - prefix)
             } else {
-                (st, p - prefix)
+                (st, p - prefix - m)
             };
             let src = (src_tbl[sp / bs] as usize * bs + sp % bs) * nkv * hs;
             let dst = (table[p / bs] as usize * bs + p % bs) * nkv * hs;
@@ -706,11 +715,18 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     .unwrap();
     let mut got = Guarded::new(k * nh * hs);
     if cascade {
-        let levels = [Level {
+        let mut levels = vec![Level {
             block_table: &prefix_table,
             len: prefix,
             members: 0..k,
         }];
+        if mid > 0 {
+            levels.push(Level {
+                block_table: &mid_table,
+                len: mid,
+                members: 1..k,
+            });
+        }
         let st: Vec<&[u32]> = suffix_tables.iter().map(|t| t.as_slice()).collect();
         let mut scratch = vec![0.0; cascade_scratch_len(&shape, k, max_len)];
         cpu::cascade_decode_attention(

@@ -28,12 +28,11 @@ use serde::Serialize;
 
 use crate::backend::Cpu;
 use crate::cloud::{CloudScorer, CloudTemplate, ScoreOptions};
-use crate::engine::{PREFILL_ROWS, PagedEngine};
+use crate::engine::{PREFILL_ROWS, PagedEngine, lm_greedy};
 use crate::error::{Error, Result};
 use crate::kv::SeqId;
 use crate::model::heads::FeedbackMethod;
 use crate::model::{Llama, ModelError, RewardModel};
-use cloudrm_kernels::reference::heads::TopLogit;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -287,17 +286,11 @@ fn decode_run(
     logits: &[f32],
     n: usize,
 ) -> Result<f64> {
-    let (c, vocab) = (llama.config.hidden_size, llama.config.vocab_size);
-    let w = &llama.weights;
-    let lm_head = w.get(&w.lm_head);
-    let mut best = [TopLogit {
-        token: argmax(logits),
-        logit: 0.0,
-    }];
+    let mut next = cloudrm_sampler::argmax(logits).unwrap_or(0) as u32;
     let t0 = Instant::now();
     for _ in 0..n {
-        let hidden = engine.decode_step(llama, cpu, &[seq], &[best[0].token], None)?;
-        cpu.lm_head_topk(&mut best, hidden, lm_head, c, vocab, 1)?;
+        let hidden = engine.decode_step(llama, cpu, &[seq], &[next], None)?;
+        next = lm_greedy(llama, cpu, hidden)?;
     }
     Ok(t0.elapsed().as_secs_f64())
 }
@@ -336,16 +329,6 @@ fn critique_arm(
             prefix_blocks_allocated: s.prefix_blocks_allocated,
         },
     ))
-}
-
-fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 const FILLER: &str = "Reward models read a prompt and a response, write a critique of the \

@@ -1,9 +1,8 @@
 //! Decoding loops. Greedy for now; the sampler crate's processors plug in with the
 //! CLoud inference issue.
 
-use cloudrm_kernels::reference::heads::TopLogit;
-
 use crate::backend::Cpu;
+use crate::engine::lm_greedy;
 use crate::error::Result;
 use crate::model::{Llama, LogitsMode, Session};
 
@@ -41,23 +40,10 @@ pub fn greedy(
     if opts.max_tokens == 0 {
         return Ok((out, StopReason::MaxTokens));
     }
-    // Only the argmax is needed: the fused LM head + top-1 never writes the logits. Same
-    // choice as `cloudrm_sampler::argmax` over the logits: the first maximum, NaN skipped
-    // (token 0 if every logit is NaN).
-    let (c, vocab) = (model.config.hidden_size, model.config.vocab_size);
-    let lm_head = model.weights.get(&model.weights.lm_head);
-    let mut best = [TopLogit {
-        token: 0,
-        logit: 0.0,
-    }];
+    // Only the argmax is needed: the fused LM head + top-1 never writes the logits.
     model.forward(cpu, sess, prompt, LogitsMode::None)?;
     loop {
-        cpu.lm_head_topk(&mut best, sess.last_hidden(), lm_head, c, vocab, 1)?;
-        let next = if best[0].logit.is_nan() {
-            0
-        } else {
-            best[0].token
-        };
+        let next = lm_greedy(model, cpu, sess.last_hidden())?;
         if opts.stop_ids.contains(&next) {
             return Ok((out, StopReason::StopToken(next)));
         }

@@ -31,6 +31,7 @@ use std::collections::BTreeSet;
 use cloudrm_kernels::reference::attention_paged::{
     Level, PagedShape, cascade_scratch_len, prefill_scratch_len,
 };
+use cloudrm_kernels::reference::heads::TopLogit;
 
 use crate::backend::Cpu;
 use crate::error::{Error, Result};
@@ -161,6 +162,30 @@ pub fn lm_logits(model: &Llama, cpu: &Cpu, hidden: &[f32], out: &mut [f32]) -> R
     let w = &model.weights;
     cpu.matmul(out, hidden, w.get(&w.lm_head), None, c, vocab)?;
     Ok(())
+}
+
+/// The greedy next token of one final-normed hidden row (C), by the fused LM head + top-1
+/// (the logits are never written). Same choice as `cloudrm_sampler::argmax` over the
+/// logits: the first maximum, NaN skipped (token 0 if every logit is NaN).
+pub fn lm_greedy(model: &Llama, cpu: &Cpu, hidden: &[f32]) -> Result<u32> {
+    let w = &model.weights;
+    let mut best = [TopLogit {
+        token: 0,
+        logit: 0.0,
+    }];
+    cpu.lm_head_topk(
+        &mut best,
+        hidden,
+        w.get(&w.lm_head),
+        model.config.hidden_size,
+        model.config.vocab_size,
+        1,
+    )?;
+    Ok(if best[0].logit.is_nan() {
+        0
+    } else {
+        best[0].token
+    })
 }
 
 fn grow(buf: &mut Vec<f32>, n: usize) {

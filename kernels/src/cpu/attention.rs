@@ -431,21 +431,32 @@ thread_local! {
 /// values in the same order ((members, NH) per piece, then (B, NH)).
 struct PartsLayout {
     pieces_total: usize,
-    /// Elements of outputs before the suffix block (= lse values before it, times HS).
+    /// State rows (one per member and head) of every level piece, before the suffix block.
     level_rows: usize,
     n_seqs: usize,
     nh: usize,
     hs: usize,
 }
 
+/// Per level, in order: (pieces, state rows per piece = members * NH, first state row).
+fn level_blocks<'l>(
+    levels: &'l [Level<'_>],
+    nh: usize,
+) -> impl Iterator<Item = (usize, usize, usize)> + 'l {
+    levels.iter().scan(0, move |row, l| {
+        let (pieces, per) = (l.len.div_ceil(SPLIT), l.members.len() * nh);
+        let first = *row;
+        *row += pieces * per;
+        Some((pieces, per, first))
+    })
+}
+
 impl PartsLayout {
     fn new(levels: &[Level<'_>], n_seqs: usize, nh: usize, hs: usize) -> Self {
-        let mut pieces_total = 0;
-        let mut level_rows = 0;
-        for l in levels {
-            let pieces = l.len.div_ceil(SPLIT);
+        let (mut pieces_total, mut level_rows) = (0, 0);
+        for (pieces, per, _) in level_blocks(levels, nh) {
             pieces_total += pieces;
-            level_rows += pieces * l.members.len() * nh;
+            level_rows += pieces * per;
         }
         PartsLayout {
             pieces_total,
@@ -475,15 +486,11 @@ impl PartsLayout {
 
     /// Global piece index -> (level, piece within it, first state row of the piece).
     fn piece(&self, levels: &[Level<'_>], mut piece: usize) -> (usize, usize, usize) {
-        let mut row = 0;
-        for (li, l) in levels.iter().enumerate() {
-            let pieces = l.len.div_ceil(SPLIT);
-            let per = l.members.len() * self.nh;
+        for (li, (pieces, per, first)) in level_blocks(levels, self.nh).enumerate() {
             if piece < pieces {
-                return (li, piece, row + piece * per);
+                return (li, piece, first + piece * per);
             }
             piece -= pieces;
-            row += pieces * per;
         }
         unreachable!("piece index within pieces_total")
     }
@@ -596,23 +603,20 @@ impl Cascade<'_> {
             let o = &mut out[(s * nh + h) * hs..][..hs];
             o.fill(0.0);
             let mut lse = f32::NEG_INFINITY;
-            let mut row0 = 0;
-            for l in levels {
-                let pieces = l.len.div_ceil(SPLIT);
-                let per = l.members.len() * nh;
-                if l.members.contains(&s) {
-                    let i = s - l.members.start;
-                    for p in 0..pieces {
-                        let r = row0 + p * per + i * nh + h;
-                        merge_row(
-                            o,
-                            &mut lse,
-                            &parts[self.lay.o(r)..][..hs],
-                            parts[self.lay.lse(r)],
-                        );
-                    }
+            for (l, (pieces, per, first)) in levels.iter().zip(level_blocks(levels, nh)) {
+                if !l.members.contains(&s) {
+                    continue;
                 }
-                row0 += pieces * per;
+                let i = s - l.members.start;
+                for p in 0..pieces {
+                    let r = first + p * per + i * nh + h;
+                    merge_row(
+                        o,
+                        &mut lse,
+                        &parts[self.lay.o(r)..][..hs],
+                        parts[self.lay.lse(r)],
+                    );
+                }
             }
             let r = self.lay.level_rows + s * nh + h;
             merge_row(
@@ -773,7 +777,6 @@ mod avx2 {
         let scores = &mut scores[..n_q * n_pos];
         let kp = k_arena.as_ptr();
         let vp = v_arena.as_ptr();
-        let off = |j: usize| offs[j];
         // SAFETY: every row offset lies in the checked arena (HS elements each), every
         // score index below n_q * n_pos, every q/out row below n_q.
         unsafe {
@@ -782,22 +785,22 @@ mod avx2 {
             // The rows come from a paged cache far larger than L2, in blocks the hardware
             // prefetcher cannot predict: each chunk asks for the next chunk's rows (K in
             // pass 1, then V) while it computes.
-            prefetch_rows(kp, &off, 0..CHUNK.min(n_pos), hs);
+            prefetch_rows(kp, offs, 0..CHUNK.min(n_pos), hs);
             let mut c0 = 0;
             while c0 < n_pos {
                 let c1 = (c0 + CHUNK).min(n_pos);
                 if c1 < n_pos {
-                    prefetch_rows(kp, &off, c1..(c1 + CHUNK).min(n_pos), hs);
+                    prefetch_rows(kp, offs, c1..(c1 + CHUNK).min(n_pos), hs);
                 } else {
-                    prefetch_rows(vp, &off, 0..CHUNK.min(n_pos), hs);
+                    prefetch_rows(vp, offs, 0..CHUNK.min(n_pos), hs);
                 }
                 let mut n = 0;
                 while n + 2 <= n_q {
-                    score_rows::<2>(q, scores, n, n_pos, c0..c1, kp, &off, hs, scale);
+                    score_rows::<2>(q, scores, n, n_pos, c0..c1, kp, offs, hs, scale);
                     n += 2;
                 }
                 if n < n_q {
-                    score_rows::<1>(q, scores, n, n_pos, c0..c1, kp, &off, hs, scale);
+                    score_rows::<1>(q, scores, n, n_pos, c0..c1, kp, offs, hs, scale);
                 }
                 c0 = c1;
             }
@@ -853,7 +856,7 @@ mod avx2 {
             while c0 < n_pos {
                 let c1 = (c0 + CHUNK).min(n_pos);
                 if c1 < n_pos {
-                    prefetch_rows(vp, &off, c1..(c1 + CHUNK).min(n_pos), hs);
+                    prefetch_rows(vp, offs, c1..(c1 + CHUNK).min(n_pos), hs);
                 }
                 let mut n = 0;
                 while n < n_q {
@@ -871,14 +874,14 @@ mod avx2 {
                             hs,
                         };
                         match (r, nv) {
-                            (2, 4) => pv_rows::<2, 4>(&a, c0..c1, &off),
-                            (2, 3) => pv_rows::<2, 3>(&a, c0..c1, &off),
-                            (2, 2) => pv_rows::<2, 2>(&a, c0..c1, &off),
-                            (2, _) => pv_rows::<2, 1>(&a, c0..c1, &off),
-                            (_, 4) => pv_rows::<1, 4>(&a, c0..c1, &off),
-                            (_, 3) => pv_rows::<1, 3>(&a, c0..c1, &off),
-                            (_, 2) => pv_rows::<1, 2>(&a, c0..c1, &off),
-                            _ => pv_rows::<1, 1>(&a, c0..c1, &off),
+                            (2, 4) => pv_rows::<2, 4>(&a, c0..c1, offs),
+                            (2, 3) => pv_rows::<2, 3>(&a, c0..c1, offs),
+                            (2, 2) => pv_rows::<2, 2>(&a, c0..c1, offs),
+                            (2, _) => pv_rows::<2, 1>(&a, c0..c1, offs),
+                            (_, 4) => pv_rows::<1, 4>(&a, c0..c1, offs),
+                            (_, 3) => pv_rows::<1, 3>(&a, c0..c1, offs),
+                            (_, 2) => pv_rows::<1, 2>(&a, c0..c1, offs),
+                            _ => pv_rows::<1, 1>(&a, c0..c1, offs),
                         }
                         ch += nv * 8;
                     }
@@ -889,17 +892,12 @@ mod avx2 {
         }
     }
 
-    /// Ask for the cache lines of rows `off(j)..off(j) + hs` (f32) of `base`, j in `rows`.
+    /// Ask for the cache lines of rows `offs[j]..offs[j] + hs` (f32) of `base`, j in `rows`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn prefetch_rows(
-        base: *const f32,
-        off: &impl Fn(usize) -> usize,
-        rows: Range<usize>,
-        hs: usize,
-    ) {
+    fn prefetch_rows(base: *const f32, offs: &[usize], rows: Range<usize>, hs: usize) {
         for j in rows {
-            let row = base.wrapping_add(off(j)) as *const i8;
+            let row = base.wrapping_add(offs[j]) as *const i8;
             let mut b = 0;
             while b < hs * 4 {
                 // SAFETY: a prefetch never faults; the address is within the arena.
@@ -914,7 +912,7 @@ mod avx2 {
     /// head dim and groups of four positions are summed with `hsum4`, the rest with
     /// `hsum`, so a score does not depend on R.
     ///
-    /// SAFETY: AVX2+FMA; rows n..n+R of q (HS each) and of scores exist; `off(j)` is a
+    /// SAFETY: AVX2+FMA; rows n..n+R of q (HS each) and of scores exist; `offs[j]` is a
     /// readable K row for every j in `cols`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
@@ -926,7 +924,7 @@ mod avx2 {
         n_pos: usize,
         cols: Range<usize>,
         kp: *const f32,
-        off: &impl Fn(usize) -> usize,
+        offs: &[usize],
         hs: usize,
         scale: f32,
     ) {
@@ -938,10 +936,10 @@ mod avx2 {
             let mut j = cols.start;
             while j + 4 <= cols.end {
                 let k = [
-                    kp.add(off(j)),
-                    kp.add(off(j + 1)),
-                    kp.add(off(j + 2)),
-                    kp.add(off(j + 3)),
+                    kp.add(offs[j]),
+                    kp.add(offs[j + 1]),
+                    kp.add(offs[j + 2]),
+                    kp.add(offs[j + 3]),
                 ];
                 let mut acc = [[_mm256_setzero_ps(); 4]; R];
                 let mut i = 0;
@@ -967,7 +965,7 @@ mod avx2 {
                 j += 4;
             }
             while j < cols.end {
-                let kj = kp.add(off(j));
+                let kj = kp.add(offs[j]);
                 for r in 0..R {
                     *srow.add(r * n_pos + j) = dot(qn.add(r * hs), kj, hs) * scale;
                 }
@@ -994,13 +992,13 @@ mod avx2 {
     /// output lane adds the positions one by one in order (the reference order).
     ///
     /// SAFETY: AVX2+FMA; rows n..n+R of out (HS each) and scores exist; ch + 8V <= HS;
-    /// `off(j)` is a readable V row for every j in `cols`.
+    /// `offs[j]` is a readable V row for every j in `cols`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn pv_rows<const R: usize, const V: usize>(
         a: &PvArgs,
         cols: Range<usize>,
-        off: &impl Fn(usize) -> usize,
+        offs: &[usize],
     ) {
         // SAFETY: see the function's contract.
         unsafe {
@@ -1013,7 +1011,7 @@ mod avx2 {
             }
             let s = a.scores.add(a.n * a.n_pos);
             for j in cols {
-                let vj = a.vp.add(off(j) + a.ch);
+                let vj = a.vp.add(offs[j] + a.ch);
                 let mut vv = [_mm256_setzero_ps(); V];
                 for (v, x) in vv.iter_mut().enumerate() {
                     *x = _mm256_loadu_ps(vj.add(8 * v));

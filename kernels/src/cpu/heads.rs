@@ -106,10 +106,9 @@ pub fn lm_head_topk(
             let best = &mut out[r * k..(r + 1) * k];
             best.fill(EMPTY);
             for blk in 0..blocks {
+                // (Unfilled EMPTY slots never rank inside `best`, which starts as EMPTY.)
                 for &c in &cand[(blk * rows + r) * k..][..k] {
-                    if c.token != u32::MAX {
-                        offer(best, c);
-                    }
+                    offer(best, c);
                 }
             }
         }

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{result as blas_result, sys as blas_sys};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits, sys,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits, sys,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -90,10 +90,11 @@ pub enum Kernel {
     RewardDenseTanh,
     RewardOut,
     Argmax,
+    FillUniform,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 15] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::ResidualRmsNorm,
@@ -108,6 +109,7 @@ impl Kernel {
         Kernel::RewardDenseTanh,
         Kernel::RewardOut,
         Kernel::Argmax,
+        Kernel::FillUniform,
     ];
 
     /// The `extern "C"` name.
@@ -127,6 +129,7 @@ impl Kernel {
             Kernel::RewardDenseTanh => "reward_dense_tanh_bf16",
             Kernel::RewardOut => "reward_out_f32",
             Kernel::Argmax => "argmax_f32",
+            Kernel::FillUniform => "fill_uniform_bf16",
         }
     }
 
@@ -144,6 +147,7 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu.cu",
             Kernel::RewardLinear | Kernel::RewardDenseTanh | Kernel::RewardOut => "heads.cu",
             Kernel::Argmax => "argmax.cu",
+            Kernel::FillUniform => "init.cu",
         }
     }
 
@@ -206,6 +210,8 @@ impl Kernel {
             Kernel::RewardOut => &[Ptr, Ptr, Ptr, F32, U32],
             // ids, logits, V, ld_logits
             Kernel::Argmax => &[Ptr, Ptr, U32, U32],
+            // out, n, seed_lo, seed_hi, scale, offset
+            Kernel::FillUniform => &[Ptr, U32, U32, U32, F32, F32],
         }
     }
 }
@@ -557,6 +563,27 @@ impl CudaDevice {
         let v = driver_call("cuMemcpyDtoH", || self.stream.clone_dtoh(src))?;
         self.synchronize()?;
         Ok(v)
+    }
+
+    /// Device-to-device copy between buffers (or views) of the same length, queued on
+    /// the stream.
+    pub fn copy<T: DeviceRepr>(
+        &self,
+        src: &impl DevicePtr<T>,
+        dst: &mut impl DevicePtrMut<T>,
+    ) -> Result<(), CudaError> {
+        if src.len() != dst.len() {
+            return Err(CudaError::Length {
+                op: "copy",
+                arg: "dst",
+                expected: src.len(),
+                actual: dst.len(),
+            });
+        }
+        if src.len() == 0 {
+            return Ok(());
+        }
+        driver_call("cuMemcpyDtoD", || self.stream.memcpy_dtod(src, dst))
     }
 
     /// Uploads an index buffer and keeps its host copy for validation.

@@ -69,7 +69,7 @@ pub enum CudaError {
 }
 
 impl CudaError {
-    pub(crate) fn bad(op: &'static str, arg: &'static str, reason: impl Into<String>) -> Self {
+    pub fn bad(op: &'static str, arg: &'static str, reason: impl Into<String>) -> Self {
         CudaError::BadArgument {
             op,
             arg,
@@ -86,7 +86,7 @@ impl CudaError {
 }
 
 /// `Ok` when `actual == expected`, else [`CudaError::Length`].
-pub(crate) fn check_len(
+pub fn check_len(
     op: &'static str,
     arg: &'static str,
     actual: usize,

@@ -925,6 +925,37 @@ pub fn argmax(ids: Buf, logits: Buf, vocab: usize, ld: usize) -> Spec {
     )
 }
 
+/// `fill_uniform_bf16`: out (n) bf16, n < 2^32; any scale and offset (finite).
+pub fn fill_uniform(out: Buf, seed: u64, scale: f32, offset: f32) -> Spec {
+    const OP: &str = "fill_uniform";
+    if !scale.is_finite() || !offset.is_finite() {
+        return Err(CudaError::bad(
+            OP,
+            "scale/offset",
+            format!("{scale} and {offset} must be finite"),
+        ));
+    }
+    let n = u32_of(OP, "out", out.len)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    // Grid-stride loop: any grid is correct; a few waves keep every SM busy.
+    let blocks = out.len.div_ceil(256).clamp(1, 4096);
+    spec(
+        Kernel::FillUniform,
+        (blocks as u32, 1, 1),
+        256,
+        vec![
+            Arg::Ptr(out.addr),
+            Arg::U32(n),
+            Arg::U32(seed as u32),
+            Arg::U32((seed >> 32) as u32),
+            Arg::F32(scale),
+            Arg::F32(offset),
+        ],
+    )
+}
+
 /// GEMM checks (y (M, N), x (M, K), w (N, K)); returns cuBLAS's (m, n, k) = (N, M, K) as
 /// i32, or None when M = 0.
 pub fn gemm(
@@ -1428,5 +1459,18 @@ mod tests {
             Err(CudaError::Length { arg: "w", .. })
         ));
         assert!(gemm(buf(0), buf(0), buf(0), 1, 0, 3).is_err());
+    }
+    #[test]
+    fn fill_uniform_splits_the_seed_and_checks_its_arguments() {
+        let s = fill_uniform(buf(1000), 0x1122_3344_5566_7788, 0.5, -1.0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.kernel, Kernel::FillUniform);
+        assert!(matches!(s.args[1], Arg::U32(1000)));
+        assert!(matches!(s.args[2], Arg::U32(0x5566_7788)));
+        assert!(matches!(s.args[3], Arg::U32(0x1122_3344)));
+        assert!(fill_uniform(buf(0), 1, 1.0, 0.0).unwrap().is_none());
+        assert!(fill_uniform(buf(10), 1, f32::NAN, 0.0).is_err());
+        assert!(fill_uniform(buf(1 << 32), 1, 1.0, 0.0).is_err());
     }
 }

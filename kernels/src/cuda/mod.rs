@@ -27,7 +27,7 @@ mod embedded {
 /// The cudarc version the wrappers are written against (buffers are its `CudaSlice`s).
 pub use cudarc;
 pub use device::{CudaDevice, DeviceInfo, IndexBuf, Kernel, Param};
-pub use error::CudaError;
+pub use error::{CudaError, check_len};
 pub use nvrtc::{compile_ptx, compile_ptx_cached, ptx_cache_dir};
 pub use ops::{DevicePlan, GemmOut};
 pub use plan::{PlanOptions, PlanPart, WorkItem, WorkPlan};

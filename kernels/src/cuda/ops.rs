@@ -455,6 +455,20 @@ impl CudaDevice {
         self.run(launch::argmax(i, l, vocab, ld)?)
     }
 
+    /// `fill_uniform_bf16`: out[i] = bf16(offset + scale * (2u_i - 1)), u_i in [0, 1) a
+    /// counter-based hash of (seed, i) (as `reference::init::fill_uniform_bf16` with
+    /// first = 0, bit for bit).
+    pub fn fill_uniform(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        seed: u64,
+        scale: f32,
+        offset: f32,
+    ) -> Result<(), CudaError> {
+        let (o, _go) = wr!(self, out);
+        self.run(launch::fill_uniform(o, seed, scale, offset)?)
+    }
+
     /// cuBLAS GEMM, row-major: y[M, N] = x[M, K] . W[N, K]^T (a `torch.nn.Linear` with
     /// weight W), bf16 inputs, f32 accumulation (`CUBLAS_COMPUTE_32F`), y in f32 or bf16.
     ///

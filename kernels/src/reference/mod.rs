@@ -5,6 +5,7 @@ pub mod attention;
 pub mod attention_paged;
 pub mod embedding;
 pub mod heads;
+pub mod init;
 pub mod matmul;
 pub mod residual;
 pub mod rmsnorm;

@@ -45,6 +45,8 @@ pub struct Options {
     pub dry_run: bool,
     /// Run only the checks whose "stage op shape" text contains this.
     pub filter: Option<String>,
+    /// Stage (c), the benchmark on a random-weight model (skipped with `--quick`).
+    pub bench: Option<crate::gpu_bench::BenchSpec>,
 }
 
 /// Counts of one run.
@@ -236,6 +238,36 @@ impl Log {
         self.record(stage, op, shape, r);
     }
 
+    /// A stage (c) benchmark result (counted as passed when it ran).
+    fn bench(&mut self, r: std::result::Result<crate::gpu_bench::BenchRecord, CudaError>) {
+        match r {
+            Ok(b) => {
+                self.report.passed += 1;
+                let unit = b
+                    .extra
+                    .get("metric")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("tokens/s")
+                    .to_string();
+                self.line(&format!(
+                    "[BENCH] c {:<32} {:<48} {:.1} {unit} {}",
+                    b.op, b.shape, b.value, b.extra
+                ));
+                let mut v = json!({
+                    "stage": "c", "op": b.op, "shape": b.shape, "metric": unit,
+                    "value": b.value, "pass": true,
+                });
+                if let (Some(o), Value::Object(extra)) = (v.as_object_mut(), b.extra) {
+                    for (k, x) in extra {
+                        o.entry(k).or_insert(x);
+                    }
+                }
+                self.json(&v);
+            }
+            Err(e) => self.record("c", "bench", "", Err(e)),
+        }
+    }
+
     fn json(&mut self, v: &Value) {
         let _ = writeln!(self.jsonl, "{v}");
         let _ = self.jsonl.flush();
@@ -308,6 +340,12 @@ pub fn run(opts: &Options) -> Result<Report> {
         };
         ck.stage_a(&mut log);
         ck.stage_b(&mut log);
+        if let Some(spec) = &opts.bench
+            && log.wants("c", "bench", &spec.name)
+        {
+            let r = crate::gpu_bench::dry_plans(spec).map(|_| Outcome::dry());
+            log.record("c", "bench(plans)", &spec.name, r);
+        }
         return finish(&mut log, opts, started, "dry run");
     }
     let dev = match CudaDevice::open(0) {
@@ -369,6 +407,20 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     ck.stage_a(&mut log);
     ck.stage_b(&mut log);
+    if let Some(spec) = &opts.bench
+        && log.wants("c", "bench", &spec.name)
+    {
+        log.line(&format!(
+            "stage c: {} with random bf16 weights generated on the device",
+            spec.name
+        ));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            crate::gpu_bench::run(&dev, spec, opts.seed, |r| log.bench(r))
+        }));
+        if let Err(p) = r {
+            log.record("c", "bench", &spec.name, Err(panicked(p)));
+        }
+    }
     finish(&mut log, opts, started, &info.name)
 }
 
@@ -551,6 +603,12 @@ impl Checks<'_> {
                     || self.swiglu(n, inter, fused),
                 );
             }
+        }
+
+        for (n, seed) in [(1usize, 3u64), (1_000_003, 0x1234_5678_9abc_def0)] {
+            log.check("a", "fill_uniform_bf16", &format!("n={n}"), || {
+                self.fill_uniform(n, seed)
+            });
         }
 
         for (rows_sel, ld) in [(None, 576usize), (Some(vec![5u32, 0, 2]), 640)] {
@@ -1033,6 +1091,29 @@ impl Checks<'_> {
         Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
     }
 
+    /// The device-side weight generator of stage (c): bit-exact against
+    /// `reference::init` (the same counter-based hash, no FMA).
+    fn fill_uniform(&mut self, n: usize, seed: u64) -> CheckResult {
+        let (scale, offset) = (0.0721f32, -0.5f32);
+        let mut want = vec![bf16::ZERO; n];
+        cloudrm_kernels::reference::init::fill_uniform_bf16(&mut want, seed, 0, scale, offset);
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let mut out = d.alloc_zeros::<bf16>(n)?;
+        let t0 = Instant::now();
+        d.fill_uniform(&mut out, seed, scale, offset)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = d.download(&out)?;
+        let bad = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        Ok(Outcome::exact(bad, ms))
+    }
+
     /// Hidden rows (7 of them, stride `ld`) and the rows a head reads.
     fn head_inputs(
         &mut self,
@@ -1226,26 +1307,38 @@ impl Checks<'_> {
         let layers = if self.quick { 2 } else { 30 };
         let t = if self.quick { 17 } else { 37 };
         let shape = format!("SmolLM2-135M shape, L={layers}, random bf16, T={t}");
-        if !log.wants("b", "llama_prefill", &shape) {
+        if !log.wants("b", "llama", &shape) {
             return;
         }
-        log.running("b", "llama_prefill", &shape);
+        log.running("b", "llama", &shape);
         match catch_unwind(AssertUnwindSafe(|| self.llama(layers, t)))
             .unwrap_or_else(|p| Err(panicked(p)))
         {
-            Ok((a, b)) => {
-                log.record("b", "llama_prefill(logits)", &shape, Ok(a));
-                log.record("b", "llama_prefill(greedy ids)", &shape, Ok(b));
+            Ok(records) => {
+                for (op, r) in records {
+                    log.record("b", op, &shape, r);
+                }
             }
-            Err(e) => log.record("b", "llama_prefill", &shape, Err(e)),
+            Err(e) => log.record("b", "llama", &shape, Err(e)),
         }
     }
 
+    /// The model checks of stage (b) on one random model:
+    /// - `llama_prefill(logits)` / `(greedy ids)`: teacher-forced prefill of T random ids;
+    /// - `llama_decode_shared(logits)` / `(greedy ids)`: K sequences sharing the T-token
+    ///   prompt (prefilled once; T is not a whole number of blocks, so the partial block
+    ///   is copied), each teacher-forced through its CPU greedy continuation of
+    ///   DECODE_STEPS tokens, every step's logits against the CPU's;
+    /// - `llama_greedy_32`: the same K sequences decoded greedily on the GPU alone; each
+    ///   must equal the CPU's tokens, except that a divergence at a near tie (the CPU's
+    ///   margin between its token and the GPU's below NEAR_TIE times the logits' standard
+    ///   deviation: bf16 rounding may flip it) ends that sequence's comparison.
+    #[allow(clippy::type_complexity)]
     fn llama(
         &mut self,
         layers: usize,
         t: usize,
-    ) -> std::result::Result<(Outcome, Outcome), CudaError> {
+    ) -> std::result::Result<Vec<(&'static str, CheckResult)>, CudaError> {
         let model_err = |e: Error| CudaError::BadArgument {
             op: "stage b",
             arg: "(cpu model)",
@@ -1267,47 +1360,198 @@ impl Checks<'_> {
         };
         let v = model.config.vocab_size;
         let ids: Vec<u32> = (0..t).map(|_| self.rng.below(v) as u32).collect();
+        let k = if self.quick { 2 } else { 3 };
+        let first: Vec<u32> = (0..k).map(|_| self.rng.below(v) as u32).collect();
         let cpu = crate::backend::Cpu::fast();
-        let mut sess = model.new_session(t, t);
-        let want = model
-            .forward(&cpu, &mut sess, &ids, crate::model::LogitsMode::All)
-            .map_err(model_err)?
-            .to_vec();
-        let want_ids: Vec<u32> = want
-            .chunks_exact(v)
-            .map(|row| cloudrm_sampler::argmax(row).map_or(u32::MAX, |i| i as u32))
-            .collect();
-        let result = match self.dev {
-            None => Ok((Outcome::dry(), Outcome::dry())),
-            Some(d) => {
-                let gpu = crate::backend::cuda::CudaLlama::upload(d, &model);
-                gpu.and_then(|g| {
-                    let t0 = Instant::now();
-                    let (logits, got_ids) = g.prefill_logits(&ids)?;
-                    let ms = ms(t0);
-                    let disagree = got_ids
-                        .iter()
-                        .zip(&want_ids)
-                        .filter(|(a, b)| a != b)
-                        .count() as f64
-                        / t as f64;
-                    Ok((
-                        Outcome::rel_l2(rel_l2(&logits, &want), REL_L2_MODEL, ms),
-                        Outcome {
-                            metric: "disagreement",
-                            value: disagree,
-                            threshold: MAX_DISAGREEMENT,
-                            pass: disagree <= MAX_DISAGREEMENT,
-                            ms,
-                        },
-                    ))
-                })
+        let result = (|| {
+            let mut sess = model.new_session(t, t);
+            let want = model
+                .forward(&cpu, &mut sess, &ids, crate::model::LogitsMode::All)
+                .map_err(model_err)?
+                .to_vec();
+            let want_ids = argmax_rows(&want, v);
+            // CPU greedy continuations: tokens (first + DECODE_STEPS) and the logits of
+            // every step, per sequence.
+            let mut cpu_toks: Vec<Vec<u32>> = Vec::with_capacity(k);
+            let mut cpu_logits: Vec<Vec<Vec<f32>>> = Vec::with_capacity(k);
+            for &f in &first {
+                let mut s = model.new_session(t + DECODE_STEPS + 1, t);
+                model
+                    .forward(&cpu, &mut s, &ids, crate::model::LogitsMode::None)
+                    .map_err(model_err)?;
+                let (mut toks, mut rows) = (vec![f], Vec::with_capacity(DECODE_STEPS));
+                for _ in 0..DECODE_STEPS {
+                    let tok = *toks.last().unwrap_or(&f);
+                    let l = model
+                        .forward(&cpu, &mut s, &[tok], crate::model::LogitsMode::Last)
+                        .map_err(model_err)?
+                        .to_vec();
+                    toks.push(argmax_rows(&l, v)[0]);
+                    rows.push(l);
+                }
+                cpu_toks.push(toks);
+                cpu_logits.push(rows);
             }
-        };
+            let Some(d) = self.dev else {
+                return Ok(vec![
+                    ("llama_prefill(logits)", Ok(Outcome::dry())),
+                    ("llama_prefill(greedy ids)", Ok(Outcome::dry())),
+                    ("llama_decode_shared(logits)", Ok(Outcome::dry())),
+                    ("llama_decode_shared(greedy ids)", Ok(Outcome::dry())),
+                    ("llama_greedy_32", Ok(Outcome::dry())),
+                ]);
+            };
+            let g = crate::backend::cuda::CudaLlama::upload(d, &model)?;
+            let mut out: Vec<(&'static str, CheckResult)> = Vec::new();
+            let t0 = Instant::now();
+            match g.prefill_logits(&ids) {
+                Ok((logits, got_ids)) => {
+                    let ms = ms(t0);
+                    out.push((
+                        "llama_prefill(logits)",
+                        Ok(Outcome::rel_l2(rel_l2(&logits, &want), REL_L2_MODEL, ms)),
+                    ));
+                    out.push((
+                        "llama_prefill(greedy ids)",
+                        Ok(disagreement(&got_ids, &want_ids, ms)),
+                    ));
+                }
+                Err(e) => out.push(("llama_prefill", Err(e))),
+            }
+            let (forced, greedy) = gpu_decode_shared(&g, &ids, &first, &cpu_toks);
+            match forced {
+                Ok((logits, ms)) => {
+                    // Step-major, as the GPU wrote them.
+                    let want: Vec<f32> = (0..DECODE_STEPS)
+                        .flat_map(|s| cpu_logits.iter().flat_map(move |r| r[s].iter().copied()))
+                        .collect();
+                    let want_ids = argmax_rows(&want, v);
+                    out.push((
+                        "llama_decode_shared(logits)",
+                        Ok(Outcome::rel_l2(rel_l2(&logits, &want), REL_L2_MODEL, ms)),
+                    ));
+                    out.push((
+                        "llama_decode_shared(greedy ids)",
+                        Ok(disagreement(&argmax_rows(&logits, v), &want_ids, ms)),
+                    ));
+                }
+                Err(e) => out.push(("llama_decode_shared", Err(e))),
+            }
+            out.push((
+                "llama_greedy_32",
+                greedy.map(|(toks, ms)| {
+                    let off_tie = toks
+                        .iter()
+                        .zip(&cpu_toks)
+                        .zip(&cpu_logits)
+                        .filter(|((got, want), rows)| !same_or_near_tie(got, want, rows))
+                        .count();
+                    Outcome::exact(off_tie, ms)
+                }),
+            ));
+            Ok(out)
+        })();
         drop(model);
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
+}
+
+/// Tokens past the first that stage (b) decodes per sequence (32 tokens in all).
+const DECODE_STEPS: usize = 31;
+/// Stage (b) greedy: a divergence counts as a near tie when the CPU's margin is below
+/// this many standard deviations of that step's logits.
+const NEAR_TIE: f32 = 0.02;
+
+fn argmax_rows(logits: &[f32], v: usize) -> Vec<u32> {
+    logits
+        .chunks_exact(v)
+        .map(|row| cloudrm_sampler::argmax(row).map_or(u32::MAX, |i| i as u32))
+        .collect()
+}
+
+fn disagreement(got: &[u32], want: &[u32], ms: f64) -> Outcome {
+    let n = want.len().max(1);
+    let d = got.iter().zip(want).filter(|(a, b)| a != b).count() + want.len().abs_diff(got.len());
+    let value = d as f64 / n as f64;
+    Outcome {
+        metric: "disagreement",
+        value,
+        threshold: MAX_DISAGREEMENT,
+        pass: value <= MAX_DISAGREEMENT,
+        ms,
+    }
+}
+
+/// Whether the GPU's greedy tokens `got` equal the CPU's `want` up to their first
+/// difference at a near tie (see `NEAR_TIE`); `rows[s]` are the CPU logits that chose
+/// want[s + 1].
+fn same_or_near_tie(got: &[u32], want: &[u32], rows: &[Vec<f32>]) -> bool {
+    if got.len() != want.len() {
+        return false;
+    }
+    let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) else {
+        return true;
+    };
+    let Some(row) = i.checked_sub(1).and_then(|s| rows.get(s)) else {
+        return false;
+    };
+    let (w, g) = (want[i] as usize, got[i] as usize);
+    let (Some(&lw), Some(&lg)) = (row.get(w), row.get(g)) else {
+        return false;
+    };
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let sd = (row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt();
+    lw - lg <= NEAR_TIE * sd
+}
+
+/// Stage (b) on the GPU: prefill `prompt` once, then (1) K sequences teacher-forced
+/// through `cpu_toks` (the logits of every step, step-major, and the ms), (2) the same K
+/// decoded greedily (their tokens and the ms).
+#[allow(clippy::type_complexity)]
+fn gpu_decode_shared(
+    g: &crate::backend::cuda::CudaLlama<'_>,
+    prompt: &[u32],
+    first: &[u32],
+    cpu_toks: &[Vec<u32>],
+) -> (
+    std::result::Result<(Vec<f32>, f64), CudaError>,
+    std::result::Result<(Vec<Vec<u32>>, f64), CudaError>,
+) {
+    use crate::backend::cuda::CudaSession;
+    let k = first.len();
+    let t = prompt.len();
+    let bs = g.shape().block_size;
+    let nb_prefix = t.div_ceil(bs);
+    let own = (t % bs + DECODE_STEPS + 1).div_ceil(bs);
+    let n_blocks = nb_prefix + k * own;
+    let table: Vec<u32> = (0..nb_prefix as u32).collect();
+    let free: Vec<u32> = (nb_prefix as u32..n_blocks as u32).collect();
+    let mut sess = match CudaSession::new(g, t.max(k), k, n_blocks)
+        .and_then(|mut s| s.prefill(&table, 0, prompt, false).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let again = CudaError::bad("stage b", "(session)", e.to_string());
+            return (Err(e), Err(again));
+        }
+    };
+    let t0 = Instant::now();
+    let mut logits = Vec::new();
+    let forced = sess
+        .decode_shared(&table, t, first, DECODE_STEPS, &free, Some(64), |s, se| {
+            logits.extend(se.logits(k)?);
+            Ok(cpu_toks.iter().map(|c| c[s + 1]).collect())
+        })
+        .map(|_| (logits, ms(t0)));
+    let t0 = Instant::now();
+    let greedy = sess
+        .decode_shared(&table, t, first, DECODE_STEPS, &free, Some(64), |_, se| {
+            se.argmax(k)
+        })
+        .map(|toks| (toks, ms(t0)));
+    (forced, greedy)
 }
 
 /// Writes a seeded random Llama in SmolLM2-135M's shape with `layers` layers (bf16,
@@ -1438,6 +1682,28 @@ mod tests {
         assert!((rel_l2(&[1.0, 0.0], &[0.0, 1.0]) - 2f64.sqrt()).abs() < 1e-12);
     }
 
+    #[test]
+    fn greedy_divergence_is_accepted_only_at_a_near_tie() {
+        // CPU logits of step 0 (choosing want[1]) and step 1 (choosing want[2]).
+        let mut row0 = vec![0.0f32; 8];
+        row0[3] = 10.0;
+        row0[5] = 9.99; // a near tie with token 3
+        row0[6] = 2.0;
+        let rows = vec![row0.clone(), row0];
+        let want = [1u32, 3, 3];
+        assert!(same_or_near_tie(&[1, 3, 3], &want, &rows));
+        // Diverges at token 1 to the near-tied 5: accepted.
+        assert!(same_or_near_tie(&[1, 5, 0], &want, &rows));
+        // Diverges to 6, far below: rejected; at the first token (no logits): rejected.
+        assert!(!same_or_near_tie(&[1, 6, 3], &want, &rows));
+        assert!(!same_or_near_tie(&[2, 3, 3], &want, &rows));
+        assert!(!same_or_near_tie(&[1, 3], &want, &rows));
+        // Disagreement counts mismatches and missing ids.
+        let d = disagreement(&[1, 2, 3], &[1, 2, 4, 5], 0.0);
+        assert!((d.value - 0.5).abs() < 1e-12 && !d.pass);
+        assert!(disagreement(&[7; 20], &[7; 20], 0.0).pass);
+    }
+
     /// Every check's host side (inputs, plans, CPU references) runs without panicking
     /// and the files are written, on a machine without a GPU.
     #[test]
@@ -1450,6 +1716,7 @@ mod tests {
             seed: 7,
             dry_run: true,
             filter: None,
+            bench: Some(crate::gpu_bench::BenchSpec::llama3_8b()),
         })
         .unwrap();
         assert_eq!(r.failed, 0);

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod gpu_bench;
 pub mod gpu_check;
 pub mod hub;
 pub mod kv;

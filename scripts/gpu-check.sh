@@ -2,7 +2,10 @@
 # scripts/gpu-check.sh OUTDIR [--quick] [--seed N]
 #
 # Runs every GPU check in one go on the GPU machine (H100/H200, CUDA 13.0 driver and
-# toolkit, no Rust): `cloudrm gpu-check --out OUTDIR`, bounded by `timeout` (4 minutes).
+# toolkit, no Rust): `cloudrm gpu-check --out OUTDIR` (stages a, b and, without --quick,
+# the stage c benchmark), bounded by `timeout` (200 s), then (without --quick) the
+# PyTorch baseline of stage c, scripts/reference/bench_gpu_pytorch.py (110 s), whose
+# table of ratios goes to OUTDIR/summary.md. About 5 minutes at most in all.
 # Run it from the repository root. It
 #   - finds the binary: $CLOUDRM_BIN, else ./target/release/cloudrm (built elsewhere and
 #     carried: the machine has no Rust toolchain);
@@ -14,7 +17,8 @@
 #   - records the date, nvidia-smi and the libraries found in OUTDIR/environment.log;
 #   - returns the exit status of gpu-check (124 when the timeout struck).
 # gpu-check itself writes OUTDIR/gpu-check.log (human log) and OUTDIR/results.jsonl (one
-# JSON object per check, then a summary line). Safe to rerun: the files are replaced.
+# JSON object per check, then a summary line); the baseline writes OUTDIR/pytorch.jsonl.
+# Safe to rerun: the files are replaced.
 set -euo pipefail
 
 usage() {
@@ -118,12 +122,31 @@ say "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 CLOUDRM_HOME=${CLOUDRM_HOME:-${TMPDIR:-/tmp}/cloudrm-gpu-check}
 export CLOUDRM_HOME
 
+quick=0
+for a in "$@"; do
+    [ "$a" = "--quick" ] && quick=1
+done
+
 set +e
-timeout --kill-after=10 240 "$bin" gpu-check --out "$out" "$@"
+timeout --kill-after=10 200 "$bin" gpu-check --out "$out" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    say "gpu-check.sh: gpu-check ran past 4 minutes and was stopped (exit $rc)"
+    say "gpu-check.sh: gpu-check ran past 200 s and was stopped (exit $rc)"
 fi
 say "gpu-check.sh: gpu-check exited with $rc at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+
+# Stage (c)'s baseline: PyTorch + transformers on the same model shape, in the same run
+# (not with --quick). It prints the cloudrm / PyTorch table (also in OUTDIR/summary.md);
+# its own failure (exit 3: no torch or no CUDA) does not change the exit status.
+if [ "$quick" -eq 0 ]; then
+    py=${PYTHON:-python3}
+    set +e
+    timeout --kill-after=10 110 "$py" scripts/reference/bench_gpu_pytorch.py \
+        --out "$out/pytorch.jsonl" --ours "$out/results.jsonl" >"$out/summary.md"
+    prc=$?
+    set -e
+    cat "$out/summary.md" >&2 || true
+    say "gpu-check.sh: PyTorch baseline exited with $prc at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+fi
 exit "$rc"

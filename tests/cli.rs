@@ -196,6 +196,37 @@ fn bench_reports_every_figure_as_json() {
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
 }
 
+/// Stage (c)'s model shape: a config.json that does not exist is refused before anything
+/// runs, with the path named; the built-in shape's plans pass the launch checks (dry run).
+#[test]
+fn gpu_check_random_weights_config_is_checked_first() {
+    let dir = temp_dir("cli-gpu-check-c");
+    let out = cloudrm()
+        .args(["gpu-check", "--dry-run", "--random-weights"])
+        .arg(dir.join("missing").join("config.json"))
+        .arg("--out")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("config.json"), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    let out = cloudrm()
+        .args(["gpu-check", "--dry-run", "--filter", "c bench", "--out"])
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(dir.join("out").join("gpu-check.log")).unwrap();
+    assert!(log.contains("[PASS] c bench(plans)"), "{log}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn gpu_check_without_cuda_fails_fast_with_a_typed_error() {
     let dir = temp_dir("cli-gpu-check").join("out");

@@ -1,6 +1,10 @@
-//! The Llama forward on the GPU, first scaffold: a teacher-forced prefill of one
-//! sequence (every position's logits and greedy ids), checked against the CPU model by
-//! `cloudrm gpu-check` stage (b). Layer by layer, as `model::llama::forward_chunk`:
+//! The Llama forward on the GPU: `CudaLlama` (weights uploaded from a CPU model, or
+//! generated on the device for benchmarks) and `CudaSession` (a paged KV cache and
+//! activation buffers allocated once): causal prefill, and greedy decode of K sequences
+//! that share a prefilled prompt through the cascade attention plan (the prefix's K/V
+//! read once per step for all K). Checked against the CPU model by `cloudrm gpu-check`
+//! stage (b) and timed by stage (c). One forward, layer by layer, as
+//! `model::llama::forward_chunk`:
 //!
 //! ```text
 //! x = embed(ids)                                   f32 residual (T, C)
@@ -18,12 +22,14 @@
 //!
 //! Weights are uploaded once as bf16 (f32/f16 checkpoints are rounded). Biases are not
 //! supported yet (Llama and SmolLM2 have none): such a model is refused with a typed
-//! error. Not yet a `Backend`: no decode step, sessions or reward head.
+//! error. Not yet behind the CPU's calls (`--device cuda`): no reward head, no sampling
+//! on the GPU (greedy only, the argmax read back each step), no CUDA graphs.
 
 use cloudrm_kernels::Weights;
 use cloudrm_kernels::cuda::cudarc::driver::CudaSlice;
-use cloudrm_kernels::cuda::{CudaDevice, CudaError, PlanOptions, WorkPlan};
-use cloudrm_kernels::reference::attention_paged::PagedShape;
+use cloudrm_kernels::cuda::{CudaDevice, CudaError, PlanOptions, WorkPlan, check_len};
+use cloudrm_kernels::reference::attention_paged::{Level, PagedShape};
+use cloudrm_loader::LlamaConfig;
 use half::bf16;
 
 use crate::model::Llama;
@@ -141,108 +147,543 @@ impl<'d> CudaLlama<'d> {
         })
     }
 
+    /// A model of shape `cfg` whose weights are generated on the device
+    /// (`fill_uniform_bf16`, seeded): benchmark models too large to carry (stage c of
+    /// `cloudrm gpu-check`). Linear weights are uniform with variance 1/fan_in, norms
+    /// near 1, the embedding uniform in [-1, 1]: activations stay O(1) through the layers.
+    pub fn random(dev: &'d CudaDevice, cfg: &LlamaConfig, seed: u64) -> Result<Self, CudaError> {
+        if cfg.qkv_bias || cfg.o_bias || cfg.mlp_bias {
+            return Err(unsupported(
+                "linear biases are not supported on the GPU yet".into(),
+            ));
+        }
+        if cfg.num_hidden_layers == 0 {
+            return Err(unsupported("the model has no layers".into()));
+        }
+        let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hs) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut tensor = 0u64;
+        let mut fill = |n: usize, scale: f32, offset: f32| -> Result<CudaSlice<bf16>, CudaError> {
+            tensor += 1;
+            let mut t = dev.alloc_zeros::<bf16>(n)?;
+            let s = seed ^ tensor.wrapping_mul(0xd1b5_4a32_d192_ed03);
+            dev.fill_uniform(&mut t, s, scale, offset)?;
+            Ok(t)
+        };
+        let lin = |fan_in: usize| (3.0 / fan_in as f32).sqrt();
+        let embed = fill(v * c, 1.0, 0.0)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            layers.push(CudaLayer {
+                attn_norm: fill(c, 0.1, 1.0)?,
+                wqkv: fill((nh + 2 * nkv) * hs * c, lin(c), 0.0)?,
+                wo: fill(c * nh * hs, lin(nh * hs), 0.0)?,
+                mlp_norm: fill(c, 0.1, 1.0)?,
+                wgu: fill(2 * i * c, lin(c), 0.0)?,
+                wdown: fill(c * i, lin(i), 0.0)?,
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(fill(v * c, lin(c), 0.0)?)
+        };
+        let final_norm = fill(c, 0.1, 1.0)?;
+        Ok(CudaLlama {
+            dev,
+            c,
+            inter: i,
+            vocab: v,
+            eps: cfg.rms_norm_eps,
+            shape: PagedShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hs,
+                block_size: BLOCK_SIZE,
+            },
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            inv_freq: dev.upload(&crate::model::rope::inv_freq(cfg))?,
+        })
+    }
+
+    /// The cache geometry (heads, head size, block size).
+    pub fn shape(&self) -> PagedShape {
+        self.shape
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Weight bytes one decode step reads: every layer's matrices and norms, the final
+    /// norm and the LM head (the embedding table only through the one row it gathers).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn_norm.len()
+                    + l.wqkv.len()
+                    + l.wo.len()
+                    + l.mlp_norm.len()
+                    + l.wgu.len()
+                    + l.wdown.len()
+            })
+            .sum();
+        let lm = self.lm_head.as_ref().unwrap_or(&self.embed).len();
+        (layer + self.final_norm.len() + lm + self.c) * 2
+    }
+
     /// Teacher-forced prefill of `ids` at positions 0..T: every position's logits
     /// (T, V) f32 and their argmax (T).
     pub fn prefill_logits(&self, ids: &[u32]) -> Result<(Vec<f32>, Vec<u32>), CudaError> {
-        const OP: &str = "CudaLlama::prefill_logits";
-        let d = self.dev;
         let t = ids.len();
         if t == 0 {
             return Err(CudaError::BadArgument {
-                op: OP,
+                op: "CudaLlama::prefill_logits",
                 arg: "ids",
                 reason: "empty".into(),
             });
         }
-        let sh = self.shape;
-        let (c, inter, v) = (self.c, self.inter, self.vocab);
-        let (nh, nkv, hs) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
-        let qkv_w = (nh + 2 * nkv) * hs;
         let nb = t.div_ceil(BLOCK_SIZE);
+        let mut sess = CudaSession::new(self, t, t, nb)?;
         let table: Vec<u32> = (0..nb as u32).collect();
-        let positions: Vec<u32> = (0..t as u32).collect();
+        sess.prefill(&table, 0, ids, true)?;
+        Ok((sess.logits(t)?, sess.argmax(t)?))
+    }
+}
 
-        let ids_d = d.upload_index(ids)?;
-        let pos_d = d.upload_index(&positions)?;
-        let seq_d = d.upload_index(&vec![0; t])?;
-        let table_d = d.upload_index(&table)?;
+/// The rows of one forward call: token ids at positions, each of a sequence whose block
+/// table is a row of `tables`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    pub ids: &'a [u32],
+    pub positions: &'a [u32],
+    /// Per row: its sequence's row of `tables`.
+    pub seqs: &'a [u32],
+    /// (n_seqs, ld_table) block ids; each row covers its sequence's positions.
+    pub tables: &'a [u32],
+    pub ld_table: usize,
+}
+
+/// A KV cache arena and activation buffers for one model, allocated once and reused by
+/// every step (prefill chunks, decode steps of up to `max_rows` sequences).
+pub struct CudaSession<'m, 'd> {
+    m: &'m CudaLlama<'d>,
+    max_rows: usize,
+    max_logit_rows: usize,
+    n_blocks: usize,
+    /// Per layer (NB, BS, NKV, HS).
+    k_cache: Vec<CudaSlice<bf16>>,
+    v_cache: Vec<CudaSlice<bf16>>,
+    /// (max_rows, C) f32 residual stream
+    x: CudaSlice<f32>,
+    /// (max_rows, C)
+    xn: CudaSlice<bf16>,
+    /// (max_rows, (NH + 2 NKV) HS)
+    qkv: CudaSlice<bf16>,
+    /// (max_rows, NH HS)
+    q: CudaSlice<bf16>,
+    att: CudaSlice<bf16>,
+    /// (max_rows, C)
+    proj: CudaSlice<bf16>,
+    /// (max_rows, 2I)
+    gu: CudaSlice<bf16>,
+    /// (max_rows, I)
+    act: CudaSlice<bf16>,
+    /// Attention states of the partial pass; grown when a plan needs more slots.
+    states_o: CudaSlice<f32>,
+    states_lse: CudaSlice<f32>,
+    /// (max_logit_rows, V) f32 and their argmax (max_logit_rows)
+    logits: CudaSlice<f32>,
+    ids: CudaSlice<u32>,
+    /// Rows of `logits` / `ids` the last forward wrote.
+    n_logits: usize,
+}
+
+impl<'m, 'd> CudaSession<'m, 'd> {
+    /// Buffers for forwards of at most `max_rows` rows producing logits for at most
+    /// `max_logit_rows` of them, and a cache of `n_blocks` blocks per layer.
+    pub fn new(
+        m: &'m CudaLlama<'d>,
+        max_rows: usize,
+        max_logit_rows: usize,
+        n_blocks: usize,
+    ) -> Result<Self, CudaError> {
+        const OP: &str = "CudaSession::new";
+        if max_rows == 0 || n_blocks == 0 || max_logit_rows > max_rows {
+            return Err(CudaError::bad(
+                OP,
+                "sizes",
+                format!(
+                    "max_rows={max_rows} and n_blocks={n_blocks} must be positive, max_logit_rows={max_logit_rows} at most max_rows"
+                ),
+            ));
+        }
+        let d = m.dev;
+        let sh = m.shape;
+        let (c, inter, v) = (m.c, m.inter, m.vocab);
+        let (nh, nkv, hs) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
+        let arena = n_blocks * sh.block_elems();
+        let mut k_cache = Vec::with_capacity(m.layers.len());
+        let mut v_cache = Vec::with_capacity(m.layers.len());
+        for _ in &m.layers {
+            k_cache.push(d.alloc_zeros::<bf16>(arena)?);
+            v_cache.push(d.alloc_zeros::<bf16>(arena)?);
+        }
+        let r = max_rows;
+        Ok(CudaSession {
+            m,
+            max_rows,
+            max_logit_rows,
+            n_blocks,
+            k_cache,
+            v_cache,
+            x: d.alloc_zeros(r * c)?,
+            xn: d.alloc_zeros(r * c)?,
+            qkv: d.alloc_zeros(r * (nh + 2 * nkv) * hs)?,
+            q: d.alloc_zeros(r * nh * hs)?,
+            att: d.alloc_zeros(r * nh * hs)?,
+            proj: d.alloc_zeros(r * c)?,
+            gu: d.alloc_zeros(r * 2 * inter)?,
+            act: d.alloc_zeros(r * inter)?,
+            states_o: d.alloc_zeros(nh * hs)?,
+            states_lse: d.alloc_zeros(nh)?,
+            logits: d.alloc_zeros(max_logit_rows.max(1) * v)?,
+            ids: d.alloc_zeros(max_logit_rows.max(1))?,
+            n_logits: 0,
+        })
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    /// Causal prefill of `ids` at positions pos0.. of the sequence with block `table`
+    /// (the earlier positions already in the cache); logits for every row when
+    /// `all_logits`, else for the last row only.
+    pub fn prefill(
+        &mut self,
+        table: &[u32],
+        pos0: usize,
+        ids: &[u32],
+        all_logits: bool,
+    ) -> Result<(), CudaError> {
+        let t = ids.len();
         let plan = WorkPlan::causal_prefill(
-            &table,
-            0,
+            table,
+            pos0,
             t,
-            &sh,
-            nb,
+            &self.m.shape,
+            self.n_blocks,
             PlanOptions {
                 split: Some(64),
                 ..PlanOptions::default()
             },
         )?;
+        let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
+        let seqs = vec![0u32; t];
+        let rows = Rows {
+            ids,
+            positions: &positions,
+            seqs: &seqs,
+            tables: table,
+            ld_table: table.len(),
+        };
+        let logit_rows = if all_logits {
+            0..t
+        } else {
+            t.saturating_sub(1)..t
+        };
+        self.forward(&rows, plan, logit_rows)
+    }
+
+    /// One forward of `rows` through every layer, attention as `plan` says (its query
+    /// sequence b is row b: a causal prefill plan has one per row, a decode plan one per
+    /// sequence), then the final norm, the LM head and the argmax for `logit_rows`.
+    pub fn forward(
+        &mut self,
+        rows: &Rows<'_>,
+        plan: WorkPlan,
+        logit_rows: std::ops::Range<usize>,
+    ) -> Result<(), CudaError> {
+        const OP: &str = "CudaSession::forward";
+        let m = self.m;
+        let d = m.dev;
+        let t = rows.ids.len();
+        if t == 0 || t > self.max_rows {
+            return Err(CudaError::bad(
+                OP,
+                "ids",
+                format!("{t} rows; 1..={} allowed", self.max_rows),
+            ));
+        }
+        check_len(OP, "positions", rows.positions.len(), t)?;
+        check_len(OP, "seqs", rows.seqs.len(), t)?;
+        if plan.n_seqs != t {
+            return Err(CudaError::bad(
+                OP,
+                "plan",
+                format!("{} query sequences for {t} rows", plan.n_seqs),
+            ));
+        }
+        if logit_rows.start > logit_rows.end
+            || logit_rows.end > t
+            || logit_rows.len() > self.max_logit_rows
+        {
+            return Err(CudaError::bad(
+                OP,
+                "logit_rows",
+                format!(
+                    "{}..{} must lie within the {t} rows and span at most {}",
+                    logit_rows.start, logit_rows.end, self.max_logit_rows
+                ),
+            ));
+        }
+        let sh = m.shape;
+        let (c, inter, v) = (m.c, m.inter, m.vocab);
+        let (nh, nkv, hs) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
+        let qkv_w = (nh + 2 * nkv) * hs;
+
+        let ids_d = d.upload_index(rows.ids)?;
+        let pos_d = d.upload_index(rows.positions)?;
+        let seq_d = d.upload_index(rows.seqs)?;
+        let table_d = d.upload_index(rows.tables)?;
         let n_states = plan.n_slots.max(1) * nh;
+        if self.states_lse.len() < n_states {
+            self.states_o = d.alloc_zeros(n_states * hs)?;
+            self.states_lse = d.alloc_zeros(n_states)?;
+        }
         let plan_d = d.upload_plan(plan)?;
 
-        let mut x = d.alloc_zeros::<f32>(t * c)?;
-        let mut xn = d.alloc_zeros::<bf16>(t * c)?;
-        let mut qkv = d.alloc_zeros::<bf16>(t * qkv_w)?;
-        let mut q = d.alloc_zeros::<bf16>(t * nh * hs)?;
-        let mut att = d.alloc_zeros::<bf16>(t * nh * hs)?;
-        let mut proj = d.alloc_zeros::<bf16>(t * c)?;
-        let mut gu = d.alloc_zeros::<bf16>(t * 2 * inter)?;
-        let mut act = d.alloc_zeros::<bf16>(t * inter)?;
-        let mut states_o = d.alloc_zeros::<f32>(n_states * hs)?;
-        let mut states_lse = d.alloc_zeros::<f32>(n_states)?;
-        let mut logits = d.alloc_zeros::<f32>(t * v)?;
-        let mut out_ids = d.alloc_zeros::<u32>(t)?;
-        let arena = nb * sh.block_elems();
-        let mut k_cache: Vec<CudaSlice<bf16>> = Vec::with_capacity(self.layers.len());
-        let mut v_cache: Vec<CudaSlice<bf16>> = Vec::with_capacity(self.layers.len());
-        for _ in &self.layers {
-            k_cache.push(d.alloc_zeros::<bf16>(arena)?);
-            v_cache.push(d.alloc_zeros::<bf16>(arena)?);
-        }
+        let mut x = self.x.slice_mut(0..t * c);
+        let mut xn = self.xn.slice_mut(0..t * c);
+        let mut qkv = self.qkv.slice_mut(0..t * qkv_w);
+        let mut q = self.q.slice_mut(0..t * nh * hs);
+        let mut att = self.att.slice_mut(0..t * nh * hs);
+        let mut proj = self.proj.slice_mut(0..t * c);
+        let mut gu = self.gu.slice_mut(0..t * 2 * inter);
+        let mut act = self.act.slice_mut(0..t * inter);
 
-        d.embedding(&mut x, &self.embed, &ids_d, c)?;
-        d.rmsnorm(&mut xn, &x, &self.layers[0].attn_norm, self.eps)?;
-        for (l, lw) in self.layers.iter().enumerate() {
+        d.embedding(&mut x, &m.embed, &ids_d, c)?;
+        d.rmsnorm(&mut xn, &x, &m.layers[0].attn_norm, m.eps)?;
+        for (l, lw) in m.layers.iter().enumerate() {
             d.gemm_bf16(&mut qkv, &xn, &lw.wqkv, t, qkv_w, c)?;
             d.rope_qkv_paged(
                 &mut q,
-                &mut k_cache[l],
-                &mut v_cache[l],
+                &mut self.k_cache[l],
+                &mut self.v_cache[l],
                 &qkv,
                 &pos_d,
                 &seq_d,
                 &table_d,
-                nb,
-                &self.inv_freq,
+                rows.ld_table,
+                &m.inv_freq,
                 qkv_w,
                 sh,
             )?;
             d.planned_attention(
                 &mut att,
                 &q,
-                &k_cache[l],
-                &v_cache[l],
+                &self.k_cache[l],
+                &self.v_cache[l],
                 &plan_d,
-                &mut states_o,
-                &mut states_lse,
+                &mut self.states_o,
+                &mut self.states_lse,
                 sh,
             )?;
             d.gemm_bf16(&mut proj, &att, &lw.wo, t, c, nh * hs)?;
-            d.residual_rmsnorm(&mut x, &proj, &mut xn, &lw.mlp_norm, self.eps)?;
+            d.residual_rmsnorm(&mut x, &proj, &mut xn, &lw.mlp_norm, m.eps)?;
             d.gemm_bf16(&mut gu, &xn, &lw.wgu, t, 2 * inter, c)?;
             d.swiglu(&mut act, &gu, &gu.slice(inter..), t, inter, 2 * inter)?;
             d.gemm_bf16(&mut proj, &act, &lw.wdown, t, c, inter)?;
-            let next = match self.layers.get(l + 1) {
+            let next = match m.layers.get(l + 1) {
                 Some(n) => &n.attn_norm,
-                None => &self.final_norm,
+                None => &m.final_norm,
             };
-            d.residual_rmsnorm(&mut x, &proj, &mut xn, next, self.eps)?;
+            d.residual_rmsnorm(&mut x, &proj, &mut xn, next, m.eps)?;
         }
-        let lm = self.lm_head.as_ref().unwrap_or(&self.embed);
-        d.gemm_bf16(&mut logits, &xn, lm, t, v, c)?;
-        d.argmax(&mut out_ids, &logits, v, v)?;
-        let logits_h = d.download(&logits)?;
-        let ids_h = d.download(&out_ids)?;
-        Ok((logits_h, ids_h))
+        let n = logit_rows.len();
+        self.n_logits = n;
+        if n > 0 {
+            let lm = m.lm_head.as_ref().unwrap_or(&m.embed);
+            let hidden = xn.slice(logit_rows.start * c..logit_rows.end * c);
+            let mut logits = self.logits.slice_mut(0..n * v);
+            d.gemm_bf16(&mut logits, &hidden, lm, n, v, c)?;
+            let mut ids = self.ids.slice_mut(0..n);
+            d.argmax(&mut ids, &logits, v, v)?;
+        }
+        Ok(())
+    }
+
+    /// Copies cache block `src` of every layer's K and V into each block of `dsts` (a
+    /// partly filled last prefix block becomes each sequence's own first block).
+    pub fn copy_block(&mut self, src: u32, dsts: &[u32]) -> Result<(), CudaError> {
+        let be = self.m.shape.block_elems();
+        let nb = self.n_blocks as u32;
+        if let Some(&bad) = std::iter::once(&src).chain(dsts).find(|&&b| b >= nb) {
+            return Err(CudaError::bad(
+                "CudaSession::copy_block",
+                "blocks",
+                format!("block {bad} is outside the arena of {nb} blocks"),
+            ));
+        }
+        if dsts.is_empty() {
+            return Ok(());
+        }
+        let d = self.m.dev;
+        let mut tmp = d.alloc_zeros::<bf16>(be)?;
+        let at = |b: u32| b as usize * be..(b as usize + 1) * be;
+        for cache in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+            d.copy(&cache.slice(at(src)), &mut tmp)?;
+            for &dst in dsts {
+                d.copy(&tmp, &mut cache.slice_mut(at(dst)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Greedy decoding of K = `first.len()` sequences that share the first `prefix_len`
+    /// positions of the sequence at `prefix_table` (already in the cache): the cascade
+    /// plan reads the prefix's whole blocks once per step for all K; a partly filled last
+    /// prefix block is copied into each sequence's first own block. Sequence j is fed
+    /// `first[j]` at position `prefix_len`; after forward s (of `steps`) the next K
+    /// tokens are `next(s, self)` (greedy: `|_, s| s.argmax(k)`; teacher forcing: read
+    /// `s.logits(k)` and return the forced tokens). Returns each sequence's tokens
+    /// (first[j], then the `steps` fed after it). Own blocks are taken, in order, from
+    /// `free` (ids outside the prefix's whole blocks).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_shared(
+        &mut self,
+        prefix_table: &[u32],
+        prefix_len: usize,
+        first: &[u32],
+        steps: usize,
+        free: &[u32],
+        split: Option<usize>,
+        mut next: impl FnMut(usize, &Self) -> Result<Vec<u32>, CudaError>,
+    ) -> Result<Vec<Vec<u32>>, CudaError> {
+        const OP: &str = "CudaSession::decode_shared";
+        let k = first.len();
+        let bs = self.m.shape.block_size;
+        let full = prefix_len / bs;
+        let tail = prefix_len % bs;
+        if prefix_table.len() < prefix_len.div_ceil(bs) {
+            return Err(CudaError::bad(
+                OP,
+                "prefix_table",
+                format!(
+                    "{} block ids do not cover {prefix_len} positions",
+                    prefix_table.len()
+                ),
+            ));
+        }
+        if k == 0 || k > self.max_rows || k > self.max_logit_rows {
+            return Err(CudaError::bad(
+                OP,
+                "first",
+                format!(
+                    "{k} sequences; 1..={} allowed",
+                    self.max_rows.min(self.max_logit_rows)
+                ),
+            ));
+        }
+        let own = (tail + steps + 1).div_ceil(bs);
+        if free.len() < k * own {
+            return Err(CudaError::bad(
+                OP,
+                "free",
+                format!(
+                    "{} free blocks; {k} sequences of {} positions past the shared blocks need {}",
+                    free.len(),
+                    tail + steps + 1,
+                    k * own
+                ),
+            ));
+        }
+        let shared = &prefix_table[..full];
+        let own_of = |j: usize| &free[j * own..(j + 1) * own];
+        if tail > 0 {
+            let firsts: Vec<u32> = (0..k).map(|j| own_of(j)[0]).collect();
+            self.copy_block(prefix_table[full], &firsts)?;
+        }
+        // Each sequence's whole table (for RoPE's cache writes): shared blocks, own blocks.
+        let ld = full + own;
+        let tables: Vec<u32> = (0..k)
+            .flat_map(|j| shared.iter().chain(own_of(j)).copied())
+            .collect();
+        let seqs: Vec<u32> = (0..k as u32).collect();
+        let mut out: Vec<Vec<u32>> = first.iter().map(|&t| vec![t]).collect();
+        let mut cur = first.to_vec();
+        let levels = [Level {
+            block_table: shared,
+            len: full * bs,
+            members: 0..k,
+        }];
+        let own_tables: Vec<&[u32]> = (0..k).map(own_of).collect();
+        for s in 0..steps {
+            let pos = (prefix_len + s) as u32;
+            let positions = vec![pos; k];
+            let suffix_lens = vec![tail + s + 1; k];
+            let plan = WorkPlan::cascade(
+                if full > 0 { &levels } else { &[] },
+                &own_tables,
+                &suffix_lens,
+                &self.m.shape,
+                self.n_blocks,
+                PlanOptions {
+                    split,
+                    ..PlanOptions::default()
+                },
+            )?;
+            let rows = Rows {
+                ids: &cur,
+                positions: &positions,
+                seqs: &seqs,
+                tables: &tables,
+                ld_table: ld,
+            };
+            self.forward(&rows, plan, 0..k)?;
+            cur = next(s, self)?;
+            check_len(OP, "next(..)", cur.len(), k)?;
+            for (o, &t) in out.iter_mut().zip(&cur) {
+                o.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first `n` rows of logits of the last forward, (n, V) f32 (synchronises).
+    pub fn logits(&self, n: usize) -> Result<Vec<f32>, CudaError> {
+        self.check_logit_rows("CudaSession::logits", n)?;
+        self.m.dev.download(&self.logits.slice(0..n * self.m.vocab))
+    }
+
+    /// The argmax ids of the first `n` logit rows of the last forward (synchronises).
+    pub fn argmax(&self, n: usize) -> Result<Vec<u32>, CudaError> {
+        self.check_logit_rows("CudaSession::argmax", n)?;
+        self.m.dev.download(&self.ids.slice(0..n))
+    }
+
+    fn check_logit_rows(&self, op: &'static str, n: usize) -> Result<(), CudaError> {
+        if n > self.n_logits {
+            return Err(CudaError::bad(
+                op,
+                "n",
+                format!("{n} rows asked; the last forward wrote {}", self.n_logits),
+            ));
+        }
+        Ok(())
     }
 }

@@ -298,6 +298,10 @@ pub enum Command {
         /// Build the inputs and run the CPU references only (no GPU): tests the harness.
         #[arg(long)]
         dry_run: bool,
+        /// Stage (c): the benchmark model's shape, its weights random bf16 generated on
+        /// the device: `llama-3-8b` (built in) or a config.json (skipped with --quick).
+        #[arg(long, default_value = "llama-3-8b")]
+        random_weights: String,
         /// Run only the checks whose "stage op shape" text contains this (e.g. "cascade").
         #[arg(long)]
         filter: Option<String>,
@@ -525,13 +529,20 @@ pub fn run(cli: Cli) -> Result<()> {
             seed,
             dry_run,
             filter,
+            random_weights,
         } => {
+            let bench = if quick {
+                None
+            } else {
+                Some(crate::gpu_bench::BenchSpec::from_arg(&random_weights)?)
+            };
             crate::gpu_check::run(&crate::gpu_check::Options {
                 out,
                 quick,
                 seed,
                 dry_run,
                 filter,
+                bench,
             })?;
             Ok(())
         }

@@ -289,7 +289,7 @@ pub fn dry_plans(spec: &BenchSpec) -> Result<usize, CudaError> {
     };
     let (n_blocks, own) = spec.blocks(bs);
     let split = PlanOptions {
-        split: Some(64),
+        split: Some(512),
         ..PlanOptions::default()
     };
     let table: Vec<u32> = (0..spec.prefill.div_ceil(bs) as u32).collect();

@@ -45,10 +45,12 @@
 //   sequence's own suffix is an item with one member.
 //   launch: grid (n_items, NKV), block 32 * W threads with W in 1..=8 warps, no dynamic
 //           smem. An item's rows M * G must be <= RPW * W (RPW = 4): at most 32 rows.
-//   items  u32 (n_items, 6), row = { table_off, pos_start, pos_end, seq_start,
-//          seq_count, slot }: the item attends positions pos_start..pos_end of the table
-//          at tables + table_off, for the query heads of sequences
+//   items  u32 (n_items, 7), row = { table_off, pos_start, pos_end, seq_start,
+//          seq_count, slot, causal }: the item attends positions pos_start..pos_end of
+//          the table at tables + table_off, for the query heads of sequences
 //          seq_start..seq_start + seq_count; member m writes state slot `slot + m`.
+//          causal > 0 (causal prefill, rows grouped as a query tile): member m sees only
+//          positions below causal + m (a member that sees none writes (0, -inf)).
 //   tables u32: all block tables of the step, concatenated
 //   q      bf16 (B, NH, HS)
 //   states_o   f32 (n_slots, NH, HS)  normalised partial outputs
@@ -71,6 +73,7 @@
 #define TILE 32
 #define RPW 4
 #define MAX_ROWS 32
+#define ITEM_WORDS 7
 
 template <int HS>
 struct Shape {
@@ -110,9 +113,11 @@ __device__ __forceinline__ void load_kv_tile(u32* k_tile, u32* v_tile,
 }
 
 // Online-softmax attention of this warp's rows (warp + k * n_warps for k < rows_per_warp,
-// those below n_rows) over positions pos_start..pos_end of `table`. q_s holds the CTA's
-// query rows as f32 (n_rows, HS). On return o[k] is the lane's 2 * WPL output dims
-// (dims 2 * (lane * WPL + w) and +1) normalised, and lse[k] the natural-log lse.
+// those below n_rows) over positions pos_start..pos_end of `table`; with causal > 0, row
+// r (member r / G) sees only positions below causal + r / G. q_s holds the CTA's query
+// rows as f32 (n_rows, HS). On return o[k] is the lane's 2 * WPL output dims (dims
+// 2 * (lane * WPL + w) and +1) normalised, and lse[k] the natural-log lse (a row that
+// saw no position: o = 0, lse = -inf).
 // Contains __syncthreads: every thread of the CTA must call it.
 template <int HS, int R>
 __device__ __forceinline__ void attend_tiles(float (&o)[R][2 * Shape<HS>::WPL],
@@ -123,7 +128,8 @@ __device__ __forceinline__ void attend_tiles(float (&o)[R][2 * Shape<HS>::WPL],
                                              const bf16_t* __restrict__ v_arena,
                                              const u32* __restrict__ table,
                                              u32 pos_start, u32 pos_end, u32 kvh,
-                                             u32 NKV, u32 BS, float scale) {
+                                             u32 NKV, u32 BS, float scale, u32 causal,
+                                             u32 G) {
     typedef Shape<HS> S;
     const u32 lane = threadIdx.x & 31;
     const u32 warp = threadIdx.x >> 5;
@@ -150,7 +156,11 @@ __device__ __forceinline__ void attend_tiles(float (&o)[R][2 * Shape<HS>::WPL],
         for (int k = 0; k < R; ++k) {
             p[k] = 0.0f;
             const u32 row = warp + k * n_warps;
-            if (row < n_rows) {  // warp-uniform
+            // Warp-uniform: the row exists and sees some position of this tile (causal
+            // rows see a prefix of the positions: once a tile is past the row's limit,
+            // so is every later one, and its p stays 0).
+            const u32 limit = causal > 0 ? causal + row / G : 0xffffffffu;
+            if (row < n_rows && t0 < limit) {
                 const float2* q2 = reinterpret_cast<const float2*>(q_s + row * HS);
                 const u32* kr = k_tile + lane * S::PITCH;
                 float s = 0.0f;
@@ -161,8 +171,9 @@ __device__ __forceinline__ void attend_tiles(float (&o)[R][2 * Shape<HS>::WPL],
                     s = fmaf(qq.x, kk.x, s);
                     s = fmaf(qq.y, kk.y, s);
                 }
-                s = valid ? s * scale_log2 : NEG_INF;
-                // The tile's first position is always valid, so m_new is finite.
+                s = (valid && t0 + lane < limit) ? s * scale_log2 : NEG_INF;
+                // The tile's first position is valid for this row (t0 < limit and
+                // t0 < pos_end), so m_new is finite.
                 const float m_new = fmaxf(m[k], warp_max(s));
                 const float alpha = exp2f(m[k] - m_new);
                 p[k] = exp2f(s - m_new);
@@ -252,7 +263,7 @@ __device__ __forceinline__ void paged_decode(bf16_t* __restrict__ out,
     float lse[1];
     attend_tiles<HS, 1>(o, lse, q_s, G, k_tile, v_tile, k_arena, v_arena,
                         block_tables + (u64)b * ld_table, 0, seq_lens[b], kvh, NKV, BS,
-                        scale);
+                        scale, 0u, G);
     const u32 lane = threadIdx.x & 31;
     const u32 j = threadIdx.x >> 5;
     if (j < G) {
@@ -277,13 +288,14 @@ __device__ __forceinline__ void attention_partial(float* __restrict__ states_o,
     __shared__ float q_s[MAX_ROWS * HS];
     __shared__ u32 k_tile[TILE * S::PITCH];
     __shared__ u32 v_tile[TILE * S::PITCH];
-    const u32* item = items + (u64)blockIdx.x * 6;
+    const u32* item = items + (u64)blockIdx.x * ITEM_WORDS;
     const u32 table_off = item[0];
     const u32 pos_start = item[1];
     const u32 pos_end = item[2];
     const u32 seq_start = item[3];
     const u32 seq_count = item[4];
     const u32 slot = item[5];
+    const u32 causal = item[6];
     const u32 kvh = blockIdx.y;
     const u32 G = NH / NKV;
     const u32 n_rows = min(seq_count * G, min((u32)MAX_ROWS, RPW * (blockDim.x >> 5)));
@@ -291,7 +303,8 @@ __device__ __forceinline__ void attention_partial(float* __restrict__ states_o,
     float o[RPW][2 * S::WPL];
     float lse[RPW];
     attend_tiles<HS, RPW>(o, lse, q_s, n_rows, k_tile, v_tile, k_arena, v_arena,
-                          tables + table_off, pos_start, pos_end, kvh, NKV, BS, scale);
+                          tables + table_off, pos_start, pos_end, kvh, NKV, BS, scale, causal,
+                          G);
     const u32 lane = threadIdx.x & 31;
     const u32 warp = threadIdx.x >> 5;
     const u32 n_warps = blockDim.x >> 5;

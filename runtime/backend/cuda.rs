@@ -387,8 +387,10 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             t,
             &self.m.shape,
             self.n_blocks,
+            // Rows are grouped (one K/V read per group of 32 / G rows); long contexts
+            // split in 512-position pieces, enough CTAs without a flood of states.
             PlanOptions {
-                split: Some(64),
+                split: Some(512),
                 ..PlanOptions::default()
             },
         )?;

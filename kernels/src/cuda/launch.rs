@@ -557,6 +557,9 @@ pub fn check_plan(plan: &WorkPlan) -> Result<Option<u32>, CudaError> {
         if it.pos_start > it.pos_end {
             return Err(bad(format!("item {i}: pos_start > pos_end")));
         }
+        if it.causal.checked_add(it.seq_count).is_none() {
+            return Err(bad(format!("item {i}: the causal limits overflow u32")));
+        }
         let needed = (it.pos_end as usize).div_ceil(plan.block_size);
         let start = it.table_off as usize;
         if start + needed > plan.tables.len() {

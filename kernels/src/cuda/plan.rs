@@ -41,6 +41,10 @@ pub struct PlanPart<'a> {
     pub len: usize,
     /// The query sequences (rows of q, each NH heads) that attend this part.
     pub members: Range<usize>,
+    /// Causal prefill: member i (the i-th of `members`) attends only positions below
+    /// `causal + i` (rows at consecutive positions; `len` is the last member's limit).
+    /// `None`: every member attends all `len` positions.
+    pub causal: Option<usize>,
 }
 
 /// How parts are cut into items.
@@ -62,6 +66,9 @@ impl Default for PlanOptions {
     }
 }
 
+/// u32 words per row of the `items` argument.
+pub const ITEM_WORDS: usize = 7;
+
 /// One `attention_partial` work item (a row of the `items` argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkItem {
@@ -71,11 +78,13 @@ pub struct WorkItem {
     pub seq_start: u32,
     pub seq_count: u32,
     pub slot: u32,
+    /// 0: no mask; else member m attends only positions below `causal + m`.
+    pub causal: u32,
 }
 
 impl WorkItem {
     /// The kernel's row layout.
-    pub fn to_row(self) -> [u32; 6] {
+    pub fn to_row(self) -> [u32; ITEM_WORDS] {
         [
             self.table_off,
             self.pos_start,
@@ -83,7 +92,19 @@ impl WorkItem {
             self.seq_start,
             self.seq_count,
             self.slot,
+            self.causal,
         ]
+    }
+
+    /// The positions member `m` attends: pos_start..pos_end, cut at its causal limit
+    /// (possibly empty).
+    pub fn member_range(&self, m: u32) -> Range<usize> {
+        let end = if self.causal == 0 {
+            self.pos_end
+        } else {
+            self.pos_end.min(self.causal + m)
+        };
+        self.pos_start as usize..(end.max(self.pos_start)) as usize
     }
 }
 
@@ -189,6 +210,13 @@ impl WorkPlan {
                     ),
                 ));
             }
+            if part.causal == Some(0) {
+                return Err(CudaError::bad(
+                    OP,
+                    "parts",
+                    format!("part {i}: a causal limit must be positive"),
+                ));
+            }
             if part.len == 0 || m.is_empty() {
                 continue;
             }
@@ -202,6 +230,15 @@ impl WorkPlan {
                 while s < m.end {
                     let count = chunk.min(m.end - s);
                     let slot = to_u32(OP, "slots", n_slots)?;
+                    // This chunk's first member is member s - m.start of the part.
+                    let causal = match part.causal {
+                        Some(c) => {
+                            // The last member's limit must fit too.
+                            to_u32(OP, "causal", c + (s - m.start) + count)?;
+                            (c + (s - m.start)) as u32
+                        }
+                        None => 0,
+                    };
                     items.push(WorkItem {
                         table_off,
                         pos_start: to_u32(OP, "positions", pos)?,
@@ -209,6 +246,7 @@ impl WorkPlan {
                         seq_start: to_u32(OP, "members", s)?,
                         seq_count: to_u32(OP, "members", count)?,
                         slot,
+                        causal,
                     });
                     for k in 0..count {
                         per_seq[s + k].push(slot + k as u32);
@@ -269,6 +307,7 @@ impl WorkPlan {
                 table: l.block_table,
                 len: l.len,
                 members: l.members.clone(),
+                causal: None,
             })
             .collect();
         parts.extend(
@@ -280,6 +319,7 @@ impl WorkPlan {
                     table: t,
                     len,
                     members: b..b + 1,
+                    causal: None,
                 }),
         );
         Self::build(
@@ -295,6 +335,9 @@ impl WorkPlan {
     /// Causal prefill (the plan of `reference::attention_paged::paged_prefill_attention`):
     /// `n_rows` new rows at positions `pos0..pos0 + n_rows` of one table (their K/V already
     /// in the cache); row r is query "sequence" r and attends positions 0..=pos0 + r.
+    /// Consecutive rows are grouped as many as one item holds (`max_rows / G`), with a
+    /// causal mask per row, so each K/V tile is read once for the whole group (as a
+    /// flash-attention query tile) instead of once per row.
     pub fn causal_prefill(
         table: &[u32],
         pos0: usize,
@@ -304,11 +347,17 @@ impl WorkPlan {
         opts: PlanOptions,
     ) -> Result<WorkPlan, CudaError> {
         check_shape("WorkPlan::causal_prefill", shape)?;
+        let per = (opts.max_rows / shape.group()).max(1);
         let parts: Vec<PlanPart<'_>> = (0..n_rows)
-            .map(|r| PlanPart {
-                table,
-                len: pos0 + r + 1,
-                members: r..r + 1,
+            .step_by(per)
+            .map(|r| {
+                let n = per.min(n_rows - r);
+                PlanPart {
+                    table,
+                    len: pos0 + r + n,
+                    members: r..r + n,
+                    causal: Some(pos0 + r + 1),
+                }
             })
             .collect();
         Self::build(
@@ -321,7 +370,7 @@ impl WorkPlan {
         )
     }
 
-    /// The `items` argument: (n_items, 6) u32, row-major.
+    /// The `items` argument: (n_items, ITEM_WORDS) u32, row-major.
     pub fn item_rows(&self) -> Vec<u32> {
         self.items.iter().flat_map(|it| it.to_row()).collect()
     }
@@ -478,47 +527,48 @@ mod tests {
         }
     }
 
-    /// Runs a plan the way the kernels do, with the reference ops: each item and KV head
-    /// is one `attention_partial` over the item's gathered query rows, then each sequence
-    /// merges its slots.
+    /// Runs a plan the way the kernels do, with the reference ops: each item, KV head and
+    /// member is one `attention_partial` over the member's query heads and its range of
+    /// the item's positions (the causal cut), then each sequence merges its slots.
     fn simulate(plan: &WorkPlan, q: &[f32], k: &[f32], v: &[f32], sh: &PagedShape) -> Vec<f32> {
         let (nh, hs, g) = (sh.n_heads, sh.head_dim, sh.group());
         let mut so = vec![f32::NAN; plan.n_slots * nh * hs];
         let mut sl = vec![f32::NAN; plan.n_slots * nh];
         let scale = 1.0 / (hs as f32).sqrt();
         for it in &plan.items {
-            let rows = it.seq_count as usize * g;
             let table = &plan.tables[it.table_off as usize..];
             for kvh in 0..sh.n_kv_heads {
-                let mut qg = vec![0.0; rows * hs];
-                for r in 0..rows {
-                    let (m, j) = (r / g, r % g);
-                    let src = ((it.seq_start as usize + m) * nh + kvh * g + j) * hs;
-                    qg[r * hs..][..hs].copy_from_slice(&q[src..src + hs]);
-                }
-                let mut o = vec![0.0; rows * hs];
-                let mut lse = vec![0.0; rows];
-                let n_pos = (it.pos_end - it.pos_start) as usize;
-                let mut scores = vec![0.0; rows * n_pos];
-                attention_partial(
-                    &mut o,
-                    &mut lse,
-                    &qg,
-                    k,
-                    v,
-                    table,
-                    it.pos_start as usize..it.pos_end as usize,
-                    kvh,
-                    scale,
-                    &mut scores,
-                    *sh,
-                )
-                .unwrap();
-                for r in 0..rows {
-                    let (m, j) = (r / g, r % g);
-                    let state = (it.slot as usize + m) * nh + kvh * g + j;
-                    so[state * hs..][..hs].copy_from_slice(&o[r * hs..][..hs]);
-                    sl[state] = lse[r];
+                // One reference call per member: its G query heads over its own range
+                // (the item's positions cut at the member's causal limit).
+                for m in 0..it.seq_count as usize {
+                    let range = it.member_range(m as u32);
+                    let mut qg = vec![0.0; g * hs];
+                    for j in 0..g {
+                        let src = ((it.seq_start as usize + m) * nh + kvh * g + j) * hs;
+                        qg[j * hs..][..hs].copy_from_slice(&q[src..src + hs]);
+                    }
+                    let mut o = vec![0.0; g * hs];
+                    let mut lse = vec![0.0; g];
+                    let mut scores = vec![0.0; g * range.len()];
+                    attention_partial(
+                        &mut o,
+                        &mut lse,
+                        &qg,
+                        k,
+                        v,
+                        table,
+                        range,
+                        kvh,
+                        scale,
+                        &mut scores,
+                        *sh,
+                    )
+                    .unwrap();
+                    for j in 0..g {
+                        let state = (it.slot as usize + m) * nh + kvh * g + j;
+                        so[state * hs..][..hs].copy_from_slice(&o[j * hs..][..hs]);
+                        sl[state] = lse[j];
+                    }
                 }
             }
         }
@@ -598,30 +648,66 @@ mod tests {
     #[test]
     fn simulated_prefill_matches_reference() {
         let mut rng = Rng(42);
-        let sh = shape(9, 3, 8, 16);
-        let (pos0, rows) = (19, 17);
-        let table: Vec<u32> = (0..3).rev().collect();
-        let arena = 3 * sh.block_elems();
-        let k: Vec<f32> = (0..arena).map(|_| rng.f32()).collect();
-        let v: Vec<f32> = (0..arena).map(|_| rng.f32()).collect();
-        let q: Vec<f32> = (0..rows * 9 * 8).map(|_| rng.f32()).collect();
-        let plan = WorkPlan::causal_prefill(
-            &table,
-            pos0,
-            rows,
-            &sh,
-            3,
-            PlanOptions {
-                max_rows: 32,
-                split: Some(16),
-            },
-        )
-        .unwrap();
-        let got = simulate(&plan, &q, &k, &v, &sh);
-        let mut want = vec![0.0; got.len()];
-        let mut scratch = vec![0.0; prefill_scratch_len(&sh, pos0, rows)];
-        paged_prefill_attention(&mut want, &q, &k, &v, &table, pos0, sh, &mut scratch).unwrap();
-        assert!(rel_l2(&got, &want) < 1e-5);
+        // (NH, NKV, pos0, rows, max_rows, split): grouped rows with split pieces that lie
+        // wholly past the early rows' limits, one row per item, G = 1, a row count that
+        // is not a multiple of the group, no split.
+        for (nh, nkv, pos0, rows, max_rows, split) in [
+            (9usize, 3usize, 19usize, 17usize, 32usize, Some(16usize)),
+            (9, 3, 0, 17, 3, Some(16)),
+            (4, 4, 5, 40, 32, Some(7)),
+            (8, 2, 0, 33, 32, None),
+            (8, 2, 31, 1, 32, Some(32)),
+        ] {
+            let sh = shape(nh, nkv, 8, 16);
+            let nb = (pos0 + rows).div_ceil(16);
+            let table: Vec<u32> = (0..nb as u32).rev().collect();
+            let arena = nb * sh.block_elems();
+            let k: Vec<f32> = (0..arena).map(|_| rng.f32()).collect();
+            let v: Vec<f32> = (0..arena).map(|_| rng.f32()).collect();
+            let q: Vec<f32> = (0..rows * nh * 8).map(|_| rng.f32()).collect();
+            let opts = PlanOptions { max_rows, split };
+            let plan = WorkPlan::causal_prefill(&table, pos0, rows, &sh, nb, opts).unwrap();
+            check_invariants(&plan, opts);
+            // Rows are grouped: as many items as groups x pieces, not rows x pieces.
+            let per = max_rows / sh.group();
+            let groups = rows.div_ceil(per);
+            let pieces = |len: usize| split.map_or(1, |s| len.div_ceil(s));
+            let expected: usize = (0..groups)
+                .map(|gi| pieces(pos0 + (gi * per + per).min(rows)))
+                .sum();
+            assert_eq!(plan.items.len(), expected, "{nh} {nkv} {pos0} {rows}");
+            let got = simulate(&plan, &q, &k, &v, &sh);
+            let mut want = vec![0.0; got.len()];
+            let mut scratch = vec![0.0; prefill_scratch_len(&sh, pos0, rows)];
+            paged_prefill_attention(&mut want, &q, &k, &v, &table, pos0, sh, &mut scratch).unwrap();
+            let e = rel_l2(&got, &want);
+            assert!(e < 1e-5, "{nh} {nkv} {pos0} {rows}: rel err {e}");
+        }
+    }
+
+    #[test]
+    fn a_causal_limit_cuts_each_members_range() {
+        let it = WorkItem {
+            table_off: 0,
+            pos_start: 16,
+            pos_end: 32,
+            seq_start: 4,
+            seq_count: 3,
+            slot: 0,
+            causal: 15,
+        };
+        assert_eq!(it.member_range(0), 16..16); // limit 15: nothing in 16..32
+        assert_eq!(it.member_range(2), 16..17);
+        let open = WorkItem { causal: 0, ..it };
+        assert_eq!(open.member_range(2), 16..32);
+        let sh = shape(4, 2, 8, 16);
+        let part = PlanPart {
+            table: &[0, 1],
+            len: 20,
+            members: 0..2,
+            causal: Some(0),
+        };
+        assert!(WorkPlan::build(&[part], 2, sh.group(), 16, 2, PlanOptions::default()).is_err());
     }
 
     #[test]

@@ -605,6 +605,61 @@ impl Checks<'_> {
             }
         }
 
+        {
+            use cloudrm_sampler::SamplingParams;
+            let v = if self.quick { 4099 } else { 49152 };
+            let base = SamplingParams::default();
+            let cases: [(&str, SamplingParams); 6] = [
+                ("greedy+penalty1.01", SamplingParams::cloud_critique()),
+                ("T=0.5", SamplingParams::cloud_self_consistency(11)),
+                (
+                    "T=0.8,top_k=50",
+                    SamplingParams {
+                        temperature: 0.8,
+                        top_k: 50,
+                        seed: 12,
+                        ..base.clone()
+                    },
+                ),
+                (
+                    "T=1,top_p=0.9",
+                    SamplingParams {
+                        temperature: 1.0,
+                        top_p: 0.9,
+                        seed: 13,
+                        ..base.clone()
+                    },
+                ),
+                (
+                    "T=1,min_p=0.05,penalty=1.3",
+                    SamplingParams {
+                        temperature: 1.0,
+                        min_p: 0.05,
+                        repetition_penalty: 1.3,
+                        seed: 14,
+                        ..base.clone()
+                    },
+                ),
+                (
+                    "T=0.7,top_k=40,top_p=0.8,min_p=0.01,penalty=1.1",
+                    SamplingParams {
+                        temperature: 0.7,
+                        top_k: 40,
+                        top_p: 0.8,
+                        min_p: 0.01,
+                        repetition_penalty: 1.1,
+                        seed: 15,
+                        ..base.clone()
+                    },
+                ),
+            ];
+            for (name, params) in cases {
+                log.check("a", "sample_f32", &format!("{name},V={v},rows=37"), || {
+                    self.sample(params, 37, v)
+                });
+            }
+        }
+
         for (n, seed) in [(1usize, 3u64), (1_000_003, 0x1234_5678_9abc_def0)] {
             log.check("a", "fill_uniform_bf16", &format!("n={n}"), || {
                 self.fill_uniform(n, seed)
@@ -1089,6 +1144,124 @@ impl Checks<'_> {
         let ms = ms(t0);
         let got = to_f32(&d.download(&out)?);
         Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
+    }
+
+    /// The GPU sampler against cloudrm-sampler's `Sampler` on the same logits, histories
+    /// and Philox counters. Rows 0-2 are the edge cases: all NaN (status 1), all -inf
+    /// (status 2), two +inf (they share the mass). Statuses must match exactly; greedy ids
+    /// exactly; sampled ids may differ only where a coin or threshold falls within
+    /// rounding of a boundary (the GPU sums in a tree, the CPU in index order): at most
+    /// 3 % of the rows. The `seen` scratch must come back all zero.
+    fn sample(
+        &mut self,
+        params: cloudrm_sampler::SamplingParams,
+        rows: usize,
+        v: usize,
+    ) -> CheckResult {
+        use cloudrm_sampler::{Sampler, SamplerError, SeqRng};
+        let mut logits: Vec<f32> = self.rng.f32s(rows * v, 3.0);
+        logits[..v].fill(f32::NAN);
+        logits[v..2 * v].fill(f32::NEG_INFINITY);
+        logits[2 * v + 5] = f32::INFINITY;
+        logits[2 * v + 17] = f32::INFINITY;
+        let mut offsets = vec![0u32];
+        let mut hist = Vec::new();
+        for r in 0..rows {
+            for _ in 0..(r % 7) * 5 {
+                // Repeats on purpose: the penalty applies once per distinct id.
+                hist.push(self.rng.below(v.min(64 + r * 8)) as u32);
+            }
+            offsets.push(hist.len() as u32);
+        }
+        let counters: Vec<u32> = (0..rows as u64)
+            .flat_map(|r| {
+                let (seq, step) = (1000 + r, 3 + 2 * r);
+                [
+                    step as u32,
+                    (step >> 32) as u32,
+                    seq as u32,
+                    (seq >> 32) as u32,
+                ]
+            })
+            .collect();
+        let mut sampler = Sampler::new(params.clone(), v)
+            .map_err(|e| CudaError::bad("sample", "params", e.to_string()))?;
+        let mut want_ids = vec![u32::MAX; rows];
+        let mut want_status = vec![0u32; rows];
+        for r in 0..rows {
+            let mut row = logits[r * v..(r + 1) * v].to_vec();
+            let h = &hist[offsets[r] as usize..offsets[r + 1] as usize];
+            let mut rng = SeqRng::new(params.seed, 1000 + r as u64);
+            rng.set_step(3 + 2 * r as u64);
+            match sampler.sample(&mut row, h, &mut rng) {
+                Ok(t) => want_ids[r] = t,
+                Err(SamplerError::AllNan { .. }) => want_status[r] = 1,
+                Err(SamplerError::AllMasked { .. }) => want_status[r] = 2,
+                Err(e) => return Err(CudaError::bad("sample", "(cpu sampler)", e.to_string())),
+            }
+        }
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let words = v.div_ceil(32);
+        let mut l_d = d.upload(&logits)?;
+        let mut ids_d = d.alloc_zeros::<u32>(rows)?;
+        let mut st_d = d.alloc_zeros::<u32>(rows)?;
+        let mut seen_d = d.alloc_zeros::<u32>(rows * words)?;
+        let (off_d, hist_d, ctr_d) = (
+            d.upload_index(&offsets)?,
+            d.upload_index(&hist)?,
+            d.upload_index(&counters)?,
+        );
+        let gp = cloudrm_kernels::cuda::SampleParams {
+            temperature: params.temperature,
+            top_k: params.top_k as u32,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            seed: params.seed,
+        };
+        let t0 = Instant::now();
+        d.sample(
+            &mut ids_d,
+            &mut st_d,
+            &mut l_d,
+            v,
+            v,
+            &off_d,
+            &hist_d,
+            &mut seen_d,
+            &ctr_d,
+            gp,
+        )?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let (got_ids, got_status) = (d.download(&ids_d)?, d.download(&st_d)?);
+        let seen_left = d.download(&seen_d)?.iter().filter(|&&w| w != 0).count();
+        let status_bad = got_status
+            .iter()
+            .zip(&want_status)
+            .filter(|(a, b)| a != b)
+            .count();
+        if status_bad + seen_left > 0 {
+            return Ok(Outcome::exact(status_bad + seen_left, ms));
+        }
+        let ok_rows: Vec<usize> = (0..rows).filter(|&r| want_status[r] == 0).collect();
+        let differ = ok_rows
+            .iter()
+            .filter(|&&r| got_ids[r] != want_ids[r])
+            .count();
+        if params.is_greedy() {
+            return Ok(Outcome::exact(differ, ms));
+        }
+        let value = differ as f64 / ok_rows.len().max(1) as f64;
+        Ok(Outcome {
+            metric: "disagreement",
+            value,
+            threshold: 0.03,
+            pass: value <= 0.03,
+            ms,
+        })
     }
 
     /// The device-side weight generator of stage (c): bit-exact against

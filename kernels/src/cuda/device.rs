@@ -91,10 +91,11 @@ pub enum Kernel {
     RewardOut,
     Argmax,
     FillUniform,
+    Sample,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 15] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::ResidualRmsNorm,
@@ -110,6 +111,7 @@ impl Kernel {
         Kernel::RewardOut,
         Kernel::Argmax,
         Kernel::FillUniform,
+        Kernel::Sample,
     ];
 
     /// The `extern "C"` name.
@@ -130,6 +132,7 @@ impl Kernel {
             Kernel::RewardOut => "reward_out_f32",
             Kernel::Argmax => "argmax_f32",
             Kernel::FillUniform => "fill_uniform_bf16",
+            Kernel::Sample => "sample_f32",
         }
     }
 
@@ -148,6 +151,7 @@ impl Kernel {
             Kernel::RewardLinear | Kernel::RewardDenseTanh | Kernel::RewardOut => "heads.cu",
             Kernel::Argmax => "argmax.cu",
             Kernel::FillUniform => "init.cu",
+            Kernel::Sample => "sampling.cu",
         }
     }
 
@@ -157,7 +161,10 @@ impl Kernel {
         match self {
             Kernel::RopeQkvPaged => 128,
             // 32 * G with G <= 32; argmax is always 1024.
-            Kernel::PagedDecodeHs64 | Kernel::PagedDecodeHs128 | Kernel::Argmax => 1024,
+            Kernel::PagedDecodeHs64
+            | Kernel::PagedDecodeHs128
+            | Kernel::Argmax
+            | Kernel::Sample => 1024,
             Kernel::MergeStates => 32,
             _ => 256,
         }
@@ -212,6 +219,11 @@ impl Kernel {
             Kernel::Argmax => &[Ptr, Ptr, U32, U32],
             // out, n, seed_lo, seed_hi, scale, offset
             Kernel::FillUniform => &[Ptr, U32, U32, U32, F32, F32],
+            // ids, status, logits, V, ld, hist_offsets, hist_ids, seen, words, counters,
+            // seed_lo, seed_hi, temperature, top_k, top_p_thr, min_p, penalty
+            Kernel::Sample => &[
+                Ptr, Ptr, Ptr, U32, U32, Ptr, Ptr, Ptr, U32, Ptr, U32, U32, F32, U32, F32, F32, F32,
+            ],
         }
     }
 }

@@ -928,6 +928,130 @@ pub fn argmax(ids: Buf, logits: Buf, vocab: usize, ld: usize) -> Spec {
     )
 }
 
+/// The sampling parameters of `sample_f32` (cloudrm-sampler's `SamplingParams`, less
+/// the stop conditions).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    /// 0: greedy (argmax after the penalty).
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: u32,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// 1: off.
+    pub repetition_penalty: f32,
+    /// The Philox key.
+    pub seed: u64,
+}
+
+impl SampleParams {
+    /// The top-p threshold the kernel compares with, computed as the CPU sampler does
+    /// ((1 - top_p as f64) as f32), or -1 when top-p is off.
+    pub fn top_p_threshold(&self) -> f32 {
+        if self.top_p >= 1.0 {
+            -1.0
+        } else {
+            (1.0f64 - f64::from(self.top_p)) as f32
+        }
+    }
+}
+
+/// `sample_f32`: ids and status (B) u32; logits (B, ld) f32 with V <= ld; history CSR
+/// (B + 1 offsets into `hist_ids`, every id < V); seen (B, ceil(V / 32)) u32, all zero;
+/// counters (B, 4) u32.
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    ids: Buf,
+    status: Buf,
+    logits: Buf,
+    vocab: usize,
+    ld: usize,
+    hist_offsets: Idx<'_>,
+    hist_ids: Idx<'_>,
+    seen: Buf,
+    counters: Idx<'_>,
+    p: SampleParams,
+) -> Spec {
+    const OP: &str = "sample";
+    if vocab == 0 || vocab > ld {
+        return Err(CudaError::bad(
+            OP,
+            "ld",
+            format!("V={vocab} must be in 1..=ld={ld}"),
+        ));
+    }
+    let ok = p.temperature.is_finite()
+        && p.temperature >= 0.0
+        && p.top_p > 0.0
+        && p.top_p <= 1.0
+        && p.min_p.is_finite()
+        && (0.0..=1.0).contains(&p.min_p)
+        && p.repetition_penalty.is_finite()
+        && p.repetition_penalty > 0.0;
+    if !ok {
+        return Err(CudaError::bad(
+            OP,
+            "params",
+            format!(
+                "{p:?}: temperature >= 0, top_p in (0, 1], min_p in [0, 1] and a positive penalty required"
+            ),
+        ));
+    }
+    let b = ids.len;
+    check_len(OP, "status", status.len, b)?;
+    check_len(OP, "logits", logits.len, b * ld)?;
+    check_len(OP, "hist_offsets", hist_offsets.len(), b + 1)?;
+    let offs = hist_offsets.host;
+    if offs.first() != Some(&0)
+        || offs.windows(2).any(|w| w[0] > w[1])
+        || offs.last().map(|&x| x as usize) != Some(hist_ids.len())
+    {
+        return Err(CudaError::bad(
+            OP,
+            "hist_offsets",
+            "not a CSR offset list over hist_ids",
+        ));
+    }
+    if let Some(i) = hist_ids.host.iter().position(|&t| t as usize >= vocab) {
+        return Err(CudaError::TokenOutOfRange { position: i, vocab });
+    }
+    let words = vocab.div_ceil(32);
+    check_len(OP, "seen", seen.len, b * words)?;
+    check_len(OP, "counters", counters.len(), 4 * b)?;
+    u32_of(OP, "ld", ld)?;
+    grid_x(OP, b)?;
+    if b == 0 {
+        return Ok(None);
+    }
+    aligned(OP, "counters", counters.addr, 16)?;
+    spec(
+        Kernel::Sample,
+        (b as u32, 1, 1),
+        1024,
+        vec![
+            Arg::Ptr(ids.addr),
+            Arg::Ptr(status.addr),
+            Arg::Ptr(logits.addr),
+            Arg::U32(vocab as u32),
+            Arg::U32(ld as u32),
+            Arg::Ptr(hist_offsets.addr),
+            Arg::Ptr(hist_ids.addr), // never read when the history is empty
+            Arg::Ptr(seen.addr),
+            Arg::U32(words as u32),
+            Arg::Ptr(counters.addr),
+            Arg::U32(p.seed as u32),
+            Arg::U32((p.seed >> 32) as u32),
+            Arg::F32(p.temperature),
+            Arg::U32(p.top_k),
+            Arg::F32(p.top_p_threshold()),
+            Arg::F32(p.min_p),
+            Arg::F32(p.repetition_penalty),
+        ],
+    )
+}
+
 /// `fill_uniform_bf16`: out (n) bf16, n < 2^32; any scale and offset (finite).
 pub fn fill_uniform(out: Buf, seed: u64, scale: f32, offset: f32) -> Spec {
     const OP: &str = "fill_uniform";
@@ -1475,5 +1599,68 @@ mod tests {
         assert!(fill_uniform(buf(0), 1, 1.0, 0.0).unwrap().is_none());
         assert!(fill_uniform(buf(10), 1, f32::NAN, 0.0).is_err());
         assert!(fill_uniform(buf(1 << 32), 1, 1.0, 0.0).is_err());
+    }
+    #[test]
+    fn sample_checks_history_scratch_and_params() {
+        let p = SampleParams {
+            temperature: 0.5,
+            top_k: 0,
+            top_p: 0.9,
+            min_p: 0.0,
+            repetition_penalty: 1.01,
+            seed: 0x0000_0001_0000_0002,
+        };
+        let offs = [0u32, 2, 2, 3];
+        let hist = [5u32, 5, 99];
+        let ctr = [0u32; 12];
+        let run = |p: SampleParams, offs: &[u32], hist: &[u32], seen: usize, v: usize| {
+            sample(
+                buf(3),
+                buf(3),
+                buf(3 * 128),
+                v,
+                128,
+                idx(offs),
+                idx(hist),
+                buf(seen),
+                idx(&ctr),
+                p,
+            )
+        };
+        let s = run(p, &offs, &hist, 3 * 4, 100).unwrap().unwrap();
+        assert_eq!(s.kernel, Kernel::Sample);
+        assert_eq!(s.block, 1024);
+        assert!(matches!(s.args[8], Arg::U32(4)));
+        assert!(matches!(s.args[10], Arg::U32(2)));
+        assert!(matches!(s.args[11], Arg::U32(1)));
+        assert!(matches!(s.args[14], Arg::F32(t) if t == (1.0f64 - 0.9f32 as f64) as f32));
+        // A history id >= V, a broken CSR, the wrong scratch size, bad parameters.
+        assert!(matches!(
+            run(p, &offs, &hist, 3 * 4, 99),
+            Err(CudaError::TokenOutOfRange { position: 2, .. })
+        ));
+        assert!(run(p, &[0, 2, 1, 3], &hist, 12, 100).is_err());
+        assert!(run(p, &[0, 2, 2, 2], &hist, 12, 100).is_err());
+        assert!(run(p, &offs, &hist, 11, 100).is_err());
+        for bad in [
+            SampleParams {
+                temperature: -1.0,
+                ..p
+            },
+            SampleParams { top_p: 0.0, ..p },
+            SampleParams {
+                min_p: f32::NAN,
+                ..p
+            },
+            SampleParams {
+                repetition_penalty: 0.0,
+                ..p
+            },
+        ] {
+            assert!(run(bad, &offs, &hist, 12, 100).is_err(), "{bad:?}");
+        }
+        assert_eq!(SampleParams { top_p: 1.0, ..p }.top_p_threshold(), -1.0);
+        // V above ld.
+        assert!(run(p, &offs, &hist, 3 * 5, 129).is_err());
     }
 }

@@ -28,6 +28,7 @@ mod embedded {
 pub use cudarc;
 pub use device::{CudaDevice, DeviceInfo, IndexBuf, Kernel, Param};
 pub use error::{CudaError, check_len};
+pub use launch::SampleParams;
 pub use nvrtc::{compile_ptx, compile_ptx_cached, ptx_cache_dir};
 pub use ops::{DevicePlan, GemmOut};
 pub use plan::{PlanOptions, PlanPart, WorkItem, WorkPlan};

@@ -455,6 +455,44 @@ impl CudaDevice {
         self.run(launch::argmax(i, l, vocab, ld)?)
     }
 
+    /// `sample_f32`: the next token of each row (cloudrm-sampler's `Sampler::sample`
+    /// semantics and Philox coin), only ids and a status per row come back (0 ok, 1 all
+    /// NaN, 2 nothing above -inf). `logits` (B, ld) is overwritten; `seen` (B,
+    /// ceil(V / 32)) must be all zero and is left all zero; `counters` (B, 4) are the
+    /// Philox counters (step lo/hi, sequence lo/hi); `history` is a CSR list of each
+    /// row's token ids (checked < V on the host).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        ids: &mut impl DevicePtrMut<u32>,
+        status: &mut impl DevicePtrMut<u32>,
+        logits: &mut impl DevicePtrMut<f32>,
+        vocab: usize,
+        ld: usize,
+        hist_offsets: &IndexBuf,
+        hist_ids: &IndexBuf,
+        seen: &mut impl DevicePtrMut<u32>,
+        counters: &IndexBuf,
+        params: launch::SampleParams,
+    ) -> Result<(), CudaError> {
+        let (i, _gi) = wr!(self, ids);
+        let (st, _gs) = wr!(self, status);
+        let (l, _gl) = wr!(self, logits);
+        let (sn, _gn) = wr!(self, seen);
+        self.run(launch::sample(
+            i,
+            st,
+            l,
+            vocab,
+            ld,
+            hist_offsets.idx(self),
+            hist_ids.idx(self),
+            sn,
+            counters.idx(self),
+            params,
+        )?)
+    }
+
     /// `fill_uniform_bf16`: out[i] = bf16(offset + scale * (2u_i - 1)), u_i in [0, 1) a
     /// counter-based hash of (seed, i) (as `reference::init::fill_uniform_bf16` with
     /// first = 0, bit for bit).

@@ -1543,6 +1543,21 @@ impl Checks<'_> {
                 .map_err(model_err)?
                 .to_vec();
             let want_ids = argmax_rows(&want, v);
+            // The untrained reward head (the default model's), on the last position.
+            let head = crate::model::RewardHead::untrained(
+                model.config.hidden_size,
+                crate::model::UNTRAINED_HEAD_SEED,
+            );
+            let head_w = head.view(&model.weights);
+            let mut want_reward = [0.0f32];
+            let mut head_scratch = vec![0.0; model.config.hidden_size];
+            cloudrm_kernels::reference::heads::reward_head_forward(
+                &mut want_reward,
+                sess.last_hidden(),
+                &head_w,
+                &mut head_scratch,
+            )
+            .map_err(kernel_err)?;
             // CPU greedy continuations: tokens (first + DECODE_STEPS) and the logits of
             // every step, per sequence.
             let mut cpu_toks: Vec<Vec<u32>> = Vec::with_capacity(k);
@@ -1569,6 +1584,7 @@ impl Checks<'_> {
                 return Ok(vec![
                     ("llama_prefill(logits)", Ok(Outcome::dry())),
                     ("llama_prefill(greedy ids)", Ok(Outcome::dry())),
+                    ("llama_prefill(reward)", Ok(Outcome::dry())),
                     ("llama_decode_shared(logits)", Ok(Outcome::dry())),
                     ("llama_decode_shared(greedy ids)", Ok(Outcome::dry())),
                     ("llama_greedy_32", Ok(Outcome::dry())),
@@ -1577,8 +1593,18 @@ impl Checks<'_> {
             let g = crate::backend::cuda::CudaLlama::upload(d, &model)?;
             let mut out: Vec<(&'static str, CheckResult)> = Vec::new();
             let t0 = Instant::now();
-            match g.prefill_logits(&ids) {
-                Ok((logits, got_ids)) => {
+            let prefill = (|| {
+                use crate::backend::cuda::{CudaRewardHead, CudaSession};
+                let nb = t.div_ceil(g.shape().block_size);
+                let mut s = CudaSession::new(&g, t, t, nb)?;
+                let table: Vec<u32> = (0..nb as u32).collect();
+                s.prefill(&table, 0, &ids, true)?;
+                let head_d = CudaRewardHead::upload(d, &head_w)?;
+                let r = s.rewards(&head_d, &[t as u32 - 1])?;
+                Ok::<_, CudaError>((s.logits(t)?, s.argmax(t)?, r))
+            })();
+            match prefill {
+                Ok((logits, got_ids, reward)) => {
                     let ms = ms(t0);
                     out.push((
                         "llama_prefill(logits)",
@@ -1587,6 +1613,17 @@ impl Checks<'_> {
                     out.push((
                         "llama_prefill(greedy ids)",
                         Ok(disagreement(&got_ids, &want_ids, ms)),
+                    ));
+                    let diff = (reward[0] as f64 - want_reward[0] as f64).abs();
+                    out.push((
+                        "llama_prefill(reward)",
+                        Ok(Outcome {
+                            metric: "abs_diff",
+                            value: if diff.is_nan() { f64::INFINITY } else { diff },
+                            threshold: REWARD_TOL,
+                            pass: diff < REWARD_TOL,
+                            ms,
+                        }),
                     ));
                 }
                 Err(e) => out.push(("llama_prefill", Err(e))),
@@ -1630,6 +1667,8 @@ impl Checks<'_> {
     }
 }
 
+/// Stage (b): the largest |GPU reward - CPU reward| (the 1e-2).
+pub const REWARD_TOL: f64 = 1e-2;
 /// Tokens past the first that stage (b) decodes per sequence (32 tokens in all).
 const DECODE_STEPS: usize = 31;
 /// Stage (b) greedy: a divergence counts as a near tie when the CPU's margin is below
@@ -1911,7 +1950,7 @@ mod tests {
     /// roundings (normed rows, QKV, rotated q/k, attention output, projections, SwiGLU)
     /// emulated with the CPU kernels, against the CPU model. Shows that the stage (b)
     /// thresholds hold for a correct GPU forward. Returns (logits rel. L2, disagreement).
-    fn emulate_stage_b(layers: usize, t: usize) -> (f64, f64) {
+    fn emulate_stage_b(layers: usize, t: usize) -> (f64, f64, f64) {
         use cloudrm_kernels::cpu;
         use cloudrm_kernels::reference::attention::{AttnShape, attention_forward};
         let dir = std::env::temp_dir().join(format!(
@@ -1997,6 +2036,40 @@ mod tests {
         }
         let mut logits = vec![0.0; t * v];
         cpu::matmul_forward(&mut logits, &xn, w.get(&w.lm_head), None, c, v).unwrap();
+        // The untrained reward head at the last position: f32 weights and hidden on the
+        // CPU; bf16 weights (as uploaded) and the bf16 hidden on the GPU.
+        let head = crate::model::RewardHead::untrained(c, crate::model::UNTRAINED_HEAD_SEED);
+        let crate::model::RewardHead::Untrained {
+            dense_w,
+            dense_b,
+            out_w,
+            out_b,
+        } = &head
+        else {
+            unreachable!("untrained heads are dense-tanh")
+        };
+        let reward = |h: &[f32], dw: &[f32], ow: &[f32]| -> f64 {
+            let mut r = [0.0f32];
+            let mut z = vec![0.0; c];
+            cloudrm_kernels::reference::heads::reward_head_forward(
+                &mut r,
+                h,
+                &cloudrm_kernels::reference::heads::RewardHeadWeights::DenseTanh {
+                    dense_w: Weights::F32(dw),
+                    dense_b,
+                    out_w: Weights::F32(ow),
+                    out_b: *out_b,
+                },
+                &mut z,
+            )
+            .unwrap();
+            r[0] as f64
+        };
+        let want_r = reward(sess.last_hidden(), dense_w, out_w);
+        let (mut dw, mut ow) = (dense_w.clone(), out_w.clone());
+        round_bf16(&mut dw);
+        round_bf16(&mut ow);
+        let got_r = reward(&xn[(t - 1) * c..], &dw, &ow);
         drop(model);
         std::fs::remove_dir_all(&dir).ok();
         let am = |l: &[f32]| -> Vec<Option<usize>> {
@@ -2008,14 +2081,15 @@ mod tests {
             .filter(|(a, b)| **a != *b)
             .count() as f64
             / t as f64;
-        (rel_l2(&logits, &want), disagree)
+        (rel_l2(&logits, &want), disagree, (got_r - want_r).abs())
     }
 
     #[test]
     fn stage_b_thresholds_hold_for_bf16_activations() {
-        let (e, d) = emulate_stage_b(2, 17);
-        println!("2 layers: logits rel L2 {e:.3e}, disagreement {d:.3}");
+        let (e, d, r) = emulate_stage_b(2, 17);
+        println!("2 layers: logits rel L2 {e:.3e}, disagreement {d:.3}, reward diff {r:.2e}");
         assert!(e < REL_L2_MODEL / 2.0 && d <= MAX_DISAGREEMENT, "{e} {d}");
+        assert!(r < REWARD_TOL / 2.0, "{r}");
     }
 
     /// The default model's depth (about 10 s on 2 cores): run with --ignored. Seen
@@ -2023,8 +2097,9 @@ mod tests {
     #[test]
     #[ignore]
     fn stage_b_thresholds_hold_for_bf16_activations_30_layers() {
-        let (e, d) = emulate_stage_b(30, 37);
-        println!("30 layers: logits rel L2 {e:.3e}, disagreement {d:.3}");
+        let (e, d, r) = emulate_stage_b(30, 37);
+        println!("30 layers: logits rel L2 {e:.3e}, disagreement {d:.3}, reward diff {r:.2e}");
         assert!(e < REL_L2_MODEL && d <= MAX_DISAGREEMENT, "{e} {d}");
+        assert!(r < REWARD_TOL, "{r}");
     }
 }

@@ -29,6 +29,7 @@ use cloudrm_kernels::Weights;
 use cloudrm_kernels::cuda::cudarc::driver::CudaSlice;
 use cloudrm_kernels::cuda::{CudaDevice, CudaError, PlanOptions, WorkPlan, check_len};
 use cloudrm_kernels::reference::attention_paged::{Level, PagedShape};
+use cloudrm_kernels::reference::heads::RewardHeadWeights;
 use cloudrm_loader::LlamaConfig;
 use half::bf16;
 
@@ -264,6 +265,42 @@ impl<'d> CudaLlama<'d> {
     }
 }
 
+/// A reward head on the device (bf16 weights, f32 biases).
+pub enum CudaRewardHead {
+    /// r = w . h + b
+    Linear { w: CudaSlice<bf16>, b: f32 },
+    /// r = w_out . tanh(W_dense h + b_dense) + b_out
+    DenseTanh {
+        dense_w: CudaSlice<bf16>,
+        dense_b: CudaSlice<f32>,
+        out_w: CudaSlice<bf16>,
+        out_b: f32,
+    },
+}
+
+impl CudaRewardHead {
+    /// Uploads a reward head (its weights rounded to bf16).
+    pub fn upload(dev: &CudaDevice, head: &RewardHeadWeights<'_>) -> Result<Self, CudaError> {
+        Ok(match head {
+            RewardHeadWeights::Linear { w, b } => CudaRewardHead::Linear {
+                w: dev.upload(&to_bf16(*w))?,
+                b: *b,
+            },
+            RewardHeadWeights::DenseTanh {
+                dense_w,
+                dense_b,
+                out_w,
+                out_b,
+            } => CudaRewardHead::DenseTanh {
+                dense_w: dev.upload(&to_bf16(*dense_w))?,
+                dense_b: dev.upload(dense_b)?,
+                out_w: dev.upload(&to_bf16(*out_w))?,
+                out_b: *out_b,
+            },
+        })
+    }
+}
+
 /// The rows of one forward call: token ids at positions, each of a sequence whose block
 /// table is a row of `tables`.
 #[derive(Debug, Clone, Copy)]
@@ -310,6 +347,8 @@ pub struct CudaSession<'m, 'd> {
     ids: CudaSlice<u32>,
     /// Rows of `logits` / `ids` the last forward wrote.
     n_logits: usize,
+    /// Rows of the last forward (their final-normed hidden states are in `xn`).
+    last_rows: usize,
 }
 
 impl<'m, 'd> CudaSession<'m, 'd> {
@@ -363,6 +402,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             logits: d.alloc_zeros(max_logit_rows.max(1) * v)?,
             ids: d.alloc_zeros(max_logit_rows.max(1))?,
             n_logits: 0,
+            last_rows: 0,
         })
     }
 
@@ -457,6 +497,9 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         let (c, inter, v) = (m.c, m.inter, m.vocab);
         let (nh, nkv, hs) = (sh.n_heads, sh.n_kv_heads, sh.head_dim);
         let qkv_w = (nh + 2 * nkv) * hs;
+        // Nothing of an earlier forward may be read once this one starts.
+        self.n_logits = 0;
+        self.last_rows = 0;
 
         let ids_d = d.upload_index(rows.ids)?;
         let pos_d = d.upload_index(rows.positions)?;
@@ -518,6 +561,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         }
         let n = logit_rows.len();
         self.n_logits = n;
+        self.last_rows = t;
         if n > 0 {
             let lm = m.lm_head.as_ref().unwrap_or(&m.embed);
             let hidden = xn.slice(logit_rows.start * c..logit_rows.end * c);
@@ -664,6 +708,44 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             }
         }
         Ok(out)
+    }
+
+    /// The dual head's reward half: rewards of rows `rows` of the last forward (their
+    /// final-normed hidden states, which the LM head read too: no second pass), e.g. the
+    /// rows that just fed their end-of-turn token (synchronises).
+    pub fn rewards(&self, head: &CudaRewardHead, rows: &[u32]) -> Result<Vec<f32>, CudaError> {
+        const OP: &str = "CudaSession::rewards";
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= self.last_rows) {
+            return Err(CudaError::bad(
+                OP,
+                "rows",
+                format!("row {r}; the last forward had {} rows", self.last_rows),
+            ));
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let d = self.m.dev;
+        let c = self.m.c;
+        let rows_d = d.upload_index(rows)?;
+        let hidden = self.xn.slice(0..self.last_rows * c);
+        let mut out = d.alloc_zeros::<f32>(rows.len())?;
+        match head {
+            CudaRewardHead::Linear { w, b } => {
+                d.reward_linear(&mut out, &hidden, c, Some(&rows_d), w, *b)?;
+            }
+            CudaRewardHead::DenseTanh {
+                dense_w,
+                dense_b,
+                out_w,
+                out_b,
+            } => {
+                let mut z = d.alloc_zeros::<f32>(rows.len() * c)?;
+                d.reward_dense_tanh(&mut z, &hidden, c, Some(&rows_d), dense_w, dense_b)?;
+                d.reward_out(&mut out, &z, out_w, *out_b)?;
+            }
+        }
+        d.download(&out)
     }
 
     /// The first `n` rows of logits of the last forward, (n, V) f32 (synchronises).

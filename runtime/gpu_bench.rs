@@ -7,7 +7,8 @@
 //!   as `generate` and llama.cpp do), tokens/s;
 //! - `decode`: single-stream greedy decode of `decode` tokens after a 1-token prompt,
 //!   tokens/s and its fraction of the roofline (bandwidth / weight bytes per token);
-//! - `k16`: K critiques of exactly `critique` tokens (EOS ignored, greedy) after a
+//! - `k16`: K critiques of exactly `critique` tokens (EOS ignored, sampled on the GPU at
+//!   T = 0.5, CLoud's self-consistency setting) after a
 //!   `prefix`-token shared prompt: prefill once, then the cascade decode (the prefix's
 //!   K/V read once per step for all K); wall time, aggregate tokens/s, and the decode
 //!   steps' fraction of their roofline ((weight bytes + K/V bytes each step must read) /
@@ -18,7 +19,7 @@
 
 use std::time::Instant;
 
-use cloudrm_kernels::cuda::{CudaDevice, CudaError};
+use cloudrm_kernels::cuda::{CudaDevice, CudaError, SampleParams};
 use cloudrm_loader::LlamaConfig;
 use serde_json::{Value, json};
 
@@ -236,6 +237,17 @@ pub fn run(
         let firsts = vec![first[0]; spec.k];
         let steps = spec.critique.saturating_sub(1);
         let k = spec.k;
+        // Sampled on the GPU, as CLoud's self-consistency critiques (T = 0.5): each
+        // sequence its own Philox stream, only ids read back.
+        let params = SampleParams {
+            temperature: 0.5,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed,
+        };
+        let no_history: Vec<&[u32]> = vec![&[]; k];
         let t = Instant::now();
         sess.decode_shared(
             &ptable,
@@ -244,7 +256,10 @@ pub fn run(
             steps,
             &free,
             Some(256),
-            |_, s| s.argmax(k),
+            |s, se| {
+                let draws: Vec<(u64, u64)> = (0..k as u64).map(|j| (j, s as u64 + 1)).collect();
+                se.sample(params, &no_history, &draws)
+            },
         )?;
         Ok((prefill_s, secs(t)))
     })();

@@ -27,7 +27,9 @@
 
 use cloudrm_kernels::Weights;
 use cloudrm_kernels::cuda::cudarc::driver::CudaSlice;
-use cloudrm_kernels::cuda::{CudaDevice, CudaError, PlanOptions, WorkPlan, check_len};
+use cloudrm_kernels::cuda::{
+    CudaDevice, CudaError, PlanOptions, SampleParams, WorkPlan, check_len,
+};
 use cloudrm_kernels::reference::attention_paged::{Level, PagedShape};
 use cloudrm_kernels::reference::heads::RewardHeadWeights;
 use cloudrm_loader::LlamaConfig;
@@ -349,6 +351,9 @@ pub struct CudaSession<'m, 'd> {
     n_logits: usize,
     /// Rows of the last forward (their final-normed hidden states are in `xn`).
     last_rows: usize,
+    /// The sampler's per-row bitmap (max_logit_rows, ceil(V / 32)), all zero between
+    /// calls; allocated at the first `sample`.
+    seen: Option<CudaSlice<u32>>,
 }
 
 impl<'m, 'd> CudaSession<'m, 'd> {
@@ -403,6 +408,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             ids: d.alloc_zeros(max_logit_rows.max(1))?,
             n_logits: 0,
             last_rows: 0,
+            seen: None,
         })
     }
 
@@ -605,8 +611,8 @@ impl<'m, 'd> CudaSession<'m, 'd> {
     /// plan reads the prefix's whole blocks once per step for all K; a partly filled last
     /// prefix block is copied into each sequence's first own block. Sequence j is fed
     /// `first[j]` at position `prefix_len`; after forward s (of `steps`) the next K
-    /// tokens are `next(s, self)` (greedy: `|_, s| s.argmax(k)`; teacher forcing: read
-    /// `s.logits(k)` and return the forced tokens). Returns each sequence's tokens
+    /// tokens are `next(s, self)` (greedy: `|_, s| s.argmax(k)`; sampling: `s.sample(..)`;
+    /// teacher forcing: read `s.logits(k)` and return the forced tokens). Returns each sequence's tokens
     /// (first[j], then the `steps` fed after it). Own blocks are taken, in order, from
     /// `free` (ids outside the prefix's whole blocks).
     #[allow(clippy::too_many_arguments)]
@@ -618,7 +624,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         steps: usize,
         free: &[u32],
         split: Option<usize>,
-        mut next: impl FnMut(usize, &Self) -> Result<Vec<u32>, CudaError>,
+        mut next: impl FnMut(usize, &mut Self) -> Result<Vec<u32>, CudaError>,
     ) -> Result<Vec<Vec<u32>>, CudaError> {
         const OP: &str = "CudaSession::decode_shared";
         let k = first.len();
@@ -708,6 +714,88 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             }
         }
         Ok(out)
+    }
+
+    /// Samples the next token of each of the first `draws.len()` logit rows of the last
+    /// forward on the GPU (`sample_f32`: cloudrm-sampler's semantics and Philox coin);
+    /// only the ids come back. `histories[j]` are the ids row j penalises (empty without
+    /// a repetition penalty), `draws[j]` = (sequence, step) of its Philox draw. The
+    /// logits are consumed (overwritten). A row left with nothing to sample is an error.
+    pub fn sample(
+        &mut self,
+        params: SampleParams,
+        histories: &[&[u32]],
+        draws: &[(u64, u64)],
+    ) -> Result<Vec<u32>, CudaError> {
+        const OP: &str = "CudaSession::sample";
+        let n = draws.len();
+        self.check_logit_rows(OP, n)?;
+        check_len(OP, "histories", histories.len(), n)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let d = self.m.dev;
+        let v = self.m.vocab;
+        let words = v.div_ceil(32);
+        if self
+            .seen
+            .as_ref()
+            .is_none_or(|s| s.len() < self.max_logit_rows * words)
+        {
+            self.seen = Some(d.alloc_zeros::<u32>(self.max_logit_rows.max(1) * words)?);
+        }
+        let mut offsets = Vec::with_capacity(n + 1);
+        offsets.push(0u32);
+        let mut ids: Vec<u32> = Vec::new();
+        for h in histories {
+            ids.extend_from_slice(h);
+            offsets.push(ids.len() as u32);
+        }
+        let counters: Vec<u32> = draws
+            .iter()
+            .flat_map(|&(seq, step)| {
+                [
+                    step as u32,
+                    (step >> 32) as u32,
+                    seq as u32,
+                    (seq >> 32) as u32,
+                ]
+            })
+            .collect();
+        let (off_d, hist_d, ctr_d) = (
+            d.upload_index(&offsets)?,
+            d.upload_index(&ids)?,
+            d.upload_index(&counters)?,
+        );
+        let mut status = d.alloc_zeros::<u32>(n)?;
+        let seen = self.seen.as_mut().expect("allocated above");
+        let mut seen_v = seen.slice_mut(0..n * words);
+        let mut out = self.ids.slice_mut(0..n);
+        let mut logits = self.logits.slice_mut(0..n * v);
+        d.sample(
+            &mut out,
+            &mut status,
+            &mut logits,
+            v,
+            v,
+            &off_d,
+            &hist_d,
+            &mut seen_v,
+            &ctr_d,
+            params,
+        )?;
+        let st = d.download(&status)?;
+        if let Some((j, &s)) = st.iter().enumerate().find(|&(_, &s)| s != 0) {
+            let why = if s == 1 {
+                "every logit is NaN"
+            } else {
+                "no token is left above -inf"
+            };
+            return Err(CudaError::bad(OP, "logits", format!("row {j}: {why}")));
+        }
+        // The logits are scratch now; the ids are the sampled tokens.
+        self.n_logits = 0;
+        d.download(&self.ids.slice(0..n))
     }
 
     /// The dual head's reward half: rewards of rows `rows` of the last forward (their

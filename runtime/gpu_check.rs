@@ -1580,6 +1580,37 @@ impl Checks<'_> {
                 cpu_toks.push(toks);
                 cpu_logits.push(rows);
             }
+            // The CLoud critique setting (greedy, repetition penalty 1.01 over the prompt
+            // and the tokens so far) through cloudrm-sampler: tokens and penalised logits.
+            let critique = cloudrm_sampler::SamplingParams::cloud_critique();
+            let mut sampler = cloudrm_sampler::Sampler::new(critique, v)
+                .map_err(|e| CudaError::bad("stage b", "(sampler)", e.to_string()))?;
+            let mut pen_toks: Vec<Vec<u32>> = Vec::with_capacity(k);
+            let mut pen_logits: Vec<Vec<Vec<f32>>> = Vec::with_capacity(k);
+            for (j, &f) in first.iter().enumerate() {
+                let mut s = model.new_session(t + DECODE_STEPS + 1, t);
+                model
+                    .forward(&cpu, &mut s, &ids, crate::model::LogitsMode::None)
+                    .map_err(model_err)?;
+                let mut hist = ids.clone();
+                hist.push(f);
+                let mut rng = cloudrm_sampler::SeqRng::new(0, j as u64);
+                let mut rows = Vec::with_capacity(DECODE_STEPS);
+                for _ in 0..DECODE_STEPS {
+                    let tok = *hist.last().unwrap_or(&f);
+                    let mut l = model
+                        .forward(&cpu, &mut s, &[tok], crate::model::LogitsMode::Last)
+                        .map_err(model_err)?
+                        .to_vec();
+                    let next = sampler
+                        .sample(&mut l, &hist, &mut rng)
+                        .map_err(|e| CudaError::bad("stage b", "(sampler)", e.to_string()))?;
+                    hist.push(next);
+                    rows.push(l);
+                }
+                pen_toks.push(hist[t..].to_vec());
+                pen_logits.push(rows);
+            }
             let Some(d) = self.dev else {
                 return Ok(vec![
                     ("llama_prefill(logits)", Ok(Outcome::dry())),
@@ -1588,6 +1619,10 @@ impl Checks<'_> {
                     ("llama_decode_shared(logits)", Ok(Outcome::dry())),
                     ("llama_decode_shared(greedy ids)", Ok(Outcome::dry())),
                     ("llama_greedy_32", Ok(Outcome::dry())),
+                    (
+                        "llama_critique_32(GPU sampler, penalty 1.01)",
+                        Ok(Outcome::dry()),
+                    ),
                 ]);
             };
             let g = crate::backend::cuda::CudaLlama::upload(d, &model)?;
@@ -1628,7 +1663,7 @@ impl Checks<'_> {
                 }
                 Err(e) => out.push(("llama_prefill", Err(e))),
             }
-            let (forced, greedy) = gpu_decode_shared(&g, &ids, &first, &cpu_toks);
+            let (forced, greedy, sampled) = gpu_decode_shared(&g, &ids, &first, &cpu_toks);
             match forced {
                 Ok((logits, ms)) => {
                     // Step-major, as the GPU wrote them.
@@ -1654,6 +1689,18 @@ impl Checks<'_> {
                         .iter()
                         .zip(&cpu_toks)
                         .zip(&cpu_logits)
+                        .filter(|((got, want), rows)| !same_or_near_tie(got, want, rows))
+                        .count();
+                    Outcome::exact(off_tie, ms)
+                }),
+            ));
+            out.push((
+                "llama_critique_32(GPU sampler, penalty 1.01)",
+                sampled.map(|(toks, ms)| {
+                    let off_tie = toks
+                        .iter()
+                        .zip(&pen_toks)
+                        .zip(&pen_logits)
                         .filter(|((got, want), rows)| !same_or_near_tie(got, want, rows))
                         .count();
                     Outcome::exact(off_tie, ms)
@@ -1720,7 +1767,9 @@ fn same_or_near_tie(got: &[u32], want: &[u32], rows: &[Vec<f32>]) -> bool {
 
 /// Stage (b) on the GPU: prefill `prompt` once, then (1) K sequences teacher-forced
 /// through `cpu_toks` (the logits of every step, step-major, and the ms), (2) the same K
-/// decoded greedily (their tokens and the ms).
+/// decoded greedily (their tokens and the ms), (3) the same K decoded by the GPU sampler
+/// in the CLoud critique setting (greedy, repetition penalty 1.01 over the prompt and
+/// the tokens so far).
 #[allow(clippy::type_complexity)]
 fn gpu_decode_shared(
     g: &crate::backend::cuda::CudaLlama<'_>,
@@ -1729,6 +1778,7 @@ fn gpu_decode_shared(
     cpu_toks: &[Vec<u32>],
 ) -> (
     std::result::Result<(Vec<f32>, f64), CudaError>,
+    std::result::Result<(Vec<Vec<u32>>, f64), CudaError>,
     std::result::Result<(Vec<Vec<u32>>, f64), CudaError>,
 ) {
     use crate::backend::cuda::CudaSession;
@@ -1745,8 +1795,8 @@ fn gpu_decode_shared(
     {
         Ok(s) => s,
         Err(e) => {
-            let again = CudaError::bad("stage b", "(session)", e.to_string());
-            return (Err(e), Err(again));
+            let again = || CudaError::bad("stage b", "(session)", e.to_string());
+            return (Err(again()), Err(again()), Err(again()));
         }
     };
     let t0 = Instant::now();
@@ -1763,7 +1813,35 @@ fn gpu_decode_shared(
             se.argmax(k)
         })
         .map(|toks| (toks, ms(t0)));
-    (forced, greedy)
+    let params = cloudrm_kernels::cuda::SampleParams {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty: 1.01,
+        seed: 0,
+    };
+    let mut hist: Vec<Vec<u32>> = first
+        .iter()
+        .map(|&f| {
+            let mut h = prompt.to_vec();
+            h.push(f);
+            h
+        })
+        .collect();
+    let t0 = Instant::now();
+    let sampled = sess
+        .decode_shared(&table, t, first, DECODE_STEPS, &free, Some(64), |s, se| {
+            let refs: Vec<&[u32]> = hist.iter().map(|h| h.as_slice()).collect();
+            let draws: Vec<(u64, u64)> = (0..k as u64).map(|j| (j, s as u64)).collect();
+            let next = se.sample(params, &refs, &draws)?;
+            for (h, &n) in hist.iter_mut().zip(&next) {
+                h.push(n);
+            }
+            Ok(next)
+        })
+        .map(|toks| (toks, ms(t0)));
+    (forced, greedy, sampled)
 }
 
 /// Writes a seeded random Llama in SmolLM2-135M's shape with `layers` layers (bf16,

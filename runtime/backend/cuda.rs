@@ -28,7 +28,7 @@
 use cloudrm_kernels::Weights;
 use cloudrm_kernels::cuda::cudarc::driver::CudaSlice;
 use cloudrm_kernels::cuda::{
-    CudaDevice, CudaError, PlanOptions, SampleParams, WorkPlan, check_len,
+    CudaDevice, CudaError, DevicePlan, IndexBuf, PlanOptions, SampleParams, WorkPlan, check_len,
 };
 use cloudrm_kernels::reference::attention_paged::{Level, PagedShape};
 use cloudrm_kernels::reference::heads::RewardHeadWeights;
@@ -354,6 +354,17 @@ pub struct CudaSession<'m, 'd> {
     /// The sampler's per-row bitmap (max_logit_rows, ceil(V / 32)), all zero between
     /// calls; allocated at the first `sample`.
     seen: Option<CudaSlice<u32>>,
+    /// (max_logit_rows) the sampler's per-row status
+    status: CudaSlice<u32>,
+    /// Per-step index buffers (refilled in place) and the attention plan.
+    ids_d: IndexBuf,
+    pos_d: IndexBuf,
+    seq_d: IndexBuf,
+    table_d: IndexBuf,
+    plan_d: Option<DevicePlan>,
+    hist_off_d: IndexBuf,
+    hist_d: IndexBuf,
+    ctr_d: IndexBuf,
 }
 
 impl<'m, 'd> CudaSession<'m, 'd> {
@@ -409,6 +420,15 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             n_logits: 0,
             last_rows: 0,
             seen: None,
+            status: d.alloc_zeros(max_logit_rows.max(1))?,
+            ids_d: d.upload_index(&[])?,
+            pos_d: d.upload_index(&[])?,
+            seq_d: d.upload_index(&[])?,
+            table_d: d.upload_index(&[])?,
+            plan_d: None,
+            hist_off_d: d.upload_index(&[])?,
+            hist_d: d.upload_index(&[])?,
+            ctr_d: d.upload_index(&[])?,
         })
     }
 
@@ -507,16 +527,25 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         self.n_logits = 0;
         self.last_rows = 0;
 
-        let ids_d = d.upload_index(rows.ids)?;
-        let pos_d = d.upload_index(rows.positions)?;
-        let seq_d = d.upload_index(rows.seqs)?;
-        let table_d = d.upload_index(rows.tables)?;
+        // The step's index buffers and plan reuse their device allocations (nothing is
+        // allocated per step once the largest step has been seen).
+        d.refill_index(&mut self.ids_d, rows.ids)?;
+        d.refill_index(&mut self.pos_d, rows.positions)?;
+        d.refill_index(&mut self.seq_d, rows.seqs)?;
+        d.refill_index(&mut self.table_d, rows.tables)?;
         let n_states = plan.n_slots.max(1) * nh;
         if self.states_lse.len() < n_states {
             self.states_o = d.alloc_zeros(n_states * hs)?;
             self.states_lse = d.alloc_zeros(n_states)?;
         }
-        let plan_d = d.upload_plan(plan)?;
+        match &mut self.plan_d {
+            Some(p) => d.refill_plan(p, plan)?,
+            None => self.plan_d = Some(d.upload_plan(plan)?),
+        }
+        let Some(plan_d) = self.plan_d.as_ref() else {
+            unreachable!("set above")
+        };
+        let (ids_d, pos_d, seq_d, table_d) = (&self.ids_d, &self.pos_d, &self.seq_d, &self.table_d);
 
         let mut x = self.x.slice_mut(0..t * c);
         let mut xn = self.xn.slice_mut(0..t * c);
@@ -527,7 +556,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         let mut gu = self.gu.slice_mut(0..t * 2 * inter);
         let mut act = self.act.slice_mut(0..t * inter);
 
-        d.embedding(&mut x, &m.embed, &ids_d, c)?;
+        d.embedding(&mut x, &m.embed, ids_d, c)?;
         d.rmsnorm(&mut xn, &x, &m.layers[0].attn_norm, m.eps)?;
         for (l, lw) in m.layers.iter().enumerate() {
             d.gemm_bf16(&mut qkv, &xn, &lw.wqkv, t, qkv_w, c)?;
@@ -536,9 +565,9 @@ impl<'m, 'd> CudaSession<'m, 'd> {
                 &mut self.k_cache[l],
                 &mut self.v_cache[l],
                 &qkv,
-                &pos_d,
-                &seq_d,
-                &table_d,
+                pos_d,
+                seq_d,
+                table_d,
                 rows.ld_table,
                 &m.inv_freq,
                 qkv_w,
@@ -549,7 +578,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
                 &q,
                 &self.k_cache[l],
                 &self.v_cache[l],
-                &plan_d,
+                plan_d,
                 &mut self.states_o,
                 &mut self.states_lse,
                 sh,
@@ -762,14 +791,14 @@ impl<'m, 'd> CudaSession<'m, 'd> {
                 ]
             })
             .collect();
-        let (off_d, hist_d, ctr_d) = (
-            d.upload_index(&offsets)?,
-            d.upload_index(&ids)?,
-            d.upload_index(&counters)?,
-        );
-        let mut status = d.alloc_zeros::<u32>(n)?;
-        let seen = self.seen.as_mut().expect("allocated above");
+        d.refill_index(&mut self.hist_off_d, &offsets)?;
+        d.refill_index(&mut self.hist_d, &ids)?;
+        d.refill_index(&mut self.ctr_d, &counters)?;
+        let Some(seen) = self.seen.as_mut() else {
+            unreachable!("allocated above")
+        };
         let mut seen_v = seen.slice_mut(0..n * words);
+        let mut status = self.status.slice_mut(0..n);
         let mut out = self.ids.slice_mut(0..n);
         let mut logits = self.logits.slice_mut(0..n * v);
         d.sample(
@@ -778,10 +807,10 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             &mut logits,
             v,
             v,
-            &off_d,
-            &hist_d,
+            &self.hist_off_d,
+            &self.hist_d,
             &mut seen_v,
-            &ctr_d,
+            &self.ctr_d,
             params,
         )?;
         let st = d.download(&status)?;

@@ -247,8 +247,10 @@ impl Arg {
 }
 
 /// A u32 index buffer (token ids, positions, block tables, work items, ...) on the device
-/// together with the host copy it was uploaded from. It cannot be written after upload,
-/// so the launch wrappers validate every index against the host copy before a launch.
+/// together with the host copy it was uploaded from. Only [`CudaDevice::refill_index`]
+/// writes it, host copy and device ids together, so the launch wrappers validate every
+/// index against the host copy before a launch (launches queued before a refill read the
+/// old ids: the copy is ordered after them on the stream).
 #[derive(Debug)]
 pub struct IndexBuf {
     host: Vec<u32>,
@@ -596,6 +598,25 @@ impl CudaDevice {
             return Ok(());
         }
         driver_call("cuMemcpyDtoD", || self.stream.memcpy_dtod(src, dst))
+    }
+
+    /// Rewrites an index buffer (device ids and host copy) with `host`, reusing its
+    /// device allocation when it is large enough (grown to a power of two otherwise), so
+    /// a decode loop allocates nothing per step once warm.
+    pub fn refill_index(&self, buf: &mut IndexBuf, host: &[u32]) -> Result<(), CudaError> {
+        buf.host.clear();
+        buf.host.extend_from_slice(host);
+        if host.is_empty() {
+            return Ok(());
+        }
+        if buf.dev.as_ref().is_none_or(|d| d.len() < host.len()) {
+            buf.dev = Some(self.alloc_zeros::<u32>(host.len().next_power_of_two())?);
+        }
+        let Some(d) = buf.dev.as_mut() else {
+            unreachable!("allocated above")
+        };
+        let mut dst = d.slice_mut(0..host.len());
+        driver_call("cuMemcpyHtoD", || self.stream.memcpy_htod(host, &mut dst))
     }
 
     /// Uploads an index buffer and keeps its host copy for validation.

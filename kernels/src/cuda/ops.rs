@@ -273,6 +273,19 @@ impl CudaDevice {
         })
     }
 
+    /// Replaces an uploaded plan's contents with `plan` (checked as by `upload_plan`),
+    /// reusing its device buffers when large enough.
+    pub fn refill_plan(&self, dp: &mut DevicePlan, plan: WorkPlan) -> Result<(), CudaError> {
+        let max_block = launch::check_plan(&plan)?;
+        self.refill_index(&mut dp.tables, &plan.tables)?;
+        self.refill_index(&mut dp.items, &plan.item_rows())?;
+        self.refill_index(&mut dp.merge_offsets, &plan.merge_offsets)?;
+        self.refill_index(&mut dp.merge_slots, &plan.merge_slots)?;
+        dp.max_block = max_block;
+        dp.plan = plan;
+        Ok(())
+    }
+
     /// `attention_partial_bf16_hs{64,128}`: every work item of `plan`, writing attention
     /// states (normalised o and natural-log lse) into its slots.
     ///

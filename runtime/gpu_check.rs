@@ -1719,8 +1719,10 @@ pub const REWARD_TOL: f64 = 1e-2;
 /// Tokens past the first that stage (b) decodes per sequence (32 tokens in all).
 const DECODE_STEPS: usize = 31;
 /// Stage (b) greedy: a divergence counts as a near tie when the CPU's margin is below
-/// this many standard deviations of that step's logits.
-const NEAR_TIE: f32 = 0.02;
+/// this many standard deviations of that step's logits. The bf16 emulation of the GPU
+/// pipeline (tests::emulate_stage_b) flips tokens at margins up to 0.034 sd over 300
+/// random positions at 30 layers; a wrong kernel flips them at whole standard deviations.
+const NEAR_TIE: f32 = 0.1;
 
 fn argmax_rows(logits: &[f32], v: usize) -> Vec<u32> {
     logits
@@ -2307,7 +2309,7 @@ mod tests {
     /// roundings (normed rows, QKV, rotated q/k, attention output, projections, SwiGLU)
     /// emulated with the CPU kernels, against the CPU model. Shows that the stage (b)
     /// thresholds hold for a correct GPU forward. Returns (logits rel. L2, disagreement).
-    fn emulate_stage_b(layers: usize, t: usize) -> (f64, f64, f64) {
+    fn emulate_stage_b(layers: usize, t: usize) -> (f64, f64, f64, f64) {
         use cloudrm_kernels::cpu;
         use cloudrm_kernels::reference::attention::{AttnShape, attention_forward};
         let dir = std::env::temp_dir().join(format!(
@@ -2438,25 +2440,53 @@ mod tests {
             .filter(|(a, b)| **a != *b)
             .count() as f64
             / t as f64;
-        (rel_l2(&logits, &want), disagree, (got_r - want_r).abs())
+        // The largest CPU margin (in standard deviations of the row) at which the
+        // emulated GPU picked another token: what the near-tie rule must cover.
+        let worst_margin = am(&logits)
+            .iter()
+            .zip(am(&want))
+            .enumerate()
+            .filter(|(_, (a, b))| **a != *b)
+            .map(|(r, (a, b))| {
+                let row = &want[r * v..(r + 1) * v];
+                let (w, g) = (b.unwrap_or(0), a.unwrap_or(0));
+                let n = v as f32;
+                let mean = row.iter().sum::<f32>() / n;
+                let sd = (row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / n).sqrt();
+                ((row[w] - row[g]) / sd) as f64
+            })
+            .fold(0.0f64, f64::max);
+        (
+            rel_l2(&logits, &want),
+            disagree,
+            (got_r - want_r).abs(),
+            worst_margin,
+        )
     }
 
     #[test]
     fn stage_b_thresholds_hold_for_bf16_activations() {
-        let (e, d, r) = emulate_stage_b(2, 17);
-        println!("2 layers: logits rel L2 {e:.3e}, disagreement {d:.3}, reward diff {r:.2e}");
+        let (e, d, r, m) = emulate_stage_b(2, 17);
+        println!(
+            "2 layers: logits rel L2 {e:.3e}, disagreement {d:.3}, reward diff {r:.2e}, worst flipped margin {m:.4} sd"
+        );
         assert!(e < REL_L2_MODEL / 2.0 && d <= MAX_DISAGREEMENT, "{e} {d}");
         assert!(r < REWARD_TOL / 2.0, "{r}");
+        assert!(m < f64::from(NEAR_TIE) / 2.0, "{m}");
     }
 
     /// The default model's depth (about 10 s on 2 cores): run with --ignored. Seen
-    /// 2026-11-27: logits rel. L2 1.17e-2, 1 of 37 greedy tokens different.
+    /// 2026-11-27: logits rel. L2 1.17e-2, 1 of 37 greedy tokens different (at 300
+    /// positions: 11 flips, the worst at a margin of 0.034 sd).
     #[test]
     #[ignore]
     fn stage_b_thresholds_hold_for_bf16_activations_30_layers() {
-        let (e, d, r) = emulate_stage_b(30, 37);
-        println!("30 layers: logits rel L2 {e:.3e}, disagreement {d:.3}, reward diff {r:.2e}");
+        let (e, d, r, m) = emulate_stage_b(30, 37);
+        println!(
+            "30 layers: logits rel L2 {e:.3e}, disagreement {d:.3}, reward diff {r:.2e}, worst flipped margin {m:.4} sd"
+        );
         assert!(e < REL_L2_MODEL && d <= MAX_DISAGREEMENT, "{e} {d}");
         assert!(r < REWARD_TOL, "{r}");
+        assert!(m < f64::from(NEAR_TIE) / 2.0, "{m}");
     }
 }

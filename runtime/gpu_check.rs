@@ -654,8 +654,8 @@ impl Checks<'_> {
                 ),
             ];
             for (name, params) in cases {
-                log.check("a", "sample_f32", &format!("{name},V={v},rows=37"), || {
-                    self.sample(params, 37, v)
+                log.check("a", "sample_f32", &format!("{name},V={v},rows=101"), || {
+                    self.sample(params, 101, v)
                 });
             }
         }
@@ -1151,7 +1151,7 @@ impl Checks<'_> {
     /// (status 2), two +inf (they share the mass). Statuses must match exactly; greedy ids
     /// exactly; sampled ids may differ only where a coin or threshold falls within
     /// rounding of a boundary (the GPU sums in a tree, the CPU in index order): at most
-    /// 3 % of the rows. The `seen` scratch must come back all zero.
+    /// `SAMPLE_DISAGREEMENT` of the rows. The `seen` scratch must come back all zero.
     fn sample(
         &mut self,
         params: cloudrm_sampler::SamplingParams,
@@ -1258,8 +1258,8 @@ impl Checks<'_> {
         Ok(Outcome {
             metric: "disagreement",
             value,
-            threshold: 0.03,
-            pass: value <= 0.03,
+            threshold: SAMPLE_DISAGREEMENT,
+            pass: value <= SAMPLE_DISAGREEMENT,
             ms,
         })
     }
@@ -1714,6 +1714,10 @@ impl Checks<'_> {
     }
 }
 
+/// Stage (a): most sampled rows whose token may differ from the CPU sampler's. The Rust
+/// emulation of the kernel's algorithm differs on 1 of 320 rows (summation order only);
+/// a wrong kernel differs on a large share (a mutated radix select or top-p: 17-26 %).
+pub const SAMPLE_DISAGREEMENT: f64 = 0.05;
 /// Stage (b): the largest |GPU reward - CPU reward| (the 1e-2).
 pub const REWARD_TOL: f64 = 1e-2;
 /// Tokens past the first that stage (b) decodes per sequence (32 tokens in all).

@@ -23,7 +23,7 @@ use cloudrm_kernels::cuda::{CudaDevice, CudaError, SampleParams};
 use cloudrm_loader::LlamaConfig;
 use serde_json::{Value, json};
 
-use crate::backend::cuda::{CudaLlama, CudaSession};
+use crate::backend::cuda::{CudaLlama, CudaSession, SharedLayout, prefill_plan};
 
 /// Llama-3-8B's config.json fields that shape the compute.
 pub const LLAMA3_8B: &str = r#"{
@@ -33,6 +33,9 @@ pub const LLAMA3_8B: &str = r#"{
   "max_position_embeddings": 8192, "tie_word_embeddings": false,
   "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"
 }"#;
+
+/// Split-K pieces (positions) of the decode steps' attention.
+pub const DECODE_SPLIT: Option<usize> = Some(256);
 
 /// What stage (c) runs.
 #[derive(Debug, Clone)]
@@ -202,9 +205,9 @@ pub fn run(
         let first = sess.argmax(1)?;
         let free: Vec<u32> = (1..n_blocks as u32).collect();
         // Warm-up of the decode shapes.
-        sess.decode_shared(&[0], 1, &first, 4, &free, Some(256), |_, s| s.argmax(1))?;
+        sess.decode_shared(&[0], 1, &first, 4, &free, DECODE_SPLIT, |_, s| s.argmax(1))?;
         let t = Instant::now();
-        sess.decode_shared(&[0], 1, &first, spec.decode, &free, Some(256), |_, s| {
+        sess.decode_shared(&[0], 1, &first, spec.decode, &free, DECODE_SPLIT, |_, s| {
             s.argmax(1)
         })?;
         Ok(secs(t))
@@ -255,7 +258,7 @@ pub fn run(
             &firsts,
             steps,
             &free,
-            Some(256),
+            DECODE_SPLIT,
             |s, se| {
                 let draws: Vec<(u64, u64)> = (0..k as u64).map(|j| (j, s as u64 + 1)).collect();
                 se.sample(params, &no_history, &draws)
@@ -292,8 +295,7 @@ pub fn run(
 /// checks for this geometry. Returns how many plans were checked.
 pub fn dry_plans(spec: &BenchSpec) -> Result<usize, CudaError> {
     use cloudrm_kernels::cuda::launch::check_plan;
-    use cloudrm_kernels::cuda::{PlanOptions, WorkPlan};
-    use cloudrm_kernels::reference::attention_paged::{Level, PagedShape};
+    use cloudrm_kernels::reference::attention_paged::PagedShape;
     let c = &spec.config;
     let bs = 16;
     let shape = PagedShape {
@@ -302,64 +304,21 @@ pub fn dry_plans(spec: &BenchSpec) -> Result<usize, CudaError> {
         head_dim: c.head_dim,
         block_size: bs,
     };
-    let (n_blocks, own) = spec.blocks(bs);
-    let split = PlanOptions {
-        split: Some(512),
-        ..PlanOptions::default()
-    };
+    let (n_blocks, _) = spec.blocks(bs);
     let table: Vec<u32> = (0..spec.prefill.div_ceil(bs) as u32).collect();
-    check_plan(&WorkPlan::causal_prefill(
-        &table,
-        0,
-        spec.prefill,
-        &shape,
-        n_blocks,
-        split,
-    )?)?;
+    check_plan(&prefill_plan(&table, 0, spec.prefill, &shape, n_blocks)?)?;
     let ptable: Vec<u32> = (0..spec.prefix.div_ceil(bs) as u32).collect();
-    let full = spec.prefix / bs;
-    let owns: Vec<Vec<u32>> = (0..spec.k)
-        .map(|j| {
-            let start = (ptable.len() + j * own) as u32;
-            (start..start + own as u32).collect()
-        })
-        .collect();
-    let own_tables: Vec<&[u32]> = owns.iter().map(|o| o.as_slice()).collect();
-    let levels = [Level {
-        block_table: &ptable[..full],
-        len: full * bs,
-        members: 0..spec.k,
-    }];
+    let free: Vec<u32> = (ptable.len() as u32..n_blocks as u32).collect();
+    let steps = spec.critique.saturating_sub(1);
+    let job = SharedLayout::new(shape, n_blocks, &ptable, spec.prefix, spec.k, steps, &free)?;
     let mut n = 1;
-    for s in [0, spec.critique.saturating_sub(2)] {
-        let lens = vec![spec.prefix % bs + s + 1; spec.k];
-        let plan = WorkPlan::cascade(
-            if full > 0 { &levels } else { &[] },
-            &own_tables,
-            &lens,
-            &shape,
-            n_blocks,
-            PlanOptions {
-                split: Some(256),
-                ..PlanOptions::default()
-            },
-        )?;
-        check_plan(&plan)?;
+    for s in [0, steps.saturating_sub(1)] {
+        check_plan(&job.plan(s, DECODE_SPLIT)?)?;
         n += 1;
     }
-    let own1: Vec<u32> = (1..n_blocks as u32).collect();
-    let plan = WorkPlan::cascade(
-        &[],
-        &[&own1],
-        &[spec.decode + 1],
-        &shape,
-        n_blocks,
-        PlanOptions {
-            split: Some(256),
-            ..PlanOptions::default()
-        },
-    )?;
-    check_plan(&plan)?;
+    let free1: Vec<u32> = (1..n_blocks as u32).collect();
+    let single = SharedLayout::new(shape, n_blocks, &[0], 1, 1, spec.decode, &free1)?;
+    check_plan(&single.plan(spec.decode.saturating_sub(1), DECODE_SPLIT)?)?;
     Ok(n + 1)
 }
 

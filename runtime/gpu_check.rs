@@ -1684,27 +1684,12 @@ impl Checks<'_> {
             }
             out.push((
                 "llama_greedy_32",
-                greedy.map(|(toks, ms)| {
-                    let off_tie = toks
-                        .iter()
-                        .zip(&cpu_toks)
-                        .zip(&cpu_logits)
-                        .filter(|((got, want), rows)| !same_or_near_tie(got, want, rows))
-                        .count();
-                    Outcome::exact(off_tie, ms)
-                }),
+                greedy.map(|(toks, ms)| Outcome::exact(off_tie(&toks, &cpu_toks, &cpu_logits), ms)),
             ));
             out.push((
                 "llama_critique_32(GPU sampler, penalty 1.01)",
-                sampled.map(|(toks, ms)| {
-                    let off_tie = toks
-                        .iter()
-                        .zip(&pen_toks)
-                        .zip(&pen_logits)
-                        .filter(|((got, want), rows)| !same_or_near_tie(got, want, rows))
-                        .count();
-                    Outcome::exact(off_tie, ms)
-                }),
+                sampled
+                    .map(|(toks, ms)| Outcome::exact(off_tie(&toks, &pen_toks, &pen_logits), ms)),
             ));
             Ok(out)
         })();
@@ -1746,6 +1731,15 @@ fn disagreement(got: &[u32], want: &[u32], ms: f64) -> Outcome {
         pass: value <= MAX_DISAGREEMENT,
         ms,
     }
+}
+
+/// How many sequences diverge from the CPU's other than at a near tie.
+fn off_tie(got: &[Vec<u32>], want: &[Vec<u32>], rows: &[Vec<Vec<f32>>]) -> usize {
+    got.iter()
+        .zip(want)
+        .zip(rows)
+        .filter(|((g, w), r)| !same_or_near_tie(g, w, r))
+        .count()
 }
 
 /// Whether the GPU's greedy tokens `got` equal the CPU's `want` up to their first

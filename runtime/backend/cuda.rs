@@ -247,24 +247,6 @@ impl<'d> CudaLlama<'d> {
         let lm = self.lm_head.as_ref().unwrap_or(&self.embed).len();
         (layer + self.final_norm.len() + lm + self.c) * 2
     }
-
-    /// Teacher-forced prefill of `ids` at positions 0..T: every position's logits
-    /// (T, V) f32 and their argmax (T).
-    pub fn prefill_logits(&self, ids: &[u32]) -> Result<(Vec<f32>, Vec<u32>), CudaError> {
-        let t = ids.len();
-        if t == 0 {
-            return Err(CudaError::BadArgument {
-                op: "CudaLlama::prefill_logits",
-                arg: "ids",
-                reason: "empty".into(),
-            });
-        }
-        let nb = t.div_ceil(BLOCK_SIZE);
-        let mut sess = CudaSession::new(self, t, t, nb)?;
-        let table: Vec<u32> = (0..nb as u32).collect();
-        sess.prefill(&table, 0, ids, true)?;
-        Ok((sess.logits(t)?, sess.argmax(t)?))
-    }
 }
 
 /// A reward head on the device (bf16 weights, f32 biases).
@@ -300,6 +282,157 @@ impl CudaRewardHead {
                 out_b: *out_b,
             },
         })
+    }
+}
+
+/// Positions per split-K piece of a causal prefill: rows are grouped (one K/V read per
+/// group of 32 / G rows), and long contexts are cut in 512-position pieces, enough CTAs
+/// without a flood of attention states.
+pub const PREFILL_SPLIT: usize = 512;
+
+/// The attention plan of a causal prefill of `n_rows` rows at positions pos0.. of the
+/// sequence with block `table`.
+pub fn prefill_plan(
+    table: &[u32],
+    pos0: usize,
+    n_rows: usize,
+    shape: &PagedShape,
+    n_blocks: usize,
+) -> Result<WorkPlan, CudaError> {
+    WorkPlan::causal_prefill(
+        table,
+        pos0,
+        n_rows,
+        shape,
+        n_blocks,
+        PlanOptions {
+            split: Some(PREFILL_SPLIT),
+            ..PlanOptions::default()
+        },
+    )
+}
+
+/// The block layout of K sequences decoding after a prefilled prefix they share (the
+/// host side of [`CudaSession::decode_shared`], checked without a GPU by
+/// `gpu_bench::dry_plans`): the prefix's whole blocks are one cascade level read by all
+/// K; a partly filled last prefix block is copied into each sequence's first own block;
+/// sequence j's own blocks are `free[j * own..(j + 1) * own]`.
+pub struct SharedLayout<'a> {
+    shape: PagedShape,
+    n_blocks: usize,
+    prefix_len: usize,
+    /// The prefix's whole blocks.
+    shared: &'a [u32],
+    /// The prefix's partly filled last block, if any.
+    tail_block: Option<u32>,
+    free: &'a [u32],
+    /// Own blocks per sequence.
+    own: usize,
+    k: usize,
+    /// (K, ld) each sequence's whole table (shared blocks, then its own), for RoPE's
+    /// cache writes.
+    pub tables: Vec<u32>,
+    pub ld: usize,
+}
+
+impl<'a> SharedLayout<'a> {
+    /// The layout of `k` sequences decoding `steps` tokens after `prefix_len` positions of
+    /// `prefix_table`, own blocks taken from `free` (ids outside the prefix's blocks).
+    pub fn new(
+        shape: PagedShape,
+        n_blocks: usize,
+        prefix_table: &'a [u32],
+        prefix_len: usize,
+        k: usize,
+        steps: usize,
+        free: &'a [u32],
+    ) -> Result<Self, CudaError> {
+        const OP: &str = "SharedLayout::new";
+        let bs = shape.block_size;
+        let (full, tail) = (prefix_len / bs, prefix_len % bs);
+        if prefix_table.len() < prefix_len.div_ceil(bs) {
+            return Err(CudaError::bad(
+                OP,
+                "prefix_table",
+                format!(
+                    "{} block ids do not cover {prefix_len} positions",
+                    prefix_table.len()
+                ),
+            ));
+        }
+        if k == 0 {
+            return Err(CudaError::bad(OP, "k", "no sequences"));
+        }
+        let own = (tail + steps + 1).div_ceil(bs);
+        if free.len() < k * own {
+            return Err(CudaError::bad(
+                OP,
+                "free",
+                format!(
+                    "{} free blocks; {k} sequences of {} positions past the shared blocks need {}",
+                    free.len(),
+                    tail + steps + 1,
+                    k * own
+                ),
+            ));
+        }
+        let shared = &prefix_table[..full];
+        let ld = full + own;
+        let tables = (0..k)
+            .flat_map(|j| shared.iter().chain(&free[j * own..(j + 1) * own]).copied())
+            .collect();
+        Ok(SharedLayout {
+            shape,
+            n_blocks,
+            prefix_len,
+            shared,
+            tail_block: (tail > 0).then(|| prefix_table[full]),
+            free,
+            own,
+            k,
+            tables,
+            ld,
+        })
+    }
+
+    /// Sequence j's own blocks.
+    pub fn own(&self, j: usize) -> &'a [u32] {
+        &self.free[j * self.own..(j + 1) * self.own]
+    }
+
+    /// The partly filled prefix block and the blocks it must be copied to.
+    pub fn tail_copy(&self) -> Option<(u32, Vec<u32>)> {
+        self.tail_block
+            .map(|b| (b, (0..self.k).map(|j| self.own(j)[0]).collect()))
+    }
+
+    /// The position every sequence feeds at step s.
+    pub fn position(&self, s: usize) -> u32 {
+        (self.prefix_len + s) as u32
+    }
+
+    /// The cascade plan of step s: the shared level, then each sequence's own positions
+    /// (the prefix's tail and s + 1 new ones), split-K pieces of `split` positions.
+    pub fn plan(&self, s: usize, split: Option<usize>) -> Result<WorkPlan, CudaError> {
+        let bs = self.shape.block_size;
+        let levels = [Level {
+            block_table: self.shared,
+            len: self.shared.len() * bs,
+            members: 0..self.k,
+        }];
+        let own_tables: Vec<&[u32]> = (0..self.k).map(|j| self.own(j)).collect();
+        let suffix_lens = vec![self.prefix_len % bs + s + 1; self.k];
+        WorkPlan::cascade(
+            if self.shared.is_empty() { &[] } else { &levels },
+            &own_tables,
+            &suffix_lens,
+            &self.shape,
+            self.n_blocks,
+            PlanOptions {
+                split,
+                ..PlanOptions::default()
+            },
+        )
     }
 }
 
@@ -447,19 +580,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         all_logits: bool,
     ) -> Result<(), CudaError> {
         let t = ids.len();
-        let plan = WorkPlan::causal_prefill(
-            table,
-            pos0,
-            t,
-            &self.m.shape,
-            self.n_blocks,
-            // Rows are grouped (one K/V read per group of 32 / G rows); long contexts
-            // split in 512-position pieces, enough CTAs without a flood of states.
-            PlanOptions {
-                split: Some(512),
-                ..PlanOptions::default()
-            },
-        )?;
+        let plan = prefill_plan(table, pos0, t, &self.m.shape, self.n_blocks)?;
         let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
         let seqs = vec![0u32; t];
         let rows = Rows {
@@ -657,20 +778,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
     ) -> Result<Vec<Vec<u32>>, CudaError> {
         const OP: &str = "CudaSession::decode_shared";
         let k = first.len();
-        let bs = self.m.shape.block_size;
-        let full = prefix_len / bs;
-        let tail = prefix_len % bs;
-        if prefix_table.len() < prefix_len.div_ceil(bs) {
-            return Err(CudaError::bad(
-                OP,
-                "prefix_table",
-                format!(
-                    "{} block ids do not cover {prefix_len} positions",
-                    prefix_table.len()
-                ),
-            ));
-        }
-        if k == 0 || k > self.max_rows || k > self.max_logit_rows {
+        if k > self.max_rows || k > self.max_logit_rows {
             return Err(CudaError::bad(
                 OP,
                 "first",
@@ -680,62 +788,31 @@ impl<'m, 'd> CudaSession<'m, 'd> {
                 ),
             ));
         }
-        let own = (tail + steps + 1).div_ceil(bs);
-        if free.len() < k * own {
-            return Err(CudaError::bad(
-                OP,
-                "free",
-                format!(
-                    "{} free blocks; {k} sequences of {} positions past the shared blocks need {}",
-                    free.len(),
-                    tail + steps + 1,
-                    k * own
-                ),
-            ));
+        let layout = SharedLayout::new(
+            self.m.shape,
+            self.n_blocks,
+            prefix_table,
+            prefix_len,
+            k,
+            steps,
+            free,
+        )?;
+        if let Some((src, dsts)) = layout.tail_copy() {
+            self.copy_block(src, &dsts)?;
         }
-        let shared = &prefix_table[..full];
-        let own_of = |j: usize| &free[j * own..(j + 1) * own];
-        if tail > 0 {
-            let firsts: Vec<u32> = (0..k).map(|j| own_of(j)[0]).collect();
-            self.copy_block(prefix_table[full], &firsts)?;
-        }
-        // Each sequence's whole table (for RoPE's cache writes): shared blocks, own blocks.
-        let ld = full + own;
-        let tables: Vec<u32> = (0..k)
-            .flat_map(|j| shared.iter().chain(own_of(j)).copied())
-            .collect();
         let seqs: Vec<u32> = (0..k as u32).collect();
         let mut out: Vec<Vec<u32>> = first.iter().map(|&t| vec![t]).collect();
         let mut cur = first.to_vec();
-        let levels = [Level {
-            block_table: shared,
-            len: full * bs,
-            members: 0..k,
-        }];
-        let own_tables: Vec<&[u32]> = (0..k).map(own_of).collect();
         for s in 0..steps {
-            let pos = (prefix_len + s) as u32;
-            let positions = vec![pos; k];
-            let suffix_lens = vec![tail + s + 1; k];
-            let plan = WorkPlan::cascade(
-                if full > 0 { &levels } else { &[] },
-                &own_tables,
-                &suffix_lens,
-                &self.m.shape,
-                self.n_blocks,
-                PlanOptions {
-                    split,
-                    ..PlanOptions::default()
-                },
-            )?;
+            let positions = vec![layout.position(s); k];
             let rows = Rows {
                 ids: &cur,
                 positions: &positions,
                 seqs: &seqs,
-                tables: &tables,
-                ld_table: ld,
+                tables: &layout.tables,
+                ld_table: layout.ld,
             };
-            self.forward(&rows, plan, 0..k)?;
+            self.forward(&rows, layout.plan(s, split)?, 0..k)?;
             cur = next(s, self)?;
             check_len(OP, "next(..)", cur.len(), k)?;
             for (o, &t) in out.iter_mut().zip(&cur) {

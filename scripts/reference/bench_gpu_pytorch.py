@@ -57,7 +57,7 @@ given); progress and errors go to stderr.
 
 Smoke test without a GPU:
     python3 scripts/reference/bench_gpu_pytorch.py --config tiny --device cpu \
-        --prefill 32 --decode 8 --k 4 --critique-tokens 8 --prefix 32 --out /tmp/pt.jsonl
+        --prefill 32 --decode 8 --k 4 --critique-tokens 8 --prefix 32 --out pt.jsonl
 
 Only the Python standard library, torch and transformers are used; torch and transformers
 are imported after the arguments are parsed, so --help and --summary-only need neither.

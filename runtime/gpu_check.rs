@@ -47,6 +47,74 @@ pub struct Options {
     pub filter: Option<String>,
     /// Stage (c), the benchmark on a random-weight model (skipped with `--quick`).
     pub bench: Option<crate::gpu_bench::BenchSpec>,
+    /// Which stages run.
+    pub stages: Stages,
+    /// Append to the two output files instead of replacing them (one file set for the
+    /// stages that scripts/gpu-check.sh runs in separate processes).
+    pub append: bool,
+}
+
+/// The stages of one run (`--stages`, a subset of `abc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stages {
+    pub a: bool,
+    pub b: bool,
+    pub c: bool,
+}
+
+impl Stages {
+    pub const ALL: Stages = Stages {
+        a: true,
+        b: true,
+        c: true,
+    };
+
+    /// `abc`, `a`, `bc`, ...: each letter once at most, at least one.
+    pub fn parse(s: &str) -> Result<Stages> {
+        let mut st = Stages {
+            a: false,
+            b: false,
+            c: false,
+        };
+        for ch in s.chars() {
+            let slot = match ch {
+                'a' => &mut st.a,
+                'b' => &mut st.b,
+                'c' => &mut st.c,
+                _ => {
+                    return Err(Error::Usage(format!(
+                        "--stages {s:?}: '{ch}' is not a stage (use letters of \"abc\")"
+                    )));
+                }
+            };
+            if *slot {
+                return Err(Error::Usage(format!(
+                    "--stages {s:?}: stage '{ch}' is named twice"
+                )));
+            }
+            *slot = true;
+        }
+        if st
+            == (Stages {
+                a: false,
+                b: false,
+                c: false,
+            })
+        {
+            return Err(Error::Usage(
+                "--stages is empty (use letters of \"abc\")".into(),
+            ));
+        }
+        Ok(st)
+    }
+
+    fn text(self) -> String {
+        [(self.a, 'a'), (self.b, 'b'), (self.c, 'c')]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, c)| *c)
+            .collect()
+    }
 }
 
 /// Counts of one run.
@@ -191,7 +259,7 @@ struct Log {
 }
 
 impl Log {
-    fn create(dir: &Path) -> Result<Log> {
+    fn create(dir: &Path, append: bool) -> Result<Log> {
         let io = |p: &Path| {
             let context = format!("gpu-check: creating {}", p.display());
             move |source| Error::Io { context, source }
@@ -199,9 +267,18 @@ impl Log {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let t = dir.join("gpu-check.log");
         let j = dir.join("results.jsonl");
+        let open = |p: &Path| {
+            let mut o = std::fs::OpenOptions::new();
+            if append {
+                o.append(true).create(true);
+            } else {
+                o.write(true).create(true).truncate(true);
+            }
+            o.open(p).map_err(io(p))
+        };
         Ok(Log {
-            text: File::create(&t).map_err(io(&t))?,
-            jsonl: File::create(&j).map_err(io(&j))?,
+            text: open(&t)?,
+            jsonl: open(&j)?,
             report: Report::default(),
             filter: None,
         })
@@ -318,7 +395,7 @@ impl Log {
 
 /// Runs the whole check; Ok when every check passed.
 pub fn run(opts: &Options) -> Result<Report> {
-    let mut log = Log::create(&opts.out)?;
+    let mut log = Log::create(&opts.out, opts.append)?;
     log.filter = opts.filter.clone();
     let started = Instant::now();
     let unix = std::time::SystemTime::now()
@@ -326,8 +403,9 @@ pub fn run(opts: &Options) -> Result<Report> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     log.line(&format!(
-        "cloudrm {} gpu-check: seed {} quick {} unix time {unix}",
+        "cloudrm {} gpu-check: stages {} seed {} quick {} unix time {unix}",
         env!("CARGO_PKG_VERSION"),
+        opts.stages.text(),
         opts.seed,
         opts.quick
     ));
@@ -338,9 +416,14 @@ pub fn run(opts: &Options) -> Result<Report> {
             rng: Rng(opts.seed ^ 0x5eed),
             quick: opts.quick,
         };
-        ck.stage_a(&mut log);
-        ck.stage_b(&mut log);
+        if opts.stages.a {
+            ck.stage_a(&mut log);
+        }
+        if opts.stages.b {
+            ck.stage_b(&mut log);
+        }
         if let Some(spec) = &opts.bench
+            && opts.stages.c
             && log.wants("c", "bench", &spec.name)
         {
             let r = crate::gpu_bench::dry_plans(spec).map(|_| Outcome::dry());
@@ -405,9 +488,14 @@ pub fn run(opts: &Options) -> Result<Report> {
         rng: Rng(opts.seed ^ 0x5eed),
         quick: opts.quick,
     };
-    ck.stage_a(&mut log);
-    ck.stage_b(&mut log);
+    if opts.stages.a {
+        ck.stage_a(&mut log);
+    }
+    if opts.stages.b {
+        ck.stage_b(&mut log);
+    }
     if let Some(spec) = &opts.bench
+        && opts.stages.c
         && log.wants("c", "bench", &spec.name)
     {
         log.line(&format!(
@@ -2286,6 +2374,8 @@ mod tests {
             dry_run: true,
             filter: None,
             bench: Some(crate::gpu_bench::BenchSpec::llama3_8b()),
+            stages: Stages::ALL,
+            append: false,
         })
         .unwrap();
         assert_eq!(r.failed, 0);
@@ -2294,6 +2384,65 @@ mod tests {
         assert!(log.contains("llama_prefill(logits)"), "{log}");
         let jsonl = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
         assert_eq!(jsonl.lines().count(), r.passed + 1);
+        std::fs::remove_dir_all(out).ok();
+    }
+
+    /// `--stages` parses letters of "abc" once each; anything else is a usage error.
+    #[test]
+    fn stages_parse() {
+        assert_eq!(Stages::parse("abc").unwrap(), Stages::ALL);
+        let b = Stages::parse("b").unwrap();
+        assert!(!b.a && b.b && !b.c);
+        assert_eq!(Stages::parse("ca").unwrap().text(), "ac");
+        for bad in ["", "ab d", "aa", "x"] {
+            let e = Stages::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--stages"), "{bad:?}: {e}");
+        }
+    }
+
+    /// Stages run one per process append to one file set: the second run keeps the
+    /// first run's records; without --append the files are replaced.
+    #[test]
+    fn stages_append_to_one_file_set() {
+        let out =
+            std::env::temp_dir().join(format!("cloudrm-gpu-check-append-{}", std::process::id()));
+        let opts = |stages: &str, append: bool| Options {
+            out: out.clone(),
+            quick: true,
+            seed: 3,
+            dry_run: true,
+            filter: None,
+            bench: Some(crate::gpu_bench::BenchSpec::llama3_8b()),
+            stages: Stages::parse(stages).unwrap(),
+            append,
+        };
+        let lines = || {
+            std::fs::read_to_string(out.join("results.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let ra = run(&opts("a", false)).unwrap();
+        let stage_of = |v: &Value| v["stage"].as_str().unwrap().to_string();
+        let first = lines();
+        assert_eq!(first.len(), ra.passed + 1);
+        assert!(first[..ra.passed].iter().all(|v| stage_of(v) == "a"));
+        let rb = run(&opts("bc", true)).unwrap();
+        let both = lines();
+        assert_eq!(both.len(), ra.passed + rb.passed + 2);
+        assert_eq!(both[..first.len()], first[..]);
+        let later: Vec<String> = both[first.len()..].iter().map(stage_of).collect();
+        assert!(later.iter().any(|s| s == "b") && later.iter().any(|s| s == "c"));
+        assert!(!later.iter().any(|s| s == "a"), "{later:?}");
+        let log = std::fs::read_to_string(out.join("gpu-check.log")).unwrap();
+        assert!(
+            log.contains("stages a ") && log.contains("stages bc "),
+            "{log}"
+        );
+        // Without --append the files start again.
+        let rb2 = run(&opts("b", false)).unwrap();
+        assert_eq!(lines().len(), rb2.passed + 1);
         std::fs::remove_dir_all(out).ok();
     }
 

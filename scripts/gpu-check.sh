@@ -2,10 +2,13 @@
 # scripts/gpu-check.sh OUTDIR [--quick] [--seed N]
 #
 # Runs every GPU check in one go on the GPU machine (H100/H200, CUDA 13.0 driver and
-# toolkit, no Rust): `cloudrm gpu-check --out OUTDIR` (stages a, b and, without --quick,
-# the stage c benchmark), bounded by `timeout` (200 s), then (without --quick) the
-# PyTorch baseline of stage c, scripts/reference/bench_gpu_pytorch.py (110 s), whose
-# table of ratios goes to OUTDIR/summary.md. About 5 minutes at most in all.
+# toolkit, no Rust): `cloudrm gpu-check --out OUTDIR --stages X --append` once per stage
+# (a: 75 s, b: 60 s and, without --quick, the stage c benchmark: 120 s, each bounded by
+# `timeout`), then (without --quick) the PyTorch baseline of stage c,
+# scripts/reference/bench_gpu_pytorch.py (100 s), whose table of ratios goes to
+# OUTDIR/summary.md. When a check of stage a or b failed, that stage is rerun at quick
+# sizes under compute-sanitizer memcheck (75 s, OUTDIR/sanitizer.log). At most 7 minutes
+# in all; about 3 when everything passes.
 # Run it from the repository root. It
 #   - finds the binary: $CLOUDRM_BIN, else ./target/release/cloudrm (built elsewhere and
 #     carried: the machine has no Rust toolchain);
@@ -15,7 +18,7 @@
 #     wheels), putting their folders on LD_LIBRARY_PATH and setting CLOUDRM_NVRTC_LIB
 #     if it is not set already;
 #   - records the date, nvidia-smi and the libraries found in OUTDIR/environment.log;
-#   - returns the exit status of gpu-check (124 when the timeout struck).
+#   - returns the first non-zero exit status of the stages (124 when a timeout struck).
 # gpu-check itself writes OUTDIR/gpu-check.log (human log) and OUTDIR/results.jsonl (one
 # JSON object per check, then a summary line); the baseline writes OUTDIR/pytorch.jsonl.
 # Safe to rerun: the files are replaced.
@@ -127,14 +130,47 @@ for a in "$@"; do
     [ "$a" = "--quick" ] && quick=1
 done
 
-set +e
-timeout --kill-after=10 200 "$bin" gpu-check --out "$out" "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    say "gpu-check.sh: gpu-check ran past 200 s and was stopped (exit $rc)"
+# Each stage in its own process, appending to one gpu-check.log / results.jsonl: a
+# sticky CUDA error (an illegal address poisons the context) or a hang then costs one
+# stage, not the run. The PTX cache (CLOUDRM_HOME) spares the later stages NVRTC.
+rm -f "$out/gpu-check.log" "$out/results.jsonl" "$out/sanitizer.log"
+rc=0
+first_failed=
+run_stage() {
+    local stage=$1 limit=$2 r
+    shift 2
+    set +e
+    timeout --kill-after=10 "$limit" "$bin" gpu-check --out "$out" --stages "$stage" --append "$@"
+    r=$?
+    set -e
+    if [ "$r" -eq 124 ] || [ "$r" -eq 137 ]; then
+        say "gpu-check.sh: stage $stage ran past $limit s and was stopped (exit $r)"
+    fi
+    say "gpu-check.sh: stage $stage exited with $r at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+    if [ "$r" -ne 0 ] && [ "$rc" -eq 0 ]; then
+        rc=$r
+    fi
+    if [ "$r" -eq 1 ] && [ -z "$first_failed" ] && [ "$stage" != c ]; then
+        first_failed=$stage
+    fi
+}
+run_stage a 75 "$@"
+run_stage b 60 "$@"
+if [ "$quick" -eq 0 ]; then
+    run_stage c 120 "$@"
 fi
-say "gpu-check.sh: gpu-check exited with $rc at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+
+# A failed check of stage a or b: rerun that stage (quick sizes) under compute-sanitizer's
+# memcheck, where the machine supports it, for the first bad access it finds.
+if [ -n "$first_failed" ] && command -v compute-sanitizer >/dev/null 2>&1; then
+    say "gpu-check.sh: stage $first_failed failed; rerunning it under compute-sanitizer (sanitizer.log)"
+    set +e
+    timeout --kill-after=10 75 compute-sanitizer --tool memcheck --print-limit 30 \
+        "$bin" gpu-check --out "${TMPDIR:-/tmp}/cloudrm-gpu-check-sanitizer" \
+        --stages "$first_failed" --quick >"$out/sanitizer.log" 2>&1
+    say "gpu-check.sh: compute-sanitizer exited with $? at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+    set -e
+fi
 
 # Stage (c)'s baseline: PyTorch + transformers on the same model shape, in the same run
 # (not with --quick). It prints the cloudrm / PyTorch table (also in OUTDIR/summary.md);
@@ -142,7 +178,7 @@ say "gpu-check.sh: gpu-check exited with $rc at $(date -u '+%Y-%m-%dT%H:%M:%SZ')
 if [ "$quick" -eq 0 ]; then
     py=${PYTHON:-python3}
     set +e
-    timeout --kill-after=10 110 "$py" scripts/reference/bench_gpu_pytorch.py \
+    timeout --kill-after=10 100 "$py" scripts/reference/bench_gpu_pytorch.py \
         --out "$out/pytorch.jsonl" --ours "$out/results.jsonl" >"$out/summary.md"
     prc=$?
     set -e

@@ -305,6 +305,13 @@ pub enum Command {
         /// Run only the checks whose "stage op shape" text contains this (e.g. "cascade").
         #[arg(long)]
         filter: Option<String>,
+        /// The stages to run, a subset of `abc` (scripts/gpu-check.sh runs each in its
+        /// own process, so that a sticky CUDA error or a hang stops one stage only).
+        #[arg(long, default_value = "abc")]
+        stages: String,
+        /// Append to DIR/gpu-check.log and DIR/results.jsonl instead of replacing them.
+        #[arg(long)]
+        append: bool,
     },
     /// Measure load, prefill, single-stream decode (with its read-bandwidth roofline
     /// fraction), the K-critique job with and without prefix sharing, and peak RSS.
@@ -530,8 +537,11 @@ pub fn run(cli: Cli) -> Result<()> {
             dry_run,
             filter,
             random_weights,
+            stages,
+            append,
         } => {
-            let bench = if quick {
+            let stages = crate::gpu_check::Stages::parse(&stages)?;
+            let bench = if quick || !stages.c {
                 None
             } else {
                 Some(crate::gpu_bench::BenchSpec::from_arg(&random_weights)?)
@@ -543,6 +553,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 dry_run,
                 filter,
                 bench,
+                stages,
+                append,
             })?;
             Ok(())
         }

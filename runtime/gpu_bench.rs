@@ -34,8 +34,12 @@ pub const LLAMA3_8B: &str = r#"{
   "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"
 }"#;
 
-/// Split-K pieces (positions) of the decode steps' attention.
-pub const DECODE_SPLIT: Option<usize> = Some(256);
+/// Split-K pieces (positions) of the decode steps' attention. On an H200 the K = 16 step
+/// over a 2048-token prefix spent per layer in `attention_partial` 75 us with 256-position
+/// pieces (256 CTAs, each walking 8 tiles in turn), 41 us with 64 (640 CTAs) and 53 us
+/// with 128 (384 CTAs); the merge reads more states with 64 (~36 per row against ~20),
+/// which its warps per row (launch::merge_threads) absorb.
+pub const DECODE_SPLIT: Option<usize> = Some(64);
 
 /// What stage (c) runs.
 #[derive(Debug, Clone)]
@@ -50,6 +54,11 @@ pub struct BenchSpec {
     pub prefix: usize,
     /// Bytes of each of the two buffers of the bandwidth copy.
     pub copy_bytes: usize,
+    /// After the timed single-stream decode and after the K-critique job, this many
+    /// more steps of each between cuProfilerStart and cuProfilerStop (0: none), and one
+    /// more prefill after the timed ones, for `ncu --profile-from-start off`
+    /// (scripts/gpu-check.sh --profile).
+    pub profile_steps: usize,
 }
 
 impl BenchSpec {
@@ -66,6 +75,7 @@ impl BenchSpec {
             critique: 256,
             prefix: 2048,
             copy_bytes: 1 << 30,
+            profile_steps: 0,
         }
     }
 
@@ -189,6 +199,11 @@ pub fn run(
             d.synchronize()?;
             best = best.min(secs(t));
         }
+        if spec.profile_steps > 0 {
+            d.profiler(true)?;
+            sess.prefill(&table, 0, &ids, false)?;
+            d.profiler(false)?;
+        }
         Ok(best)
     })();
     each(prefill.map(|s| BenchRecord {
@@ -210,7 +225,21 @@ pub fn run(
         sess.decode_shared(&[0], 1, &first, spec.decode, &free, DECODE_SPLIT, |_, s| {
             s.argmax(1)
         })?;
-        Ok(secs(t))
+        let took = secs(t);
+        if spec.profile_steps > 0 {
+            d.profiler(true)?;
+            sess.decode_shared(
+                &[0],
+                1,
+                &first,
+                spec.profile_steps,
+                &free,
+                DECODE_SPLIT,
+                |_, s| s.argmax(1),
+            )?;
+            d.profiler(false)?;
+        }
+        Ok(took)
     })();
     each(decode.map(|s| {
         let tps = spec.decode as f64 / s;
@@ -251,6 +280,10 @@ pub fn run(
             seed,
         };
         let no_history: Vec<&[u32]> = vec![&[]; k];
+        let sample = |s: usize, se: &mut CudaSession| {
+            let draws: Vec<(u64, u64)> = (0..k as u64).map(|j| (j, s as u64 + 1)).collect();
+            se.sample(params, &no_history, &draws)
+        };
         let t = Instant::now();
         sess.decode_shared(
             &ptable,
@@ -259,12 +292,23 @@ pub fn run(
             steps,
             &free,
             DECODE_SPLIT,
-            |s, se| {
-                let draws: Vec<(u64, u64)> = (0..k as u64).map(|j| (j, s as u64 + 1)).collect();
-                se.sample(params, &no_history, &draws)
-            },
+            sample,
         )?;
-        Ok((prefill_s, secs(t)))
+        let took = secs(t);
+        if spec.profile_steps > 0 {
+            d.profiler(true)?;
+            sess.decode_shared(
+                &ptable,
+                spec.prefix,
+                &firsts,
+                spec.profile_steps,
+                &free,
+                DECODE_SPLIT,
+                sample,
+            )?;
+            d.profiler(false)?;
+        }
+        Ok((prefill_s, took))
     })();
     each(job.map(|(p, dec)| {
         let wall = p + dec;

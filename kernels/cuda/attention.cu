@@ -66,7 +66,8 @@
 //   out[b, h] = merge of the states (slot, h) for slot in
 //   merge_slots[merge_offsets[b] .. merge_offsets[b + 1]] (CSR); no slots, or all lse =
 //   -inf, gives a zero row (never NaN).
-//   launch: grid (NH, B), block 32 threads, no smem.
+//   launch: grid (NH, B), block 32 * W threads, W in 1..=4 (MERGE_WARPS; the warps split
+//           the slots and meet in static smem), no dynamic smem; HS <= 256.
 //   out bf16 (B, NH, HS); merge_offsets u32 (B + 1); merge_slots u32 (total).
 // ---------------------------------------------------------------------------------------
 
@@ -84,7 +85,13 @@ struct Shape {
 };
 
 // Load positions tile_start .. tile_start + TILE (clipped to pos_end, the rest zero) of
-// KV head kvh into the smem tiles. All threads of the CTA take part.
+// KV head kvh into the smem tiles. All threads of the CTA take part. Each thread issues
+// the global loads of LOAD_BATCH chunks (block ids, then K and V) before it stores any
+// of them: a CTA of a few warps then waits for one round of load latency per batch, not
+// one per chunk. (A batch of 4 took attention_partial to 72 registers, 3 CTAs of 256
+// threads per SM instead of 4, and the K = 16 step's attention from 41 to 51 us on an
+// H200; 2 keeps 64.)
+#define LOAD_BATCH 2
 template <int HS>
 __device__ __forceinline__ void load_kv_tile(u32* k_tile, u32* v_tile,
                                              const bf16_t* __restrict__ k_arena,
@@ -93,22 +100,37 @@ __device__ __forceinline__ void load_kv_tile(u32* k_tile, u32* v_tile,
                                              u32 tile_start, u32 pos_end, u32 kvh,
                                              u32 NKV, u32 BS) {
     typedef Shape<HS> S;
-    for (u32 c = threadIdx.x; c < TILE * S::CHUNKS; c += blockDim.x) {
-        const u32 r = c / S::CHUNKS;
-        const u32 ch = c - r * S::CHUNKS;
-        const u32 p = tile_start + r;
-        uint4 kv = make_uint4(0u, 0u, 0u, 0u);
-        uint4 vv = make_uint4(0u, 0u, 0u, 0u);
-        if (p < pos_end) {
-            const u32 block = table[p / BS];
-            const u64 off = (((u64)block * BS + p % BS) * NKV + kvh) * HS + ch * 8;
-            kv = *reinterpret_cast<const uint4*>(k_arena + off);
-            vv = *reinterpret_cast<const uint4*>(v_arena + off);
+    const u32 n = TILE * S::CHUNKS;
+    for (u32 c0 = threadIdx.x; c0 < n; c0 += LOAD_BATCH * blockDim.x) {
+        uint4 kv[LOAD_BATCH];
+        uint4 vv[LOAD_BATCH];
+#pragma unroll
+        for (int b = 0; b < LOAD_BATCH; ++b) {
+            const u32 c = c0 + b * blockDim.x;
+            const u32 r = c / S::CHUNKS;
+            const u32 p = tile_start + r;
+            kv[b] = make_uint4(0u, 0u, 0u, 0u);
+            vv[b] = make_uint4(0u, 0u, 0u, 0u);
+            if (c < n && p < pos_end) {
+                const u32 ch = c - r * S::CHUNKS;
+                const u32 block = table[p / BS];
+                const u64 off = (((u64)block * BS + p % BS) * NKV + kvh) * HS + ch * 8;
+                kv[b] = *reinterpret_cast<const uint4*>(k_arena + off);
+                vv[b] = *reinterpret_cast<const uint4*>(v_arena + off);
+            }
         }
-        u32* kd = k_tile + r * S::PITCH + ch * 4;
-        u32* vd = v_tile + r * S::PITCH + ch * 4;
-        kd[0] = kv.x; kd[1] = kv.y; kd[2] = kv.z; kd[3] = kv.w;
-        vd[0] = vv.x; vd[1] = vv.y; vd[2] = vv.z; vd[3] = vv.w;
+#pragma unroll
+        for (int b = 0; b < LOAD_BATCH; ++b) {
+            const u32 c = c0 + b * blockDim.x;
+            if (c < n) {
+                const u32 r = c / S::CHUNKS;
+                const u32 ch = c - r * S::CHUNKS;
+                u32* kd = k_tile + r * S::PITCH + ch * 4;
+                u32* vd = v_tile + r * S::PITCH + ch * 4;
+                kd[0] = kv[b].x; kd[1] = kv[b].y; kd[2] = kv[b].z; kd[3] = kv[b].w;
+                vd[0] = vv[b].x; vd[1] = vv[b].y; vd[2] = vv[b].z; vd[3] = vv[b].w;
+            }
+        }
     }
 }
 
@@ -346,40 +368,101 @@ __device__ __forceinline__ void attention_partial(float* __restrict__ states_o,
 ATTENTION_ENTRY_POINTS(64)
 ATTENTION_ENTRY_POINTS(128)
 
+#define MERGE_DIMS 8   // HS <= 32 * MERGE_DIMS
+#define MERGE_WARPS 4  // warps per (head, sequence): each takes every 4th round of slots
+
 extern "C" __global__ void attention_merge_states_bf16(bf16_t* __restrict__ out,
                                                        const float* __restrict__ states_o,
                                                        const float* __restrict__ states_lse,
                                                        const u32* __restrict__ merge_offsets,
                                                        const u32* __restrict__ merge_slots,
                                                        u32 NH, u32 HS) {
+    __shared__ float part[MERGE_WARPS][32 * MERGE_DIMS];
+    __shared__ float part_den[MERGE_WARPS];
+    __shared__ float part_max[MERGE_WARPS];
     const u32 h = blockIdx.x;
     const u32 b = blockIdx.y;
-    const u32 lane = threadIdx.x;
+    const u32 lane = threadIdx.x & 31;
+    const u32 warp = threadIdx.x >> 5;
+    const u32 n_warps = blockDim.x >> 5;
     const u32 begin = merge_offsets[b];
     const u32 end = merge_offsets[b + 1];
+    // Pass 1: the largest lse, all threads striding over the slots.
     float m = NEG_INF;
-    for (u32 i = begin; i < end; ++i) {
+    for (u32 i = begin + threadIdx.x; i < end; i += blockDim.x) {
         m = fmaxf(m, states_lse[(u64)merge_slots[i] * NH + h]);
     }
+    m = warp_max(m);
+    if (lane == 0) {
+        part_max[warp] = m;
+    }
+    __syncthreads();
+    m = NEG_INF;
+    for (u32 w = 0; w < n_warps; ++w) {
+        m = fmaxf(m, part_max[w]);
+    }
     bf16_t* dst = out + ((u64)b * NH + h) * HS;
-    if (m == NEG_INF) {
-        for (u32 d = lane; d < HS; d += 32) {
+    if (m == NEG_INF) {  // the same for every thread of the block
+        for (u32 d = threadIdx.x; d < HS; d += blockDim.x) {
             dst[d] = 0;
         }
         return;
     }
-    float denom = 0.0f;
-    for (u32 i = begin; i < end; ++i) {
-        denom += exp2f((states_lse[(u64)merge_slots[i] * NH + h] - m) * LOG2E);
+    // Pass 2, rounds of 32 slots, warp w taking rounds w, w + n_warps, ...: lane i reads
+    // slot i's id and lse and computes its weight; the round's slots are broadcast
+    // (__shfl_sync) and every lane adds its dims d = lane + 32 j of each. The row loads
+    // of a round depend on no other load, so they overlap.
+    float acc[MERGE_DIMS];
+#pragma unroll
+    for (int j = 0; j < MERGE_DIMS; ++j) {
+        acc[j] = 0.0f;
     }
-    const float inv = 1.0f / denom;
-    for (u32 d = lane; d < HS; d += 32) {
-        float acc = 0.0f;
-        for (u32 i = begin; i < end; ++i) {
-            const u64 state = (u64)merge_slots[i] * NH + h;
-            const float w = exp2f((states_lse[state] - m) * LOG2E);
-            acc = fmaf(w, states_o[state * HS + d], acc);
+    float denom = 0.0f;
+    for (u32 i0 = begin + 32 * warp; i0 < end; i0 += 32 * n_warps) {
+        const u32 n = min(32u, end - i0);
+        u64 state = 0;
+        float w = 0.0f;
+        if (lane < n) {
+            state = (u64)merge_slots[i0 + lane] * NH + h;
+            w = exp2f((states_lse[state] - m) * LOG2E);
         }
-        dst[d] = f32_to_bf16(acc * inv);
+        denom += warp_sum(w);
+#pragma unroll 4
+        for (u32 k = 0; k < n; ++k) {
+            const float wk = __shfl_sync(FULL_MASK, w, k);
+            const u64 sk = __shfl_sync(FULL_MASK, state, k);
+            const float* o = states_o + sk * HS;
+#pragma unroll
+            for (int j = 0; j < MERGE_DIMS; ++j) {
+                const u32 d = lane + 32 * j;
+                if (d < HS) {
+                    acc[j] = fmaf(wk, o[d], acc[j]);
+                }
+            }
+        }
+    }
+    // The warps' partial sums meet in shared memory.
+#pragma unroll
+    for (int j = 0; j < MERGE_DIMS; ++j) {
+        const u32 d = lane + 32 * j;
+        if (d < HS) {
+            part[warp][d] = acc[j];
+        }
+    }
+    if (lane == 0) {
+        part_den[warp] = denom;
+    }
+    __syncthreads();
+    float den = 0.0f;
+    for (u32 w = 0; w < n_warps; ++w) {
+        den += part_den[w];
+    }
+    const float inv = 1.0f / den;
+    for (u32 d = threadIdx.x; d < HS; d += blockDim.x) {
+        float a = 0.0f;
+        for (u32 w = 0; w < n_warps; ++w) {
+            a += part[w][d];
+        }
+        dst[d] = f32_to_bf16(a * inv);
     }
 }

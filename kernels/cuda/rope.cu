@@ -13,7 +13,10 @@
 //
 // rope_qkv_paged_bf16(q_out, k_arena, v_arena, qkv, positions, token_seq, block_tables,
 //                     inv_freq, NH, NKV, HS, BS, ld_qkv, ld_table)
-//   launch: grid (T tokens), block 128 threads (any multiple of 32 up to 1024), no smem.
+//   launch: grid (T tokens, Y), block 128 threads (any multiple of 32 up to 1024), no
+//           smem. The Y blocks of a token share its (head, pair) items and V words
+//           (grid-stride over blockIdx.y * blockDim.x + threadIdx.x): at decode one token
+//           is then many blocks with one item each, not one block looping.
 //   q_out        bf16 (T, NH, HS)   rotated queries
 //   k_arena      bf16 (NB, BS, NKV, HS)  rotated K rows written at each token's slot
 //   v_arena      bf16 (NB, BS, NKV, HS)  V rows copied to each token's slot
@@ -48,7 +51,9 @@ extern "C" __global__ void rope_qkv_paged_bf16(bf16_t* __restrict__ q_out,
 
     // Q and K heads, rotated. Heads 0..NH are Q, NH..NH+NKV are K (adjacent in qkv).
     const u32 n_pairs = (NH + NKV) * half;
-    for (u32 k = threadIdx.x; k < n_pairs; k += blockDim.x) {
+    const u32 first = blockIdx.y * blockDim.x + threadIdx.x;
+    const u32 stride = gridDim.y * blockDim.x;
+    for (u32 k = first; k < n_pairs; k += stride) {
         const u32 head = k / half;
         const u32 i = k - head * half;
         const bf16_t* x = src + (u64)head * HS;
@@ -64,7 +69,7 @@ extern "C" __global__ void rope_qkv_paged_bf16(bf16_t* __restrict__ q_out,
 
     // V heads, copied (bf16 bits unchanged).
     const bf16_t* v = src + (u64)(NH + NKV) * HS;
-    for (u32 k = threadIdx.x; k < NKV * HS; k += blockDim.x) {
+    for (u32 k = first; k < NKV * HS; k += stride) {
         v_arena[slot + k] = v[k];
     }
 }

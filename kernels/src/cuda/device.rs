@@ -165,7 +165,9 @@ impl Kernel {
             | Kernel::PagedDecodeHs128
             | Kernel::Argmax
             | Kernel::Sample => 1024,
-            Kernel::MergeStates => 32,
+            // launch::norm_threads: C / 4 threads, up to 1024.
+            Kernel::RmsNorm | Kernel::ResidualRmsNorm => 1024,
+            Kernel::MergeStates => 128,
             _ => 256,
         }
     }
@@ -427,6 +429,27 @@ impl CudaDevice {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Starts (`true`) or stops (`false`) the profiler's collection (cuProfilerStart /
+    /// cuProfilerStop), after waiting for queued work: under `ncu --profile-from-start
+    /// off` only the kernels launched in between are profiled. Harmless without a
+    /// profiler attached.
+    pub fn profiler(&self, on: bool) -> Result<(), CudaError> {
+        self.synchronize()?;
+        let op = if on {
+            "cuProfilerStart"
+        } else {
+            "cuProfilerStop"
+        };
+        driver_call(op, || {
+            self.ctx.bind_to_thread()?;
+            if on {
+                unsafe { sys::cuProfilerStart() }.result()
+            } else {
+                unsafe { sys::cuProfilerStop() }.result()
+            }
+        })
     }
 
     /// Waits for all queued work; a fault in an earlier kernel surfaces here.

@@ -375,11 +375,12 @@ impl WorkPlan {
         self.items.iter().flat_map(|it| it.to_row()).collect()
     }
 
-    /// Warps per CTA so that every item's rows fit (RPW rows per warp): 1..=8.
+    /// Warps per CTA: one per row up to 8, then up to RPW rows per warp (1..=8). Small
+    /// items (a single decode row group of G rows) get G warps rather than one, so the
+    /// tile loads and the rows' scores run in parallel.
     pub fn warps(&self) -> u32 {
-        self.max_item_rows
-            .div_ceil(ROWS_PER_WARP)
-            .clamp(1, MAX_ITEM_ROWS / ROWS_PER_WARP) as u32
+        let most = MAX_ITEM_ROWS / ROWS_PER_WARP;
+        self.max_item_rows.clamp(1, most) as u32
     }
 }
 
@@ -720,6 +721,28 @@ mod tests {
         assert_eq!(plan.n_slots, 0);
         assert_eq!(plan.merge_offsets, vec![0, 0, 0]);
         assert_eq!(plan.warps(), 1);
+    }
+
+    #[test]
+    fn warps_are_one_per_row_up_to_eight() {
+        // G = 4: one sequence's decode item has 4 rows (4 warps); 8 sequences sharing a
+        // prefix make 32-row items (8 warps of 4 rows).
+        let sh = shape(8, 2, 8, 16);
+        let own: &[u32] = &[0, 1];
+        let plan = WorkPlan::cascade(&[], &[own], &[20], &sh, 4, PlanOptions::default()).unwrap();
+        assert_eq!(plan.max_item_rows, 4);
+        assert_eq!(plan.warps(), 4);
+        let prefix: &[u32] = &[2, 3];
+        let level = Level {
+            block_table: prefix,
+            len: 32,
+            members: 0..8,
+        };
+        let tails: Vec<&[u32]> = vec![own; 8];
+        let plan =
+            WorkPlan::cascade(&[level], &tails, &[1; 8], &sh, 4, PlanOptions::default()).unwrap();
+        assert_eq!(plan.max_item_rows, 32);
+        assert_eq!(plan.warps(), 8);
     }
 
     #[test]

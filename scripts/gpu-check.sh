@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/gpu-check.sh OUTDIR [--quick] [--seed N]
+# scripts/gpu-check.sh OUTDIR [--quick] [--seed N] [--no-baseline] [--profile]
 #
 # Runs every GPU check in one go on the GPU machine (H100/H200, CUDA 13.0 driver and
 # toolkit, no Rust): `cloudrm gpu-check --out OUTDIR --stages X --append` once per stage
@@ -8,7 +8,8 @@
 # scripts/reference/bench_gpu_pytorch.py (100 s), whose table of ratios goes to
 # OUTDIR/summary.md. When a check of stage a or b failed, that stage is rerun at quick
 # sizes under compute-sanitizer memcheck (75 s, OUTDIR/sanitizer.log). At most 7 minutes
-# in all; about 3 when everything passes.
+# in all; about 3 when everything passes. --no-baseline skips the PyTorch baseline;
+# --profile adds Nsight Compute's per-kernel times of stage (c)'s decode steps (below).
 # Run it from the repository root. It
 #   - finds the binary: $CLOUDRM_BIN, else ./target/release/cloudrm (built elsewhere and
 #     carried: the machine has no Rust toolchain);
@@ -25,7 +26,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 OUTDIR [--quick] [--seed N]" >&2
+    echo "usage: $0 OUTDIR [--quick] [--seed N] [--no-baseline] [--profile]" >&2
     exit 2
 }
 
@@ -126,9 +127,18 @@ CLOUDRM_HOME=${CLOUDRM_HOME:-${TMPDIR:-/tmp}/cloudrm-gpu-check}
 export CLOUDRM_HOME
 
 quick=0
+baseline=1
+profile=0
+pass=()
 for a in "$@"; do
-    [ "$a" = "--quick" ] && quick=1
+    case "$a" in
+        --quick) quick=1 pass+=("$a") ;;
+        --no-baseline) baseline=0 ;;
+        --profile) profile=1 ;;
+        *) pass+=("$a") ;;
+    esac
 done
+set -- ${pass[@]+"${pass[@]}"}
 
 # Each stage in its own process, appending to one gpu-check.log / results.jsonl: a
 # sticky CUDA error (an illegal address poisons the context) or a hang then costs one
@@ -175,7 +185,7 @@ fi
 # Stage (c)'s baseline: PyTorch + transformers on the same model shape, in the same run
 # (not with --quick). It prints the cloudrm / PyTorch table (also in OUTDIR/summary.md);
 # its own failure (exit 3: no torch or no CUDA) does not change the exit status.
-if [ "$quick" -eq 0 ]; then
+if [ "$quick" -eq 0 ] && [ "$baseline" -eq 1 ]; then
     py=${PYTHON:-python3}
     set +e
     timeout --kill-after=10 100 "$py" scripts/reference/bench_gpu_pytorch.py \
@@ -184,5 +194,25 @@ if [ "$quick" -eq 0 ]; then
     set -e
     cat "$out/summary.md" >&2 || true
     say "gpu-check.sh: PyTorch baseline exited with $prc at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+fi
+# --profile: Nsight Compute's kernel durations of one prefill, 2 single-stream decode
+# steps and 2 K-critique steps of stage (c) (cloudrm gpu-check --profile-steps 2 brackets
+# them with cuProfilerStart/Stop; each forward starts with its embedding_bf16 launch),
+# one CSV row per kernel in OUTDIR/ncu.csv; the program's own output goes to
+# OUTDIR/ncu-app.log.
+if [ "$profile" -eq 1 ] && [ "$quick" -eq 0 ]; then
+    if command -v ncu >/dev/null 2>&1; then
+        set +e
+        timeout --kill-after=10 150 ncu --profile-from-start off --clock-control none \
+            --metrics gpu__time_duration.sum --csv --page raw --print-units base \
+            --log-file "$out/ncu.csv" \
+            "$bin" gpu-check --out "${TMPDIR:-/tmp}/cloudrm-gpu-check-ncu" --stages c \
+            --profile-steps 2 "$@" >"$out/ncu-app.log" 2>&1
+        say "gpu-check.sh: ncu exited with $? at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
+        { printf '\n## Nsight Compute: GPU time per kernel\n\n'; "${PYTHON:-python3}" scripts/ncu_summary.py "$out/ncu.csv"; } >>"$out/summary.md" 2>&1
+        set -e
+    else
+        say "gpu-check.sh: --profile: ncu not found"
+    fi
 fi
 exit "$rc"

@@ -312,6 +312,10 @@ pub enum Command {
         /// Append to DIR/gpu-check.log and DIR/results.jsonl instead of replacing them.
         #[arg(long)]
         append: bool,
+        /// Stage (c): after each timed decode, N more steps between cuProfilerStart and
+        /// cuProfilerStop, for `ncu --profile-from-start off` (gpu-check.sh --profile).
+        #[arg(long, default_value_t = 0)]
+        profile_steps: usize,
     },
     /// Measure load, prefill, single-stream decode (with its read-bandwidth roofline
     /// fraction), the K-critique job with and without prefix sharing, and peak RSS.
@@ -539,12 +543,15 @@ pub fn run(cli: Cli) -> Result<()> {
             random_weights,
             stages,
             append,
+            profile_steps,
         } => {
             let stages = crate::gpu_check::Stages::parse(&stages)?;
             let bench = if quick || !stages.c {
                 None
             } else {
-                Some(crate::gpu_bench::BenchSpec::from_arg(&random_weights)?)
+                let mut spec = crate::gpu_bench::BenchSpec::from_arg(&random_weights)?;
+                spec.profile_steps = profile_steps;
+                Some(spec)
             };
             crate::gpu_check::run(&crate::gpu_check::Options {
                 out,

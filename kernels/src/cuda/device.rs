@@ -92,10 +92,12 @@ pub enum Kernel {
     Argmax,
     FillUniform,
     Sample,
+    FlashPrefillHs64,
+    FlashPrefillHs128,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 18] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::ResidualRmsNorm,
@@ -112,6 +114,8 @@ impl Kernel {
         Kernel::Argmax,
         Kernel::FillUniform,
         Kernel::Sample,
+        Kernel::FlashPrefillHs64,
+        Kernel::FlashPrefillHs128,
     ];
 
     /// The `extern "C"` name.
@@ -133,6 +137,8 @@ impl Kernel {
             Kernel::Argmax => "argmax_f32",
             Kernel::FillUniform => "fill_uniform_bf16",
             Kernel::Sample => "sample_f32",
+            Kernel::FlashPrefillHs64 => "flash_prefill_bf16_hs64",
+            Kernel::FlashPrefillHs128 => "flash_prefill_bf16_hs128",
         }
     }
 
@@ -152,6 +158,7 @@ impl Kernel {
             Kernel::Argmax => "argmax.cu",
             Kernel::FillUniform => "init.cu",
             Kernel::Sample => "sampling.cu",
+            Kernel::FlashPrefillHs64 | Kernel::FlashPrefillHs128 => "flash.cu",
         }
     }
 
@@ -167,7 +174,7 @@ impl Kernel {
             | Kernel::Sample => 1024,
             // launch::norm_threads: C / 4 threads, up to 1024.
             Kernel::RmsNorm | Kernel::ResidualRmsNorm => 1024,
-            Kernel::MergeStates => 128,
+            Kernel::MergeStates | Kernel::FlashPrefillHs64 | Kernel::FlashPrefillHs128 => 128,
             _ => 256,
         }
     }
@@ -226,6 +233,10 @@ impl Kernel {
             Kernel::Sample => &[
                 Ptr, Ptr, Ptr, U32, U32, Ptr, Ptr, Ptr, U32, Ptr, U32, U32, F32, U32, F32, F32, F32,
             ],
+            // out, q, k_arena, v_arena, table, pos0, T, NH, NKV, BS, scale
+            Kernel::FlashPrefillHs64 | Kernel::FlashPrefillHs128 => {
+                &[Ptr, Ptr, Ptr, Ptr, Ptr, U32, U32, U32, U32, U32, F32]
+            }
         }
     }
 }

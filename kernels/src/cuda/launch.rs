@@ -463,6 +463,87 @@ pub fn rope_qkv_paged(
     )
 }
 
+/// Threads of `flash_prefill_bf16_hs*`: 4 warps of 16 query rows.
+const FLASH_THREADS: u32 = 128;
+
+/// Whether the tensor-core prefill kernel serves this shape: HS 64 or 128 and a GQA group
+/// G = NH / NKV that divides 16 (a warp's 16 rows are whole tokens' groups).
+pub fn flash_prefill_supported(shape: &PagedShape) -> bool {
+    let (nh, nkv) = (shape.n_heads, shape.n_kv_heads);
+    matches!(shape.head_dim, 64 | 128)
+        && nkv > 0
+        && nh.is_multiple_of(nkv)
+        && nh / nkv <= 16
+        && 16usize.is_multiple_of(nh / nkv)
+}
+
+/// `flash_prefill_bf16_hs{64,128}`: causal prefill of T tokens at positions pos0 ..
+/// pos0 + T of one sequence. out, q (T, NH, HS) bf16; arenas (NB, BS, NKV, HS) bf16;
+/// table: the sequence's block ids, covering positions 0 .. pos0 + T inside the arena.
+/// Their K/V must already be in the cache (rope_qkv_paged writes them).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_prefill(
+    out: Buf,
+    q: Buf,
+    k_arena: Buf,
+    v_arena: Buf,
+    table: Idx<'_>,
+    pos0: usize,
+    t: usize,
+    shape: PagedShape,
+) -> Spec {
+    const OP: &str = "flash_prefill";
+    let n_blocks = check_arena(OP, &shape, k_arena, v_arena)?;
+    let kernel = attention_kernel(
+        OP,
+        shape.head_dim,
+        Kernel::FlashPrefillHs64,
+        Kernel::FlashPrefillHs128,
+    )?;
+    if !flash_prefill_supported(&shape) {
+        return Err(CudaError::bad(
+            OP,
+            "shape",
+            format!(
+                "G = NH / NKV = {} / {}: the tensor-core prefill needs G dividing 16",
+                shape.n_heads, shape.n_kv_heads
+            ),
+        ));
+    }
+    let (nh, hs) = (shape.n_heads, shape.head_dim);
+    check_len(OP, "q", q.len, t * nh * hs)?;
+    check_len(OP, "out", out.len, t * nh * hs)?;
+    let total = pos0
+        .checked_add(t)
+        .filter(|&n| n <= u32::MAX as usize)
+        .ok_or_else(|| CudaError::bad(OP, "pos0", format!("pos0 {pos0} + T {t} overflows")))?;
+    check_table_row(OP, "table", table.host, total, shape.block_size, n_blocks)?;
+    if t == 0 {
+        return Ok(None);
+    }
+    let tokens_per_cta = 4 * (16 / (nh / shape.n_kv_heads));
+    let gx = grid_x(OP, t.div_ceil(tokens_per_cta))?;
+    let gy = grid_yz(OP, "shape", shape.n_kv_heads)?;
+    spec(
+        kernel,
+        (gx, gy, 1),
+        FLASH_THREADS,
+        vec![
+            Arg::Ptr(out.addr),
+            Arg::Ptr(q.addr),
+            Arg::Ptr(k_arena.addr),
+            Arg::Ptr(v_arena.addr),
+            Arg::Ptr(table.addr),
+            Arg::U32(pos0 as u32),
+            Arg::U32(t as u32),
+            Arg::U32(nh as u32),
+            Arg::U32(shape.n_kv_heads as u32),
+            Arg::U32(shape.block_size as u32),
+            Arg::F32(1.0 / (hs as f32).sqrt()),
+        ],
+    )
+}
+
 /// `paged_decode_attention_bf16_hs{64,128}`: out, q (B, NH, HS) bf16; arenas
 /// (NB, BS, NKV, HS) bf16; block_tables (B, ld_table); seq_lens (B). HS must be 64 or
 /// 128 and G = NH / NKV at most 32 (one warp per query head).
@@ -1271,6 +1352,65 @@ mod tests {
         assert_eq!(ok(rmsnorm(buf(576), buf(576), buf(576), 1e-5)).block, 160);
         assert_eq!(norm_threads(1), 32);
         assert_eq!(norm_threads(8192), 1024);
+    }
+
+    #[test]
+    fn flash_prefill_checks() {
+        let sh = shape(32, 8, 128, 16);
+        let nb = 4;
+        let arena = nb * sh.block_elems();
+        let tables = [3u32, 1, 0, 2];
+        let row = 32 * 128;
+        let spec_of = |pos0: usize, t: usize, tables: &[u32], sh: PagedShape| {
+            flash_prefill(
+                buf(t * row),
+                buf(t * row),
+                buf(arena),
+                buf(arena),
+                idx(tables),
+                pos0,
+                t,
+                sh,
+            )
+        };
+        // G = 4: 4 tokens per warp, 16 per CTA; 37 tokens -> 3 query tiles, 8 KV heads.
+        let s = ok(spec_of(20, 37, &tables, sh));
+        assert_eq!((s.grid, s.block), ((3, 8, 1), 128));
+        assert!(spec_of(0, 0, &tables, sh).unwrap().is_none());
+        // 20 + 45 = 65 positions need 5 blocks; the table has 4.
+        assert_eq!(bad_arg(spec_of(20, 45, &tables, sh)), "table");
+        assert_eq!(bad_arg(spec_of(0, 20, &[0, 9], sh)), "table");
+        // G = 3 (SmolLM2: 9 / 3) does not divide 16; HS 96 has no kernel.
+        assert!(!flash_prefill_supported(&shape(9, 3, 64, 16)));
+        assert!(flash_prefill_supported(&shape(8, 8, 64, 16)));
+        assert!(flash_prefill_supported(&shape(32, 2, 128, 16)));
+        assert!(!flash_prefill_supported(&shape(64, 2, 128, 16)));
+        let g3 = shape(9, 3, 64, 16);
+        let a3 = nb * g3.block_elems();
+        let r = flash_prefill(
+            buf(5 * 9 * 64),
+            buf(5 * 9 * 64),
+            buf(a3),
+            buf(a3),
+            idx(&tables),
+            0,
+            5,
+            g3,
+        );
+        assert_eq!(bad_arg(r), "shape");
+        assert_eq!(
+            bad_arg(flash_prefill(
+                buf(5 * row),
+                buf(4 * row),
+                buf(arena),
+                buf(arena),
+                idx(&tables),
+                0,
+                5,
+                sh
+            )),
+            "q"
+        );
     }
 
     #[test]

@@ -260,6 +260,38 @@ impl CudaDevice {
         )?)
     }
 
+    /// `flash_prefill_bf16_hs*`: causal prefill attention of T tokens of one sequence
+    /// (positions pos0 .. pos0 + T, their K/V already in the cache) on the tensor cores.
+    ///
+    /// - `out`, `q`: (T, NH, HS) bf16; `table`: the sequence's block ids
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_prefill(
+        &self,
+        out: &mut impl DevicePtrMut<bf16>,
+        q: &impl DevicePtr<bf16>,
+        k_arena: &impl DevicePtr<bf16>,
+        v_arena: &impl DevicePtr<bf16>,
+        table: &IndexBuf,
+        pos0: usize,
+        t: usize,
+        shape: PagedShape,
+    ) -> Result<(), CudaError> {
+        let (o, _go) = wr!(self, out);
+        let (qb, _gq) = rd!(self, q);
+        let (k, _gk) = rd!(self, k_arena);
+        let (v, _gv) = rd!(self, v_arena);
+        self.run(launch::flash_prefill(
+            o,
+            qb,
+            k,
+            v,
+            table.idx(self),
+            pos0,
+            t,
+            shape,
+        )?)
+    }
+
     /// Uploads a work plan after checking its internal consistency.
     pub fn upload_plan(&self, plan: WorkPlan) -> Result<DevicePlan, CudaError> {
         let max_block = launch::check_plan(&plan)?;

@@ -681,6 +681,26 @@ impl Checks<'_> {
             "B=3,no positions",
             || self.cascade_all_empty(),
         );
+        // The tensor-core prefill (G must divide 16): Llama-3 (G = 4), a short prompt
+        // after a cached prefix, a long one from 0 with a partial last query tile, G = 1
+        // and G = 8 at HS 64.
+        let long_t = if self.quick { 77 } else { 333 };
+        for (sh, pos0, t) in [
+            (paged(32, 8, 128, 16), 20usize, 17usize),
+            (paged(32, 8, 128, 16), 0, long_t),
+            (paged(4, 4, 64, 16), 5, 70),
+            (paged(16, 2, 64, 16), 33, 41),
+        ] {
+            log.check(
+                "a",
+                "flash_prefill",
+                &format!(
+                    "NH={},NKV={},HS={},pos0={pos0},T={t}",
+                    sh.n_heads, sh.n_kv_heads, sh.head_dim
+                ),
+                || self.flash_prefill(sh, pos0, t),
+            );
+        }
 
         for &n in rows {
             for (inter, fused) in [(1536usize, true), (1536, false), (578, true)] {
@@ -1160,6 +1180,33 @@ impl Checks<'_> {
             },
         )?;
         self.run_plan(plan, &q, &kk, &vv, sh, &want)
+    }
+
+    /// `flash_prefill` against the reference prefill on the same inputs (and the same
+    /// scattered block table) as the partial-kernel prefill check.
+    fn flash_prefill(&mut self, sh: PagedShape, pos0: usize, t: usize) -> CheckResult {
+        let bs = sh.block_size;
+        let nb = (pos0 + t).div_ceil(bs);
+        let table = self.rng.perm(nb);
+        let (kk, kf, vv, vf) = self.arenas(&sh, nb);
+        let width = sh.n_heads * sh.head_dim;
+        let (q, qf) = self.rng.bf16s(t * width, 4.0, 0.0);
+        let mut want = vec![0.0; t * width];
+        let mut scratch = vec![0.0; refattn::prefill_scratch_len(&sh, pos0, t)];
+        refattn::paged_prefill_attention(&mut want, &qf, &kf, &vf, &table, pos0, sh, &mut scratch)
+            .map_err(kernel_err)?;
+        let Some(d) = self.dev else {
+            return Ok(Outcome::dry());
+        };
+        let (q_d, k_d, v_d) = (d.upload(&q)?, d.upload(&kk)?, d.upload(&vv)?);
+        let table_d = d.upload_index(&table)?;
+        let mut out = d.upload(&vec![bf16::from_f32(f32::NAN); want.len()])?;
+        let t0 = Instant::now();
+        d.flash_prefill(&mut out, &q_d, &k_d, &v_d, &table_d, pos0, t, sh)?;
+        d.synchronize()?;
+        let ms = ms(t0);
+        let got = to_f32(&d.download(&out)?);
+        Ok(Outcome::rel_l2(rel_l2(&got, &want), REL_L2_BF16, ms))
     }
 
     /// Sequences with no positions at all merge to zero rows, never NaN.

@@ -6,8 +6,9 @@ usage: scripts/ncu_summary.py NCU_CSV [--top N]
 Reads the CSV that `ncu --csv --page raw --metrics gpu__time_duration.sum` wrote (one
 row per kernel launch, in launch order), splits it into forwards at each
 `embedding_bf16` launch (every forward starts with one), and names the sections by what
-`cloudrm gpu-check --profile-steps 2` profiles in turn: one prefill, two single-stream
-decode steps, two K-critique steps. Prints a Markdown table per section: the kernels
+`cloudrm gpu-check --profile-steps 2` profiles in turn: one prefill, one prefill with the
+tensor-core attention (where the model's shape has it), two single-stream decode steps,
+two K-critique steps. Prints a Markdown table per section: the kernels
 grouped by name and grid, total and mean time, sorted by total. Standard library only.
 """
 
@@ -16,7 +17,10 @@ import collections
 import csv
 import sys
 
-SECTIONS = ["prefill", "decode step", "decode step", "k16 step", "k16 step"]
+SECTIONS = {
+    5: ["prefill", "decode step", "decode step", "k16 step", "k16 step"],
+    6: ["prefill", "prefill (flash)", "decode step", "decode step", "k16 step", "k16 step"],
+}
 
 
 def read(path):
@@ -85,7 +89,8 @@ def main(argv=None):
         print(f"{a.csv}: no kernels")
         return 1
     for i, p in enumerate(parts):
-        label = SECTIONS[i] if len(parts) == len(SECTIONS) else f"forward {i + 1}"
+        names = SECTIONS.get(len(parts))
+        label = names[i] if names else f"forward {i + 1}"
         print(f"### {label} ({i + 1} of {len(parts)})\n")
         print(table(p, a.top))
         print()

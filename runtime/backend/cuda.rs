@@ -436,6 +436,14 @@ impl<'a> SharedLayout<'a> {
     }
 }
 
+/// How a forward's rows attend.
+enum Attention {
+    /// Partial + merge kernels as the plan says (prefill, decode, cascade).
+    Planned(WorkPlan),
+    /// Causal prefill of one sequence at positions pos0.. on the tensor cores.
+    Flash { pos0: usize },
+}
+
 /// The rows of one forward call: token ids at positions, each of a sequence whose block
 /// table is a row of `tables`.
 #[derive(Debug, Clone, Copy)]
@@ -495,6 +503,9 @@ pub struct CudaSession<'m, 'd> {
     seq_d: IndexBuf,
     table_d: IndexBuf,
     plan_d: Option<DevicePlan>,
+    /// Prefill attention on the tensor cores (`flash_prefill_bf16_*`) where the shape
+    /// allows it; off by default until a GPU run has checked it end to end.
+    flash_prefill: bool,
     hist_off_d: IndexBuf,
     hist_d: IndexBuf,
     ctr_d: IndexBuf,
@@ -559,6 +570,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             seq_d: d.upload_index(&[])?,
             table_d: d.upload_index(&[])?,
             plan_d: None,
+            flash_prefill: false,
             hist_off_d: d.upload_index(&[])?,
             hist_d: d.upload_index(&[])?,
             ctr_d: d.upload_index(&[])?,
@@ -567,6 +579,14 @@ impl<'m, 'd> CudaSession<'m, 'd> {
 
     pub fn n_blocks(&self) -> usize {
         self.n_blocks
+    }
+
+    /// Run `prefill`'s attention on the tensor cores (`flash_prefill`) when `on` and the
+    /// model's shape allows it (HS 64 or 128, G dividing 16); returns whether it will.
+    pub fn set_flash_prefill(&mut self, on: bool) -> bool {
+        self.flash_prefill =
+            on && cloudrm_kernels::cuda::launch::flash_prefill_supported(&self.m.shape);
+        self.flash_prefill
     }
 
     /// Causal prefill of `ids` at positions pos0.. of the sequence with block `table`
@@ -580,7 +600,11 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         all_logits: bool,
     ) -> Result<(), CudaError> {
         let t = ids.len();
-        let plan = prefill_plan(table, pos0, t, &self.m.shape, self.n_blocks)?;
+        let attn = if self.flash_prefill {
+            Attention::Flash { pos0 }
+        } else {
+            Attention::Planned(prefill_plan(table, pos0, t, &self.m.shape, self.n_blocks)?)
+        };
         let positions: Vec<u32> = (pos0..pos0 + t).map(|p| p as u32).collect();
         let seqs = vec![0u32; t];
         let rows = Rows {
@@ -595,7 +619,7 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         } else {
             t.saturating_sub(1)..t
         };
-        self.forward(&rows, plan, logit_rows)
+        self.forward_with(&rows, attn, logit_rows)
     }
 
     /// One forward of `rows` through every layer, attention as `plan` says (its query
@@ -605,6 +629,15 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         &mut self,
         rows: &Rows<'_>,
         plan: WorkPlan,
+        logit_rows: std::ops::Range<usize>,
+    ) -> Result<(), CudaError> {
+        self.forward_with(rows, Attention::Planned(plan), logit_rows)
+    }
+
+    fn forward_with(
+        &mut self,
+        rows: &Rows<'_>,
+        attn: Attention,
         logit_rows: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
         const OP: &str = "CudaSession::forward";
@@ -620,12 +653,22 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         }
         check_len(OP, "positions", rows.positions.len(), t)?;
         check_len(OP, "seqs", rows.seqs.len(), t)?;
-        if plan.n_seqs != t {
-            return Err(CudaError::bad(
-                OP,
-                "plan",
-                format!("{} query sequences for {t} rows", plan.n_seqs),
-            ));
+        match &attn {
+            Attention::Planned(plan) if plan.n_seqs != t => {
+                return Err(CudaError::bad(
+                    OP,
+                    "plan",
+                    format!("{} query sequences for {t} rows", plan.n_seqs),
+                ));
+            }
+            Attention::Flash { .. } if rows.seqs.iter().any(|&s| s != 0) => {
+                return Err(CudaError::bad(
+                    OP,
+                    "seqs",
+                    "the tensor-core prefill attends one sequence (table row 0)".to_string(),
+                ));
+            }
+            _ => {}
         }
         if logit_rows.start > logit_rows.end
             || logit_rows.end > t
@@ -654,17 +697,20 @@ impl<'m, 'd> CudaSession<'m, 'd> {
         d.refill_index(&mut self.pos_d, rows.positions)?;
         d.refill_index(&mut self.seq_d, rows.seqs)?;
         d.refill_index(&mut self.table_d, rows.tables)?;
-        let n_states = plan.n_slots.max(1) * nh;
-        if self.states_lse.len() < n_states {
-            self.states_o = d.alloc_zeros(n_states * hs)?;
-            self.states_lse = d.alloc_zeros(n_states)?;
-        }
-        match &mut self.plan_d {
-            Some(p) => d.refill_plan(p, plan)?,
-            None => self.plan_d = Some(d.upload_plan(plan)?),
-        }
-        let Some(plan_d) = self.plan_d.as_ref() else {
-            unreachable!("set above")
+        let flash_pos0 = match attn {
+            Attention::Planned(plan) => {
+                let n_states = plan.n_slots.max(1) * nh;
+                if self.states_lse.len() < n_states {
+                    self.states_o = d.alloc_zeros(n_states * hs)?;
+                    self.states_lse = d.alloc_zeros(n_states)?;
+                }
+                match &mut self.plan_d {
+                    Some(p) => d.refill_plan(p, plan)?,
+                    None => self.plan_d = Some(d.upload_plan(plan)?),
+                }
+                None
+            }
+            Attention::Flash { pos0 } => Some(pos0),
         };
         let (ids_d, pos_d, seq_d, table_d) = (&self.ids_d, &self.pos_d, &self.seq_d, &self.table_d);
 
@@ -694,16 +740,35 @@ impl<'m, 'd> CudaSession<'m, 'd> {
                 qkv_w,
                 sh,
             )?;
-            d.planned_attention(
-                &mut att,
-                &q,
-                &self.k_cache[l],
-                &self.v_cache[l],
-                plan_d,
-                &mut self.states_o,
-                &mut self.states_lse,
-                sh,
-            )?;
+            match (flash_pos0, self.plan_d.as_ref()) {
+                (Some(pos0), _) => d.flash_prefill(
+                    &mut att,
+                    &q,
+                    &self.k_cache[l],
+                    &self.v_cache[l],
+                    table_d,
+                    pos0,
+                    t,
+                    sh,
+                )?,
+                (None, Some(plan_d)) => d.planned_attention(
+                    &mut att,
+                    &q,
+                    &self.k_cache[l],
+                    &self.v_cache[l],
+                    plan_d,
+                    &mut self.states_o,
+                    &mut self.states_lse,
+                    sh,
+                )?,
+                (None, None) => {
+                    return Err(CudaError::bad(
+                        OP,
+                        "plan",
+                        "no plan was uploaded".to_string(),
+                    ));
+                }
+            }
             d.gemm_bf16(&mut proj, &att, &lw.wo, t, c, nh * hs)?;
             d.residual_rmsnorm(&mut x, &proj, &mut xn, &lw.mlp_norm, m.eps)?;
             d.gemm_bf16(&mut gu, &xn, &lw.wgu, t, 2 * inter, c)?;

@@ -681,26 +681,6 @@ impl Checks<'_> {
             "B=3,no positions",
             || self.cascade_all_empty(),
         );
-        // The tensor-core prefill (G must divide 16): Llama-3 (G = 4), a short prompt
-        // after a cached prefix, a long one from 0 with a partial last query tile, G = 1
-        // and G = 8 at HS 64.
-        let long_t = if self.quick { 77 } else { 333 };
-        for (sh, pos0, t) in [
-            (paged(32, 8, 128, 16), 20usize, 17usize),
-            (paged(32, 8, 128, 16), 0, long_t),
-            (paged(4, 4, 64, 16), 5, 70),
-            (paged(16, 2, 64, 16), 33, 41),
-        ] {
-            log.check(
-                "a",
-                "flash_prefill",
-                &format!(
-                    "NH={},NKV={},HS={},pos0={pos0},T={t}",
-                    sh.n_heads, sh.n_kv_heads, sh.head_dim
-                ),
-                || self.flash_prefill(sh, pos0, t),
-            );
-        }
 
         for &n in rows {
             for (inter, fused) in [(1536usize, true), (1536, false), (578, true)] {
@@ -818,6 +798,28 @@ impl Checks<'_> {
                 "gemm_bf16(bf16 out)",
                 &format!("M={m},N={n},K={k}"),
                 || self.gemm::<bf16>(m, n, k),
+            );
+        }
+
+        // Last (a new kernel: a fault in it must not cost the checks above): the
+        // tensor-core prefill (G must divide 16): Llama-3 (G = 4), a short prompt
+        // after a cached prefix, a long one from 0 with a partial last query tile, G = 1
+        // and G = 8 at HS 64.
+        let long_t = if self.quick { 77 } else { 333 };
+        for (sh, pos0, t) in [
+            (paged(32, 8, 128, 16), 20usize, 17usize),
+            (paged(32, 8, 128, 16), 0, long_t),
+            (paged(4, 4, 64, 16), 5, 70),
+            (paged(16, 2, 64, 16), 33, 41),
+        ] {
+            log.check(
+                "a",
+                "flash_prefill",
+                &format!(
+                    "NH={},NKV={},HS={},pos0={pos0},T={t}",
+                    sh.n_heads, sh.n_kv_heads, sh.head_dim
+                ),
+                || self.flash_prefill(sh, pos0, t),
             );
         }
     }

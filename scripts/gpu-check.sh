@@ -196,7 +196,7 @@ if [ "$quick" -eq 0 ] && [ "$baseline" -eq 1 ]; then
     say "gpu-check.sh: PyTorch baseline exited with $prc at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
 fi
 # --profile: Nsight Compute's kernel durations of one prefill, 2 single-stream decode
-# steps and 2 K-critique steps of stage (c) (cloudrm gpu-check --profile-steps 2 brackets
+# steps, 2 K-critique steps and (8B shape) one tensor-core prefill of stage (c) (cloudrm gpu-check --profile-steps 2 brackets
 # them with cuProfilerStart/Stop; each forward starts with its embedding_bf16 launch),
 # one CSV row per kernel in OUTDIR/ncu.csv; the program's own output goes to
 # OUTDIR/ncu-app.log.

@@ -6,9 +6,9 @@ usage: scripts/ncu_summary.py NCU_CSV [--top N]
 Reads the CSV that `ncu --csv --page raw --metrics gpu__time_duration.sum` wrote (one
 row per kernel launch, in launch order), splits it into forwards at each
 `embedding_bf16` launch (every forward starts with one), and names the sections by what
-`cloudrm gpu-check --profile-steps 2` profiles in turn: one prefill, one prefill with the
-tensor-core attention (where the model's shape has it), two single-stream decode steps,
-two K-critique steps. Prints a Markdown table per section: the kernels
+`cloudrm gpu-check --profile-steps 2` profiles in turn: one prefill, two single-stream
+decode steps, two K-critique steps, then one prefill with the tensor-core attention
+(where the model's shape has it). Prints a Markdown table per section: the kernels
 grouped by name and grid, total and mean time, sorted by total. Standard library only.
 """
 
@@ -19,7 +19,7 @@ import sys
 
 SECTIONS = {
     5: ["prefill", "decode step", "decode step", "k16 step", "k16 step"],
-    6: ["prefill", "prefill (flash)", "decode step", "decode step", "k16 step", "k16 step"],
+    6: ["prefill", "decode step", "decode step", "k16 step", "k16 step", "prefill (flash)"],
 }
 
 

@@ -195,11 +195,11 @@ if [ "$quick" -eq 0 ] && [ "$baseline" -eq 1 ]; then
     cat "$out/summary.md" >&2 || true
     say "gpu-check.sh: PyTorch baseline exited with $prc at $(date -u '+%Y-%m-%dT%H:%M:%SZ')"
 fi
-# --profile: Nsight Compute's kernel durations of one prefill, 2 single-stream decode
-# steps, 2 K-critique steps and (8B shape) one tensor-core prefill of stage (c) (cloudrm gpu-check --profile-steps 2 brackets
-# them with cuProfilerStart/Stop; each forward starts with its embedding_bf16 launch),
-# one CSV row per kernel in OUTDIR/ncu.csv; the program's own output goes to
-# OUTDIR/ncu-app.log.
+# --profile: Nsight Compute's kernel durations in stage (c) of one prefill, 2 single-
+# stream decode steps, 2 K-critique steps and (8B shape) one tensor-core prefill
+# (cloudrm gpu-check --profile-steps 2 brackets them with cuProfilerStart/Stop; each
+# forward starts with its embedding_bf16 launch), one CSV row per kernel in
+# OUTDIR/ncu.csv; the program's own output goes to OUTDIR/ncu-app.log.
 if [ "$profile" -eq 1 ] && [ "$quick" -eq 0 ]; then
     if command -v ncu >/dev/null 2>&1; then
         set +e

@@ -204,19 +204,19 @@ fn flash_emulate(
                         let (da, _, db, _) = lane_rows(lane);
                         let lim_a = pos0 + wtok0 + da;
                         let lim_b = pos0 + wtok0 + db;
-                        for j in 0..4 {
+                        for (j, sj) in s.iter_mut().enumerate() {
                             for e in 0..2 {
                                 let p = t0 + j * 8 + 2 * t + e;
                                 let ok_a = p <= lim_a && p < kv_total;
                                 let ok_b = p <= lim_b && p < kv_total;
-                                let sa = &mut s[j][lane][e];
+                                let sa = &mut sj[lane][e];
                                 *sa = if ok_a {
                                     *sa * scale_log2
                                 } else {
                                     f32::NEG_INFINITY
                                 };
                                 mx_a[lane] = mx_a[lane].max(*sa);
-                                let sb = &mut s[j][lane][2 + e];
+                                let sb = &mut sj[lane][2 + e];
                                 *sb = if ok_b {
                                     *sb * scale_log2
                                 } else {

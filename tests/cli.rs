@@ -227,6 +227,38 @@ fn gpu_check_random_weights_config_is_checked_first() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `--stages` takes letters of "abc": anything else is refused before anything runs,
+/// naming the flag; a valid subset runs only its stages (dry run).
+#[test]
+fn gpu_check_stages_are_checked() {
+    let dir = temp_dir("cli-gpu-check-stages");
+    for bad in ["xz", "aa", ""] {
+        let out = cloudrm()
+            .args(["gpu-check", "--dry-run", "--quick", "--stages", bad, "--out"])
+            .arg(dir.join("out"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--stages {bad:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--stages"), "stderr: {stderr}");
+        assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    }
+    let out = cloudrm()
+        .args(["gpu-check", "--dry-run", "--quick", "--stages", "b", "--out"])
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(dir.join("out").join("gpu-check.log")).unwrap();
+    assert!(log.contains("] b llama_prefill"), "{log}");
+    assert!(!log.contains("] a "), "{log}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn gpu_check_without_cuda_fails_fast_with_a_typed_error() {
     let dir = temp_dir("cli-gpu-check").join("out");

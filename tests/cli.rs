@@ -234,7 +234,14 @@ fn gpu_check_stages_are_checked() {
     let dir = temp_dir("cli-gpu-check-stages");
     for bad in ["xz", "aa", ""] {
         let out = cloudrm()
-            .args(["gpu-check", "--dry-run", "--quick", "--stages", bad, "--out"])
+            .args([
+                "gpu-check",
+                "--dry-run",
+                "--quick",
+                "--stages",
+                bad,
+                "--out",
+            ])
             .arg(dir.join("out"))
             .output()
             .unwrap();
@@ -244,7 +251,14 @@ fn gpu_check_stages_are_checked() {
         assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     }
     let out = cloudrm()
-        .args(["gpu-check", "--dry-run", "--quick", "--stages", "b", "--out"])
+        .args([
+            "gpu-check",
+            "--dry-run",
+            "--quick",
+            "--stages",
+            "b",
+            "--out",
+        ])
         .arg(dir.join("out"))
         .output()
         .unwrap();

@@ -126,6 +126,33 @@ fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// Runs `f` between cuProfilerStart and cuProfilerStop (`ncu --profile-from-start off`).
+fn profiled(d: &CudaDevice, f: impl FnOnce() -> Result<(), CudaError>) -> Result<(), CudaError> {
+    d.profiler(true)?;
+    f()?;
+    d.profiler(false)
+}
+
+/// The best of 3 synchronised runs of `f`, seconds; then, with `profile`, one more run
+/// under the profiler.
+fn best_of_3(
+    d: &CudaDevice,
+    profile: bool,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        f()?;
+        d.synchronize()?;
+        best = best.min(secs(t));
+    }
+    if profile {
+        profiled(d, f)?;
+    }
+    Ok(best)
+}
+
 /// Device-to-device copy bandwidth, GB/s counting bytes read + written (best of 5).
 pub fn copy_bandwidth(d: &CudaDevice, bytes: usize) -> Result<f64, CudaError> {
     let src = d.alloc_zeros::<u8>(bytes)?;
@@ -189,22 +216,11 @@ pub fn run(
     // Prefill: one warm-up (module loads, cuBLAS heuristics), then the best of 3.
     let ids = prompt(spec.prefill, 1);
     let table: Vec<u32> = (0..spec.prefill.div_ceil(bs) as u32).collect();
+    let profile = spec.profile_steps > 0;
     let prefill = (|| {
         sess.prefill(&table, 0, &ids, false)?;
         d.synchronize()?;
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            let t = Instant::now();
-            sess.prefill(&table, 0, &ids, false)?;
-            d.synchronize()?;
-            best = best.min(secs(t));
-        }
-        if spec.profile_steps > 0 {
-            d.profiler(true)?;
-            sess.prefill(&table, 0, &ids, false)?;
-            d.profiler(false)?;
-        }
-        Ok(best)
+        best_of_3(d, profile, || sess.prefill(&table, 0, &ids, false))
     })();
     each(prefill.map(|s| BenchRecord {
         op: "prefill",
@@ -226,18 +242,19 @@ pub fn run(
             s.argmax(1)
         })?;
         let took = secs(t);
-        if spec.profile_steps > 0 {
-            d.profiler(true)?;
-            sess.decode_shared(
-                &[0],
-                1,
-                &first,
-                spec.profile_steps,
-                &free,
-                DECODE_SPLIT,
-                |_, s| s.argmax(1),
-            )?;
-            d.profiler(false)?;
+        if profile {
+            profiled(d, || {
+                sess.decode_shared(
+                    &[0],
+                    1,
+                    &first,
+                    spec.profile_steps,
+                    &free,
+                    DECODE_SPLIT,
+                    |_, s| s.argmax(1),
+                )
+                .map(drop)
+            })?;
         }
         Ok(took)
     })();
@@ -295,18 +312,19 @@ pub fn run(
             sample,
         )?;
         let took = secs(t);
-        if spec.profile_steps > 0 {
-            d.profiler(true)?;
-            sess.decode_shared(
-                &ptable,
-                spec.prefix,
-                &firsts,
-                spec.profile_steps,
-                &free,
-                DECODE_SPLIT,
-                sample,
-            )?;
-            d.profiler(false)?;
+        if profile {
+            profiled(d, || {
+                sess.decode_shared(
+                    &ptable,
+                    spec.prefix,
+                    &firsts,
+                    spec.profile_steps,
+                    &free,
+                    DECODE_SPLIT,
+                    sample,
+                )
+                .map(drop)
+            })?;
         }
         Ok((prefill_s, took))
     })();
@@ -334,14 +352,11 @@ pub fn run(
     }));
 
     // Last (a new kernel: a fault in it must not cost the benches above): the prefill
-    // with the tensor-core attention (`flash_prefill`), where the shape allows it. Its
-    // last-row logits must match the partial kernels' (rel. L2 < 2e-2), then the best of
-    // 3. The session goes back to the partial kernels afterwards.
-    let ids = prompt(spec.prefill, 1);
-    let table: Vec<u32> = (0..spec.prefill.div_ceil(bs) as u32).collect();
-    if sess.set_flash_prefill(true) {
+    // with the tensor-core attention (`flash_prefill`), where the shape allows it, on the
+    // prefill's prompt. Its last-row logits must match the partial kernels' (rel. L2 <
+    // 2e-2), then the best of 3. The session goes back to the partial kernels afterwards.
+    if cloudrm_kernels::cuda::launch::flash_prefill_supported(&model.shape()) {
         let flash = (|| {
-            sess.set_flash_prefill(false);
             sess.prefill(&table, 0, &ids, false)?;
             let want = sess.logits(1)?;
             sess.set_flash_prefill(true);
@@ -355,18 +370,7 @@ pub fn run(
                     format!("rel. L2 {err:.3e} against the partial-kernel prefill (< 2e-2)"),
                 ));
             }
-            let mut best = f64::INFINITY;
-            for _ in 0..3 {
-                let t = Instant::now();
-                sess.prefill(&table, 0, &ids, false)?;
-                d.synchronize()?;
-                best = best.min(secs(t));
-            }
-            if spec.profile_steps > 0 {
-                d.profiler(true)?;
-                sess.prefill(&table, 0, &ids, false)?;
-                d.profiler(false)?;
-            }
+            let best = best_of_3(d, profile, || sess.prefill(&table, 0, &ids, false))?;
             Ok((best, err))
         })();
         sess.set_flash_prefill(false);

@@ -549,6 +549,17 @@ struct Checks<'d> {
     quick: bool,
 }
 
+/// Inputs and reference output of a prefill attention check.
+struct PrefillCase {
+    /// Blocks in the arenas.
+    nb: usize,
+    table: Vec<u32>,
+    k: Vec<bf16>,
+    v: Vec<bf16>,
+    q: Vec<bf16>,
+    want: Vec<f32>,
+}
+
 fn paged(nh: usize, nkv: usize, hs: usize, bs: usize) -> PagedShape {
     PagedShape {
         n_heads: nh,
@@ -1159,17 +1170,42 @@ impl Checks<'_> {
         self.run_plan(plan, &q, &kk, &vv, sh, &want)
     }
 
-    fn prefill(&mut self, sh: PagedShape, pos0: usize, t: usize) -> CheckResult {
-        let bs = sh.block_size;
-        let nb = (pos0 + t).div_ceil(bs);
+    /// Random inputs of a causal prefill of `t` tokens at `pos0` (a scattered block
+    /// table, both arenas, the queries) and the reference output.
+    fn prefill_case(
+        &mut self,
+        sh: PagedShape,
+        pos0: usize,
+        t: usize,
+    ) -> Result<PrefillCase, CudaError> {
+        let nb = (pos0 + t).div_ceil(sh.block_size);
         let table = self.rng.perm(nb);
-        let (kk, kf, vv, vf) = self.arenas(&sh, nb);
+        let (k, kf, v, vf) = self.arenas(&sh, nb);
         let width = sh.n_heads * sh.head_dim;
         let (q, qf) = self.rng.bf16s(t * width, 4.0, 0.0);
         let mut want = vec![0.0; t * width];
         let mut scratch = vec![0.0; refattn::prefill_scratch_len(&sh, pos0, t)];
         refattn::paged_prefill_attention(&mut want, &qf, &kf, &vf, &table, pos0, sh, &mut scratch)
             .map_err(kernel_err)?;
+        Ok(PrefillCase {
+            nb,
+            table,
+            k,
+            v,
+            q,
+            want,
+        })
+    }
+
+    fn prefill(&mut self, sh: PagedShape, pos0: usize, t: usize) -> CheckResult {
+        let PrefillCase {
+            nb,
+            table,
+            k: kk,
+            v: vv,
+            q,
+            want,
+        } = self.prefill_case(sh, pos0, t)?;
         let plan = WorkPlan::causal_prefill(
             &table,
             pos0,
@@ -1187,16 +1223,14 @@ impl Checks<'_> {
     /// `flash_prefill` against the reference prefill on the same inputs (and the same
     /// scattered block table) as the partial-kernel prefill check.
     fn flash_prefill(&mut self, sh: PagedShape, pos0: usize, t: usize) -> CheckResult {
-        let bs = sh.block_size;
-        let nb = (pos0 + t).div_ceil(bs);
-        let table = self.rng.perm(nb);
-        let (kk, kf, vv, vf) = self.arenas(&sh, nb);
-        let width = sh.n_heads * sh.head_dim;
-        let (q, qf) = self.rng.bf16s(t * width, 4.0, 0.0);
-        let mut want = vec![0.0; t * width];
-        let mut scratch = vec![0.0; refattn::prefill_scratch_len(&sh, pos0, t)];
-        refattn::paged_prefill_attention(&mut want, &qf, &kf, &vf, &table, pos0, sh, &mut scratch)
-            .map_err(kernel_err)?;
+        let PrefillCase {
+            table,
+            k: kk,
+            v: vv,
+            q,
+            want,
+            ..
+        } = self.prefill_case(sh, pos0, t)?;
         let Some(d) = self.dev else {
             return Ok(Outcome::dry());
         };

@@ -37,6 +37,19 @@ __device__ __forceinline__ bool norm_vec_ok(u32 C, const float* x, const void* a
            aligned_to(a, 8) && aligned_to(b, 8) && aligned_to(c, 8);
 }
 
+// This thread's sum of squares of its float4 groups (the padding groups are zero).
+__device__ __forceinline__ float sum_squares(const float4 (&v)[NORM_VEC]) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; ++j) {
+        ss = fmaf(v[j].x, v[j].x, ss);
+        ss = fmaf(v[j].y, v[j].y, ss);
+        ss = fmaf(v[j].z, v[j].z, ss);
+        ss = fmaf(v[j].w, v[j].w, ss);
+    }
+    return ss;
+}
+
 // Writes out[i] = weight[i] * (v[i] * rstd) for the thread's float4 groups (fast path).
 __device__ __forceinline__ void rmsnorm_vec_write(bf16_t* __restrict__ out,
                                                   const bf16_t* __restrict__ weight,
@@ -81,15 +94,7 @@ extern "C" __global__ void __launch_bounds__(1024) rmsnorm_bf16(bf16_t* __restri
             const u32 i = threadIdx.x + j * blockDim.x;
             v[j] = i < n4 ? reinterpret_cast<const float4*>(x)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
         }
-        float ss = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NORM_VEC; ++j) {
-            ss = fmaf(v[j].x, v[j].x, ss);
-            ss = fmaf(v[j].y, v[j].y, ss);
-            ss = fmaf(v[j].z, v[j].z, ss);
-            ss = fmaf(v[j].w, v[j].w, ss);
-        }
-        ss = block_sum(ss, scratch);
+        const float ss = block_sum(sum_squares(v), scratch);
         const float rstd = 1.0f / sqrtf(ss / (float)C + eps);
         rmsnorm_vec_write(out + row, weight, v, n4, rstd);
         return;
@@ -128,7 +133,6 @@ extern "C" __global__ void __launch_bounds__(1024) residual_rmsnorm_bf16(float* 
                 dv[j] = make_uint2(0u, 0u);
             }
         }
-        float ss = 0.0f;
 #pragma unroll
         for (int j = 0; j < NORM_VEC; ++j) {
             const float2 d0 = bf16x2_to_f32x2(dv[j].x);
@@ -141,12 +145,8 @@ extern "C" __global__ void __launch_bounds__(1024) residual_rmsnorm_bf16(float* 
             if (i < n4) {
                 reinterpret_cast<float4*>(x)[i] = v[j];
             }
-            ss = fmaf(v[j].x, v[j].x, ss);
-            ss = fmaf(v[j].y, v[j].y, ss);
-            ss = fmaf(v[j].z, v[j].z, ss);
-            ss = fmaf(v[j].w, v[j].w, ss);
         }
-        ss = block_sum(ss, scratch);
+        const float ss = block_sum(sum_squares(v), scratch);
         const float rstd = 1.0f / sqrtf(ss / (float)C + eps);
         rmsnorm_vec_write(out + row, weight, v, n4, rstd);
         return;

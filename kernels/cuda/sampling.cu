@@ -77,6 +77,17 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// The row's max and sum of exp(x - max), both block-reduced (every thread gets them).
+__device__ __forceinline__ float2 block_max_sum_exp(const float* x, u32 V, float* scratch) {
+    const u32 tid = threadIdx.x, nt = blockDim.x;
+    float mx = NEG_INF;
+    for (u32 v = tid; v < V; v += nt) mx = fmaxf(mx, x[v]);
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (u32 v = tid; v < V; v += nt) sum += expf(x[v] - mx);
+    return make_float2(mx, block_sum(sum, scratch));
+}
+
 __device__ __forceinline__ u32 block_min_u32(u32 v, u32* scratch) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
 #pragma unroll
@@ -266,12 +277,8 @@ extern "C" __global__ void sample_f32(u32* __restrict__ ids, u32* __restrict__ s
     }
 
     // Max and sum of exp(x - max) over the current logits (block reductions).
-    float mx = NEG_INF;
-    for (u32 v = tid; v < V; v += nt) mx = fmaxf(mx, x[v]);
-    mx = block_max(mx, s_f);
-    float sum = 0.0f;
-    for (u32 v = tid; v < V; v += nt) sum += expf(x[v] - mx);
-    sum = block_sum(sum, s_f);
+    float2 ms = block_max_sum_exp(x, V, s_f);
+    float mx = ms.x, sum = ms.y;
 
     // 4. Top-p: the largest order key K* whose tail mass (tokens with key <= K*) is
     //    <= thr; mask those keys, except the most likely token.
@@ -316,27 +323,19 @@ extern "C" __global__ void sample_f32(u32* __restrict__ ids, u32* __restrict__ s
 
     // 5. Min-p (max and sum recomputed after the top-p masks, as the CPU does).
     if (min_p > 0.0f) {
-        float m2 = NEG_INF;
-        for (u32 v = tid; v < V; v += nt) m2 = fmaxf(m2, x[v]);
-        m2 = block_max(m2, s_f);
-        float s2 = 0.0f;
-        for (u32 v = tid; v < V; v += nt) s2 += expf(x[v] - m2);
-        s2 = block_sum(s2, s_f);
+        ms = block_max_sum_exp(x, V, s_f);
+        const float m2 = ms.x, s2 = ms.y;
         const float thr = min_p * (1.0f / s2);
         for (u32 v = tid; v < V; v += nt) {
             if (expf(x[v] - m2) / s2 < thr) x[v] = NEG_INF;
         }
         __syncthreads();
-        mx = m2;
     }
 
     // 6. Softmax and the inverse CDF in index order: each thread owns a contiguous chunk.
-    mx = NEG_INF;
-    for (u32 v = tid; v < V; v += nt) mx = fmaxf(mx, x[v]);
-    mx = block_max(mx, s_f);
-    sum = 0.0f;
-    for (u32 v = tid; v < V; v += nt) sum += expf(x[v] - mx);
-    sum = block_sum(sum, s_f);
+    ms = block_max_sum_exp(x, V, s_f);
+    mx = ms.x;
+    sum = ms.y;
     const u32 chunk = (V + nt - 1) / nt;
     const u32 c0 = min(V, tid * chunk), c1 = min(V, c0 + chunk);
     float local = 0.0f;

@@ -1698,8 +1698,12 @@ impl Checks<'_> {
             arg: "(cpu model)",
             reason: e.to_string(),
         };
+        // Unique per call: two checks in one process (tests run in parallel threads)
+        // must not write, load and remove the same model dir.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!(
-            "cloudrm-gpu-check-model-{}-{layers}",
+            "cloudrm-gpu-check-model-{}-{call}-{layers}",
             std::process::id()
         ));
         let model = write_random_llama(&dir, layers, &mut self.rng)

@@ -7,8 +7,9 @@
 //! f32 buffer) and streams MR input vectors through them with MR*NR FMAs. Input rows are
 //! processed in panels small enough to stay in L2 while a thread sweeps its output columns,
 //! so each weight tile is read from memory once per panel and reused from L1 by every row
-//! block of the panel. One input row (decode) uses MR = 1 with NR = 4 independent
-//! accumulator chains. The scalar path converts one weight row at a time and dots it with
+//! block of the panel. One input row (decode) reads the weight rows one after another
+//! as a single prefetched stream per thread, each output summed in the tile's order
+//! (a row gives the same bits alone and in a batch). The scalar path converts one weight row at a time and dots it with
 //! every input row.
 
 use half::{bf16, f16};
@@ -668,7 +669,16 @@ mod tiled {
         }
     }
 
-    /// One input row (decode): four weight rows at a time, four accumulator chains.
+    /// Bytes ahead of the current load that the decode GEMV prefetches (a little over
+    /// one 576-wide bf16 row: far enough to cover the memory latency, near enough to
+    /// stay within the job's own rows).
+    const GEMV_PREFETCH: usize = 2048;
+
+    /// One input row (decode): the weight rows one after another, so each thread reads
+    /// one linear stream (interleaving four rows, as the tile does, measured 15-25%
+    /// slower: the hardware prefetcher tracks one stream better than four). Each output
+    /// is summed exactly as `tile` sums it (one 8-wide chain along k, `hsum`, the tail,
+    /// then the bias), so a row gives the same bits alone as in a batch.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn gemv<const DT: u8>(
         out: *mut f32,
@@ -681,30 +691,30 @@ mod tiled {
     ) {
         let es = elem::<DT>();
         let sc = scales_per_row::<DT>(c);
-        let b = |o: usize| bias.map_or(0.0, |b| b[o]);
-        let mut o = cols.start;
-        // SAFETY: every o < cols.end <= OC names a weight row of c elements.
+        let n8 = c / 8 * 8;
+        // SAFETY: every o < cols.end <= OC names a weight row of c elements; k + 8 <= c
+        // for every vector load; prefetches of addresses past the matrix are harmless.
         unsafe {
-            while o + 4 <= cols.end {
-                let mut bb = [0.0; 4];
-                for (j, v) in bb.iter_mut().enumerate() {
-                    *v = b(o + j);
+            for o in cols {
+                let wo = w.add(o * c * es);
+                let so = s.wrapping_add(o * sc);
+                let mut acc = _mm256_setzero_ps();
+                let mut k = 0;
+                while k < n8 {
+                    if (k * es).is_multiple_of(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            wo.wrapping_add(k * es + GEMV_PREFETCH) as *const i8
+                        );
+                    }
+                    let wv = load8::<DT>(wo.add(k * es), so.wrapping_add(k / Q8_GROUP));
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(k)), wv, acc);
+                    k += 8;
                 }
-                let (wo, so) = (w.add(o * c * es), s.wrapping_add(o * sc));
-                tile::<DT, 1, 4>(x, wo, so, c, out.add(o), 0, bb);
-                o += 4;
-            }
-            while o < cols.end {
-                tile::<DT, 1, 1>(
-                    x,
-                    w.add(o * c * es),
-                    s.wrapping_add(o * sc),
-                    c,
-                    out.add(o),
-                    0,
-                    [b(o), 0.0, 0.0, 0.0],
-                );
-                o += 1;
+                let mut t = hsum(acc);
+                for kk in n8..c {
+                    t += *x.add(kk) * load1::<DT>(wo, so, kk);
+                }
+                *out.add(o) = t + bias.map_or(0.0, |b| b[o]);
             }
         }
     }

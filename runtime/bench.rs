@@ -53,6 +53,8 @@ pub struct BenchConfig {
     pub bandwidth_bytes: usize,
     /// Quantise the weights to Q8 after loading (`--quantize q8`).
     pub quantize_q8: bool,
+    /// Copy the weights into huge-page memory after loading (`--hugepages`).
+    pub huge_pages: bool,
 }
 
 impl Default for BenchConfig {
@@ -66,6 +68,7 @@ impl Default for BenchConfig {
             unshared: true,
             bandwidth_bytes: 1 << 30,
             quantize_q8: false,
+            huge_pages: false,
         }
     }
 }
@@ -109,6 +112,9 @@ pub struct BenchReport {
     pub load_ms: f64,
     /// Time of the Q8 quantisation after the load (absent without `--quantize q8`).
     pub quantize_ms: Option<f64>,
+    /// Time of the copy into huge-page memory after the load (absent without
+    /// `--hugepages`).
+    pub huge_pages_ms: Option<f64>,
     pub prefill_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
@@ -147,6 +153,13 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
     let quantize_ms = if cfg.quantize_q8 {
         let t = Instant::now();
         model.llama.weights.quantize_q8()?;
+        Some(t.elapsed().as_secs_f64() * 1e3)
+    } else {
+        None
+    };
+    let huge_pages_ms = if cfg.huge_pages {
+        let t = Instant::now();
+        model.llama.weights.make_resident()?;
         Some(t.elapsed().as_secs_f64() * 1e3)
     } else {
         None
@@ -262,6 +275,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         decode_weight_bytes_per_token: bytes_per_token,
         load_ms,
         quantize_ms,
+        huge_pages_ms,
         prefill_tokens: cfg.prefill_tokens,
         prefill_tokens_per_s: cfg.prefill_tokens as f64 / prefill_s,
         decode_tokens: cfg.decode_tokens,
@@ -465,6 +479,9 @@ impl BenchReport {
         s += &format!("load (mmap + validate): {:.1} ms\n", self.load_ms);
         if let Some(q) = self.quantize_ms {
             s += &format!("quantise to q8: {q:.1} ms\n");
+        }
+        if let Some(h) = self.huge_pages_ms {
+            s += &format!("copy into huge-page memory: {h:.1} ms\n");
         }
         s += &format!(
             "prefill {} tokens: {:.1} tokens/s\n",

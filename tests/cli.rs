@@ -161,6 +161,44 @@ fn bench_reports_every_figure_as_json() {
     let norms = 2 * (30 * 2 + 1) * 576;
     assert_eq!(bytes, (269_030_016 - norms) / 2 * 9 / 8 + norms, "{q}");
     assert!(q["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // --hugepages: the weights copied into huge-page memory, the copy timed; same bytes
+    // per token.
+    let out = cloudrm()
+        .args([
+            "bench",
+            "--prefill",
+            "8",
+            "--decode",
+            "2",
+            "--k",
+            "--bandwidth-mib",
+            "0",
+            "--hugepages",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+    let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(h["huge_pages_ms"].as_f64().unwrap() > 0.0, "{h}");
+    assert_eq!(
+        h["decode_weight_bytes_per_token"].as_u64(),
+        Some(269_030_016)
+    );
+    assert!(v["huge_pages_ms"].is_null(), "{v}");
+    // ... and it does not combine with --quantize: a usage error naming both.
+    let out = cloudrm()
+        .args(["bench", "--hugepages", "--quantize", "q8"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--hugepages") && stderr.contains("--quantize"),
+        "stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     // `--k` with no value skips the critique job.
     let out = cloudrm()
         .args([

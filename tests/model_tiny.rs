@@ -222,3 +222,37 @@ fn bad_checkpoints_are_typed_errors() {
     assert!(err.to_string().contains("config.json"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Weights copied into huge-page memory (`make_resident`) give bit-identical logits to
+/// the mapped ones; the copy is refused once the weights are quantised (typed usage
+/// error), and a second copy is a no-op.
+#[test]
+fn resident_weights_give_identical_logits() {
+    let spec = TinySpec {
+        dtype: Dtype::BF16,
+        // Multiples of 32 (q8's group) for the refusal check.
+        hidden: 96,
+        intermediate: 128,
+        ..TinySpec::default()
+    };
+    let dir = tiny_model_dir("resident", &spec);
+    let mapped = Llama::load_dir(&dir).unwrap();
+    let mut resident = Llama::load_dir(&dir).unwrap();
+    assert!(resident.weights.make_resident().unwrap() > 0);
+    assert_eq!(resident.weights.make_resident().unwrap(), 0);
+    let cpu = Cpu::fast();
+    let a = all_logits(&mapped, &cpu, &IDS);
+    let b = all_logits(&resident, &cpu, &IDS);
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "resident weights changed the logits"
+    );
+    let mut q = Llama::load_dir(&dir).unwrap();
+    q.weights.quantize_q8().unwrap();
+    let err = q.weights.make_resident().unwrap_err();
+    assert!(
+        matches!(err, Error::Usage(_)) && err.to_string().contains("q8"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

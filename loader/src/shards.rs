@@ -225,6 +225,16 @@ impl ShardedSafeTensors {
     pub fn files(&self) -> &[SafeTensors] {
         &self.files
     }
+
+    /// [`SafeTensors::make_resident`] on every shard; returns the bytes copied. On an
+    /// error the shards already copied stay copied (same bytes, same views).
+    pub fn make_resident(&mut self) -> Result<usize, LoaderError> {
+        let mut bytes = 0;
+        for f in &mut self.files {
+            bytes += f.make_resident()?;
+        }
+        Ok(bytes)
+    }
 }
 
 /// True for a name that stays inside the checkpoint directory: one normal component.

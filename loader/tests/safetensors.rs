@@ -766,3 +766,73 @@ fn sharded_invalid_index_and_duplicates() {
         "{e}"
     );
 }
+
+/// `make_resident` swaps the mapping for an anonymous copy: every tensor keeps its bytes
+/// (a file of several copy steps, so the threads' parts and the steps' seams are
+/// crossed), views still lie inside the (new) mapping, a second call copies nothing,
+/// and releasing pages of the copy is a no-op (DONTNEED on anonymous memory would zero
+/// them, unlike on the file mapping).
+#[test]
+fn make_resident_keeps_every_byte() {
+    let dir = TempDir::new("resident");
+    let path = dir.path().join("w.safetensors");
+    // 70 MiB in three tensors of odd lengths, bytes that differ at every offset.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut bytes = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    let (a, b, c) = (bytes(33 << 20), bytes(4 * 7), bytes((37 << 20) - 4 * 3));
+    let tensors = [
+        WriteTensor {
+            name: "a",
+            dtype: Dtype::U8,
+            shape: &[a.len()],
+            data: &a,
+        },
+        WriteTensor {
+            name: "b",
+            dtype: Dtype::F32,
+            shape: &[7],
+            data: &b,
+        },
+        WriteTensor {
+            name: "c",
+            dtype: Dtype::U8,
+            shape: &[c.len()],
+            data: &c,
+        },
+    ];
+    write_safetensors(&path, &tensors, None).unwrap();
+    let mut st = SafeTensors::open(&path).unwrap();
+    let whole = std::fs::read(&path).unwrap();
+    assert!(!st.is_resident());
+    assert_eq!(st.make_resident().unwrap(), whole.len());
+    assert!(st.is_resident());
+    assert!(
+        st.mapped_bytes() == &whole[..],
+        "the copy differs from the file"
+    );
+    for t in &tensors {
+        let v = st.tensor(t.name).unwrap();
+        assert_inside(&st, &v);
+        assert!(v.data == t.data, "tensor {} changed", t.name);
+    }
+    assert_eq!(st.make_resident().unwrap(), 0);
+    st.release_range(0, whole.len()).unwrap();
+    assert!(st.mapped_bytes() == &whole[..], "release zeroed the copy");
+    // Out-of-range releases are still refused.
+    assert!(st.release_range(1, whole.len()).is_err());
+
+    // Through a (single-file) checkpoint dir.
+    let mut sharded = ShardedSafeTensors::open_dir(dir.path()).unwrap();
+    assert_eq!(sharded.make_resident().unwrap(), whole.len());
+    assert_eq!(sharded.make_resident().unwrap(), 0);
+    assert!(sharded.tensor("c").unwrap().data == &c[..]);
+}

@@ -210,6 +210,23 @@ impl LlamaWeights {
         Ok(())
     }
 
+    /// Copy the mapped checkpoint into anonymous memory advised for transparent huge
+    /// pages (`SafeTensors::make_resident`): decode streams every weight per token, and
+    /// 2 MiB pages spare it most TLB misses (+9-17% weight-streaming rate measured on
+    /// the development machine). Costs a copy at load and the page-cache sharing
+    /// between processes. Returns the bytes copied. Refused after [`Self::quantize_q8`]:
+    /// the quantised copies are ordinary allocations and the mapping is then mostly
+    /// unused.
+    pub fn make_resident(&mut self) -> Result<usize> {
+        if self.is_quantized() {
+            return Err(crate::Error::Usage(
+                "huge pages apply to the checkpoint's own 16/32-bit weights, not to weights quantised to q8"
+                    .into(),
+            ));
+        }
+        Ok(self.files.make_resident()?)
+    }
+
     /// Whether [`Self::quantize_q8`] ran.
     pub fn is_quantized(&self) -> bool {
         !self.q8.is_empty()

@@ -805,40 +805,60 @@ mod tiled {
         const QM: usize = 4;
         const QN: usize = 2;
         let groups = c / Q8_GROUP;
-        let panel = (PANEL_BYTES / (4 * c)).clamp(QM, 256) / QM * QM;
-        // SAFETY: forwarded caller guarantees.
-        unsafe {
-            let mut r0 = 0;
-            while r0 < rows {
-                let r_end = (r0 + panel).min(rows);
-                let mut o = cols.start;
-                while o < cols.end {
-                    let n = QN.min(cols.end - o);
-                    let mut b = [0.0; 3];
-                    if let Some(bs) = bias {
-                        b[..n].copy_from_slice(&bs[o..o + n]);
-                    }
-                    let (wt, st) = (w.add(o * c), s.add(o * groups));
-                    let mut r = r0;
-                    while r < r_end {
-                        let m = QM.min(r_end - r);
-                        let (xr, op) = (x.add(r * c), out.add(r * oc + o));
-                        match (m, n) {
-                            (4, 2) => tile_q8::<4, 2>(xr, wt, st, c, op, oc, b),
-                            (4, _) => tile_q8::<4, 1>(xr, wt, st, c, op, oc, b),
-                            (3, 2) => tile_q8::<3, 2>(xr, wt, st, c, op, oc, b),
-                            (3, _) => tile_q8::<3, 1>(xr, wt, st, c, op, oc, b),
-                            (2, 2) => tile_q8::<2, 2>(xr, wt, st, c, op, oc, b),
-                            (2, _) => tile_q8::<2, 1>(xr, wt, st, c, op, oc, b),
-                            (_, 2) => tile_q8::<1, 2>(xr, wt, st, c, op, oc, b),
-                            _ => tile_q8::<1, 1>(xr, wt, st, c, op, oc, b),
-                        }
-                        r += m;
-                    }
-                    o += n;
-                }
-                r0 = r_end;
+        for_each_tile(rows, c, cols, QM, QN, |r, m, o, n| {
+            let mut b = [0.0; 3];
+            if let Some(bs) = bias {
+                b[..n].copy_from_slice(&bs[o..o + n]);
             }
+            // SAFETY: forwarded caller guarantees; the tile lies within rows x cols.
+            unsafe {
+                let (wt, st) = (w.add(o * c), s.add(o * groups));
+                let (xr, op) = (x.add(r * c), out.add(r * oc + o));
+                match (m, n) {
+                    (4, 2) => tile_q8::<4, 2>(xr, wt, st, c, op, oc, b),
+                    (4, _) => tile_q8::<4, 1>(xr, wt, st, c, op, oc, b),
+                    (3, 2) => tile_q8::<3, 2>(xr, wt, st, c, op, oc, b),
+                    (3, _) => tile_q8::<3, 1>(xr, wt, st, c, op, oc, b),
+                    (2, 2) => tile_q8::<2, 2>(xr, wt, st, c, op, oc, b),
+                    (2, _) => tile_q8::<2, 1>(xr, wt, st, c, op, oc, b),
+                    (_, 2) => tile_q8::<1, 2>(xr, wt, st, c, op, oc, b),
+                    _ => tile_q8::<1, 1>(xr, wt, st, c, op, oc, b),
+                }
+            }
+        });
+    }
+
+    /// The output tiles of `rows` x `cols`: row panels small enough to stay in L2 while
+    /// a thread sweeps its columns (`PANEL_BYTES`), in each panel column blocks of up to
+    /// `nr` weight rows, in each block row blocks of up to `mr` input rows; `f(r, m, o,
+    /// n)` per tile (rows r..r+m, columns o..o+n). Each weight tile is read from memory
+    /// once per panel and from L1 by the panel's row blocks.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn for_each_tile(
+        rows: usize,
+        c: usize,
+        cols: Range<usize>,
+        mr: usize,
+        nr: usize,
+        mut f: impl FnMut(usize, usize, usize, usize),
+    ) {
+        let panel = (PANEL_BYTES / (4 * c)).clamp(mr, 256) / mr * mr;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r_end = (r0 + panel).min(rows);
+            let mut o = cols.start;
+            while o < cols.end {
+                let n = nr.min(cols.end - o);
+                let mut r = r0;
+                while r < r_end {
+                    let m = mr.min(r_end - r);
+                    f(r, m, o, n);
+                    r += m;
+                }
+                o += n;
+            }
+            r0 = r_end;
         }
     }
 
@@ -943,39 +963,26 @@ mod tiled {
                 gemm_q8(o_ptr, x, rows, w as *const i8, s, bias, c, oc, cols);
                 return;
             }
-            let panel = (PANEL_BYTES / (4 * c)).clamp(MR, 256) / MR * MR;
-            let mut r0 = 0;
-            while r0 < rows {
-                let r_end = (r0 + panel).min(rows);
-                let mut o = cols.start;
-                while o < cols.end {
-                    let n = NR.min(cols.end - o);
-                    let mut bias_t = [0.0; 4];
-                    if let Some(b) = bias {
-                        bias_t[..n].copy_from_slice(&b[o..o + n]);
-                    }
-                    let wt = w.add(o * c * es);
-                    let st = s.wrapping_add(o * sc);
-                    let mut r = r0;
-                    while r < r_end {
-                        let m = MR.min(r_end - r);
-                        tile_any::<DT>(
-                            m,
-                            n,
-                            x.add(r * c),
-                            wt,
-                            st,
-                            c,
-                            o_ptr.add(r * oc + o),
-                            oc,
-                            bias_t,
-                        );
-                        r += m;
-                    }
-                    o += n;
-                }
-                r0 = r_end;
-            }
         }
+        for_each_tile(rows, c, cols, MR, NR, |r, m, o, n| {
+            let mut bias_t = [0.0; 4];
+            if let Some(b) = bias {
+                bias_t[..n].copy_from_slice(&b[o..o + n]);
+            }
+            // SAFETY: forwarded caller guarantees; the tile lies within rows x cols.
+            unsafe {
+                tile_any::<DT>(
+                    m,
+                    n,
+                    x.add(r * c),
+                    w.add(o * c * es),
+                    s.wrapping_add(o * sc),
+                    c,
+                    o_ptr.add(r * oc + o),
+                    oc,
+                    bias_t,
+                );
+            }
+        });
     }
 }

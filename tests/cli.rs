@@ -69,31 +69,36 @@ fn import_of_missing_file_fails_cleanly() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-#[test]
-fn bench_reports_every_figure_as_json() {
-    default_model(OutDtype::BF16);
+/// `cloudrm bench ARGS --json`, which must succeed; its report.
+fn bench_json(args: &[&str]) -> serde_json::Value {
     let out = cloudrm()
-        .args([
-            "bench",
-            "--prefill",
-            "40",
-            "--decode",
-            "3",
-            "--k",
-            "1,3",
-            "--critique-tokens",
-            "3",
-            "--prefix",
-            "70",
-            "--bandwidth-mib",
-            "16",
-            "--json",
-        ])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn bench_reports_every_figure_as_json() {
+    default_model(OutDtype::BF16);
+    let v = bench_json(&[
+        "--prefill",
+        "40",
+        "--decode",
+        "3",
+        "--k",
+        "1,3",
+        "--critique-tokens",
+        "3",
+        "--prefix",
+        "70",
+        "--bandwidth-mib",
+        "16",
+    ]);
     for key in [
         "prefill_tokens_per_s",
         "decode_tokens_per_s",
@@ -130,31 +135,23 @@ fn bench_reports_every_figure_as_json() {
     assert_eq!(v["weight_dtype"], "bf16");
     assert!(v["quantize_ms"].is_null(), "{v}");
     // --quantize q8: 1.125 bytes per weight (norms stay bf16), quantisation timed.
-    let out = cloudrm()
-        .args([
-            "bench",
-            "--prefill",
-            "8",
-            "--decode",
-            "2",
-            "--k",
-            "2",
-            "--critique-tokens",
-            "2",
-            "--prefix",
-            "20",
-            "--no-unshared",
-            "--bandwidth-mib",
-            "0",
-            "--quantize",
-            "q8",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
-    let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let q = bench_json(&[
+        "--prefill",
+        "8",
+        "--decode",
+        "2",
+        "--k",
+        "2",
+        "--critique-tokens",
+        "2",
+        "--prefix",
+        "20",
+        "--no-unshared",
+        "--bandwidth-mib",
+        "0",
+        "--quantize",
+        "q8",
+    ]);
     assert_eq!(q["weight_dtype"], "q8", "{q}");
     assert!(q["quantize_ms"].as_f64().unwrap() > 0.0, "{q}");
     let bytes = q["decode_weight_bytes_per_token"].as_u64().unwrap();
@@ -163,24 +160,16 @@ fn bench_reports_every_figure_as_json() {
     assert!(q["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     // --hugepages: the weights copied into huge-page memory, the copy timed; same bytes
     // per token.
-    let out = cloudrm()
-        .args([
-            "bench",
-            "--prefill",
-            "8",
-            "--decode",
-            "2",
-            "--k",
-            "--bandwidth-mib",
-            "0",
-            "--hugepages",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
-    let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let h = bench_json(&[
+        "--prefill",
+        "8",
+        "--decode",
+        "2",
+        "--k",
+        "--bandwidth-mib",
+        "0",
+        "--hugepages",
+    ]);
     assert!(h["huge_pages_ms"].as_f64().unwrap() > 0.0, "{h}");
     assert_eq!(
         h["decode_weight_bytes_per_token"].as_u64(),
@@ -200,23 +189,15 @@ fn bench_reports_every_figure_as_json() {
     );
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     // `--k` with no value skips the critique job.
-    let out = cloudrm()
-        .args([
-            "bench",
-            "--prefill",
-            "8",
-            "--decode",
-            "2",
-            "--bandwidth-mib",
-            "0",
-            "--json",
-            "--k",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
-    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = bench_json(&[
+        "--prefill",
+        "8",
+        "--decode",
+        "2",
+        "--bandwidth-mib",
+        "0",
+        "--k",
+    ]);
     assert_eq!(e["critiques"].as_array().map(Vec::len), Some(0), "{e}");
     // Bad arguments are a usage error, not a panic.
     let out = cloudrm()

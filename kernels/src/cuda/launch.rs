@@ -521,6 +521,11 @@ pub fn flash_prefill(
     if t == 0 {
         return Ok(None);
     }
+    // K/V rows are read as 16-byte vectors, q and out as bf16 pairs.
+    aligned(OP, "k_arena", k_arena.addr, 16)?;
+    aligned(OP, "v_arena", v_arena.addr, 16)?;
+    aligned(OP, "q", q.addr, 4)?;
+    aligned(OP, "out", out.addr, 4)?;
     let tokens_per_cta = 4 * (16 / (nh / shape.n_kv_heads));
     let gx = grid_x(OP, t.div_ceil(tokens_per_cta))?;
     let gy = grid_yz(OP, "shape", shape.n_kv_heads)?;
@@ -1410,6 +1415,23 @@ mod tests {
                 sh
             )),
             "q"
+        );
+        // K/V rows are read as 16-byte vectors.
+        assert_eq!(
+            bad_arg(flash_prefill(
+                buf(5 * row),
+                buf(5 * row),
+                Buf {
+                    addr: A + 8,
+                    len: arena
+                },
+                buf(arena),
+                idx(&tables),
+                0,
+                5,
+                sh
+            )),
+            "k_arena"
         );
     }
 

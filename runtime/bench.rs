@@ -150,20 +150,18 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         Err(e) => return Err(e),
     };
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let quantize_ms = if cfg.quantize_q8 {
+    // Milliseconds of an optional step after the load (None when not asked for).
+    let timed = |on: bool, step: &mut dyn FnMut() -> Result<()>| -> Result<Option<f64>> {
+        if !on {
+            return Ok(None);
+        }
         let t = Instant::now();
-        model.llama.weights.quantize_q8()?;
-        Some(t.elapsed().as_secs_f64() * 1e3)
-    } else {
-        None
+        step()?;
+        Ok(Some(t.elapsed().as_secs_f64() * 1e3))
     };
-    let huge_pages_ms = if cfg.huge_pages {
-        let t = Instant::now();
-        model.llama.weights.make_resident()?;
-        Some(t.elapsed().as_secs_f64() * 1e3)
-    } else {
-        None
-    };
+    let weights = &mut model.llama.weights;
+    let quantize_ms = timed(cfg.quantize_q8, &mut || weights.quantize_q8())?;
+    let huge_pages_ms = timed(cfg.huge_pages, &mut || weights.make_resident().map(|_| ()))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let template = ChatTemplate::from_dir(dir)?;
     let llama = &model.llama;

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use cloudrm::loader::gguf::OutDtype;
@@ -231,19 +232,26 @@ fn gpu_check_random_weights_config_is_checked_first() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("config.json"), "stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "stderr: {stderr}");
-    let out = cloudrm()
-        .args(["gpu-check", "--dry-run", "--filter", "c bench", "--out"])
-        .arg(dir.join("out"))
+    let log = dry_run_log(&["--filter", "c bench"], &dir.join("out"));
+    assert!(log.contains("[PASS] c bench(plans)"), "{log}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `cloudrm gpu-check --dry-run ARGS --out OUT`, which must succeed; its log.
+fn dry_run_log(args: &[&str], out: &Path) -> String {
+    let run = cloudrm()
+        .args(["gpu-check", "--dry-run"])
+        .args(args)
+        .arg("--out")
+        .arg(out)
         .output()
         .unwrap();
     assert!(
-        out.status.success(),
+        run.status.success(),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&run.stderr)
     );
-    let log = std::fs::read_to_string(dir.join("out").join("gpu-check.log")).unwrap();
-    assert!(log.contains("[PASS] c bench(plans)"), "{log}");
-    std::fs::remove_dir_all(dir).ok();
+    std::fs::read_to_string(out.join("gpu-check.log")).unwrap()
 }
 
 /// `--stages` takes letters of "abc": anything else is refused before anything runs,
@@ -269,24 +277,7 @@ fn gpu_check_stages_are_checked() {
         assert!(stderr.contains("--stages"), "stderr: {stderr}");
         assert!(!stderr.contains("panicked"), "stderr: {stderr}");
     }
-    let out = cloudrm()
-        .args([
-            "gpu-check",
-            "--dry-run",
-            "--quick",
-            "--stages",
-            "b",
-            "--out",
-        ])
-        .arg(dir.join("out"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let log = std::fs::read_to_string(dir.join("out").join("gpu-check.log")).unwrap();
+    let log = dry_run_log(&["--quick", "--stages", "b"], &dir.join("out"));
     assert!(log.contains("] b llama_prefill"), "{log}");
     assert!(!log.contains("] a "), "{log}");
     std::fs::remove_dir_all(dir).ok();

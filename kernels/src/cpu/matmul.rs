@@ -512,12 +512,11 @@ mod tiled {
     use super::avx2::hsum;
     use crate::weights::{Q8_GROUP, Weights};
 
-    /// Weight element types, as a const parameter so each kernel is monomorphised.
+    /// Float weight element types, as a const parameter so each kernel is monomorphised
+    /// (int8 weights have their own kernels, [`tile_q8`]).
     const F32: u8 = 0;
     const BF16: u8 = 1;
     const F16: u8 = 2;
-    /// Int8 in groups of `Q8_GROUP` with one f32 scale each (`c` is a multiple of it).
-    const Q8: u8 = 3;
 
     /// Input rows per tile.
     const MR: usize = 4;
@@ -526,13 +525,11 @@ mod tiled {
     /// Bytes of input rows a panel may hold (stays in L2 while a thread sweeps columns).
     const PANEL_BYTES: usize = 192 * 1024;
 
-    /// Eight weights at `p` (element type DT) as f32; for Q8, `s` is their group's scale
-    /// (unused otherwise).
+    /// Eight weights at `p` (element type DT) as f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8<const DT: u8>(p: *const u8, s: *const f32) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable elements of type DT at p (and, for
-        // Q8, a readable scale at s).
+    unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements of type DT at p.
         unsafe {
             match DT {
                 F32 => _mm256_loadu_ps(p as *const f32),
@@ -540,25 +537,19 @@ mod tiled {
                     let raw = _mm_loadu_si128(p as *const __m128i);
                     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
                 }
-                Q8 => {
-                    let raw = _mm_loadl_epi64(p as *const __m128i);
-                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-                    _mm256_mul_ps(v, _mm256_broadcast_ss(&*s))
-                }
                 _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
             }
         }
     }
 
-    /// Element `i` of a weight row of type DT as f32 (Q8: `s` is the row's scales).
+    /// Element `i` of a weight row of type DT as f32.
     #[inline]
-    unsafe fn load1<const DT: u8>(p: *const u8, s: *const f32, i: usize) -> f32 {
-        // SAFETY: the caller guarantees element i (and, for Q8, its scale) is readable.
+    unsafe fn load1<const DT: u8>(p: *const u8, i: usize) -> f32 {
+        // SAFETY: the caller guarantees element i is readable.
         unsafe {
             match DT {
                 F32 => *(p as *const f32).add(i),
                 BF16 => f32::from_bits((*(p as *const u16).add(i) as u32) << 16),
-                Q8 => *(p as *const i8).add(i) as f32 * *s.add(i / Q8_GROUP),
                 _ => half::f16::from_bits(*(p as *const u16).add(i)).to_f32(),
             }
         }
@@ -567,33 +558,24 @@ mod tiled {
     const fn elem<const DT: u8>() -> usize {
         match DT {
             F32 => 4,
-            Q8 => 1,
             _ => 2,
         }
     }
 
-    /// Scales per weight row of `c` elements (Q8 only; 0 otherwise).
-    const fn scales_per_row<const DT: u8>(c: usize) -> usize {
-        if DT == Q8 { c / Q8_GROUP } else { 0 }
-    }
-
     /// out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, where x_i = x + i * c
-    /// (f32) and w_j = w + j * c (DT; for Q8 with scales s + j * c / Q8_GROUP).
-    /// M <= MR, N <= NR.
+    /// (f32) and w_j = w + j * c (DT). M <= MR, N <= NR.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const DT: u8, const M: usize, const N: usize>(
         x: *const f32,
         w: *const u8,
-        s: *const f32,
         c: usize,
         out: *mut f32,
         ldo: usize,
         bias: [f32; 4],
     ) {
         let es = elem::<DT>();
-        let sc = scales_per_row::<DT>(c);
         let n8 = c / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); N]; M];
         let mut k = 0;
@@ -611,10 +593,7 @@ mod tiled {
                 }
                 let mut wv = [_mm256_setzero_ps(); N];
                 for (j, v) in wv.iter_mut().enumerate() {
-                    *v = load8::<DT>(
-                        w.add((j * c + k) * es),
-                        s.wrapping_add(j * sc + k / Q8_GROUP),
-                    );
+                    *v = load8::<DT>(w.add((j * c + k) * es));
                 }
                 for (i, row) in acc.iter_mut().enumerate() {
                     let xv = _mm256_loadu_ps(x.add(i * c + k));
@@ -628,8 +607,7 @@ mod tiled {
                 for (j, a) in row.iter().enumerate() {
                     let mut t = hsum(*a);
                     for kk in n8..c {
-                        t += *x.add(i * c + kk)
-                            * load1::<DT>(w.add(j * c * es), s.wrapping_add(j * sc), kk);
+                        t += *x.add(i * c + kk) * load1::<DT>(w.add(j * c * es), kk);
                     }
                     *out.add(i * ldo + j) = t + bias[j];
                 }
@@ -646,7 +624,6 @@ mod tiled {
         n: usize,
         x: *const f32,
         w: *const u8,
-        s: *const f32,
         c: usize,
         out: *mut f32,
         ldo: usize,
@@ -655,18 +632,18 @@ mod tiled {
         // SAFETY: forwarded caller guarantees.
         unsafe {
             match (m, n) {
-                (4, 3) => tile::<DT, 4, 3>(x, w, s, c, out, ldo, bias),
-                (4, 2) => tile::<DT, 4, 2>(x, w, s, c, out, ldo, bias),
-                (4, 1) => tile::<DT, 4, 1>(x, w, s, c, out, ldo, bias),
-                (3, 3) => tile::<DT, 3, 3>(x, w, s, c, out, ldo, bias),
-                (3, 2) => tile::<DT, 3, 2>(x, w, s, c, out, ldo, bias),
-                (3, 1) => tile::<DT, 3, 1>(x, w, s, c, out, ldo, bias),
-                (2, 3) => tile::<DT, 2, 3>(x, w, s, c, out, ldo, bias),
-                (2, 2) => tile::<DT, 2, 2>(x, w, s, c, out, ldo, bias),
-                (2, 1) => tile::<DT, 2, 1>(x, w, s, c, out, ldo, bias),
-                (1, 3) => tile::<DT, 1, 3>(x, w, s, c, out, ldo, bias),
-                (1, 2) => tile::<DT, 1, 2>(x, w, s, c, out, ldo, bias),
-                _ => tile::<DT, 1, 1>(x, w, s, c, out, ldo, bias),
+                (4, 3) => tile::<DT, 4, 3>(x, w, c, out, ldo, bias),
+                (4, 2) => tile::<DT, 4, 2>(x, w, c, out, ldo, bias),
+                (4, 1) => tile::<DT, 4, 1>(x, w, c, out, ldo, bias),
+                (3, 3) => tile::<DT, 3, 3>(x, w, c, out, ldo, bias),
+                (3, 2) => tile::<DT, 3, 2>(x, w, c, out, ldo, bias),
+                (3, 1) => tile::<DT, 3, 1>(x, w, c, out, ldo, bias),
+                (2, 3) => tile::<DT, 2, 3>(x, w, c, out, ldo, bias),
+                (2, 2) => tile::<DT, 2, 2>(x, w, c, out, ldo, bias),
+                (2, 1) => tile::<DT, 2, 1>(x, w, c, out, ldo, bias),
+                (1, 3) => tile::<DT, 1, 3>(x, w, c, out, ldo, bias),
+                (1, 2) => tile::<DT, 1, 2>(x, w, c, out, ldo, bias),
+                _ => tile::<DT, 1, 1>(x, w, c, out, ldo, bias),
             }
         }
     }
@@ -686,24 +663,43 @@ mod tiled {
         out: *mut f32,
         x: *const f32,
         w: *const u8,
-        s: *const f32,
         bias: Option<&[f32]>,
         c: usize,
         cols: Range<usize>,
     ) {
+        let es = elem::<DT>();
+        let n8 = c / 8 * 8;
         // SAFETY: every o < cols.end <= OC names a weight row of c elements; k + 8 <= c
         // for every vector load; prefetches of addresses past the matrix are harmless.
         unsafe {
-            if DT == Q8 {
-                gemv_q8(out, x, w as *const i8, s, bias, c, cols);
-                return;
+            for o in cols {
+                let wo = w.add(o * c * es);
+                let mut acc = _mm256_setzero_ps();
+                let mut k = 0;
+                while k < n8 {
+                    if (k * es).is_multiple_of(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            wo.wrapping_add(k * es + GEMV_PREFETCH) as *const i8
+                        );
+                    }
+                    acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(x.add(k)),
+                        load8::<DT>(wo.add(k * es)),
+                        acc,
+                    );
+                    k += 8;
+                }
+                let mut t = hsum(acc);
+                for kk in n8..c {
+                    t += *x.add(kk) * load1::<DT>(wo, kk);
+                }
+                *out.add(o) = t + bias.map_or(0.0, |b| b[o]);
             }
-            gemv_rows::<DT>(out, x, w, s, bias, c, cols);
         }
     }
 
-    /// Int8 rows one after another (one linear stream, as [`gemv_rows`]), each output
-    /// summed by [`tile_q8`].
+    /// Int8 rows one after another (one linear stream, as [`gemv`]), each output summed
+    /// by [`tile_q8`].
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn gemv_q8(
         out: *mut f32,
@@ -788,7 +784,8 @@ mod tiled {
         }
     }
 
-    /// [`gemm`] for int8 weights: 4 x 2 tiles of [`tile_q8`] over L2-sized row panels.
+    /// [`gemm`] for int8 weights: one row by [`gemv_q8`], more in 4 x 2 tiles of
+    /// [`tile_q8`] over L2-sized row panels.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_q8(
@@ -804,6 +801,11 @@ mod tiled {
     ) {
         const QM: usize = 4;
         const QN: usize = 2;
+        if rows == 1 {
+            // SAFETY: forwarded caller guarantees.
+            unsafe { gemv_q8(out, x, w, s, bias, c, cols) };
+            return;
+        }
         let groups = c / Q8_GROUP;
         for_each_tile(rows, c, cols, QM, QN, |r, m, o, n| {
             let mut b = [0.0; 3];
@@ -862,46 +864,6 @@ mod tiled {
         }
     }
 
-    /// [`gemv`]'s linear stream: rows `cols` one after another.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn gemv_rows<const DT: u8>(
-        out: *mut f32,
-        x: *const f32,
-        w: *const u8,
-        s: *const f32,
-        bias: Option<&[f32]>,
-        c: usize,
-        cols: Range<usize>,
-    ) {
-        let es = elem::<DT>();
-        let sc = scales_per_row::<DT>(c);
-        let n8 = c / 8 * 8;
-        // SAFETY: as in `gemv`.
-        unsafe {
-            for o in cols {
-                let wo = w.add(o * c * es);
-                let so = s.wrapping_add(o * sc);
-                let mut acc = _mm256_setzero_ps();
-                let mut k = 0;
-                while k < n8 {
-                    if (k * es).is_multiple_of(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            wo.wrapping_add(k * es + GEMV_PREFETCH) as *const i8
-                        );
-                    }
-                    let wv = load8::<DT>(wo.add(k * es), so.wrapping_add(k / Q8_GROUP));
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(k)), wv, acc);
-                    k += 8;
-                }
-                let mut t = hsum(acc);
-                for kk in n8..c {
-                    t += *x.add(kk) * load1::<DT>(wo, so, kk);
-                }
-                *out.add(o) = t + bias.map_or(0.0, |b| b[o]);
-            }
-        }
-    }
-
     /// out (rows, oc) columns `cols` = inp (rows, c) . weight(cols)^T + bias.
     ///
     /// SAFETY: AVX2+FMA+F16C present; `inp.len()` is a multiple of `c`, `out` holds
@@ -917,21 +879,25 @@ mod tiled {
         oc: usize,
         cols: Range<usize>,
     ) {
-        let none = std::ptr::null::<f32>();
-        let (w, s, dt) = match weight {
-            Weights::F32(w) => (w.as_ptr() as *const u8, none, F32),
-            Weights::BF16(w) => (w.as_ptr() as *const u8, none, BF16),
-            Weights::F16(w) => (w.as_ptr() as *const u8, none, F16),
-            Weights::Q8(w) => (w.q().as_ptr() as *const u8, w.scales().as_ptr(), Q8),
-        };
+        let rows = inp.len() / c;
         // SAFETY: forwarded caller guarantees (for Q8, c is a multiple of Q8_GROUP:
         // `check_shapes` checked it).
         unsafe {
-            match dt {
-                F32 => gemm_dt::<F32>(out, inp, w, s, bias, c, oc, cols),
-                BF16 => gemm_dt::<BF16>(out, inp, w, s, bias, c, oc, cols),
-                Q8 => gemm_dt::<Q8>(out, inp, w, s, bias, c, oc, cols),
-                _ => gemm_dt::<F16>(out, inp, w, s, bias, c, oc, cols),
+            match weight {
+                Weights::F32(w) => gemm_dt::<F32>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
+                Weights::BF16(w) => gemm_dt::<BF16>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
+                Weights::F16(w) => gemm_dt::<F16>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
+                Weights::Q8(w) => gemm_q8(
+                    out.as_mut_ptr(),
+                    inp.as_ptr(),
+                    rows,
+                    w.q().as_ptr(),
+                    w.scales().as_ptr(),
+                    bias,
+                    c,
+                    oc,
+                    cols,
+                ),
             }
         }
     }
@@ -942,27 +908,19 @@ mod tiled {
         out: &mut [f32],
         inp: &[f32],
         w: *const u8,
-        s: *const f32,
         bias: Option<&[f32]>,
         c: usize,
         oc: usize,
         cols: Range<usize>,
     ) {
         let es = elem::<DT>();
-        let sc = scales_per_row::<DT>(c);
         let rows = inp.len() / c;
         let x = inp.as_ptr();
         let o_ptr = out.as_mut_ptr();
-        // SAFETY: all offsets stay within the shapes the caller guarantees.
-        unsafe {
-            if rows == 1 {
-                gemv::<DT>(o_ptr, x, w, s, bias, c, cols);
-                return;
-            }
-            if DT == Q8 {
-                gemm_q8(o_ptr, x, rows, w as *const i8, s, bias, c, oc, cols);
-                return;
-            }
+        if rows == 1 {
+            // SAFETY: forwarded caller guarantees.
+            unsafe { gemv::<DT>(o_ptr, x, w, bias, c, cols) };
+            return;
         }
         for_each_tile(rows, c, cols, MR, NR, |r, m, o, n| {
             let mut bias_t = [0.0; 4];
@@ -976,7 +934,6 @@ mod tiled {
                     n,
                     x.add(r * c),
                     w.add(o * c * es),
-                    s.wrapping_add(o * sc),
                     c,
                     o_ptr.add(r * oc + o),
                     oc,

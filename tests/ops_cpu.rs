@@ -988,3 +988,79 @@ fn lm_head_topk_orders_ties_nan_and_inf() {
         "out length",
     );
 }
+
+/// Plain decode attention cuts long sequences into fixed pieces and merges them in a
+/// fixed order, so a sequence gives the same bits alone or in a batch and on 1 or 2
+/// threads, at lengths on both sides of the piece size and with GQA groups below and at
+/// the eight rows where the transposed score loop takes over.
+#[test]
+fn decode_attention_is_bit_identical_alone_batched_and_threaded() {
+    use cloudrm::kernels::reference::attention_paged::PagedShape;
+    let _isa_lock = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for &(nh, nkv, hs) in &[(9usize, 3usize, 64usize), (16, 2, 32)] {
+        let shape = PagedShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hs,
+            block_size: 16,
+        };
+        let lens = [1usize, 255, 256, 257, 700, 37];
+        let mut rng = Rng::new(91 + nh as u64);
+        let mut next = 0u32;
+        let tables: Vec<Vec<u32>> = lens
+            .iter()
+            .map(|&l| {
+                let n = l.div_ceil(16) as u32;
+                next += n;
+                (next - n..next).rev().collect()
+            })
+            .collect();
+        let arena = next as usize * 16 * nkv * hs;
+        let (k, v) = (rng.vec(arena, 1.0), rng.vec(arena, 1.0));
+        let q = rng.vec(lens.len() * nh * hs, 1.0);
+        let refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
+        let mut scores = vec![0.0f32; 1024];
+        for isa in dispatch::available() {
+            dispatch::force(Some(isa));
+            let mut want = vec![0.0f32; q.len()];
+            dispatch::set_num_threads(2);
+            cpu::paged_decode_attention(&mut want, &q, &k, &v, &refs, &lens, shape, &mut scores)
+                .unwrap();
+            let mut one = vec![0.0f32; q.len()];
+            dispatch::set_num_threads(1);
+            cpu::paged_decode_attention(&mut one, &q, &k, &v, &refs, &lens, shape, &mut scores)
+                .unwrap();
+            assert!(
+                one.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "1 and 2 threads differ ({isa:?}, nh={nh})"
+            );
+            dispatch::set_num_threads(2);
+            let w = nh * hs;
+            for (s, &len) in lens.iter().enumerate() {
+                let mut alone = vec![0.0f32; w];
+                cpu::paged_decode_attention(
+                    &mut alone,
+                    &q[s * w..(s + 1) * w],
+                    &k,
+                    &v,
+                    &refs[s..s + 1],
+                    &lens[s..s + 1],
+                    shape,
+                    &mut scores,
+                )
+                .unwrap();
+                assert!(
+                    alone
+                        .iter()
+                        .zip(&want[s * w..(s + 1) * w])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "sequence of {len} positions differs alone and batched ({isa:?}, nh={nh})"
+                );
+            }
+        }
+    }
+    dispatch::force(None);
+    dispatch::set_num_threads(0);
+}

@@ -13,13 +13,22 @@
 //! positions one by one in order, as the reference does. Other head sizes, and CPUs
 //! without AVX2, run the reference loop.
 //!
+//! Many query rows of one KV head (eight or more: a shared level's members, or a wide GQA
+//! group) take another score loop: the query is transposed and scaled once per call, eight
+//! rows sit in the lanes of one register and each K element is broadcast once for all of
+//! them, so no horizontal sums and one pass over the chunk for up to 16 rows.
+//!
 //! Threads (the global pool, no spawn or allocation per call once the per-thread scratch
 //! has grown; items claimed dynamically): prefill splits (row, KV head) pairs, longest
-//! causal rows first; decode splits (sequence, KV head) pairs. The cascade cuts every
-//! shared level into pieces of [`SPLIT`] positions and runs (piece, KV head) items over
-//! all the level's members' queries at once, so a shared prefix is read once per step
-//! whatever the thread count, next to (sequence, KV head) items for the suffixes; a
-//! second pass merges each row's states in a fixed order. Every work item writes a
+//! causal rows first. Plain decode cuts each sequence into pieces of [`SPLIT`] positions
+//! and runs (piece, KV head) items, so one long sequence keeps every thread busy (three KV
+//! heads on two threads left one idle a third of the time); a sequence of one piece writes
+//! its output directly, longer ones merge their pieces' states in order after. The
+//! cascade cuts every shared level into pieces the same way and runs (piece, KV head)
+//! items over all the level's members' queries at once, so a shared prefix is read once
+//! per step whatever the thread count, next to (sequence, KV head) items for the
+//! suffixes; a second pass merges each row's states in a fixed order. The pieces have a
+//! fixed size, so results do not depend on the thread count. Every work item writes a
 //! disjoint set of rows.
 
 use std::cell::RefCell;
@@ -269,37 +278,110 @@ pub fn paged_decode_attention(
         });
     }
     let isa = current();
-    let (group, nkv) = (shape.group(), shape.n_kv_heads);
+    let (group, nkv, nh) = (shape.group(), shape.n_kv_heads, shape.n_heads);
     let gw = group * hs;
     let scale = 1.0 / (hs as f32).sqrt();
-    let items = n_seqs * nkv;
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let out_len = out.len();
-    pool::global().run_items(threads_for(items, 4 * total * q_width), items, &|it| {
-        // SAFETY: item (b, kvh) writes only out[b * q_width + kvh * gw..][..gw].
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        let (b, kvh) = (it / nkv, it % nkv);
-        let len = seq_lens[b];
-        let off = b * q_width + kvh * gw;
-        with_scratch(group + group * len, |s| {
-            let (lse, scores) = s.split_at_mut(group);
-            partial(
-                &mut out[off..off + gw],
-                lse,
-                &q[off..off + gw],
-                k_arena,
-                v_arena,
-                block_tables[b],
-                0..len,
-                kvh,
-                scale,
-                scores,
-                &shape,
-                isa,
-            );
+    DECODE_WORK.with_borrow_mut(|work| {
+        // (sequence, piece, first state row in PARTS or NO_PARTS): a sequence of one piece
+        // writes its output rows directly.
+        work.clear();
+        let mut part_rows = 0;
+        for (s, &len) in seq_lens.iter().enumerate() {
+            let pieces = len.div_ceil(SPLIT).max(1);
+            let base = if pieces > 1 {
+                part_rows += pieces * nh;
+                part_rows - pieces * nh
+            } else {
+                NO_PARTS
+            };
+            work.extend((0..pieces).map(|p| (s, p, base)));
+        }
+        let work = &*work;
+        PARTS.with_borrow_mut(|parts| {
+            let parts_len = part_rows * (hs + 1);
+            if parts.len() < parts_len {
+                parts.resize(parts_len, 0.0);
+            }
+            let parts_ptr = SendPtr(parts.as_mut_ptr());
+            let out_ptr = SendPtr(out.as_mut_ptr());
+            let items = work.len() * nkv;
+            pool::global().run_items(threads_for(items, 4 * total * q_width), items, &|it| {
+                let ((s, p, base), kvh) = (work[it / nkv], it % nkv);
+                let pos = p * SPLIT..((p + 1) * SPLIT).min(seq_lens[s]);
+                let off = s * q_width + kvh * gw;
+                with_scratch(group + group * pos.len(), |sc| {
+                    let (lse, scores) = sc.split_at_mut(group);
+                    // SAFETY: item (piece, kvh) alone writes rows kvh * G..(kvh + 1) * G
+                    // of its sequence's output (a sequence of one piece) or of its piece's
+                    // state block; both buffers outlive the job.
+                    let (o, lse) = unsafe {
+                        if base == NO_PARTS {
+                            (
+                                std::slice::from_raw_parts_mut(out_ptr.get().add(off), gw),
+                                lse,
+                            )
+                        } else {
+                            let r = base + p * nh + kvh * group;
+                            (
+                                std::slice::from_raw_parts_mut(parts_ptr.get().add(r * hs), gw),
+                                std::slice::from_raw_parts_mut(
+                                    parts_ptr.get().add(part_rows * hs + r),
+                                    group,
+                                ),
+                            )
+                        }
+                    };
+                    partial(
+                        o,
+                        lse,
+                        &q[off..off + gw],
+                        k_arena,
+                        v_arena,
+                        block_tables[s],
+                        pos.clone(),
+                        kvh,
+                        scale,
+                        scores,
+                        &shape,
+                        isa,
+                    );
+                });
+            });
+            // Merge the pieces of each long sequence in order (the state rows were handed
+            // out in sequence order above).
+            let parts = &parts[..parts_len];
+            let mut base = 0;
+            for (s, &len) in seq_lens.iter().enumerate() {
+                let pieces = len.div_ceil(SPLIT).max(1);
+                if pieces == 1 {
+                    continue;
+                }
+                for h in 0..nh {
+                    let o = &mut out[(s * nh + h) * hs..][..hs];
+                    o.fill(0.0);
+                    let mut lse = f32::NEG_INFINITY;
+                    for p in 0..pieces {
+                        let r = base + p * nh + h;
+                        merge_row(
+                            o,
+                            &mut lse,
+                            &parts[r * hs..][..hs],
+                            parts[part_rows * hs + r],
+                        );
+                    }
+                }
+                base += pieces * nh;
+            }
         });
     });
     Ok(())
+}
+
+const NO_PARTS: usize = usize::MAX;
+
+thread_local! {
+    /// The (sequence, piece, state row) work list of one plain decode call.
+    static DECODE_WORK: RefCell<Vec<(usize, usize, usize)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Fast [`crate::reference::attention_paged::cascade_decode_attention`].
@@ -416,13 +498,14 @@ pub fn cascade_decode_attention(
     Ok(())
 }
 
-/// Pieces a shared level is cut into: SPLIT positions each, so a level is read once per
-/// step by as many threads as there are pieces and KV heads (a fixed size, so the result
-/// does not depend on the thread count).
+/// Positions per piece of a shared level or a long decode sequence: a level is read once
+/// per step by as many threads as there are pieces and KV heads (a fixed size, so the
+/// result does not depend on the thread count).
 const SPLIT: usize = 256;
 
 thread_local! {
-    /// Attention states of one cascade call (see [`PartsLayout`]), on the calling thread.
+    /// Attention states of one cascade call (see [`PartsLayout`]) or of the long sequences'
+    /// pieces of one decode call, on the calling thread.
     static PARTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -785,6 +868,20 @@ mod avx2 {
             // The rows come from a paged cache far larger than L2, in blocks the hardware
             // prefetcher cannot predict: each chunk asks for the next chunk's rows (K in
             // pass 1, then V) while it computes.
+            // Many query rows (a shared level's members): Q transposed and scaled once,
+            // (HS, RP) with RP = rows rounded up to 8, zero padded.
+            let rv = n_q.div_ceil(8);
+            let mut qt_buf = QT.take();
+            if n_q >= MANY_ROWS {
+                qt_buf.clear();
+                qt_buf.resize(hs * rv * 8, 0.0);
+                for r in 0..n_q {
+                    for i in 0..hs {
+                        qt_buf[i * rv * 8 + r] = q[r * hs + i] * scale;
+                    }
+                }
+            }
+            let qt = &qt_buf;
             prefetch_rows(kp, offs, 0..CHUNK.min(n_pos), hs);
             let mut c0 = 0;
             while c0 < n_pos {
@@ -794,17 +891,40 @@ mod avx2 {
                 } else {
                     prefetch_rows(vp, offs, 0..CHUNK.min(n_pos), hs);
                 }
-                let mut n = 0;
-                while n + 2 <= n_q {
-                    score_rows::<2>(q, scores, n, n_pos, c0..c1, kp, offs, hs, scale);
-                    n += 2;
-                }
-                if n < n_q {
-                    score_rows::<1>(q, scores, n, n_pos, c0..c1, kp, offs, hs, scale);
+                if n_q >= MANY_ROWS {
+                    let qt = qt.as_ptr();
+                    let mut vb = 0;
+                    while vb < rv {
+                        let a = ScoreT {
+                            qt,
+                            rp: rv * 8,
+                            vb,
+                            n_q,
+                            scores: scores.as_mut_ptr(),
+                            n_pos,
+                            kp,
+                            hs,
+                        };
+                        match rv - vb {
+                            1 => score_t::<1>(&a, c0..c1, offs),
+                            _ => score_t::<2>(&a, c0..c1, offs),
+                        }
+                        vb += 2;
+                    }
+                } else {
+                    let mut n = 0;
+                    while n + 2 <= n_q {
+                        score_rows::<2>(q, scores, n, n_pos, c0..c1, kp, offs, hs, scale);
+                        n += 2;
+                    }
+                    if n < n_q {
+                        score_rows::<1>(q, scores, n, n_pos, c0..c1, kp, offs, hs, scale);
+                    }
                 }
                 c0 = c1;
             }
 
+            QT.set(qt_buf);
             // Pass 2: softmax per query row; lse = max + ln(sum).
             let n8 = n_pos / 8 * 8;
             for (row, l) in scores.chunks_exact_mut(n_pos).zip(lse.iter_mut()) {
@@ -968,6 +1088,120 @@ mod avx2 {
                 let kj = kp.add(offs[j]);
                 for r in 0..R {
                     *srow.add(r * n_pos + j) = dot(qn.add(r * hs), kj, hs) * scale;
+                }
+                j += 1;
+            }
+        }
+    }
+
+    /// Query rows from which the scores use the transposed query ([`score_t`]).
+    pub(super) const MANY_ROWS: usize = 8;
+
+    thread_local! {
+        /// The transposed, scaled query of one [`partial`] call with many rows.
+        static QT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
+    /// Arguments of one [`score_t`] call.
+    struct ScoreT {
+        /// Transposed scaled query, (HS, RP).
+        qt: *const f32,
+        rp: usize,
+        /// First row vector (8 rows) of this call.
+        vb: usize,
+        n_q: usize,
+        scores: *mut f32,
+        n_pos: usize,
+        kp: *const f32,
+        hs: usize,
+    }
+
+    /// Scores of row vectors vb..vb + V (8 query rows each) against positions `cols`:
+    /// 8 rows in the lanes of one register, each K element broadcast once for all of
+    /// them (no horizontal sums); four positions at a time, then a 8 x 4 transpose
+    /// writes row-major scores. Each score sums its HS products in order.
+    ///
+    /// SAFETY: AVX2+FMA; `qt` holds HS * RP elements, RP >= 8 (vb + V); scores holds
+    /// n_q * n_pos; `offs[j]` is a readable K row for every j in `cols`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn score_t<const V: usize>(a: &ScoreT, cols: Range<usize>, offs: &[usize]) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let qt = a.qt.add(a.vb * 8);
+            let store = |v: usize, lane_rows: [__m128; 8], j: usize| {
+                for (l, x) in lane_rows.iter().enumerate() {
+                    let r = (a.vb + v) * 8 + l;
+                    if r < a.n_q {
+                        _mm_storeu_ps(a.scores.add(r * a.n_pos + j), *x);
+                    }
+                }
+            };
+            let mut j = cols.start;
+            while j + 4 <= cols.end {
+                let k = [
+                    a.kp.add(offs[j]),
+                    a.kp.add(offs[j + 1]),
+                    a.kp.add(offs[j + 2]),
+                    a.kp.add(offs[j + 3]),
+                ];
+                let mut acc = [[_mm256_setzero_ps(); 4]; V];
+                for i in 0..a.hs {
+                    let mut qv = [_mm256_setzero_ps(); V];
+                    for (v, x) in qv.iter_mut().enumerate() {
+                        *x = _mm256_loadu_ps(qt.add(i * a.rp + 8 * v));
+                    }
+                    for (p, kk) in k.iter().enumerate() {
+                        let b = _mm256_broadcast_ss(&*kk.add(i));
+                        for (v, x) in qv.iter().enumerate() {
+                            acc[v][p] = _mm256_fmadd_ps(*x, b, acc[v][p]);
+                        }
+                    }
+                }
+                for (v, a4) in acc.iter().enumerate() {
+                    let t0 = _mm256_unpacklo_ps(a4[0], a4[1]);
+                    let t1 = _mm256_unpackhi_ps(a4[0], a4[1]);
+                    let t2 = _mm256_unpacklo_ps(a4[2], a4[3]);
+                    let t3 = _mm256_unpackhi_ps(a4[2], a4[3]);
+                    let r0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                    let r1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                    let r2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                    let r3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                    store(
+                        v,
+                        [
+                            _mm256_castps256_ps128(r0),
+                            _mm256_castps256_ps128(r1),
+                            _mm256_castps256_ps128(r2),
+                            _mm256_castps256_ps128(r3),
+                            _mm256_extractf128_ps::<1>(r0),
+                            _mm256_extractf128_ps::<1>(r1),
+                            _mm256_extractf128_ps::<1>(r2),
+                            _mm256_extractf128_ps::<1>(r3),
+                        ],
+                        j,
+                    );
+                }
+                j += 4;
+            }
+            while j < cols.end {
+                let kj = a.kp.add(offs[j]);
+                let mut acc = [_mm256_setzero_ps(); V];
+                for i in 0..a.hs {
+                    let b = _mm256_broadcast_ss(&*kj.add(i));
+                    for (v, x) in acc.iter_mut().enumerate() {
+                        *x = _mm256_fmadd_ps(_mm256_loadu_ps(qt.add(i * a.rp + 8 * v)), b, *x);
+                    }
+                }
+                for (v, x) in acc.iter().enumerate() {
+                    let mut lanes = [0.0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *x);
+                    for (l, &val) in lanes.iter().enumerate() {
+                        let r = (a.vb + v) * 8 + l;
+                        if r < a.n_q {
+                            *a.scores.add(r * a.n_pos + j) = val;
+                        }
+                    }
                 }
                 j += 1;
             }

@@ -224,6 +224,60 @@ fn cascade(c: &mut Criterion) {
     g.finish();
 }
 
+/// Single-stream decode attention deep in a context: one sequence of 1024 cached
+/// positions, SmolLM2's heads, 16-token blocks in shuffled order, one call per layer for
+/// 30 layers over separate cache regions (45 MiB of K and V). GB/s of K/V bytes.
+fn decode_depth(c: &mut Criterion) {
+    use reference::attention_paged::PagedShape;
+    let mut rng = Rng(0x2f1e_9d3c_4b5a_6978);
+    let shape = PagedShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+    };
+    let (len, layers) = (1024usize, 30usize);
+    let per_layer = len / shape.block_size;
+    let total = per_layer * layers;
+    let block = shape.block_size * shape.n_kv_heads * shape.head_dim;
+    let k_arena = rng.vec(total * block);
+    let v_arena = rng.vec(total * block);
+    let mut ids: Vec<u32> = (0..total as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = ((rng.f32() + 0.5) * (i + 1) as f32) as usize;
+        ids.swap(i, j.min(i));
+    }
+    let q = rng.vec(shape.n_heads * shape.head_dim);
+    let mut out = vec![0.0f32; q.len()];
+    let mut scores = vec![0.0f32; len];
+    let bytes = layers * len * 2 * shape.n_kv_heads * shape.head_dim * 4;
+    let mut g = c.benchmark_group("decode_attention_1seq_1024pos_30layers");
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(3));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("fast", |b| {
+        b.iter(|| {
+            for l in 0..layers {
+                let table = &ids[l * per_layer..(l + 1) * per_layer];
+                cpu::paged_decode_attention(
+                    &mut out,
+                    &q,
+                    &k_arena,
+                    &v_arena,
+                    &[table],
+                    &[len],
+                    shape,
+                    &mut scores,
+                )
+                .unwrap();
+            }
+            black_box(out[0])
+        })
+    });
+    g.finish();
+}
+
 /// The LM head of one decode step (V = 49152, C = 576, bf16) choosing the next token of
 /// 1 and 8 rows: full logits then an argmax pass, next to the fused LM head + top-1 that
 /// never writes the logits. GB/s of LM-head weight bytes.
@@ -267,5 +321,5 @@ fn lm_head_top1(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, matmul, stream, cascade, lm_head_top1);
+criterion_group!(benches, matmul, stream, cascade, decode_depth, lm_head_top1);
 criterion_main!(benches);

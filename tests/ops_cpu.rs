@@ -17,7 +17,7 @@ const F32_TOL: f64 = 1e-5;
 /// Held by the tests that force an ISA path (process-wide), so they do not overlap.
 static ISA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const ROWS: [usize; 4] = [1, 7, 33, 130];
-const DIMS: [usize; 6] = [1, 7, 33, 64, 577, 1025];
+const DIMS: [usize; 7] = [1, 7, 33, 41, 64, 577, 1025];
 
 #[derive(Clone, Copy, Debug)]
 enum Wd {

@@ -1,10 +1,14 @@
 //! Row-wise ops (RMSNorm, SwiGLU, RoPE, residual add) split across the worker pool when
-//! the call is big enough (prefill, batched decode): each chunk of rows runs the scalar
-//! reference on its own rows, so the results are bit-identical to the reference; small
-//! calls (one decode row) run inline, where a fork/join would cost more than the op.
-//! Shapes are checked for the whole call before any chunk runs.
+//! the call is big enough (prefill, batched decode); small calls (one decode row) run
+//! inline, where a fork/join would cost more than the op. SwiGLU, RoPE and the residual
+//! add run the scalar reference on each chunk, so their results are bit-identical to it.
+//! RMSNorm with float weights runs an AVX2 row kernel where the CPU has it: the sum of
+//! squares in eight lanes (another summation order than the reference's, within the f32
+//! tolerance), the weights converted in registers, each output `w * (x * rstd)` as the
+//! reference computes it; a row's result does not depend on the other rows. Shapes are
+//! checked for the whole call before any chunk runs.
 
-use super::dispatch::num_threads;
+use super::dispatch::{Isa, current, num_threads};
 use super::pool;
 use crate::error::KernelError;
 use crate::error::check_len;
@@ -73,12 +77,98 @@ pub fn rmsnorm_forward(
         // The reference names the problem.
         return reference::rmsnorm::rmsnorm_forward(out, inp, weight, eps);
     }
+    let isa = current();
     let o = Out(out.as_mut_ptr());
     split(inp.len() / c, c, &|r, n| {
         // SAFETY: rows r..r+n of `out`, disjoint per chunk, inside out (checked above).
         let out = unsafe { o.range(r * c, n * c) };
-        reference::rmsnorm::rmsnorm_forward(out, &inp[r * c..(r + n) * c], weight, eps)
+        let inp = &inp[r * c..(r + n) * c];
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 && !matches!(weight, Weights::Q8(_)) {
+            for (o, x) in out.chunks_exact_mut(c).zip(inp.chunks_exact(c)) {
+                // SAFETY: AVX2+FMA+F16C detected; o, x and weight all hold C elements.
+                unsafe { avx2::rmsnorm_row(o, x, weight, eps) };
+            }
+            return Ok(());
+        }
+        let _ = isa;
+        reference::rmsnorm::rmsnorm_forward(out, inp, weight, eps)
     })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use crate::weights::Weights;
+
+    /// Eight weights from element i as f32 (float weights only).
+    ///
+    /// SAFETY: AVX2+F16C; i + 8 <= w.len(); w is not Q8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(w: Weights<'_>, i: usize) -> __m256 {
+        // SAFETY: see the function's contract.
+        unsafe {
+            match w {
+                Weights::F32(w) => _mm256_loadu_ps(w.as_ptr().add(i)),
+                Weights::BF16(w) => {
+                    let raw = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+                }
+                Weights::F16(w) => {
+                    _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i) as *const __m128i))
+                }
+                Weights::Q8(_) => unreachable!("int8 RMSNorm weights take the reference"),
+            }
+        }
+    }
+
+    /// One row: out = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps).
+    ///
+    /// SAFETY: AVX2+FMA+F16C; out, x and w hold the same C elements; w is not Q8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn rmsnorm_row(out: &mut [f32], x: &[f32], w: Weights<'_>, eps: f32) {
+        let c = x.len();
+        let n16 = c / 16 * 16;
+        let n8 = c / 8 * 8;
+        // SAFETY: every vector access stays below n8 <= c.
+        unsafe {
+            let xp = x.as_ptr();
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i < n16 {
+                let v0 = _mm256_loadu_ps(xp.add(i));
+                let v1 = _mm256_loadu_ps(xp.add(i + 8));
+                a0 = _mm256_fmadd_ps(v0, v0, a0);
+                a1 = _mm256_fmadd_ps(v1, v1, a1);
+                i += 16;
+            }
+            if i < n8 {
+                let v = _mm256_loadu_ps(xp.add(i));
+                a0 = _mm256_fmadd_ps(v, v, a0);
+            }
+            let a = _mm256_add_ps(a0, a1);
+            let h = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let mut ss = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+            for &v in &x[n8..] {
+                ss += v * v;
+            }
+            let rstd = 1.0 / (ss / c as f32 + eps).sqrt();
+            let vr = _mm256_set1_ps(rstd);
+            let op = out.as_mut_ptr();
+            let mut i = 0;
+            while i < n8 {
+                let y = _mm256_mul_ps(_mm256_loadu_ps(xp.add(i)), vr);
+                _mm256_storeu_ps(op.add(i), _mm256_mul_ps(load8(w, i), y));
+                i += 8;
+            }
+            for i in n8..c {
+                out[i] = w.get(i) * (x[i] * rstd);
+            }
+        }
+    }
 }
 
 /// Same contract as [`reference::swiglu::swiglu_forward`].

@@ -223,6 +223,35 @@ pub fn rope_forward(
     split(positions.len(), row, &|t, n| {
         // SAFETY: rows t..t+n of `x`, disjoint per chunk, inside x (checked above).
         let x = unsafe { o.range(t * row, n * row) };
-        reference::rope::rope_forward(x, &positions[t..t + n], n_heads, head_dim, inv_freq)
+        let positions = &positions[t..t + n];
+        if head_dim / 2 > MAX_ROPE_HALF {
+            return reference::rope::rope_forward(x, positions, n_heads, head_dim, inv_freq);
+        }
+        rope_rows(x, positions, n_heads, head_dim, inv_freq);
+        Ok(())
     })
+}
+
+/// Widest half head dim whose rotation table [`rope_rows`] keeps on the stack.
+const MAX_ROPE_HALF: usize = 128;
+
+/// The reference rotation with each position's sines and cosines computed once for all
+/// heads (the reference recomputes them per head): the same angle, the same `sin_cos` and
+/// the same arithmetic, so the same bits. head_dim / 2 <= MAX_ROPE_HALF; shapes checked.
+fn rope_rows(x: &mut [f32], positions: &[u32], n_heads: usize, head_dim: usize, inv_freq: &[f32]) {
+    let half = head_dim / 2;
+    let (mut sin, mut cos) = ([0.0f32; MAX_ROPE_HALF], [0.0f32; MAX_ROPE_HALF]);
+    for (row, &pos) in x.chunks_exact_mut(n_heads * head_dim).zip(positions) {
+        for i in 0..half {
+            (sin[i], cos[i]) = (pos as f32 * inv_freq[i]).sin_cos();
+        }
+        for head in row.chunks_exact_mut(head_dim) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * cos[i] - b * sin[i];
+                hi[i] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
 }

@@ -149,6 +149,28 @@ fn stream(c: &mut Criterion) {
     g.finish();
 }
 
+/// SmolLM2's attention heads (9 query, 3 KV, HS 64) over 16-token blocks.
+const SMOL_ATTN: reference::attention_paged::PagedShape = reference::attention_paged::PagedShape {
+    n_heads: 9,
+    n_kv_heads: 3,
+    head_dim: 64,
+    block_size: 16,
+};
+
+/// Random K and V arenas of `blocks` blocks in [`SMOL_ATTN`]'s shape and the block ids in
+/// shuffled order (a paged cache's blocks are not laid out in sequence order).
+fn shuffled_cache(rng: &mut Rng, blocks: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+    let block = SMOL_ATTN.block_size * SMOL_ATTN.n_kv_heads * SMOL_ATTN.head_dim;
+    let k_arena = rng.vec(blocks * block);
+    let v_arena = rng.vec(blocks * block);
+    let mut ids: Vec<u32> = (0..blocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        let j = ((rng.f32() + 0.5) * (i + 1) as f32) as usize;
+        ids.swap(i, j.min(i));
+    }
+    (k_arena, v_arena, ids)
+}
+
 /// The K-critique decode step's attention: K = 8 sequences over a shared 512-token prefix
 /// plus 64 tokens of their own, SmolLM2's heads (9 query, 3 KV, HS 64), 16-token blocks
 /// in shuffled order; one iteration is one call per layer for 30 layers over separate
@@ -156,26 +178,13 @@ fn stream(c: &mut Criterion) {
 /// traffic of a real step. Reported as GB/s of K/V bytes (each shared position counted
 /// once: the cascade reads the prefix once per step).
 fn cascade(c: &mut Criterion) {
-    use reference::attention_paged::{Level, PagedShape, cascade_scratch_len};
+    use reference::attention_paged::{Level, cascade_scratch_len};
     let mut rng = Rng(0x51_7cc1_b727_220a);
-    let shape = PagedShape {
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        block_size: 16,
-    };
     let (k, prefix, suffix, layers) = (8usize, 512usize, 64usize, 30usize);
-    let bs = shape.block_size;
+    let bs = SMOL_ATTN.block_size;
     let per_layer = prefix / bs + k * suffix / bs;
-    let total = per_layer * layers;
-    let block = bs * shape.n_kv_heads * shape.head_dim;
-    let k_arena = rng.vec(total * block);
-    let v_arena = rng.vec(total * block);
-    let mut ids: Vec<u32> = (0..total as u32).collect();
-    for i in (1..ids.len()).rev() {
-        let j = ((rng.f32() + 0.5) * (i + 1) as f32) as usize;
-        ids.swap(i, j.min(i));
-    }
+    let (k_arena, v_arena, ids) = shuffled_cache(&mut rng, per_layer * layers);
+    let shape = SMOL_ATTN;
     let tables: Vec<(Vec<u32>, Vec<Vec<u32>>)> = (0..layers)
         .map(|l| {
             let t = &ids[l * per_layer..(l + 1) * per_layer];
@@ -228,25 +237,11 @@ fn cascade(c: &mut Criterion) {
 /// positions, SmolLM2's heads, 16-token blocks in shuffled order, one call per layer for
 /// 30 layers over separate cache regions (45 MiB of K and V). GB/s of K/V bytes.
 fn decode_depth(c: &mut Criterion) {
-    use reference::attention_paged::PagedShape;
     let mut rng = Rng(0x2f1e_9d3c_4b5a_6978);
-    let shape = PagedShape {
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        block_size: 16,
-    };
     let (len, layers) = (1024usize, 30usize);
+    let shape = SMOL_ATTN;
     let per_layer = len / shape.block_size;
-    let total = per_layer * layers;
-    let block = shape.block_size * shape.n_kv_heads * shape.head_dim;
-    let k_arena = rng.vec(total * block);
-    let v_arena = rng.vec(total * block);
-    let mut ids: Vec<u32> = (0..total as u32).collect();
-    for i in (1..ids.len()).rev() {
-        let j = ((rng.f32() + 0.5) * (i + 1) as f32) as usize;
-        ids.swap(i, j.min(i));
-    }
+    let (k_arena, v_arena, ids) = shuffled_cache(&mut rng, per_layer * layers);
     let q = rng.vec(shape.n_heads * shape.head_dim);
     let mut out = vec![0.0f32; q.len()];
     let mut scores = vec![0.0f32; len];

@@ -171,6 +171,21 @@ fn shuffled_cache(rng: &mut Rng, blocks: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>
     (k_arena, v_arena, ids)
 }
 
+/// A group timing one decode step's attention (30 layers): ten samples of about three
+/// seconds, GB/s of `bytes` K/V bytes.
+fn step_group<'c>(
+    c: &'c mut Criterion,
+    name: &str,
+    bytes: usize,
+) -> criterion::BenchmarkGroup<'c, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(3));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g
+}
+
 /// The K-critique decode step's attention: K = 8 sequences over a shared 512-token prefix
 /// plus 64 tokens of their own, SmolLM2's heads (9 query, 3 KV, HS 64), 16-token blocks
 /// in shuffled order; one iteration is one call per layer for 30 layers over separate
@@ -200,11 +215,7 @@ fn cascade(c: &mut Criterion) {
     let mut scratch = vec![0.0f32; cascade_scratch_len(&shape, k, prefix.max(suffix))];
     let suffix_lens = vec![suffix; k];
     let bytes = layers * (prefix + k * suffix) * 2 * shape.n_kv_heads * shape.head_dim * 4;
-    let mut g = c.benchmark_group("cascade_k8_prefix512_suffix64_30layers");
-    g.sample_size(10);
-    g.measurement_time(std::time::Duration::from_secs(3));
-    g.warm_up_time(std::time::Duration::from_millis(500));
-    g.throughput(Throughput::Bytes(bytes as u64));
+    let mut g = step_group(c, "cascade_k8_prefix512_suffix64_30layers", bytes);
     g.bench_function("fast", |b| {
         b.iter(|| {
             for (pre, suf) in &tables {
@@ -246,11 +257,7 @@ fn decode_depth(c: &mut Criterion) {
     let mut out = vec![0.0f32; q.len()];
     let mut scores = vec![0.0f32; len];
     let bytes = layers * len * 2 * shape.n_kv_heads * shape.head_dim * 4;
-    let mut g = c.benchmark_group("decode_attention_1seq_1024pos_30layers");
-    g.sample_size(10);
-    g.measurement_time(std::time::Duration::from_secs(3));
-    g.warm_up_time(std::time::Duration::from_millis(500));
-    g.throughput(Throughput::Bytes(bytes as u64));
+    let mut g = step_group(c, "decode_attention_1seq_1024pos_30layers", bytes);
     g.bench_function("fast", |b| {
         b.iter(|| {
             for l in 0..layers {

@@ -1073,3 +1073,37 @@ fn decode_attention_is_bit_identical_alone_batched_and_threaded() {
     dispatch::force(None);
     dispatch::set_num_threads(0);
 }
+
+/// SwiGLU's vector exp over the whole range of gates an activation can hold: every
+/// element within 2e-6 relative (or 1e-30 absolute near zero) of the reference, +inf
+/// gates give +inf, NaN stays NaN, on every ISA path.
+#[test]
+fn swiglu_matches_reference_elementwise_at_extreme_gates() {
+    let _isa_lock = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut gate: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.06).collect();
+    gate.extend([
+        87.0, 88.0, 88.5, 100.0, -87.0, -88.0, -100.0, 1e-30, -1e-30, 0.0,
+    ]);
+    gate.extend([f32::INFINITY, f32::NAN, 3.0]);
+    let up: Vec<f32> = (0..gate.len())
+        .map(|i| 0.5 + (i % 7) as f32 * 0.25)
+        .collect();
+    let mut want = vec![0.0f32; gate.len()];
+    reference::swiglu::swiglu_forward(&mut want, &gate, &up).unwrap();
+    for isa in dispatch::available() {
+        dispatch::force(Some(isa));
+        let mut got = vec![0.0f32; gate.len()];
+        cpu::swiglu_forward(&mut got, &gate, &up).unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            let ok = if w.is_nan() {
+                g.is_nan()
+            } else if w.is_infinite() {
+                g == w
+            } else {
+                (g - w).abs() <= 2e-6 * w.abs() || (g - w).abs() <= 1e-30
+            };
+            assert!(ok, "gate {} ({isa:?}): {g} against {w}", gate[i]);
+        }
+    }
+    dispatch::force(None);
+}

@@ -718,39 +718,8 @@ mod avx2 {
     use std::ops::Range;
 
     use super::CHUNK;
+    use crate::cpu::simd::avx2::exp;
     use crate::reference::attention_paged::{PagedShape, row_offset};
-
-    /// e^x for x <= 0 (softmax arguments after the max is subtracted): Cody-Waite range
-    /// reduction and the Cephes degree-6 polynomial, relative error ~2 ulp; arguments
-    /// below -87.3 give ~1e-38 instead of 0 (an absolute error far below f32 resolution of
-    /// any sum it enters).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn exp(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(
-            _mm256_min_ps(x, _mm256_set1_ps(88.0)),
-            _mm256_set1_ps(-87.3),
-        );
-        let fx = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.398_199_9e-3));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.333_452e-3));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.166_579_6e-2));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.166_666_65));
-        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5));
-        y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
-        y = _mm256_add_ps(y, _mm256_set1_ps(1.0));
-        let e = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
-    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]

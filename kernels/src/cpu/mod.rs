@@ -8,6 +8,7 @@ pub mod heads;
 pub mod matmul;
 pub mod pool;
 pub mod rowwise;
+mod simd;
 
 pub use crate::reference::embedding::embedding_forward;
 pub use attention::{

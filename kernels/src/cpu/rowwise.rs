@@ -1,11 +1,12 @@
 //! Row-wise ops (RMSNorm, SwiGLU, RoPE, residual add) split across the worker pool when
 //! the call is big enough (prefill, batched decode); small calls (one decode row) run
-//! inline, where a fork/join would cost more than the op. SwiGLU, RoPE and the residual
-//! add run the scalar reference on each chunk, so their results are bit-identical to it.
-//! RMSNorm with float weights runs an AVX2 row kernel where the CPU has it: the sum of
-//! squares in eight lanes (another summation order than the reference's, within the f32
-//! tolerance), the weights converted in registers, each output `w * (x * rstd)` as the
-//! reference computes it; a row's result does not depend on the other rows. Shapes are
+//! inline, where a fork/join would cost more than the op. The residual add runs the
+//! scalar reference on each chunk and RoPE its arithmetic with one sine/cosine table per
+//! position, so both are bit-identical to the reference. Where the CPU has AVX2, RMSNorm
+//! with float weights runs a row kernel (the sum of squares in eight lanes: another
+//! summation order than the reference's, within the f32 tolerance; the weights converted
+//! in registers; each output `w * (x * rstd)` as the reference computes it) and SwiGLU a
+//! vector exp (~2 ulp); an element's result never depends on the other rows. Shapes are
 //! checked for the whole call before any chunk runs.
 
 use super::dispatch::{Isa, current, num_threads};
@@ -100,7 +101,34 @@ pub fn rmsnorm_forward(
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use crate::cpu::simd::avx2::exp;
     use crate::weights::Weights;
+
+    /// out = silu(gate) * up = gate / (1 + e^-gate) * up, eight at a time (the vector exp
+    /// of `simd`), the tail as the reference computes it.
+    ///
+    /// SAFETY: AVX2+FMA; gate and up hold out.len() elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        let n = out.len();
+        let n8 = n / 8 * 8;
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        // SAFETY: i + 8 <= n8 <= n for every vector access.
+        unsafe {
+            while i < n8 {
+                let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+                let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                let s = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                let u = _mm256_loadu_ps(up.as_ptr().add(i));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, u));
+                i += 8;
+            }
+        }
+        for i in n8..n {
+            out[i] = gate[i] / (1.0 + (-gate[i]).exp()) * up[i];
+        }
+    }
 
     /// Eight weights from element i as f32 (float weights only).
     ///
@@ -178,11 +206,19 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<(), K
     check_len(OP, "up", up.len(), out.len())?;
     const UNIT: usize = 256;
     let n = out.len();
+    let isa = current();
     let o = Out(out.as_mut_ptr());
     split(n.div_ceil(UNIT), UNIT, &|u, k| {
         let (s, e) = (u * UNIT, ((u + k) * UNIT).min(n));
         // SAFETY: elements s..e of `out`, disjoint per chunk, e <= out.len().
         let out = unsafe { o.range(s, e - s) };
+        #[cfg(target_arch = "x86_64")]
+        if isa >= Isa::Avx2 {
+            // SAFETY: AVX2+FMA detected; out, gate[s..e] and up[s..e] hold e - s elements.
+            unsafe { avx2::swiglu(out, &gate[s..e], &up[s..e]) };
+            return Ok(());
+        }
+        let _ = isa;
         reference::swiglu::swiglu_forward(out, &gate[s..e], &up[s..e])
     })
 }

@@ -357,18 +357,12 @@ pub fn paged_decode_attention(
                     continue;
                 }
                 for h in 0..nh {
-                    let o = &mut out[(s * nh + h) * hs..][..hs];
-                    o.fill(0.0);
-                    let mut lse = f32::NEG_INFINITY;
-                    for p in 0..pieces {
-                        let r = base + p * nh + h;
-                        merge_row(
-                            o,
-                            &mut lse,
-                            &parts[r * hs..][..hs],
-                            parts[part_rows * hs + r],
-                        );
-                    }
+                    merge_states(
+                        &mut out[(s * nh + h) * hs..][..hs],
+                        parts,
+                        part_rows,
+                        (0..pieces).map(|p| base + p * nh + h),
+                    );
                 }
                 base += pieces * nh;
             }
@@ -683,32 +677,33 @@ impl Cascade<'_> {
         // SAFETY: phase 1 is over; the buffer is only read here.
         let parts = unsafe { std::slice::from_raw_parts(base, self.lay.len()) };
         for h in 0..nh {
-            let o = &mut out[(s * nh + h) * hs..][..hs];
-            o.fill(0.0);
-            let mut lse = f32::NEG_INFINITY;
-            for (l, (pieces, per, first)) in levels.iter().zip(level_blocks(levels, nh)) {
-                if !l.members.contains(&s) {
-                    continue;
-                }
-                let i = s - l.members.start;
-                for p in 0..pieces {
-                    let r = first + p * per + i * nh + h;
-                    merge_row(
-                        o,
-                        &mut lse,
-                        &parts[self.lay.o(r)..][..hs],
-                        parts[self.lay.lse(r)],
-                    );
-                }
-            }
-            let r = self.lay.level_rows + s * nh + h;
-            merge_row(
-                o,
-                &mut lse,
-                &parts[self.lay.o(r)..][..hs],
-                parts[self.lay.lse(r)],
+            let level_rows = levels
+                .iter()
+                .zip(level_blocks(levels, nh))
+                .filter(|(l, _)| l.members.contains(&s))
+                .flat_map(|(l, (pieces, per, first))| {
+                    let i = s - l.members.start;
+                    (0..pieces).map(move |p| first + p * per + i * nh + h)
+                });
+            let suffix_row = self.lay.level_rows + s * nh + h;
+            merge_states(
+                &mut out[(s * nh + h) * hs..][..hs],
+                parts,
+                self.lay.rows(),
+                level_rows.chain([suffix_row]),
             );
         }
+    }
+}
+
+/// Merges, in the order given, the attention states `rows` of a buffer holding `n_rows`
+/// states (their HS outputs, row after row, then their lse values) into `o`.
+fn merge_states(o: &mut [f32], parts: &[f32], n_rows: usize, rows: impl Iterator<Item = usize>) {
+    let hs = o.len();
+    o.fill(0.0);
+    let mut lse = f32::NEG_INFINITY;
+    for r in rows {
+        merge_row(o, &mut lse, &parts[r * hs..][..hs], parts[n_rows * hs + r]);
     }
 }
 
@@ -832,25 +827,24 @@ mod avx2 {
         // SAFETY: every row offset lies in the checked arena (HS elements each), every
         // score index below n_q * n_pos, every q/out row below n_q.
         unsafe {
-            // Pass 1: scores, chunk by chunk so the chunk's K rows stay in L1; two query
-            // rows at a time share each K load.
-            // The rows come from a paged cache far larger than L2, in blocks the hardware
-            // prefetcher cannot predict: each chunk asks for the next chunk's rows (K in
-            // pass 1, then V) while it computes.
             // Many query rows (a shared level's members): Q transposed and scaled once,
             // (HS, RP) with RP = rows rounded up to 8, zero padded.
             let rv = n_q.div_ceil(8);
-            let mut qt_buf = QT.take();
+            let mut qt = QT.take();
             if n_q >= MANY_ROWS {
-                qt_buf.clear();
-                qt_buf.resize(hs * rv * 8, 0.0);
+                qt.clear();
+                qt.resize(hs * rv * 8, 0.0);
                 for r in 0..n_q {
                     for i in 0..hs {
-                        qt_buf[i * rv * 8 + r] = q[r * hs + i] * scale;
+                        qt[i * rv * 8 + r] = q[r * hs + i] * scale;
                     }
                 }
             }
-            let qt = &qt_buf;
+            // Pass 1: scores, chunk by chunk so the chunk's K rows stay in L1; two query
+            // rows at a time share each K load (or every row shares it, transposed).
+            // The rows come from a paged cache far larger than L2, in blocks the hardware
+            // prefetcher cannot predict: each chunk asks for the next chunk's rows (K in
+            // pass 1, then V) while it computes.
             prefetch_rows(kp, offs, 0..CHUNK.min(n_pos), hs);
             let mut c0 = 0;
             while c0 < n_pos {
@@ -861,11 +855,10 @@ mod avx2 {
                     prefetch_rows(vp, offs, 0..CHUNK.min(n_pos), hs);
                 }
                 if n_q >= MANY_ROWS {
-                    let qt = qt.as_ptr();
                     let mut vb = 0;
                     while vb < rv {
                         let a = ScoreT {
-                            qt,
+                            qt: qt.as_ptr(),
                             rp: rv * 8,
                             vb,
                             n_q,
@@ -893,7 +886,7 @@ mod avx2 {
                 c0 = c1;
             }
 
-            QT.set(qt_buf);
+            QT.set(qt);
             // Pass 2: softmax per query row; lse = max + ln(sum).
             let n8 = n_pos / 8 * 8;
             for (row, l) in scores.chunks_exact_mut(n_pos).zip(lse.iter_mut()) {

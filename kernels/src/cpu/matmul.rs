@@ -365,6 +365,8 @@ mod avx2 {
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
+    use crate::cpu::simd::avx2::{load_bf16x8, load_f16x8};
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn hsum(v: __m256) -> f32 {
@@ -417,16 +419,6 @@ mod avx2 {
         }
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn load_bf16x8(p: *const bf16) -> __m256 {
-        // SAFETY: caller guarantees 8 readable elements at p.
-        unsafe {
-            let raw = _mm_loadu_si128(p as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-        }
-    }
-
     /// SAFETY: caller guarantees AVX2+FMA and x.len() == w.len().
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_bf16(x: &[f32], w: &[bf16]) -> f32 {
@@ -468,8 +460,8 @@ mod avx2 {
         // SAFETY: i + 16 <= n for every load in the loop.
         unsafe {
             while i < n16 {
-                let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i) as *const __m128i));
-                let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i + 8) as *const __m128i));
+                let w0 = load_f16x8(wp.add(i));
+                let w1 = load_f16x8(wp.add(i + 8));
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), w0, a0);
                 a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i + 8)), w1, a1);
                 i += 16;
@@ -492,7 +484,7 @@ mod avx2 {
         // SAFETY: i + 8 <= n for every load/store in the loop.
         unsafe {
             while i < n8 {
-                let v = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i) as *const __m128i));
+                let v = load_f16x8(w.as_ptr().add(i));
                 _mm256_storeu_ps(dst.as_mut_ptr().add(i), v);
                 i += 8;
             }
@@ -509,7 +501,10 @@ mod tiled {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
+    use half::{bf16, f16};
+
     use super::avx2::hsum;
+    use crate::cpu::simd::avx2::{load_bf16x8, load_f16x8};
     use crate::weights::{Q8_GROUP, Weights};
 
     /// Float weight element types, as a const parameter so each kernel is monomorphised
@@ -533,11 +528,8 @@ mod tiled {
         unsafe {
             match DT {
                 F32 => _mm256_loadu_ps(p as *const f32),
-                BF16 => {
-                    let raw = _mm_loadu_si128(p as *const __m128i);
-                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-                }
-                _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                BF16 => load_bf16x8(p as *const bf16),
+                _ => load_f16x8(p as *const f16),
             }
         }
     }

@@ -101,7 +101,7 @@ pub fn rmsnorm_forward(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use crate::cpu::simd::avx2::exp;
+    use crate::cpu::simd::avx2::{exp, load_bf16x8, load_f16x8};
     use crate::weights::Weights;
 
     /// out = silu(gate) * up = gate / (1 + e^-gate) * up, eight at a time (the vector exp
@@ -140,13 +140,8 @@ mod avx2 {
         unsafe {
             match w {
                 Weights::F32(w) => _mm256_loadu_ps(w.as_ptr().add(i)),
-                Weights::BF16(w) => {
-                    let raw = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
-                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-                }
-                Weights::F16(w) => {
-                    _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i) as *const __m128i))
-                }
+                Weights::BF16(w) => load_bf16x8(w.as_ptr().add(i)),
+                Weights::F16(w) => load_f16x8(w.as_ptr().add(i)),
                 Weights::Q8(_) => unreachable!("int8 RMSNorm weights take the reference"),
             }
         }

@@ -4,6 +4,31 @@
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
+    use half::{bf16, f16};
+
+    /// Eight bf16 values at `p` as f32 (a bf16 is the high half of an f32).
+    ///
+    /// SAFETY: AVX2; 8 readable elements at p.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub(crate) unsafe fn load_bf16x8(p: *const bf16) -> __m256 {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let raw = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+        }
+    }
+
+    /// Eight f16 values at `p` as f32.
+    ///
+    /// SAFETY: AVX2+F16C; 8 readable elements at p.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    pub(crate) unsafe fn load_f16x8(p: *const f16) -> __m256 {
+        // SAFETY: see the function's contract.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
     /// e^x in eight lanes: Cody-Waite range reduction and the Cephes degree-6 polynomial,
     /// relative error ~2 ulp for arguments in [-87.3, 88]; arguments are clamped to that
     /// range, so below -87.3 it gives ~1e-38 instead of 0 (an absolute error far below f32

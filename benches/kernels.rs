@@ -171,8 +171,14 @@ fn shuffled_cache(rng: &mut Rng, blocks: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>
     (k_arena, v_arena, ids)
 }
 
+/// The arena rounded to f16 (the `--kv-cache f16` layout).
+fn to_f16(a: &[f32]) -> Vec<half::f16> {
+    a.iter().map(|&x| half::f16::from_f32(x)).collect()
+}
+
 /// A group timing one decode step's attention (30 layers): ten samples of about three
-/// seconds, GB/s of `bytes` K/V bytes.
+/// seconds, GB/s of `bytes` K/V bytes (f32 bytes: an f16 cache's figure is the f32
+/// equivalent, so the two read as a speed ratio).
 fn step_group<'c>(
     c: &'c mut Criterion,
     name: &str,
@@ -215,32 +221,39 @@ fn cascade(c: &mut Criterion) {
     let mut scratch = vec![0.0f32; cascade_scratch_len(&shape, k, prefix.max(suffix))];
     let suffix_lens = vec![suffix; k];
     let bytes = layers * (prefix + k * suffix) * 2 * shape.n_kv_heads * shape.head_dim * 4;
+    let (k16, v16) = (to_f16(&k_arena), to_f16(&v_arena));
     let mut g = step_group(c, "cascade_k8_prefix512_suffix64_30layers", bytes);
-    g.bench_function("fast", |b| {
-        b.iter(|| {
-            for (pre, suf) in &tables {
-                let levels = [Level {
-                    block_table: pre,
-                    len: prefix,
-                    members: 0..k,
-                }];
-                let st: Vec<&[u32]> = suf.iter().map(|t| t.as_slice()).collect();
-                cpu::cascade_decode_attention(
-                    &mut out,
-                    &q,
-                    &k_arena,
-                    &v_arena,
-                    &levels,
-                    &st,
-                    &suffix_lens,
-                    shape,
-                    &mut scratch,
-                )
-                .unwrap();
-            }
-            black_box(out[0])
-        })
-    });
+    macro_rules! run {
+        ($name:expr, $k:expr, $v:expr) => {
+            g.bench_function($name, |b| {
+                b.iter(|| {
+                    for (pre, suf) in &tables {
+                        let levels = [Level {
+                            block_table: pre,
+                            len: prefix,
+                            members: 0..k,
+                        }];
+                        let st: Vec<&[u32]> = suf.iter().map(|t| t.as_slice()).collect();
+                        cpu::cascade_decode_attention(
+                            &mut out,
+                            &q,
+                            $k,
+                            $v,
+                            &levels,
+                            &st,
+                            &suffix_lens,
+                            shape,
+                            &mut scratch,
+                        )
+                        .unwrap();
+                    }
+                    black_box(out[0])
+                })
+            });
+        };
+    }
+    run!("fast", &k_arena, &v_arena);
+    run!("fast_f16_cache", &k16, &v16);
     g.finish();
 }
 
@@ -257,26 +270,33 @@ fn decode_depth(c: &mut Criterion) {
     let mut out = vec![0.0f32; q.len()];
     let mut scores = vec![0.0f32; len];
     let bytes = layers * len * 2 * shape.n_kv_heads * shape.head_dim * 4;
+    let (k16, v16) = (to_f16(&k_arena), to_f16(&v_arena));
     let mut g = step_group(c, "decode_attention_1seq_1024pos_30layers", bytes);
-    g.bench_function("fast", |b| {
-        b.iter(|| {
-            for l in 0..layers {
-                let table = &ids[l * per_layer..(l + 1) * per_layer];
-                cpu::paged_decode_attention(
-                    &mut out,
-                    &q,
-                    &k_arena,
-                    &v_arena,
-                    &[table],
-                    &[len],
-                    shape,
-                    &mut scores,
-                )
-                .unwrap();
-            }
-            black_box(out[0])
-        })
-    });
+    macro_rules! run {
+        ($name:expr, $k:expr, $v:expr) => {
+            g.bench_function($name, |b| {
+                b.iter(|| {
+                    for l in 0..layers {
+                        let table = &ids[l * per_layer..(l + 1) * per_layer];
+                        cpu::paged_decode_attention(
+                            &mut out,
+                            &q,
+                            $k,
+                            $v,
+                            &[table],
+                            &[len],
+                            shape,
+                            &mut scores,
+                        )
+                        .unwrap();
+                    }
+                    black_box(out[0])
+                })
+            });
+        };
+    }
+    run!("fast", &k_arena, &v_arena);
+    run!("fast_f16_cache", &k16, &v16);
     g.finish();
 }
 

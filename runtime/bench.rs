@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use crate::backend::Cpu;
 use crate::cloud::{CloudScorer, CloudTemplate, ScoreOptions};
-use crate::engine::{PREFILL_ROWS, PagedEngine, lm_greedy};
+use crate::engine::{KvCache, PREFILL_ROWS, PagedEngine, lm_greedy};
 use crate::error::{Error, Result};
 use crate::kv::SeqId;
 use crate::model::heads::FeedbackMethod;
@@ -55,6 +55,8 @@ pub struct BenchConfig {
     pub quantize_q8: bool,
     /// Copy the weights into huge-page memory after loading (`--hugepages`).
     pub huge_pages: bool,
+    /// What the KV cache holds (`--kv-cache`).
+    pub kv_cache: KvCache,
 }
 
 impl Default for BenchConfig {
@@ -69,6 +71,7 @@ impl Default for BenchConfig {
             bandwidth_bytes: 1 << 30,
             quantize_q8: false,
             huge_pages: false,
+            kv_cache: KvCache::F32,
         }
     }
 }
@@ -108,6 +111,8 @@ pub struct BenchReport {
     pub machine: MachineInfo,
     pub model: String,
     pub weight_dtype: String,
+    /// Element type of the KV cache ("f32" or "f16").
+    pub kv_cache: String,
     pub decode_weight_bytes_per_token: usize,
     pub load_ms: f64,
     /// Time of the Q8 quantisation after the load (absent without `--quantize q8`).
@@ -181,11 +186,12 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
     // Prefill + single-stream decode through the paged engine.
     let text_ids = filler_ids(&tokenizer, cfg.prefill_tokens)?;
     let blocks = (cfg.prefill_tokens + cfg.decode_tokens).div_ceil(16) + 2;
-    let mut engine = PagedEngine::new(llama, blocks, 16, PREFILL_ROWS)?;
+    let mut engine = PagedEngine::with_cache(llama, blocks, 16, PREFILL_ROWS, cfg.kv_cache)?;
     // Warm-up: first touch of the mapped weights and the worker pool.
     let (warm, _, _) = engine.prefill(llama, &cpu, &text_ids[..1])?;
     engine.free(warm)?;
-    let mut engine = PagedEngine::new(llama, blocks, 16, PREFILL_ROWS)?;
+    drop(engine);
+    let mut engine = PagedEngine::with_cache(llama, blocks, 16, PREFILL_ROWS, cfg.kv_cache)?;
     let t0 = Instant::now();
     let (seq, logits, _) = engine.prefill(llama, &cpu, &text_ids)?;
     let prefill_s = t0.elapsed().as_secs_f64();
@@ -201,7 +207,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         "decode {} after the prefill: {depth_tps:.1} tokens/s",
         cfg.decode_tokens
     ));
-    let mut engine = PagedEngine::new(llama, blocks, 16, PREFILL_ROWS)?;
+    let mut engine = PagedEngine::with_cache(llama, blocks, 16, PREFILL_ROWS, cfg.kv_cache)?;
     let (seq, logits, _) = engine.prefill(llama, &cpu, &text_ids[..1])?;
     let decode_tps = cfg.decode_tokens as f64
         / decode_run(llama, &cpu, &mut engine, seq, &logits, cfg.decode_tokens)?;
@@ -270,6 +276,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         weight_dtype,
+        kv_cache: cfg.kv_cache.to_string(),
         decode_weight_bytes_per_token: bytes_per_token,
         load_ms,
         quantize_ms,
@@ -325,6 +332,7 @@ fn critique_arm(
         max_critique_tokens: cfg.critique_tokens,
         share_prefix: share,
         ignore_stops: true,
+        kv_cache: cfg.kv_cache,
         ..Default::default()
     };
     // A fresh scorer per arm: nothing cached from an earlier arm.
@@ -466,13 +474,14 @@ impl BenchReport {
     pub fn render(&self) -> String {
         let mut s = String::new();
         s += &format!(
-            "machine: {} ({} threads, {} path)\nmodel: {} ({} weights, {:.1} MB read per decode token)\n",
+            "machine: {} ({} threads, {} path)\nmodel: {} ({} weights, {:.1} MB read per decode token, {} KV cache)\n",
             self.machine.cpu,
             self.machine.threads,
             self.machine.isa,
             self.model,
             self.weight_dtype,
-            self.decode_weight_bytes_per_token as f64 / 1e6
+            self.decode_weight_bytes_per_token as f64 / 1e6,
+            self.kv_cache
         );
         s += &format!("load (mmap + validate): {:.1} ms\n", self.load_ms);
         if let Some(q) = self.quantize_ms {

@@ -134,6 +134,7 @@ fn bench_reports_every_figure_as_json() {
         );
     }
     assert_eq!(v["weight_dtype"], "bf16");
+    assert_eq!(v["kv_cache"], "f32");
     assert!(v["quantize_ms"].is_null(), "{v}");
     // --quantize q8: 1.125 bytes per weight (norms stay bf16), quantisation timed.
     let q = bench_json(&[
@@ -200,6 +201,32 @@ fn bench_reports_every_figure_as_json() {
         "--k",
     ]);
     assert_eq!(e["critiques"].as_array().map(Vec::len), Some(0), "{e}");
+    // --kv-cache f16: the same figures over an f16 cache, named in the report.
+    let f = bench_json(&[
+        "--prefill",
+        "20",
+        "--decode",
+        "2",
+        "--k",
+        "2",
+        "--critique-tokens",
+        "2",
+        "--prefix",
+        "20",
+        "--no-unshared",
+        "--bandwidth-mib",
+        "0",
+        "--kv-cache",
+        "f16",
+    ]);
+    assert_eq!(f["kv_cache"], "f16", "{f}");
+    assert!(f["decode_after_prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        f["critiques"][0]["shared"]["tokens_per_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     // Bad arguments are a usage error, not a panic.
     let out = cloudrm()
         .args(["bench", "--quantize", "q4"])

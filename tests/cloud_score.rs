@@ -7,6 +7,7 @@ mod common;
 
 use cloudrm::backend::Cpu;
 use cloudrm::cloud::{Aggregation, COT_PROMPT, CloudScorer, CloudTemplate, Score, ScoreOptions};
+use cloudrm::engine::KvCache;
 use cloudrm::loader::Dtype;
 use cloudrm::loader::gguf::OutDtype;
 use cloudrm::loader::template::ChatTemplate;
@@ -186,6 +187,54 @@ fn cloud_scores_reuse_the_prefix_and_are_deterministic() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `kv_cache: F16` scores through an f16 cache: deterministic, close to the f32 cache on
+/// the classic path (teacher-forced, nothing sampled), and switching the cache type back
+/// and forth on one scorer gives each type's own results (the engine is rebuilt).
+#[test]
+fn f16_kv_cache_scores_close_to_f32_and_switches_cleanly() {
+    let dir = tiny_cloud_dir("cloud-f16-kv", "teacher");
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&default_model(OutDtype::BF16)).unwrap();
+    let scorer = CloudScorer::new(&rm, &tok, &tpl);
+    let f32_opts = ScoreOptions {
+        k: 3,
+        seed: 4,
+        max_critique_tokens: 6,
+        ..Default::default()
+    };
+    let f16_opts = ScoreOptions {
+        kv_cache: KvCache::F16,
+        ..f32_opts.clone()
+    };
+    let a = scorer.score(PROMPT, RESPONSE, &f32_opts).unwrap();
+    let h = scorer.score(PROMPT, RESPONSE, &f16_opts).unwrap();
+    let h2 = scorer.score(PROMPT, RESPONSE, &f16_opts).unwrap();
+    let a2 = scorer.score(PROMPT, RESPONSE, &f32_opts).unwrap();
+    assert_eq!(
+        (&h.rewards, &h.critique_tokens),
+        (&h2.rewards, &h2.critique_tokens)
+    );
+    assert_eq!(
+        (&a.rewards, &a.critique_tokens),
+        (&a2.rewards, &a2.critique_tokens)
+    );
+    assert!(h.rewards.iter().all(|r| r.is_finite()) && h.rewards.len() == 3);
+    let classic = |opts: &ScoreOptions| {
+        let o = ScoreOptions {
+            classic: true,
+            ..opts.clone()
+        };
+        scorer.score(PROMPT, RESPONSE, &o).unwrap().reward
+    };
+    let (r32, r16) = (classic(&f32_opts), classic(&f16_opts));
+    assert!(
+        (r32 - r16).abs() <= 1e-2 * r32.abs().max(1.0),
+        "classic reward {r32} (f32 cache) vs {r16} (f16 cache)"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn classic_compare_and_best_of_n() {
     let dir = tiny_cloud_dir("cloud-classic", "vanilla");
@@ -242,6 +291,41 @@ fn score_command_prints_json() {
     assert_eq!(v["rewards"].as_array().unwrap().len(), 2);
     assert_eq!(v["critiques"].as_array().unwrap().len(), 2);
     assert!(v["reward"].as_f64().unwrap().is_finite());
+    // --kv-cache f16 scores; an unknown cache type is a usage error naming the choices.
+    for (kv, ok) in [("f16", true), ("bf16", false)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
+            .args([
+                "score",
+                "--prompt",
+                PROMPT,
+                "--response",
+                RESPONSE,
+                "--k",
+                "2",
+            ])
+            .args([
+                "--max-critique-tokens",
+                "4",
+                "--json",
+                "--kv-cache",
+                kv,
+                "--model",
+            ])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), ok, "--kv-cache {kv}: {stderr}");
+        if ok {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["rewards"].as_array().unwrap().len(), 2);
+        } else {
+            assert!(
+                stderr.contains("f16") && !stderr.contains("panicked"),
+                "{stderr}"
+            );
+        }
+    }
     // A model dir without a reward head fails with a clear message.
     let plain = default_model(OutDtype::BF16);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))

@@ -605,6 +605,25 @@ fn prefill_case(seed: u64, nh: usize, nkv: usize, hs: usize, pos0: usize, t: usi
     .unwrap();
     got.check_guards("paged prefill attention");
     check_close("paged prefill attention", got.as_ref(), &want, F32_TOL);
+    // f16 arenas: close to the reference over them, identical to the widened f32 arenas.
+    let (k16, v16) = (to_f16(&k_arena), to_f16(&v_arena));
+    let run = |fast, k: &[half::f16], v: &[half::f16], scratch: &mut [f32]| {
+        prefill_with(fast, &q, k, v, &table, pos0, shape, scratch)
+    };
+    let want16 = run(false, &k16, &v16, &mut scratch);
+    let got16 = run(true, &k16, &v16, &mut scratch);
+    check_close("paged prefill (f16 cache)", &got16, &want16, F32_TOL);
+    let widened = prefill_with(
+        true,
+        &q,
+        &widen(&k16),
+        &widen(&v16),
+        &table,
+        pos0,
+        shape,
+        &mut scratch,
+    );
+    assert_bits_eq("paged prefill (f16 vs widened)", &got16, &widened);
     // A short scratch is a typed error, not a panic.
     let short = prefill_scratch_len(&shape, pos0, t) - 1;
     assert!(
@@ -620,6 +639,30 @@ fn prefill_case(seed: u64, nh: usize, nkv: usize, hs: usize, pos0: usize, t: usi
         )
         .is_err()
     );
+}
+
+/// Paged prefill attention over f32 or f16 arenas, by the fast kernel or the reference.
+#[allow(clippy::too_many_arguments)]
+fn prefill_with<T: cloudrm::kernels::KvElem>(
+    fast: bool,
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    table: &[u32],
+    pos0: usize,
+    shape: cloudrm::kernels::reference::attention_paged::PagedShape,
+    scratch: &mut [f32],
+) -> Vec<f32> {
+    let mut out = vec![0.0; q.len()];
+    if fast {
+        cpu::paged_prefill_attention(&mut out, q, k, v, table, pos0, shape, scratch).unwrap();
+    } else {
+        reference::attention_paged::paged_prefill_attention(
+            &mut out, q, k, v, table, pos0, shape, scratch,
+        )
+        .unwrap();
+    }
+    out
 }
 
 /// K sequences sharing `prefix` positions, each with its own suffix, in a shuffled arena.
@@ -722,49 +765,92 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
         &mut scores,
     )
     .unwrap();
-    let mut got = Guarded::new(k * nh * hs);
-    if cascade {
-        let mut levels = vec![Level {
-            block_table: &prefix_table,
-            len: prefix,
-            members: 0..k,
-        }];
-        if mid > 0 {
-            levels.push(Level {
-                block_table: &mid_table,
-                len: mid,
-                members: 1..k,
-            });
-        }
-        let st: Vec<&[u32]> = suffix_tables.iter().map(|t| t.as_slice()).collect();
-        let mut scratch = vec![0.0; cascade_scratch_len(&shape, k, max_len)];
-        cpu::cascade_decode_attention(
-            got.as_mut(),
-            &q,
-            &k_arena,
-            &v_arena,
-            &levels,
-            &st,
-            &suffix_lens,
-            shape,
-            &mut scratch,
-        )
-        .unwrap();
-    } else {
-        cpu::paged_decode_attention(
-            got.as_mut(),
-            &q,
-            &full_arena_k,
-            &full_arena_v,
-            &tables,
-            &full_lens,
-            shape,
-            &mut scores,
-        )
-        .unwrap();
+    // The fast kernel (cascade over the shared levels, or plain decode over the copied
+    // tables) on the given arenas (f32 or f16).
+    let st: Vec<&[u32]> = suffix_tables.iter().map(|t| t.as_slice()).collect();
+    let mut levels = vec![Level {
+        block_table: &prefix_table,
+        len: prefix,
+        members: 0..k,
+    }];
+    if mid > 0 {
+        levels.push(Level {
+            block_table: &mid_table,
+            len: mid,
+            members: 1..k,
+        });
     }
-    got.check_guards("paged attention");
-    check_close("paged attention", got.as_ref(), &want, F32_TOL);
+    let mut scratch = vec![0.0; cascade_scratch_len(&shape, k, max_len)];
+    macro_rules! fast {
+        ($k:expr, $v:expr, $fk:expr, $fv:expr) => {{
+            let mut got = Guarded::new(k * nh * hs);
+            if cascade {
+                cpu::cascade_decode_attention(
+                    got.as_mut(),
+                    &q,
+                    $k,
+                    $v,
+                    &levels,
+                    &st,
+                    &suffix_lens,
+                    shape,
+                    &mut scratch,
+                )
+                .unwrap();
+            } else {
+                cpu::paged_decode_attention(
+                    got.as_mut(),
+                    &q,
+                    $fk,
+                    $fv,
+                    &tables,
+                    &full_lens,
+                    shape,
+                    &mut scores,
+                )
+                .unwrap();
+            }
+            got.check_guards("paged attention");
+            got.as_ref().to_vec()
+        }};
+    }
+    let got = fast!(&k_arena, &v_arena, &full_arena_k, &full_arena_v);
+    check_close("paged attention", &got, &want, F32_TOL);
+    // f16 arenas: within the f32 tolerance of the reference over the same f16 arenas, and
+    // bit for bit what the kernel gives over f32 arenas holding the rounded values.
+    let (k16, v16) = (to_f16(&k_arena), to_f16(&v_arena));
+    let (fk16, fv16) = (to_f16(&full_arena_k), to_f16(&full_arena_v));
+    let mut want16 = vec![0.0; k * nh * hs];
+    reference::attention_paged::paged_decode_attention(
+        &mut want16,
+        &q,
+        &fk16,
+        &fv16,
+        &tables,
+        &full_lens,
+        shape,
+        &mut scores,
+    )
+    .unwrap();
+    let got16 = fast!(&k16, &v16, &fk16, &fv16);
+    check_close("paged attention (f16 cache)", &got16, &want16, F32_TOL);
+    let widened = fast!(&widen(&k16), &widen(&v16), &widen(&fk16), &widen(&fv16));
+    assert_bits_eq("paged attention (f16 cache vs widened)", &got16, &widened);
+}
+
+fn to_f16(a: &[f32]) -> Vec<half::f16> {
+    a.iter().map(|&x| half::f16::from_f32(x)).collect()
+}
+
+fn widen(a: &[half::f16]) -> Vec<f32> {
+    a.iter().map(|x| x.to_f32()).collect()
+}
+
+fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}: element {i}: {g} vs {w}");
+    }
 }
 
 /// Every ISA path and thread count; the coverage check requires a case for every op.

@@ -10,10 +10,12 @@
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod kv;
 pub mod reference;
 pub mod weights;
 
 pub use error::KernelError;
+pub use kv::KvElem;
 pub use weights::Weights;
 
 /// The op inventory. Every op has a reference and is covered by tests on every backend

@@ -4,7 +4,7 @@
 use cloudrm_kernels::reference::attention::AttnShape;
 use cloudrm_kernels::reference::attention_paged::{Level, PagedShape};
 use cloudrm_kernels::reference::heads::{RewardHeadWeights, TopLogit};
-use cloudrm_kernels::{KernelError, Weights, cpu, reference};
+use cloudrm_kernels::{KernelError, KvElem, Weights, cpu, reference};
 
 /// Which kernels the CPU backend runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,14 +142,15 @@ impl Cpu {
         }
     }
 
-    /// Causal prefill attention of T rows at positions pos0.. over the paged cache.
+    /// Causal prefill attention of T rows at positions pos0.. over the paged cache (f32 or
+    /// f16 arenas).
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_prefill_attention(
+    pub fn paged_prefill_attention<T: KvElem>(
         &self,
         out: &mut [f32],
         q: &[f32],
-        k_arena: &[f32],
-        v_arena: &[f32],
+        k_arena: &[T],
+        v_arena: &[T],
         table: &[u32],
         pos0: usize,
         shape: PagedShape,
@@ -167,12 +168,12 @@ impl Cpu {
 
     /// One decode query per sequence over its whole paged context.
     #[allow(clippy::too_many_arguments)]
-    pub fn paged_decode_attention(
+    pub fn paged_decode_attention<T: KvElem>(
         &self,
         out: &mut [f32],
         q: &[f32],
-        k_arena: &[f32],
-        v_arena: &[f32],
+        k_arena: &[T],
+        v_arena: &[T],
         tables: &[&[u32]],
         lens: &[usize],
         shape: PagedShape,
@@ -190,12 +191,12 @@ impl Cpu {
 
     /// Cascade decode attention: shared levels once per group, then each suffix.
     #[allow(clippy::too_many_arguments)]
-    pub fn cascade_decode_attention(
+    pub fn cascade_decode_attention<T: KvElem>(
         &self,
         out: &mut [f32],
         q: &[f32],
-        k_arena: &[f32],
-        v_arena: &[f32],
+        k_arena: &[T],
+        v_arena: &[T],
         levels: &[Level<'_>],
         suffix_tables: &[&[u32]],
         suffix_lens: &[usize],

@@ -10,6 +10,7 @@ use cloudrm_loader::tokenizer::Tokenizer;
 
 use crate::backend::Cpu;
 use crate::cloud::{CloudScorer, Score, ScoreOptions};
+use crate::engine::KvCache;
 use crate::error::{Error, Result};
 use crate::eval::{EvalError, EvalOptions, Schema, run_eval};
 use crate::generate::{GreedyOptions, greedy};
@@ -62,6 +63,26 @@ fn check_memory_args(q: Option<QuantizeArg>, huge_pages: bool) -> Result<()> {
 /// Help of `--hugepages`.
 const HUGEPAGES_HELP: &str = "Copy the weights into memory backed by transparent huge pages after loading: faster decode (fewer TLB misses), a longer load, no page-cache sharing between processes";
 
+/// `--kv-cache`: what the paged KV cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum KvCacheArg {
+    /// 4 bytes per cached value: the reference arithmetic.
+    #[default]
+    F32,
+    /// 2 bytes per cached value: half the attention bytes each decode step streams and
+    /// half the cache memory; every cached K and V is rounded to f16.
+    F16,
+}
+
+impl From<KvCacheArg> for KvCache {
+    fn from(a: KvCacheArg) -> Self {
+        match a {
+            KvCacheArg::F32 => KvCache::F32,
+            KvCacheArg::F16 => KvCache::F16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DtypeArg {
     F32,
@@ -110,6 +131,10 @@ pub struct ScoringArgs {
     pub quantize: Option<QuantizeArg>,
     #[arg(long, help = HUGEPAGES_HELP)]
     pub hugepages: bool,
+    /// What the KV cache holds (f16: faster attention over long contexts, rewards
+    /// within the rounding of the cached keys and values).
+    #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
+    pub kv_cache: KvCacheArg,
 }
 
 impl ScoringArgs {
@@ -121,6 +146,7 @@ impl ScoringArgs {
             seed: self.seed,
             max_critique_tokens: self.max_critique_tokens,
             classic: self.classic,
+            kv_cache: self.kv_cache.into(),
             ..Default::default()
         }
     }
@@ -378,6 +404,9 @@ pub enum Command {
         quantize: Option<QuantizeArg>,
         #[arg(long, help = HUGEPAGES_HELP)]
         hugepages: bool,
+        /// What the KV cache holds.
+        #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
+        kv_cache: KvCacheArg,
     },
 }
 
@@ -605,6 +634,7 @@ pub fn run(cli: Cli) -> Result<()> {
             json,
             quantize,
             hugepages,
+            kv_cache,
         } => {
             check_memory_args(quantize, hugepages)?;
             if let Some(t) = threads {
@@ -621,6 +651,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 bandwidth_bytes: bandwidth_mib << 20,
                 quantize_q8: quantize == Some(QuantizeArg::Q8),
                 huge_pages: hugepages,
+                kv_cache: kv_cache.into(),
             };
             let report = crate::bench::run(&dir, &cfg, |line| eprintln!("{line}"))?;
             if json {

@@ -106,11 +106,16 @@ impl CloudScorer<'_> {
             needs[..per_batch].iter().sum::<usize>() + 4 * max_prefix.div_ceil(BLOCK);
         let rows = (per_batch * k).max(PREFILL_ROWS);
         let mut slot = self.engine_slot().borrow_mut();
-        if !slot
-            .as_ref()
-            .is_some_and(|e| e.num_blocks() >= blocks && e.max_rows() >= rows)
-        {
-            *slot = Some(PagedEngine::new(&self.model.llama, blocks, BLOCK, rows)?);
+        if !slot.as_ref().is_some_and(|e| {
+            e.num_blocks() >= blocks && e.max_rows() >= rows && e.kv_cache() == opts.kv_cache
+        }) {
+            *slot = Some(PagedEngine::with_cache(
+                &self.model.llama,
+                blocks,
+                BLOCK,
+                rows,
+                opts.kv_cache,
+            )?);
         }
         let Some(engine) = slot.as_mut() else {
             return Err(Error::Usage("scoring engine unavailable".into()));

@@ -17,7 +17,7 @@ use cloudrm_sampler::{Sampler, SamplingParams, SeqRng};
 use super::CloudError;
 use super::template::CloudTemplate;
 use crate::backend::Cpu;
-use crate::engine::PagedEngine;
+use crate::engine::{KvCache, PagedEngine};
 use crate::error::{Error, Result};
 use crate::kv::{PrefixKey, SeqId};
 
@@ -84,6 +84,9 @@ pub struct ScoreOptions {
     /// Benchmarks: stop tokens are sampled as ordinary tokens, so every critique runs
     /// exactly `max_critique_tokens` tokens before its end-of-turn token is fed.
     pub ignore_stops: bool,
+    /// What the KV cache holds: f32 (default) or f16 (half the attention bytes per step;
+    /// rewards move by the rounding of every cached K and V).
+    pub kv_cache: KvCache,
 }
 
 impl Default for ScoreOptions {
@@ -99,6 +102,7 @@ impl Default for ScoreOptions {
             classic: false,
             share_prefix: true,
             ignore_stops: false,
+            kv_cache: KvCache::F32,
         }
     }
 }
@@ -193,7 +197,7 @@ impl<'m> CloudScorer<'m> {
     pub fn score(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
         validate(prompt, response, opts)?;
         if !self.cloud_mode(opts) {
-            self.classic_checked(prompt, response)
+            self.classic_checked(prompt, response, opts.kv_cache)
         } else {
             self.cloud_checked(prompt, response, opts)
         }
@@ -202,11 +206,11 @@ impl<'m> CloudScorer<'m> {
     /// Classic mode: the reward at the end-of-turn token closing the response.
     pub fn score_classic(&self, prompt: &str, response: &str) -> Result<Score> {
         validate(prompt, response, &ScoreOptions::default())?;
-        self.classic_checked(prompt, response)
+        self.classic_checked(prompt, response, KvCache::F32)
     }
 
-    /// `score_classic` on an already validated request.
-    fn classic_checked(&self, prompt: &str, response: &str) -> Result<Score> {
+    /// `score_classic` on an already validated request, with a `cache` KV cache.
+    fn classic_checked(&self, prompt: &str, response: &str, cache: KvCache) -> Result<Score> {
         let ids = self.layout().classic_sequence(prompt, response)?;
         let llama = &self.model.llama;
         let context = llama.config.max_position_embeddings;
@@ -223,15 +227,17 @@ impl<'m> CloudScorer<'m> {
         // the prompt shared by compared responses.
         let blocks = ids.len().div_ceil(BLOCK);
         let mut slot = self.engine.borrow_mut();
-        if slot
-            .as_ref()
-            .is_none_or(|e| e.num_blocks() <= blocks || e.max_rows() < crate::engine::PREFILL_ROWS)
-        {
-            *slot = Some(PagedEngine::new(
+        if slot.as_ref().is_none_or(|e| {
+            e.num_blocks() <= blocks
+                || e.max_rows() < crate::engine::PREFILL_ROWS
+                || e.kv_cache() != cache
+        }) {
+            *slot = Some(PagedEngine::with_cache(
                 llama,
                 4 * blocks + 1,
                 BLOCK,
                 crate::engine::PREFILL_ROWS,
+                cache,
             )?);
         }
         let Some(engine) = slot.as_mut() else {
@@ -336,17 +342,18 @@ impl<'m> CloudScorer<'m> {
         let prefix_blocks = prefix.len().div_ceil(BLOCK);
         let num_blocks = k * (prefix_blocks + per_seq) + 1;
         let mut slot = self.engine.borrow_mut();
-        let reuse = slot
-            .as_ref()
-            .is_some_and(|e| e.num_blocks() >= num_blocks && e.max_rows() >= k);
+        let reuse = slot.as_ref().is_some_and(|e| {
+            e.num_blocks() >= num_blocks && e.max_rows() >= k && e.kv_cache() == opts.kv_cache
+        });
         if !reuse {
             // Room for a few requests' cached prefixes beside this one.
             let blocks = num_blocks + 4 * prefix.len().div_ceil(BLOCK);
-            *slot = Some(PagedEngine::new(
+            *slot = Some(PagedEngine::with_cache(
                 llama,
                 blocks,
                 BLOCK,
                 k.max(crate::engine::PREFILL_ROWS),
+                opts.kv_cache,
             )?);
         }
         let Some(engine) = slot.as_mut() else {

@@ -32,6 +32,8 @@ use cloudrm_kernels::reference::attention_paged::{
     Level, PagedShape, cascade_scratch_len, prefill_scratch_len,
 };
 use cloudrm_kernels::reference::heads::TopLogit;
+use cloudrm_kernels::{KvElem, kv::store_row};
+use half::f16;
 
 use crate::backend::Cpu;
 use crate::error::{Error, Result};
@@ -141,10 +143,8 @@ pub struct PagedEngine {
     num_blocks: usize,
     block_size: usize,
     max_rows: usize,
-    /// (L, NB, BS, NKV*HS)
-    k_arena: Arena,
-    /// (L, NB, BS, NKV*HS)
-    v_arena: Arena,
+    /// K and V, each (L, NB, BS, NKV*HS).
+    arenas: KvArenas,
     bufs: Buffers,
 }
 
@@ -207,6 +207,17 @@ impl PagedEngine {
         block_size: usize,
         max_rows: usize,
     ) -> Result<Self> {
+        Self::with_cache(model, num_blocks, block_size, max_rows, KvCache::F32)
+    }
+
+    /// [`PagedEngine::new`] with the K/V arenas holding `cache` elements.
+    pub fn with_cache(
+        model: &Llama,
+        num_blocks: usize,
+        block_size: usize,
+        max_rows: usize,
+        cache: KvCache,
+    ) -> Result<Self> {
         let kv = KvManager::new(num_blocks, block_size)?;
         let d = Dims::of(model);
         if max_rows == 0 {
@@ -222,13 +233,15 @@ impl PagedEngine {
             .checked_mul(num_blocks)
             .and_then(|x| x.checked_mul(block_size))
             .and_then(|x| x.checked_mul(d.kvd))
-            .filter(|&x| x.checked_mul(std::mem::size_of::<f32>()).is_some())
+            .filter(|&x| x.checked_mul(cache.bytes()).is_some())
             .ok_or(KvError::InvalidArgument {
                 op: "PagedEngine::new",
                 arg: "num_blocks",
                 reason: format!(
-                    "{} x {num_blocks} x {block_size} x {} f32 overflows the address space",
-                    d.layers, d.kvd
+                    "{} x {num_blocks} x {block_size} x {} {} overflows the address space",
+                    d.layers,
+                    d.kvd,
+                    cache.name()
                 ),
             })?;
         let r = max_rows;
@@ -254,8 +267,10 @@ impl PagedEngine {
             num_blocks,
             block_size,
             max_rows,
-            k_arena: Arena::zeroed(arena),
-            v_arena: Arena::zeroed(arena),
+            arenas: match cache {
+                KvCache::F32 => KvArenas::F32(Arena::zeroed(arena), Arena::zeroed(arena)),
+                KvCache::F16 => KvArenas::F16(Arena::zeroed(arena), Arena::zeroed(arena)),
+            },
             bufs,
         })
     }
@@ -288,6 +303,14 @@ impl PagedEngine {
     /// Leading positions of `tokens` a `prefill` would take from the prefix cache.
     pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
         self.kv.cached_prefix_len(tokens, self.key)
+    }
+
+    /// What the K/V arenas hold.
+    pub fn kv_cache(&self) -> KvCache {
+        match self.arenas {
+            KvArenas::F32(..) => KvCache::F32,
+            KvArenas::F16(..) => KvCache::F16,
+        }
     }
 
     pub fn max_rows(&self) -> usize {
@@ -573,11 +596,13 @@ impl PagedEngine {
         for (i, &s) in seqs.iter().enumerate() {
             let pos = self.kv.seq_len(s)?;
             let pending = self.kv.append_slots(s, 1)?;
-            let (k_arena, v_arena) = (&mut *self.k_arena, &mut *self.v_arena);
             let dims = self.dims;
             let nb = self.num_blocks;
-            let slots: Vec<Slot> =
-                pending.apply(|c| copy_block(k_arena, v_arena, dims, nb, bs, c))?;
+            let arenas = &mut self.arenas;
+            let slots: Vec<Slot> = pending.apply(|c| match arenas {
+                KvArenas::F32(k, v) => copy_block(k, v, dims, nb, bs, c),
+                KvArenas::F16(k, v) => copy_block(k, v, dims, nb, bs, c),
+            })?;
             let slot = slots.first().copied().ok_or(KvError::InvalidArgument {
                 op: OP,
                 arg: "seqs",
@@ -704,50 +729,24 @@ impl PagedEngine {
             qkv_proj(cpu, w, lw, xn, q, k, v, c)?;
             cpu.rope(q, positions, d.nh, d.hs, &model.inv_freq)?;
             cpu.rope(k, positions, d.nkv, d.hs, &model.inv_freq)?;
-            let k_layer = &mut self.k_arena[l * layer_elems..(l + 1) * layer_elems];
-            let v_layer = &mut self.v_arena[l * layer_elems..(l + 1) * layer_elems];
-            for (r, &row) in rows.iter().enumerate() {
-                k_layer[row * kvd..(row + 1) * kvd].copy_from_slice(&k[r * kvd..(r + 1) * kvd]);
-                v_layer[row * kvd..(row + 1) * kvd].copy_from_slice(&v[r * kvd..(r + 1) * kvd]);
-            }
-            let (k_layer, v_layer) = (&*k_layer, &*v_layer);
             let att = &mut bufs.att[..t * qd];
-            match attn {
-                Attn::Prefill { table, pos0 } => cpu.paged_prefill_attention(
-                    att,
-                    q,
-                    k_layer,
-                    v_layer,
-                    table,
-                    *pos0,
-                    shape,
-                    &mut bufs.scratch,
-                )?,
-                Attn::Decode { lens, .. } => cpu.paged_decode_attention(
-                    att,
-                    q,
-                    k_layer,
-                    v_layer,
-                    &suffix_refs,
-                    lens,
-                    shape,
-                    &mut bufs.scratch,
-                )?,
-                Attn::Cascade {
-                    levels,
-                    suffix_lens,
-                    ..
-                } => cpu.cascade_decode_attention(
-                    att,
-                    q,
-                    k_layer,
-                    v_layer,
-                    levels,
-                    &suffix_refs,
-                    suffix_lens,
-                    shape,
-                    &mut bufs.scratch,
-                )?,
+            let layer = l * layer_elems..(l + 1) * layer_elems;
+            let step = LayerStep {
+                cpu,
+                rows,
+                k,
+                v,
+                kvd,
+                q,
+                att,
+                attn,
+                shape,
+                suffix_refs: &suffix_refs,
+                scratch: &mut bufs.scratch,
+            };
+            match &mut self.arenas {
+                KvArenas::F32(ka, va) => step.run(&mut ka[layer.clone()], &mut va[layer])?,
+                KvArenas::F16(ka, va) => step.run(&mut ka[layer.clone()], &mut va[layer])?,
             }
             let proj = &mut bufs.proj[..t * c];
             cpu.matmul(proj, att, w.get(&lw.o_proj), lw.o_bias.as_deref(), qd, c)?;
@@ -770,10 +769,69 @@ impl PagedEngine {
     }
 }
 
+/// One layer's cache write and attention: the R rows' K/V into their arena rows (rounded
+/// for an f16 cache), then the pass's attention over the layer's arenas.
+struct LayerStep<'a> {
+    cpu: &'a Cpu,
+    rows: &'a [usize],
+    k: &'a [f32],
+    v: &'a [f32],
+    kvd: usize,
+    q: &'a [f32],
+    att: &'a mut [f32],
+    attn: &'a Attn<'a>,
+    shape: PagedShape,
+    suffix_refs: &'a [&'a [u32]],
+    scratch: &'a mut [f32],
+}
+
+impl LayerStep<'_> {
+    fn run<T: KvElem>(self, k_layer: &mut [T], v_layer: &mut [T]) -> Result<()> {
+        let kvd = self.kvd;
+        for (r, &row) in self.rows.iter().enumerate() {
+            store_row(&mut k_layer[row * kvd..][..kvd], &self.k[r * kvd..][..kvd]);
+            store_row(&mut v_layer[row * kvd..][..kvd], &self.v[r * kvd..][..kvd]);
+        }
+        let (k_layer, v_layer) = (&*k_layer, &*v_layer);
+        let (cpu, att, q, shape, scratch) = (self.cpu, self.att, self.q, self.shape, self.scratch);
+        match self.attn {
+            Attn::Prefill { table, pos0 } => {
+                cpu.paged_prefill_attention(att, q, k_layer, v_layer, table, *pos0, shape, scratch)?
+            }
+            Attn::Decode { lens, .. } => cpu.paged_decode_attention(
+                att,
+                q,
+                k_layer,
+                v_layer,
+                self.suffix_refs,
+                lens,
+                shape,
+                scratch,
+            )?,
+            Attn::Cascade {
+                levels,
+                suffix_lens,
+                ..
+            } => cpu.cascade_decode_attention(
+                att,
+                q,
+                k_layer,
+                v_layer,
+                levels,
+                self.suffix_refs,
+                suffix_lens,
+                shape,
+                scratch,
+            )?,
+        }
+        Ok(())
+    }
+}
+
 /// Copy rows `0..len` of block `src` into `dst` in every layer of both arenas.
-fn copy_block(
-    k_arena: &mut [f32],
-    v_arena: &mut [f32],
+fn copy_block<T: KvElem>(
+    k_arena: &mut [T],
+    v_arena: &mut [T],
     d: Dims,
     num_blocks: usize,
     bs: usize,
@@ -797,60 +855,117 @@ fn copy_block(
     Ok(())
 }
 
-/// A zeroed f32 KV arena whose first element is 64-byte aligned, so every cached row (a
-/// multiple of 16 floats here) starts on a cache line: a plain `Vec<f32>` this large comes
+/// What the K/V arenas hold: f32 (the default; the reference's arithmetic bit for bit)
+/// or f16 (half the bytes each decode step streams through attention and half the memory
+/// per cached position; values rounded to nearest when written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCache {
+    #[default]
+    F32,
+    F16,
+}
+
+impl KvCache {
+    /// Bytes per cached element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvCache::F32 => 4,
+            KvCache::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvCache::F32 => f32::NAME,
+            KvCache::F16 => f16::NAME,
+        }
+    }
+}
+
+impl std::str::FromStr for KvCache {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(KvCache::F32),
+            "f16" => Ok(KvCache::F16),
+            _ => Err(format!("unknown KV cache type `{s}` (expected f32 or f16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The engine's K and V arenas of one element type.
+#[derive(Debug)]
+enum KvArenas {
+    F32(Arena<f32>, Arena<f32>),
+    F16(Arena<f16>, Arena<f16>),
+}
+
+/// A zeroed KV arena whose first element is 64-byte aligned, so every cached row (a
+/// multiple of 64 bytes here) starts on a cache line: a plain `Vec<f32>` this large comes
 /// from the allocator 16 bytes past a page boundary, which splits every 256-byte head row
 /// over five lines and every other 32-byte load over two (the cascade attention kernel
 /// measured about 6 % faster on aligned arenas).
-struct Arena {
-    buf: Vec<f32>,
+struct Arena<T: KvElem> {
+    buf: Vec<T>,
     start: usize,
     len: usize,
 }
 
-impl Arena {
-    /// Floats of slack to move the start onto a 64-byte boundary.
-    const SLACK: usize = 64 / std::mem::size_of::<f32>();
+impl<T: KvElem> Arena<T> {
+    /// Elements of slack to move the start onto a 64-byte boundary.
+    const SLACK: usize = 64 / std::mem::size_of::<T>();
 
-    fn zeroed(len: usize) -> Arena {
-        let buf = vec![0.0f32; len + Self::SLACK];
-        // Floats to the next 64-byte boundary (< SLACK: the Vec is 4-byte aligned).
-        let start = (64 - buf.as_ptr() as usize % 64) % 64 / std::mem::size_of::<f32>();
+    fn zeroed(len: usize) -> Arena<T> {
+        let buf = T::zeroed_vec(len + Self::SLACK);
+        // Elements to the next 64-byte boundary (< SLACK: the Vec is aligned to its
+        // element size, which divides 64).
+        let start = (64 - buf.as_ptr() as usize % 64) % 64 / std::mem::size_of::<T>();
         Arena { buf, start, len }
     }
 }
 
-impl std::fmt::Debug for Arena {
+impl<T: KvElem> std::fmt::Debug for Arena<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Arena({} floats, 64-byte aligned)", self.len)
+        write!(f, "Arena({} x {}, 64-byte aligned)", self.len, T::NAME)
     }
 }
 
-impl std::ops::Deref for Arena {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl<T: KvElem> std::ops::Deref for Arena<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         &self.buf[self.start..self.start + self.len]
     }
 }
 
-impl std::ops::DerefMut for Arena {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl<T: KvElem> std::ops::DerefMut for Arena<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         &mut self.buf[self.start..self.start + self.len]
     }
 }
 
 #[cfg(test)]
 mod arena_tests {
-    use super::Arena;
+    use super::{Arena, KvCache};
+    use half::f16;
 
     #[test]
     fn arena_is_zeroed_aligned_and_exactly_its_length() {
         for len in [0usize, 1, 15, 16, 17, 1 << 20] {
-            let mut a = Arena::zeroed(len);
+            let mut a = Arena::<f32>::zeroed(len);
             assert_eq!(a.len(), len);
             assert!(a.iter().all(|&v| v == 0.0));
+            let h = Arena::<f16>::zeroed(len);
+            assert_eq!(h.len(), len);
+            assert!(h.iter().all(|&v| v == f16::ZERO));
             if len > 0 {
                 assert_eq!(a.as_ptr() as usize % 64, 0, "len {len}");
+                assert_eq!(h.as_ptr() as usize % 64, 0, "f16, len {len}");
                 a[len - 1] = 3.0;
                 a[0] += 1.0;
                 assert_eq!(
@@ -859,5 +974,15 @@ mod arena_tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn kv_cache_parses_its_names_and_rejects_others() {
+        for c in [KvCache::F32, KvCache::F16] {
+            assert_eq!(c.to_string().parse::<KvCache>(), Ok(c));
+        }
+        assert_eq!(KvCache::F16.bytes(), 2);
+        let e = "bf16".parse::<KvCache>().unwrap_err();
+        assert!(e.contains("bf16") && e.contains("f32 or f16"), "{e}");
     }
 }

@@ -13,6 +13,12 @@
 //! positions one by one in order, as the reference does. Other head sizes, and CPUs
 //! without AVX2, run the reference loop.
 //!
+//! Arenas hold f32 or f16 ([`KvElem`]). f16 rows are widened in registers (F16C) as the
+//! score and V-sum loops load them, and the transposed score loop below reads one chunk
+//! of K widened into an L1 buffer; f16 to f32 is exact, so a result over an f16 arena is
+//! bit for bit the result over an f32 arena holding the same values, with half the bytes
+//! streamed.
+//!
 //! Many query rows of one KV head (eight or more: a shared level's members, or a wide GQA
 //! group) take another score loop: the query is transposed and scaled once per call, eight
 //! rows sit in the lanes of one register and each K element is broadcast once for all of
@@ -37,6 +43,7 @@ use std::ops::Range;
 use super::dispatch::{Isa, current, num_threads};
 use super::pool;
 use crate::error::{KernelError, check_len};
+use crate::kv::KvElem;
 use crate::reference::attention::AttnShape;
 use crate::reference::attention_paged::{
     Level, PagedShape, cascade_scratch_len, check_arena, check_prefill, check_table, merge_row,
@@ -87,12 +94,12 @@ fn threads_for(items: usize, flops: usize) -> usize {
 /// `positions` of `table` (the reference's `partial_unchecked` contract; arguments already
 /// checked). `scores` holds at least NQ * len(positions).
 #[allow(clippy::too_many_arguments)]
-fn partial(
+fn partial<T: KvElem>(
     out: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     table: &[u32],
     positions: Range<usize>,
     kv_head: usize,
@@ -119,11 +126,11 @@ fn partial(
 
 /// Fast [`crate::reference::attention_paged::paged_prefill_attention`].
 #[allow(clippy::too_many_arguments)]
-pub fn paged_prefill_attention(
+pub fn paged_prefill_attention<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     block_table: &[u32],
     pos0: usize,
     shape: PagedShape,
@@ -193,11 +200,11 @@ pub fn attention_forward(
 /// Causal attention of `rows` query rows at positions pos0.. over `table` (checked by the
 /// caller), one work item per (row, KV head), longest rows first.
 #[allow(clippy::too_many_arguments)]
-fn causal_rows(
+fn causal_rows<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     block_table: &[u32],
     pos0: usize,
     rows: usize,
@@ -243,11 +250,11 @@ fn causal_rows(
 
 /// Fast [`crate::reference::attention_paged::paged_decode_attention`].
 #[allow(clippy::too_many_arguments)]
-pub fn paged_decode_attention(
+pub fn paged_decode_attention<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     block_tables: &[&[u32]],
     seq_lens: &[usize],
     shape: PagedShape,
@@ -380,11 +387,11 @@ thread_local! {
 
 /// Fast [`crate::reference::attention_paged::cascade_decode_attention`].
 #[allow(clippy::too_many_arguments)]
-pub fn cascade_decode_attention(
+pub fn cascade_decode_attention<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     levels: &[Level<'_>],
     suffix_tables: &[&[u32]],
     suffix_lens: &[usize],
@@ -574,10 +581,10 @@ impl PartsLayout {
 }
 
 /// Read-only inputs of a cascade call.
-struct Cascade<'a> {
+struct Cascade<'a, T: KvElem> {
     q: &'a [f32],
-    k_arena: &'a [f32],
-    v_arena: &'a [f32],
+    k_arena: &'a [T],
+    v_arena: &'a [T],
     shape: &'a PagedShape,
     scale: f32,
     isa: Isa,
@@ -585,7 +592,7 @@ struct Cascade<'a> {
     parts: SendPtr,
 }
 
-impl Cascade<'_> {
+impl<T: KvElem> Cascade<'_, T> {
     /// The state of every member's query rows of KV head `kvh` over one piece of a level.
     fn level_piece(&self, levels: &[Level<'_>], piece: usize, kvh: usize) {
         let (li, p, row0) = self.lay.piece(levels, piece);
@@ -714,10 +721,11 @@ mod avx2 {
 
     use super::CHUNK;
     use crate::cpu::simd::avx2::exp;
+    use crate::kv::KvElem;
     use crate::reference::attention_paged::{PagedShape, row_offset};
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -726,7 +734,7 @@ mod avx2 {
 
     /// The four horizontal sums of a, b, c, d as one vector [sa, sb, sc, sd].
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
         let ab = _mm256_hadd_ps(a, b);
         let cd = _mm256_hadd_ps(c, d);
@@ -734,38 +742,80 @@ mod avx2 {
         _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))
     }
 
-    /// Dot of HS (a multiple of 8) elements.
+    /// Eight cached values at element `idx` of an arena: f32, or f16 widened (`F16`, the
+    /// arena's elements then being u16 at `base`).
+    ///
+    /// SAFETY: AVX2+F16C; 8 readable elements at `idx`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot(a: *const f32, b: *const f32, hs: usize) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld<const F16: bool>(base: *const f32, idx: usize) -> __m256 {
+        // SAFETY: see the function's contract.
+        unsafe {
+            if F16 {
+                _mm256_cvtph_ps(_mm_loadu_si128(
+                    (base as *const u16).add(idx) as *const __m128i
+                ))
+            } else {
+                _mm256_loadu_ps(base.add(idx))
+            }
+        }
+    }
+
+    /// Dot of HS (a multiple of 8) elements: `a` against the cached row at element `b` of
+    /// `base`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot<const F16: bool>(a: *const f32, base: *const f32, b: usize, hs: usize) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut i = 0;
         // SAFETY: i + 8 <= hs.
         unsafe {
             while i < hs {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), ld::<F16>(base, b + i), acc);
                 i += 8;
             }
             hsum(acc)
         }
     }
 
+    /// Per-thread buffers of [`partial`].
+    #[derive(Default)]
+    struct Bufs {
+        /// Arena offsets (elements) of the rows of one call.
+        offs: Vec<usize>,
+        /// f16 arenas: `(j % CHUNK) * HS` for position j, the offset of its row in `wide`.
+        local: Vec<usize>,
+        /// The head size `local` was built for.
+        local_hs: usize,
+        /// f16 arenas: one chunk's rows widened to f32 (CHUNK x HS).
+        wide: Vec<f32>,
+    }
+
     thread_local! {
-        /// Arena offsets of the rows of one [`partial`] call.
-        static OFFS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+        static BUFS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
+    }
+
+    /// Where a call's K and V rows are: f32 arenas are read in place; f16 rows are widened
+    /// one chunk at a time into an L1-sized f32 buffer that the f32 loops then read (f16
+    /// to f32 is exact, so an f16 arena gives the bits of the f32 arena holding the same
+    /// values, and the bytes streamed from memory are halved).
+    #[derive(Clone, Copy)]
+    enum Src {
+        F32 { k: *const f32, v: *const f32 },
+        F16 { k: *const u16, v: *const u16 },
     }
 
     /// See `super::partial`. HS is a multiple of 8.
     ///
-    /// SAFETY: AVX2+FMA present; the arguments satisfy the reference partial's checks.
+    /// SAFETY: AVX2+FMA+F16C present; the arguments satisfy the reference partial's checks.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn partial(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn partial<T: KvElem>(
         out: &mut [f32],
         lse: &mut [f32],
         q: &[f32],
-        k_arena: &[f32],
-        v_arena: &[f32],
+        k_arena: &[T],
+        v_arena: &[T],
         table: &[u32],
         positions: Range<usize>,
         kv_head: usize,
@@ -775,18 +825,19 @@ mod avx2 {
     ) {
         // The row offsets once per call, walking the blocks (no division per position:
         // a 64-bit divide per K and per V row cost more than the arithmetic it feeds).
-        OFFS.with_borrow_mut(|offs| {
+        BUFS.with_borrow_mut(|b| {
+            let offs = &mut b.offs;
             offs.clear();
             let bs = shape.block_size;
-            let (mut b, mut r) = (positions.start / bs, positions.start % bs);
+            let (mut blk, mut r) = (positions.start / bs, positions.start % bs);
             let head = kv_head * shape.head_dim;
             let row = shape.n_kv_heads * shape.head_dim;
             for _ in positions.clone() {
-                offs.push((table[b] as usize * bs + r) * row + head);
+                offs.push((table[blk] as usize * bs + r) * row + head);
                 r += 1;
                 if r == bs {
                     r = 0;
-                    b += 1;
+                    blk += 1;
                 }
             }
             debug_assert!(
@@ -794,25 +845,50 @@ mod avx2 {
                     .zip(positions.clone())
                     .all(|(&o, p)| o == row_offset(table, p, kv_head, shape))
             );
+            let src = match (T::as_f32(k_arena), T::as_f32(v_arena)) {
+                (Some(k), Some(v)) => Src::F32 {
+                    k: k.as_ptr(),
+                    v: v.as_ptr(),
+                },
+                _ => {
+                    let hs = shape.head_dim;
+                    if b.local_hs != hs {
+                        b.local.clear();
+                        b.local_hs = hs;
+                    }
+                    if b.local.len() < offs.len() {
+                        let from = b.local.len();
+                        b.local.extend((from..offs.len()).map(|j| (j % CHUNK) * hs));
+                    }
+                    if b.wide.len() < CHUNK * hs {
+                        b.wide.resize(CHUNK * hs, 0.0);
+                    }
+                    Src::F16 {
+                        k: k_arena.as_ptr() as *const u16,
+                        v: v_arena.as_ptr() as *const u16,
+                    }
+                }
+            };
             // SAFETY: forwarded caller guarantees.
-            unsafe { partial_at(out, lse, q, k_arena, v_arena, offs, scale, scores, shape) }
+            unsafe { partial_at(out, lse, q, src, b, scale, scores, shape) }
         })
     }
 
-    /// [`partial`] with the row offsets of its positions given.
+    /// [`partial`] with the row offsets of its positions in `b.offs`.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn partial_at(
         out: &mut [f32],
         lse: &mut [f32],
         q: &[f32],
-        k_arena: &[f32],
-        v_arena: &[f32],
-        offs: &[usize],
+        src: Src,
+        b: &mut Bufs,
         scale: f32,
         scores: &mut [f32],
         shape: &PagedShape,
     ) {
+        let wide = b.wide.as_mut_ptr();
+        let (offs, local) = (&b.offs[..], &b.local[..]);
         let hs = shape.head_dim;
         let n_q = lse.len();
         let n_pos = offs.len();
@@ -822,8 +898,8 @@ mod avx2 {
             return;
         }
         let scores = &mut scores[..n_q * n_pos];
-        let kp = k_arena.as_ptr();
-        let vp = v_arena.as_ptr();
+        let (k_base, v_base, es) = src.bytes();
+        let (k_raw, v_raw, f16) = (k_base as *const f32, v_base as *const f32, es == 2);
         // SAFETY: every row offset lies in the checked arena (HS elements each), every
         // score index below n_q * n_pos, every q/out row below n_q.
         unsafe {
@@ -845,16 +921,18 @@ mod avx2 {
             // The rows come from a paged cache far larger than L2, in blocks the hardware
             // prefetcher cannot predict: each chunk asks for the next chunk's rows (K in
             // pass 1, then V) while it computes.
-            prefetch_rows(kp, offs, 0..CHUNK.min(n_pos), hs);
+            prefetch_rows(k_base, es, offs, 0..CHUNK.min(n_pos), hs);
             let mut c0 = 0;
             while c0 < n_pos {
                 let c1 = (c0 + CHUNK).min(n_pos);
                 if c1 < n_pos {
-                    prefetch_rows(kp, offs, c1..(c1 + CHUNK).min(n_pos), hs);
+                    prefetch_rows(k_base, es, offs, c1..(c1 + CHUNK).min(n_pos), hs);
                 } else {
-                    prefetch_rows(vp, offs, 0..CHUNK.min(n_pos), hs);
+                    prefetch_rows(v_base, es, offs, 0..CHUNK.min(n_pos), hs);
                 }
                 if n_q >= MANY_ROWS {
+                    // Broadcasts need f32 rows: an f16 chunk is widened once for all rows.
+                    let (kp, offs) = chunk_rows(src, offs, local, wide, c0..c1, hs);
                     let mut vb = 0;
                     while vb < rv {
                         let a = ScoreT {
@@ -875,12 +953,23 @@ mod avx2 {
                     }
                 } else {
                     let mut n = 0;
-                    while n + 2 <= n_q {
-                        score_rows::<2>(q, scores, n, n_pos, c0..c1, kp, offs, hs, scale);
+                    while n < n_q {
+                        let c = c0..c1;
+                        match (n_q - n >= 2, f16) {
+                            (true, false) => score_rows::<2, false>(
+                                q, scores, n, n_pos, c, k_raw, offs, hs, scale,
+                            ),
+                            (true, true) => score_rows::<2, true>(
+                                q, scores, n, n_pos, c, k_raw, offs, hs, scale,
+                            ),
+                            (false, false) => score_rows::<1, false>(
+                                q, scores, n, n_pos, c, k_raw, offs, hs, scale,
+                            ),
+                            (false, true) => score_rows::<1, true>(
+                                q, scores, n, n_pos, c, k_raw, offs, hs, scale,
+                            ),
+                        }
                         n += 2;
-                    }
-                    if n < n_q {
-                        score_rows::<1>(q, scores, n, n_pos, c0..c1, kp, offs, hs, scale);
                     }
                 }
                 c0 = c1;
@@ -938,7 +1027,7 @@ mod avx2 {
             while c0 < n_pos {
                 let c1 = (c0 + CHUNK).min(n_pos);
                 if c1 < n_pos {
-                    prefetch_rows(vp, offs, c1..(c1 + CHUNK).min(n_pos), hs);
+                    prefetch_rows(v_base, es, offs, c1..(c1 + CHUNK).min(n_pos), hs);
                 }
                 let mut n = 0;
                 while n < n_q {
@@ -949,21 +1038,21 @@ mod avx2 {
                         let a = PvArgs {
                             out: out.as_mut_ptr(),
                             scores: scores.as_ptr(),
-                            vp,
+                            vp: v_raw,
                             n,
                             n_pos,
                             ch,
                             hs,
                         };
                         match (r, nv) {
-                            (2, 4) => pv_rows::<2, 4>(&a, c0..c1, offs),
-                            (2, 3) => pv_rows::<2, 3>(&a, c0..c1, offs),
-                            (2, 2) => pv_rows::<2, 2>(&a, c0..c1, offs),
-                            (2, _) => pv_rows::<2, 1>(&a, c0..c1, offs),
-                            (_, 4) => pv_rows::<1, 4>(&a, c0..c1, offs),
-                            (_, 3) => pv_rows::<1, 3>(&a, c0..c1, offs),
-                            (_, 2) => pv_rows::<1, 2>(&a, c0..c1, offs),
-                            _ => pv_rows::<1, 1>(&a, c0..c1, offs),
+                            (2, 4) => pv::<2, 4>(&a, c0..c1, offs, f16),
+                            (2, 3) => pv::<2, 3>(&a, c0..c1, offs, f16),
+                            (2, 2) => pv::<2, 2>(&a, c0..c1, offs, f16),
+                            (2, _) => pv::<2, 1>(&a, c0..c1, offs, f16),
+                            (_, 4) => pv::<1, 4>(&a, c0..c1, offs, f16),
+                            (_, 3) => pv::<1, 3>(&a, c0..c1, offs, f16),
+                            (_, 2) => pv::<1, 2>(&a, c0..c1, offs, f16),
+                            _ => pv::<1, 1>(&a, c0..c1, offs, f16),
                         }
                         ch += nv * 8;
                     }
@@ -974,17 +1063,88 @@ mod avx2 {
         }
     }
 
-    /// Ask for the cache lines of rows `offs[j]..offs[j] + hs` (f32) of `base`, j in `rows`.
+    /// Ask for the cache lines of rows `offs[j]..offs[j] + hs` (elements of `es` bytes)
+    /// of `base`, j in `rows`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn prefetch_rows(base: *const f32, offs: &[usize], rows: Range<usize>, hs: usize) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prefetch_rows(base: *const u8, es: usize, offs: &[usize], rows: Range<usize>, hs: usize) {
         for j in rows {
-            let row = base.wrapping_add(offs[j]) as *const i8;
+            let row = base.wrapping_add(offs[j] * es) as *const i8;
             let mut b = 0;
-            while b < hs * 4 {
+            while b < hs * es {
                 // SAFETY: a prefetch never faults; the address is within the arena.
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b));
                 b += 64;
+            }
+        }
+    }
+
+    impl Src {
+        /// K base, V base, bytes per element.
+        fn bytes(self) -> (*const u8, *const u8, usize) {
+            match self {
+                Src::F32 { k, v } => (k as *const u8, v as *const u8, 4),
+                Src::F16 { k, v } => (k as *const u8, v as *const u8, 2),
+            }
+        }
+    }
+
+    /// The K rows of the chunk of positions `cols` (starting at a multiple of CHUNK) as
+    /// f32 rows and their offsets: in place with the call's offsets for an f32 arena;
+    /// widened into `wide` (CHUNK x HS) with the chunk-local offsets `local` for an f16
+    /// arena.
+    ///
+    /// SAFETY: AVX2+F16C; `offs[j]` is a readable row of HS elements for j in `cols`;
+    /// `wide` holds CHUNK * HS floats and `cols` spans at most CHUNK positions.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn chunk_rows<'o>(
+        src: Src,
+        offs: &'o [usize],
+        local: &'o [usize],
+        wide: *mut f32,
+        cols: Range<usize>,
+        hs: usize,
+    ) -> (*const f32, &'o [usize]) {
+        match src {
+            Src::F32 { k, .. } => (k, offs),
+            Src::F16 { k, .. } => {
+                debug_assert!(cols.start.is_multiple_of(CHUNK) && cols.len() <= CHUNK);
+                // SAFETY: see the function's contract.
+                unsafe {
+                    for (i, j) in cols.enumerate() {
+                        let s = k.add(offs[j]);
+                        let d = wide.add(i * hs);
+                        let mut c = 0;
+                        while c < hs {
+                            let h = _mm_loadu_si128(s.add(c) as *const __m128i);
+                            _mm256_storeu_ps(d.add(c), _mm256_cvtph_ps(h));
+                            c += 8;
+                        }
+                    }
+                }
+                (wide, local)
+            }
+        }
+    }
+
+    /// [`pv_rows`] for an f32 or (`f16`) f16 arena.
+    ///
+    /// SAFETY: as [`pv_rows`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pv<const R: usize, const V: usize>(
+        a: &PvArgs,
+        cols: Range<usize>,
+        offs: &[usize],
+        f16: bool,
+    ) {
+        // SAFETY: forwarded.
+        unsafe {
+            if f16 {
+                pv_rows::<R, V, true>(a, cols, offs)
+            } else {
+                pv_rows::<R, V, false>(a, cols, offs)
             }
         }
     }
@@ -998,8 +1158,8 @@ mod avx2 {
     /// readable K row for every j in `cols`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn score_rows<const R: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn score_rows<const R: usize, const F16: bool>(
         q: &[f32],
         scores: &mut [f32],
         n: usize,
@@ -1017,20 +1177,15 @@ mod avx2 {
             let srow = scores.as_mut_ptr().add(n * n_pos);
             let mut j = cols.start;
             while j + 4 <= cols.end {
-                let k = [
-                    kp.add(offs[j]),
-                    kp.add(offs[j + 1]),
-                    kp.add(offs[j + 2]),
-                    kp.add(offs[j + 3]),
-                ];
+                let k = [offs[j], offs[j + 1], offs[j + 2], offs[j + 3]];
                 let mut acc = [[_mm256_setzero_ps(); 4]; R];
                 let mut i = 0;
                 while i < hs {
                     let kv = [
-                        _mm256_loadu_ps(k[0].add(i)),
-                        _mm256_loadu_ps(k[1].add(i)),
-                        _mm256_loadu_ps(k[2].add(i)),
-                        _mm256_loadu_ps(k[3].add(i)),
+                        ld::<F16>(kp, k[0] + i),
+                        ld::<F16>(kp, k[1] + i),
+                        ld::<F16>(kp, k[2] + i),
+                        ld::<F16>(kp, k[3] + i),
                     ];
                     for (r, a) in acc.iter_mut().enumerate() {
                         let qv = _mm256_loadu_ps(qn.add(r * hs + i));
@@ -1047,9 +1202,8 @@ mod avx2 {
                 j += 4;
             }
             while j < cols.end {
-                let kj = kp.add(offs[j]);
                 for r in 0..R {
-                    *srow.add(r * n_pos + j) = dot(qn.add(r * hs), kj, hs) * scale;
+                    *srow.add(r * n_pos + j) = dot::<F16>(qn.add(r * hs), kp, offs[j], hs) * scale;
                 }
                 j += 1;
             }
@@ -1086,7 +1240,7 @@ mod avx2 {
     /// SAFETY: AVX2+FMA; `qt` holds HS * RP elements, RP >= 8 (vb + V); scores holds
     /// n_q * n_pos; `offs[j]` is a readable K row for every j in `cols`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn score_t<const V: usize>(a: &ScoreT, cols: Range<usize>, offs: &[usize]) {
         // SAFETY: see the function's contract.
         unsafe {
@@ -1190,8 +1344,8 @@ mod avx2 {
     /// SAFETY: AVX2+FMA; rows n..n+R of out (HS each) and scores exist; ch + 8V <= HS;
     /// `offs[j]` is a readable V row for every j in `cols`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn pv_rows<const R: usize, const V: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pv_rows<const R: usize, const V: usize, const F16: bool>(
         a: &PvArgs,
         cols: Range<usize>,
         offs: &[usize],
@@ -1207,10 +1361,10 @@ mod avx2 {
             }
             let s = a.scores.add(a.n * a.n_pos);
             for j in cols {
-                let vj = a.vp.add(offs[j] + a.ch);
+                let vj = offs[j] + a.ch;
                 let mut vv = [_mm256_setzero_ps(); V];
                 for (v, x) in vv.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(vj.add(8 * v));
+                    *x = ld::<F16>(a.vp, vj + 8 * v);
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
                     let w = _mm256_set1_ps(*s.add(r * a.n_pos + j));

@@ -5,7 +5,8 @@
 //! positions per block, P positions of a shared (prefix) level, S positions of one
 //! sequence's own suffix, NQ query rows handed to [`attention_partial`].
 //!
-//! **Storage.** Per layer the cache is a K arena and a V arena, each `(NB, BS, NKV, HS)` f32.
+//! **Storage.** Per layer the cache is a K arena and a V arena, each `(NB, BS, NKV, HS)`, of
+//! f32 or f16 ([`KvElem`]: f16 values are widened exactly as they are read).
 //! A sequence (or a shared level) owns a *block table*: block ids `u32` into the arena, in
 //! position order, plus a length in positions; position `p` lives in block
 //! `table[p / BS]` at offset `p % BS`. Block ids need not be contiguous or sorted.
@@ -33,6 +34,7 @@
 use std::ops::Range;
 
 use crate::error::{KernelError, check_len};
+use crate::kv::KvElem;
 
 /// Shape of a paged attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,11 +104,11 @@ pub fn cascade_scratch_len(shape: &PagedShape, n_seqs: usize, max_len: usize) ->
 }
 
 /// Arena checks shared by every entry point; returns NB.
-pub(crate) fn check_arena(
+pub(crate) fn check_arena<T: KvElem>(
     op: &'static str,
     shape: &PagedShape,
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
 ) -> Result<usize, KernelError> {
     let block = shape.block_elems();
     if !k_arena.len().is_multiple_of(block) {
@@ -167,12 +169,12 @@ pub(crate) fn row_offset(table: &[u32], pos: usize, kv_head: usize, shape: &Page
 /// [`attention_partial`] after its checks. Loop order: for each block of the range, for each
 /// position in it, for each query row — each K row and each V row is read once.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn partial_unchecked(
+pub(crate) fn partial_unchecked<T: KvElem>(
     out: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     table: &[u32],
     positions: Range<usize>,
     kv_head: usize,
@@ -205,7 +207,7 @@ pub(crate) fn partial_unchecked(
             for (n, q_row) in q.chunks_exact(hs).enumerate() {
                 let mut dot = 0.0f32;
                 for i in 0..hs {
-                    dot += q_row[i] * k_row[i];
+                    dot += q_row[i] * k_row[i].to_f32();
                 }
                 scores[n * n_pos + j] = dot * scale;
             }
@@ -237,7 +239,7 @@ pub(crate) fn partial_unchecked(
             for (n, o_row) in out.chunks_exact_mut(hs).enumerate() {
                 let w = scores[n * n_pos + j];
                 for i in 0..hs {
-                    o_row[i] += w * v_row[i];
+                    o_row[i] += w * v_row[i].to_f32();
                 }
             }
         }
@@ -258,12 +260,12 @@ pub(crate) fn partial_unchecked(
 /// An empty range gives `out = 0` and `lse = -inf`. Each K and V row in the range is read
 /// once for all NQ queries (position loop outside the query loop).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_partial(
+pub fn attention_partial<T: KvElem>(
     out: &mut [f32],
     lse: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     block_table: &[u32],
     positions: Range<usize>,
     kv_head: usize,
@@ -400,11 +402,11 @@ pub fn merge_attention_states(
 /// - `seq_lens`: (B) positions per sequence; a length of 0 gives a zero output
 /// - `scores`: scratch of at least max(seq_lens) elements
 #[allow(clippy::too_many_arguments)]
-pub fn paged_decode_attention(
+pub fn paged_decode_attention<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     block_tables: &[&[u32]],
     seq_lens: &[usize],
     shape: PagedShape,
@@ -448,7 +450,7 @@ pub fn paged_decode_attention(
                 let kh = &k_arena[row_offset(table, s, kvh, &shape)..][..hs];
                 let mut dot = 0.0f32;
                 for i in 0..hs {
-                    dot += qh[i] * kh[i];
+                    dot += qh[i] * kh[i].to_f32();
                 }
                 *score = dot * scale;
                 max = max.max(*score);
@@ -462,7 +464,7 @@ pub fn paged_decode_attention(
                 let vh = &v_arena[row_offset(table, s, kvh, &shape)..][..hs];
                 let w = p / sum;
                 for i in 0..hs {
-                    oh[i] += w * vh[i];
+                    oh[i] += w * vh[i].to_f32();
                 }
             }
         }
@@ -497,11 +499,11 @@ pub fn paged_decode_attention(
 /// - `suffix_lens`: (B) suffix positions S_b
 /// - `scratch`: at least [`cascade_scratch_len`]`(shape, B, max(P, S_b over all))`
 #[allow(clippy::too_many_arguments)]
-pub fn cascade_decode_attention(
+pub fn cascade_decode_attention<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     levels: &[Level<'_>],
     suffix_tables: &[&[u32]],
     suffix_lens: &[usize],
@@ -588,13 +590,13 @@ pub fn cascade_decode_attention(
 }
 
 /// The buffers of one cascade call, split from its scratch.
-struct Part<'s, 'a> {
+struct Part<'s, 'a, T: KvElem> {
     /// (B, NH, HS)
     q: &'a [f32],
     /// (NB, BS, NKV, HS)
-    k_arena: &'a [f32],
+    k_arena: &'a [T],
     /// (NB, BS, NKV, HS)
-    v_arena: &'a [f32],
+    v_arena: &'a [T],
     shape: &'a PagedShape,
     scale: f32,
     /// (B*G, HS) queries of one KV head, gathered from the members
@@ -611,7 +613,7 @@ struct Part<'s, 'a> {
     lse_run: &'s mut [f32],
 }
 
-impl Part<'_, '_> {
+impl<T: KvElem> Part<'_, '_, T> {
     /// Attend positions 0..len of `table` for every query of the sequences in `members`
     /// and merge the result into the running state. Arguments were checked by the caller.
     fn attend(&mut self, table: &[u32], len: usize, members: Range<usize>) {
@@ -673,11 +675,11 @@ pub fn prefill_scratch_len(shape: &PagedShape, pos0: usize, n_rows: usize) -> us
 /// - `block_table`: at least ceil((pos0 + T) / BS) block ids
 /// - `scratch`: at least [`prefill_scratch_len`]`(shape, pos0, T)`
 #[allow(clippy::too_many_arguments)]
-pub fn paged_prefill_attention(
+pub fn paged_prefill_attention<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     block_table: &[u32],
     pos0: usize,
     shape: PagedShape,
@@ -714,11 +716,11 @@ pub fn paged_prefill_attention(
 
 /// Checks of [`paged_prefill_attention`] (shared with the fast kernel); returns T.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn check_prefill(
+pub(crate) fn check_prefill<T: KvElem>(
     out: &[f32],
     q: &[f32],
-    k_arena: &[f32],
-    v_arena: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
     block_table: &[u32],
     pos0: usize,
     shape: &PagedShape,

@@ -907,8 +907,9 @@ fn q8_rows_that_are_not_whole_groups_are_typed_errors() {
     assert!(err.to_string().contains("multiple of 32"), "{err}");
 }
 
-/// The fast matmul sums every output in the same order whatever the number of rows, so
-/// a row gives the same bits alone, in a decode batch or in a prefill chunk: a prompt
+/// The fast matmul sums every output in the same order whatever the number of rows (16-bit
+/// weights widened once per panel for prefill chunks included), so a row gives the same
+/// bits alone, in a decode batch or in a prefill chunk: a prompt
 /// partly served from the prefix cache then scores exactly as when computed whole.
 #[test]
 fn matmul_rows_are_bit_identical_alone_and_batched() {
@@ -920,11 +921,13 @@ fn matmul_rows_are_bit_identical_alone_and_batched() {
         .iter()
         .map(|&v| bf16::from_f32(v))
         .collect();
+    let wh: Vec<half::f16> = w.iter().map(|v| half::f16::from_f32(v.to_f32())).collect();
     let (q, sc) = q8(&rng.vec(oc * c, 0.5));
     let _isa_lock = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     for (isa, weights) in dispatch::available().into_iter().flat_map(|isa| {
         [
             (isa, Weights::BF16(&w)),
+            (isa, Weights::F16(&wh)),
             (isa, Weights::Q8(Q8Slice::new(&q, &sc).unwrap())),
         ]
     }) {

@@ -517,6 +517,40 @@ mod tiled {
     const MR: usize = 4;
     /// Weight rows (output columns) per tile.
     const NR: usize = 3;
+    /// From this many input rows (prefill chunks), 16-bit weights are widened once per
+    /// panel into [`PACK`] rather than in every row block.
+    const PACK_ROWS: usize = 16;
+
+    thread_local! {
+        /// One column block's weight rows widened to f32 (NR x C), per thread.
+        static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// dst[..len] = the `len` DT elements at `src` as f32, asking for the `len` elements
+    /// after them (the next column block) as it goes.
+    ///
+    /// SAFETY: AVX2+FMA+F16C; `len` readable elements at src, `len` writable at dst.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen<const DT: u8>(src: *const u8, dst: *mut f32, len: usize) {
+        let es = elem::<DT>();
+        let n8 = len / 8 * 8;
+        // SAFETY: see the function's contract; prefetches never fault.
+        unsafe {
+            let mut i = 0;
+            while i < n8 {
+                if (i * es).is_multiple_of(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add((len + i) * es) as *const i8);
+                }
+                _mm256_storeu_ps(dst.add(i), load8::<DT>(src.add(i * es)));
+                i += 8;
+            }
+            for j in n8..len {
+                *dst.add(j) = load1::<DT>(src, j);
+            }
+        }
+    }
+
     /// Bytes of input rows a panel may hold (stays in L2 while a thread sweeps columns).
     const PANEL_BYTES: usize = 192 * 1024;
 
@@ -555,11 +589,12 @@ mod tiled {
     }
 
     /// out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, where x_i = x + i * c
-    /// (f32) and w_j = w + j * c (DT). M <= MR, N <= NR.
+    /// (f32) and w_j = w + j * c (DT). M <= MR, N <= NR. With `PF`, the next tile's
+    /// weight rows (N rows on) are prefetched.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const DT: u8, const M: usize, const N: usize>(
+    unsafe fn tile<const DT: u8, const M: usize, const N: usize, const PF: bool>(
         x: *const f32,
         w: *const u8,
         c: usize,
@@ -574,7 +609,7 @@ mod tiled {
         // SAFETY: k + 8 <= c for every vector load; rows i < M of x and j < N of w exist.
         unsafe {
             while k < n8 {
-                if (k * es).is_multiple_of(64) {
+                if PF && (k * es).is_multiple_of(64) {
                     // The next tile's weight rows (N rows on) at this k, one line per
                     // row: the rows of a tile are short streams the hardware
                     // prefetcher barely ramps up on.
@@ -611,7 +646,7 @@ mod tiled {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_any<const DT: u8>(
+    unsafe fn tile_any<const DT: u8, const PF: bool>(
         m: usize,
         n: usize,
         x: *const f32,
@@ -624,18 +659,18 @@ mod tiled {
         // SAFETY: forwarded caller guarantees.
         unsafe {
             match (m, n) {
-                (4, 3) => tile::<DT, 4, 3>(x, w, c, out, ldo, bias),
-                (4, 2) => tile::<DT, 4, 2>(x, w, c, out, ldo, bias),
-                (4, 1) => tile::<DT, 4, 1>(x, w, c, out, ldo, bias),
-                (3, 3) => tile::<DT, 3, 3>(x, w, c, out, ldo, bias),
-                (3, 2) => tile::<DT, 3, 2>(x, w, c, out, ldo, bias),
-                (3, 1) => tile::<DT, 3, 1>(x, w, c, out, ldo, bias),
-                (2, 3) => tile::<DT, 2, 3>(x, w, c, out, ldo, bias),
-                (2, 2) => tile::<DT, 2, 2>(x, w, c, out, ldo, bias),
-                (2, 1) => tile::<DT, 2, 1>(x, w, c, out, ldo, bias),
-                (1, 3) => tile::<DT, 1, 3>(x, w, c, out, ldo, bias),
-                (1, 2) => tile::<DT, 1, 2>(x, w, c, out, ldo, bias),
-                _ => tile::<DT, 1, 1>(x, w, c, out, ldo, bias),
+                (4, 3) => tile::<DT, 4, 3, PF>(x, w, c, out, ldo, bias),
+                (4, 2) => tile::<DT, 4, 2, PF>(x, w, c, out, ldo, bias),
+                (4, 1) => tile::<DT, 4, 1, PF>(x, w, c, out, ldo, bias),
+                (3, 3) => tile::<DT, 3, 3, PF>(x, w, c, out, ldo, bias),
+                (3, 2) => tile::<DT, 3, 2, PF>(x, w, c, out, ldo, bias),
+                (3, 1) => tile::<DT, 3, 1, PF>(x, w, c, out, ldo, bias),
+                (2, 3) => tile::<DT, 2, 3, PF>(x, w, c, out, ldo, bias),
+                (2, 2) => tile::<DT, 2, 2, PF>(x, w, c, out, ldo, bias),
+                (2, 1) => tile::<DT, 2, 1, PF>(x, w, c, out, ldo, bias),
+                (1, 3) => tile::<DT, 1, 3, PF>(x, w, c, out, ldo, bias),
+                (1, 2) => tile::<DT, 1, 2, PF>(x, w, c, out, ldo, bias),
+                _ => tile::<DT, 1, 1, PF>(x, w, c, out, ldo, bias),
             }
         }
     }
@@ -799,7 +834,7 @@ mod tiled {
             return;
         }
         let groups = c / Q8_GROUP;
-        for_each_tile(rows, c, cols, QM, QN, |r, m, o, n| {
+        for_each_tile(rows, c, cols, QM, QN, |r, m, o, n, _| {
             let mut b = [0.0; 3];
             if let Some(bs) = bias {
                 b[..n].copy_from_slice(&bs[o..o + n]);
@@ -825,8 +860,9 @@ mod tiled {
     /// The output tiles of `rows` x `cols`: row panels small enough to stay in L2 while
     /// a thread sweeps its columns (`PANEL_BYTES`), in each panel column blocks of up to
     /// `nr` weight rows, in each block row blocks of up to `mr` input rows; `f(r, m, o,
-    /// n)` per tile (rows r..r+m, columns o..o+n). Each weight tile is read from memory
-    /// once per panel and from L1 by the panel's row blocks.
+    /// n, first)` per tile (rows r..r+m, columns o..o+n; `first` for the panel's first
+    /// row block of a column block). Each weight tile is read from memory once per panel
+    /// and from L1 by the panel's row blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn for_each_tile(
@@ -835,7 +871,7 @@ mod tiled {
         cols: Range<usize>,
         mr: usize,
         nr: usize,
-        mut f: impl FnMut(usize, usize, usize, usize),
+        mut f: impl FnMut(usize, usize, usize, usize, bool),
     ) {
         let panel = (PANEL_BYTES / (4 * c)).clamp(mr, 256) / mr * mr;
         let mut r0 = 0;
@@ -847,7 +883,7 @@ mod tiled {
                 let mut r = r0;
                 while r < r_end {
                     let m = mr.min(r_end - r);
-                    f(r, m, o, n);
+                    f(r, m, o, n, r == r0);
                     r += m;
                 }
                 o += n;
@@ -914,14 +950,50 @@ mod tiled {
             unsafe { gemv::<DT>(o_ptr, x, w, bias, c, cols) };
             return;
         }
-        for_each_tile(rows, c, cols, MR, NR, |r, m, o, n| {
-            let mut bias_t = [0.0; 4];
+        let bias_of = |o: usize, n: usize| {
+            let mut t = [0.0; 4];
             if let Some(b) = bias {
-                bias_t[..n].copy_from_slice(&b[o..o + n]);
+                t[..n].copy_from_slice(&b[o..o + n]);
             }
+            t
+        };
+        if DT != F32 && rows >= PACK_ROWS {
+            // Prefill: each column block's 16-bit weight rows are widened once per panel
+            // into an L1 buffer that every row block of the panel then reads as f32
+            // weights (widening is exact and the sums keep their order, so the bits are
+            // those of the unpacked tile), instead of widening them again in each of
+            // the panel's row blocks.
+            PACK.with_borrow_mut(|buf| {
+                if buf.len() < NR * c {
+                    buf.resize(NR * c, 0.0);
+                }
+                let bp = buf.as_mut_ptr();
+                for_each_tile(rows, c, cols, MR, NR, |r, m, o, n, first| {
+                    // SAFETY: forwarded caller guarantees; the tile lies within rows x
+                    // cols; `buf` holds NR * c >= n * c floats.
+                    unsafe {
+                        if first {
+                            widen::<DT>(w.add(o * c * es), bp, n * c);
+                        }
+                        tile_any::<F32, false>(
+                            m,
+                            n,
+                            x.add(r * c),
+                            bp as *const u8,
+                            c,
+                            o_ptr.add(r * oc + o),
+                            oc,
+                            bias_of(o, n),
+                        );
+                    }
+                });
+            });
+            return;
+        }
+        for_each_tile(rows, c, cols, MR, NR, |r, m, o, n, _| {
             // SAFETY: forwarded caller guarantees; the tile lies within rows x cols.
             unsafe {
-                tile_any::<DT>(
+                tile_any::<DT, true>(
                     m,
                     n,
                     x.add(r * c),
@@ -929,7 +1001,7 @@ mod tiled {
                     c,
                     o_ptr.add(r * oc + o),
                     oc,
-                    bias_t,
+                    bias_of(o, n),
                 );
             }
         });

@@ -393,9 +393,6 @@ pub(crate) struct MlpBuffers<'a> {
     pub proj: &'a mut [f32],
 }
 
-/// The MLP block on T rows of the residual stream x (T, C):
-/// x += down(silu(gate(n)) * up(n)), n = rmsnorm(x). Shared by the contiguous forward
-/// and the paged engine.
 /// Q, K and V projections of the normed rows `xn` (one fused call).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn qkv_proj(
@@ -439,6 +436,9 @@ pub(crate) fn qkv_proj(
     Ok(())
 }
 
+/// The MLP block on T rows of the residual stream x (T, C):
+/// x += down(silu(gate(n)) * up(n)), n = rmsnorm(x). Shared by the contiguous forward
+/// and the paged engine.
 pub(crate) fn mlp_block(
     cpu: &Cpu,
     model: &Llama,

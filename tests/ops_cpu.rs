@@ -193,6 +193,55 @@ fn cases() -> Vec<OpCase> {
             });
         }
     }
+    // Gate/up matmuls + SwiGLU in one job: bit for bit the fast unfused sequence (odd
+    // widths put the last partial vector group mid-row and the scalar tail in the last
+    // row), within tolerance of the reference; Q8 weights included.
+    for &rows in &ROWS {
+        for (wd, c, oc) in [
+            (Some(Wd::F32), 7, 13),
+            (Some(Wd::Bf16), 67, 577),
+            (Some(Wd::F16), 576, 1536),
+            (Some(Wd::Bf16), 33, 1537),
+            (None, 64, 83),
+        ] {
+            let s = next_seed();
+            cases.push(OpCase {
+                name: format!("matmul_swiglu(rows={rows},c={c},oc={oc},w={wd:?})"),
+                kind: OpKind::SwiGlu,
+                run: Box::new(move || {
+                    let mut rng = Rng::new(s);
+                    let x = rng.vec(rows * c, 1.0);
+                    let (gw, uw) = (rng.vec(oc * c, 0.5), rng.vec(oc * c, 0.5));
+                    let gb = rng.vec(oc, 2.0);
+                    let owned = |w: &[f32]| match wd {
+                        Some(wd) => (Some(Owned::new(w, wd)), None),
+                        None => (None, Some(q8(w))),
+                    };
+                    let (go, gq) = owned(&gw);
+                    let (uo, uq) = owned(&uw);
+                    let (g, u) = (q8_or(&go, &gq), q8_or(&uo, &uq));
+                    let mut fused = Guarded::new(rows * oc);
+                    cpu::matmul_swiglu(fused.as_mut(), &x, g, Some(&gb), u, None, c, oc).unwrap();
+                    fused.check_guards("matmul_swiglu");
+                    let (mut gate, mut up) = (vec![0.0; rows * oc], vec![0.0; rows * oc]);
+                    cpu::matmul_forward(&mut gate, &x, g, Some(&gb), c, oc).unwrap();
+                    cpu::matmul_forward(&mut up, &x, u, None, c, oc).unwrap();
+                    let mut unfused = vec![0.0; rows * oc];
+                    cpu::swiglu_forward(&mut unfused, &gate, &up).unwrap();
+                    assert_bits_eq("matmul_swiglu vs unfused", fused.as_ref(), &unfused);
+                    reference::matmul::matmul_forward(&mut gate, &x, g, Some(&gb), c, oc).unwrap();
+                    reference::matmul::matmul_forward(&mut up, &x, u, None, c, oc).unwrap();
+                    let mut want = vec![0.0; rows * oc];
+                    reference::swiglu::swiglu_forward(&mut want, &gate, &up).unwrap();
+                    check_close("matmul_swiglu", fused.as_ref(), &want, F32_TOL);
+                    // Bad shapes are typed errors.
+                    assert!(
+                        cpu::matmul_swiglu(&mut unfused[1..], &x, g, None, u, None, c, oc).is_err()
+                    );
+                }),
+            });
+        }
+    }
     for &rows in &ROWS {
         for &dim in &DIMS {
             let s = next_seed();
@@ -836,6 +885,15 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     check_close("paged attention (f16 cache)", &got16, &want16, F32_TOL);
     let widened = fast!(&widen(&k16), &widen(&v16), &widen(&fk16), &widen(&fv16));
     assert_bits_eq("paged attention (f16 cache vs widened)", &got16, &widened);
+}
+
+/// The owned float weights if any, else the Q8 ones.
+fn q8_or<'a>(o: &'a Option<Owned>, q: &'a Option<(Vec<i8>, Vec<f32>)>) -> Weights<'a> {
+    match (o, q) {
+        (Some(o), _) => o.view(),
+        (_, Some((q, sc))) => Weights::Q8(Q8Slice::new(q, sc).unwrap()),
+        _ => panic!("no weights"),
+    }
 }
 
 fn to_f16(a: &[f32]) -> Vec<half::f16> {

@@ -125,6 +125,42 @@ impl Cpu {
         }
     }
 
+    /// The MLP input half: act = silu(xn . gate^T + gb) * (xn . up^T + ub). The reference
+    /// runs the two matmuls into `gate_buf` and `up_buf` then SwiGLU; the fast path fuses
+    /// all three into one pool job (same bits as the fast unfused sequence) and leaves
+    /// the buffers untouched.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gate_up_swiglu(
+        &self,
+        act: &mut [f32],
+        gate_buf: &mut [f32],
+        up_buf: &mut [f32],
+        xn: &[f32],
+        gate: (Weights<'_>, Option<&[f32]>),
+        up: (Weights<'_>, Option<&[f32]>),
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<(), KernelError> {
+        match self.mode {
+            CpuMode::Reference => {
+                let (c, oc) = (in_features, out_features);
+                reference::matmul::matmul_forward(gate_buf, xn, gate.0, gate.1, c, oc)?;
+                reference::matmul::matmul_forward(up_buf, xn, up.0, up.1, c, oc)?;
+                reference::swiglu::swiglu_forward(act, gate_buf, up_buf)
+            }
+            CpuMode::Fast => cpu::matmul_swiglu(
+                act,
+                xn,
+                gate.0,
+                gate.1,
+                up.0,
+                up.1,
+                in_features,
+                out_features,
+            ),
+        }
+    }
+
     pub fn attention(
         &self,
         out: &mut [f32],

@@ -450,25 +450,16 @@ pub(crate) fn mlp_block(
     let w = &model.weights;
     let (c, idim) = (cfg.hidden_size, cfg.intermediate_size);
     cpu.rmsnorm(b.xn, x, w.get(&lw.mlp_norm), cfg.rms_norm_eps)?;
-    cpu.matmul_many(
-        &mut [
-            Linear {
-                out: b.gate,
-                weight: w.get(&lw.gate_proj),
-                bias: lw.gate_bias.as_deref(),
-                out_features: idim,
-            },
-            Linear {
-                out: b.up,
-                weight: w.get(&lw.up_proj),
-                bias: lw.up_bias.as_deref(),
-                out_features: idim,
-            },
-        ],
+    cpu.gate_up_swiglu(
+        b.act,
+        b.gate,
+        b.up,
         b.xn,
+        (w.get(&lw.gate_proj), lw.gate_bias.as_deref()),
+        (w.get(&lw.up_proj), lw.up_bias.as_deref()),
         c,
+        idim,
     )?;
-    cpu.swiglu(b.act, b.gate, b.up)?;
     cpu.matmul(
         b.proj,
         b.act,

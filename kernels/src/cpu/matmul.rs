@@ -18,6 +18,7 @@ use half::{bf16, f16};
 
 use super::dispatch::{Isa, current, num_threads};
 use super::pool;
+use super::rowwise::swiglu_slice;
 use crate::error::KernelError;
 use crate::reference::matmul::check_shapes;
 use crate::weights::{Q8_GROUP, Q8Slice, Weights};
@@ -195,6 +196,80 @@ pub fn matmul_forward_many(
         });
     });
     Ok(())
+}
+
+/// The MLP's gate and up projections and SwiGLU in ONE pool job: act (B, I) =
+/// silu(inp . gate^T + gate_bias) * (inp . up^T + up_bias), inp (B, C). Each item computes
+/// one column block of gate and up for every row into per-thread buffers and writes that
+/// block of `act` (the gate and up outputs never reach memory as whole matrices). The
+/// bits are those of [`matmul_forward_many`] then [`super::swiglu_forward`]: every
+/// output is the same dot product, and every element of `act` takes the same exp path
+/// (see `swiglu_slice`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_swiglu(
+    act: &mut [f32],
+    inp: &[f32],
+    gate: Weights<'_>,
+    gate_bias: Option<&[f32]>,
+    up: Weights<'_>,
+    up_bias: Option<&[f32]>,
+    in_features: usize,
+    out_features: usize,
+) -> Result<(), KernelError> {
+    const OP: &str = "matmul_swiglu";
+    check_shapes(OP, act, inp, &gate, gate_bias, in_features, out_features)?;
+    check_shapes(OP, act, inp, &up, up_bias, in_features, out_features)?;
+    let rows = inp.len() / in_features;
+    if rows == 0 {
+        return Ok(());
+    }
+    let isa = current();
+    let (c, oc) = (in_features, out_features);
+    let threads = if rows * c * 2 * oc < 1 << 15 {
+        1
+    } else {
+        num_threads().clamp(1, (2 * oc).div_ceil(16).max(1))
+    };
+    // Blocks as matmul_forward_many's for the two layers together (whole tiles; about
+    // eight per thread).
+    let per = oc.div_ceil(threads * 4).next_multiple_of(12).clamp(24, 768);
+    let blocks = oc.div_ceil(per);
+    let total = act.len();
+    let act_ptr = SendPtr(act.as_mut_ptr());
+    pool::global().run_items(threads, blocks, &|blk| {
+        let (s, e) = (blk * per, ((blk + 1) * per).min(oc));
+        let n = e - s;
+        GATE_UP.with_borrow_mut(|(g, u, wrow)| {
+            if g.len() < rows * n {
+                g.resize(rows * n, 0.0);
+                u.resize(rows * n, 0.0);
+            }
+            if wrow.len() < c {
+                wrow.resize(c, 0.0);
+            }
+            let (g, u) = (&mut g[..rows * n], &mut u[..rows * n]);
+            for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
+                let b = b.map(|b| &b[s..e]);
+                let w = w.slice(s * c, n * c);
+                compute(buf, inp, w, b, c, n, 0..n, &mut wrow[..c], isa);
+            }
+            for r in 0..rows {
+                let at = r * oc + s;
+                // SAFETY: item blk alone writes columns s..e of every row of `act`, which
+                // outlives `run_items`.
+                let out = unsafe { std::slice::from_raw_parts_mut(act_ptr.get().add(at), n) };
+                swiglu_slice(out, &g[r * n..][..n], &u[r * n..][..n], at, total, isa);
+            }
+        });
+    });
+    Ok(())
+}
+
+thread_local! {
+    /// Gate and up outputs of one [`matmul_swiglu`] block and a converted weight row,
+    /// per thread.
+    static GATE_UP: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// out (rows, cols.len()) = inp (rows, c) . weight(cols)^T on the calling thread, every

@@ -110,22 +110,48 @@ mod avx2 {
     /// SAFETY: AVX2+FMA; gate and up hold out.len() elements.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
-        let n = out.len();
-        let n8 = n / 8 * 8;
-        let one = _mm256_set1_ps(1.0);
+        // SAFETY: forwarded.
+        unsafe { swiglu_at(out, gate, up, out.len() / 8 * 8) }
+    }
+
+    /// silu(g) * u in eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn silu_mul(g: __m256, u: __m256) -> __m256 {
+        // SAFETY: AVX2+FMA (this function's features).
+        let e = unsafe { exp(_mm256_sub_ps(_mm256_setzero_ps(), g)) };
+        _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0), e)), u)
+    }
+
+    /// [`swiglu`] with elements `0..vec_len` through the vector exp (a last partial group
+    /// too, through zero-padded lanes: every lane computes alone, so an element's result
+    /// does not depend on where its group starts) and the rest as the reference computes
+    /// them. A slice of a larger array thus gets exactly the bits `swiglu` gives it there.
+    ///
+    /// SAFETY: AVX2+FMA; gate and up hold out.len() elements; vec_len <= out.len().
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn swiglu_at(out: &mut [f32], gate: &[f32], up: &[f32], vec_len: usize) {
+        let n8 = vec_len / 8 * 8;
         let mut i = 0;
-        // SAFETY: i + 8 <= n8 <= n for every vector access.
+        // SAFETY: i + 8 <= n8 <= out.len() for every vector access.
         unsafe {
             while i < n8 {
                 let g = _mm256_loadu_ps(gate.as_ptr().add(i));
-                let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), g));
-                let s = _mm256_div_ps(g, _mm256_add_ps(one, e));
                 let u = _mm256_loadu_ps(up.as_ptr().add(i));
-                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(s, u));
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), silu_mul(g, u));
                 i += 8;
             }
+            if n8 < vec_len {
+                let (mut g, mut u, mut o) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
+                let r = vec_len - n8;
+                g[..r].copy_from_slice(&gate[n8..vec_len]);
+                u[..r].copy_from_slice(&up[n8..vec_len]);
+                let v = silu_mul(_mm256_loadu_ps(g.as_ptr()), _mm256_loadu_ps(u.as_ptr()));
+                _mm256_storeu_ps(o.as_mut_ptr(), v);
+                out[n8..vec_len].copy_from_slice(&o[..r]);
+            }
         }
-        for i in n8..n {
+        for i in vec_len..out.len() {
             out[i] = gate[i] / (1.0 + (-gate[i]).exp()) * up[i];
         }
     }
@@ -216,6 +242,31 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<(), K
         let _ = isa;
         reference::swiglu::swiglu_forward(out, &gate[s..e], &up[s..e])
     })
+}
+
+/// Elements of a slice of a SwiGLU output that [`swiglu_forward`] would give: the slice
+/// starts at flat index `at` of an output of `total` elements; on the AVX2 path the
+/// elements before `total / 8 * 8` take the vector exp, the rest the reference formula
+/// (the scalar path is the reference throughout). Lengths are the caller's to check.
+pub(crate) fn swiglu_slice(
+    out: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+    at: usize,
+    total: usize,
+    isa: Isa,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        let vec_len = (total / 8 * 8).saturating_sub(at).min(out.len());
+        // SAFETY: AVX2+FMA detected; gate and up hold out.len() elements.
+        unsafe { avx2::swiglu_at(out, gate, up, vec_len) };
+        return;
+    }
+    let _ = (isa, at, total);
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
 }
 
 /// Same contract as [`reference::residual::residual_forward`].

@@ -23,8 +23,9 @@
 //! starts at table block `floor(P / BS)`. Every sequence of the batch must hold the same
 //! block ids as the owner for the shared blocks (checked; otherwise an error).
 //!
-//! Arena layout: K and V are each (L, NB, BS, NKV*HS) f32; one layer's slice is the
-//! (NB, BS, NKV, HS) arena of `cloudrm_kernels::reference::attention_paged`.
+//! Arena layout: K and V are each (L, NB, BS, NKV*HS), of f32 or (with [`KvCache::F16`])
+//! f16 rounded as rows are written; one layer's slice is the (NB, BS, NKV, HS) arena of
+//! `cloudrm_kernels::reference::attention_paged`.
 
 use std::collections::BTreeSet;
 

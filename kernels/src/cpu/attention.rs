@@ -722,7 +722,7 @@ mod avx2 {
     use super::CHUNK;
     use crate::cpu::simd::avx2::exp;
     use crate::kv::KvElem;
-    use crate::reference::attention_paged::{PagedShape, row_offset};
+    use crate::reference::attention_paged::{PagedShape, partial_unchecked, row_offset};
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -845,29 +845,35 @@ mod avx2 {
                     .zip(positions.clone())
                     .all(|(&o, p)| o == row_offset(table, p, kv_head, shape))
             );
-            let src = match (T::as_f32(k_arena), T::as_f32(v_arena)) {
-                (Some(k), Some(v)) => Src::F32 {
+            let src = if let (Some(k), Some(v)) = (T::as_f32(k_arena), T::as_f32(v_arena)) {
+                Src::F32 {
                     k: k.as_ptr(),
                     v: v.as_ptr(),
-                },
-                _ => {
-                    let hs = shape.head_dim;
-                    if b.local_hs != hs {
-                        b.local.clear();
-                        b.local_hs = hs;
-                    }
-                    if b.local.len() < offs.len() {
-                        let from = b.local.len();
-                        b.local.extend((from..offs.len()).map(|j| (j % CHUNK) * hs));
-                    }
-                    if b.wide.len() < CHUNK * hs {
-                        b.wide.resize(CHUNK * hs, 0.0);
-                    }
-                    Src::F16 {
-                        k: k_arena.as_ptr() as *const u16,
-                        v: v_arena.as_ptr() as *const u16,
-                    }
                 }
+            } else if let (Some(k), Some(v)) = (T::as_f16(k_arena), T::as_f16(v_arena)) {
+                let hs = shape.head_dim;
+                if b.local_hs != hs {
+                    b.local.clear();
+                    b.local_hs = hs;
+                }
+                if b.local.len() < offs.len() {
+                    let from = b.local.len();
+                    b.local.extend((from..offs.len()).map(|j| (j % CHUNK) * hs));
+                }
+                if b.wide.len() < CHUNK * hs {
+                    b.wide.resize(CHUNK * hs, 0.0);
+                }
+                Src::F16 {
+                    k: k.as_ptr() as *const u16,
+                    v: v.as_ptr() as *const u16,
+                }
+            } else {
+                // No other element type exists (the trait is sealed); the reference
+                // serves any anyway.
+                partial_unchecked(
+                    out, lse, q, k_arena, v_arena, table, positions, kv_head, scale, scores, shape,
+                );
+                return;
             };
             // SAFETY: forwarded caller guarantees.
             unsafe { partial_at(out, lse, q, src, b, scale, scores, shape) }

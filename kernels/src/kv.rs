@@ -7,6 +7,7 @@
 //! same (rounded) values.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 mod sealed {
     pub trait Sealed {}
@@ -30,6 +31,8 @@ pub trait KvElem:
     /// `n` zeros from zeroed memory: pages the cache never writes stay unmapped, as for
     /// `vec![0.0f32; n]` (an element-by-element fill would make a whole arena resident).
     fn zeroed_vec(n: usize) -> Vec<Self>;
+    /// Writes `src` into `dst` (same length) as arena elements, rounded for f16.
+    fn store_row(dst: &mut [Self], src: &[f32]);
 }
 
 impl KvElem for f32 {
@@ -50,6 +53,9 @@ impl KvElem for f32 {
     }
     fn zeroed_vec(n: usize) -> Vec<Self> {
         vec![0.0; n]
+    }
+    fn store_row(dst: &mut [Self], src: &[f32]) {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -75,27 +81,8 @@ impl KvElem for f16 {
         // valid), and the allocation moves over whole with its length and capacity.
         unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f16, v.len(), v.capacity()) }
     }
-}
-
-/// Writes `src` into `dst` as arena elements (rounded for f16).
-pub fn store_row<T: KvElem>(dst: &mut [T], src: &[f32]) {
-    debug_assert_eq!(dst.len(), src.len());
-    if let Some(d) = as_f32_mut(dst) {
-        d.copy_from_slice(src);
-        return;
-    }
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = T::from_f32(s);
-    }
-}
-
-fn as_f32_mut<T: KvElem>(s: &mut [T]) -> Option<&mut [f32]> {
-    if T::as_f32(s).is_some() {
-        // SAFETY: T is f32 (the sealed trait has two types and `as_f32` answers Some only
-        // for f32), so the cast is the identity.
-        Some(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) })
-    } else {
-        None
+    fn store_row(dst: &mut [Self], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
     }
 }
 
@@ -115,7 +102,7 @@ mod tests {
             70000.0,
         ];
         let mut dst = [f16::ZERO; 7];
-        store_row(&mut dst, &src);
+        f16::store_row(&mut dst, &src);
         for (d, s) in dst.iter().zip(src) {
             assert_eq!(d.to_f32().to_bits(), f16::from_f32(s).to_f32().to_bits());
         }
@@ -129,7 +116,7 @@ mod tests {
         assert_eq!(z.len(), 1000);
         assert!(z.iter().all(|&x| x.to_bits() == 0));
         let mut same = [0.0f32; 7];
-        store_row(&mut same, &src);
+        f32::store_row(&mut same, &src);
         assert_eq!(same, src);
     }
 }

@@ -29,11 +29,11 @@
 
 use std::collections::BTreeSet;
 
+use cloudrm_kernels::KvElem;
 use cloudrm_kernels::reference::attention_paged::{
     Level, PagedShape, cascade_scratch_len, prefill_scratch_len,
 };
 use cloudrm_kernels::reference::heads::TopLogit;
-use cloudrm_kernels::{KvElem, kv::store_row};
 use half::f16;
 
 use crate::backend::Cpu;
@@ -790,8 +790,8 @@ impl LayerStep<'_> {
     fn run<T: KvElem>(self, k_layer: &mut [T], v_layer: &mut [T]) -> Result<()> {
         let kvd = self.kvd;
         for (r, &row) in self.rows.iter().enumerate() {
-            store_row(&mut k_layer[row * kvd..][..kvd], &self.k[r * kvd..][..kvd]);
-            store_row(&mut v_layer[row * kvd..][..kvd], &self.v[r * kvd..][..kvd]);
+            T::store_row(&mut k_layer[row * kvd..][..kvd], &self.k[r * kvd..][..kvd]);
+            T::store_row(&mut v_layer[row * kvd..][..kvd], &self.v[r * kvd..][..kvd]);
         }
         let (k_layer, v_layer) = (&*k_layer, &*v_layer);
         let (cpu, att, q, shape, scratch) = (self.cpu, self.att, self.q, self.shape, self.scratch);

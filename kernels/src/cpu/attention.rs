@@ -720,7 +720,7 @@ mod avx2 {
     use std::ops::Range;
 
     use super::CHUNK;
-    use crate::cpu::simd::avx2::exp;
+    use crate::cpu::simd::avx2::{exp, load_f16x8};
     use crate::kv::KvElem;
     use crate::reference::attention_paged::{PagedShape, partial_unchecked, row_offset};
 
@@ -752,9 +752,7 @@ mod avx2 {
         // SAFETY: see the function's contract.
         unsafe {
             if F16 {
-                _mm256_cvtph_ps(_mm_loadu_si128(
-                    (base as *const u16).add(idx) as *const __m128i
-                ))
+                load_f16x8((base as *const half::f16).add(idx))
             } else {
                 _mm256_loadu_ps(base.add(idx))
             }
@@ -795,14 +793,21 @@ mod avx2 {
         static BUFS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
     }
 
-    /// Where a call's K and V rows are: f32 arenas are read in place; f16 rows are widened
-    /// one chunk at a time into an L1-sized f32 buffer that the f32 loops then read (f16
-    /// to f32 is exact, so an f16 arena gives the bits of the f32 arena holding the same
-    /// values, and the bytes streamed from memory are halved).
+    /// Where a call's K and V rows are, and whether they are f16 (widened exactly as the
+    /// loops load them, see [`ld`] and [`chunk_rows`]).
     #[derive(Clone, Copy)]
-    enum Src {
-        F32 { k: *const f32, v: *const f32 },
-        F16 { k: *const u16, v: *const u16 },
+    struct Src {
+        /// K and V arena bases (f16 elements when `f16`, read through [`ld`]).
+        k: *const f32,
+        v: *const f32,
+        f16: bool,
+    }
+
+    impl Src {
+        /// Bytes per arena element.
+        fn es(self) -> usize {
+            if self.f16 { 2 } else { 4 }
+        }
     }
 
     /// See `super::partial`. HS is a multiple of 8.
@@ -846,9 +851,10 @@ mod avx2 {
                     .all(|(&o, p)| o == row_offset(table, p, kv_head, shape))
             );
             let src = if let (Some(k), Some(v)) = (T::as_f32(k_arena), T::as_f32(v_arena)) {
-                Src::F32 {
+                Src {
                     k: k.as_ptr(),
                     v: v.as_ptr(),
+                    f16: false,
                 }
             } else if let (Some(k), Some(v)) = (T::as_f16(k_arena), T::as_f16(v_arena)) {
                 let hs = shape.head_dim;
@@ -863,9 +869,10 @@ mod avx2 {
                 if b.wide.len() < CHUNK * hs {
                     b.wide.resize(CHUNK * hs, 0.0);
                 }
-                Src::F16 {
-                    k: k.as_ptr() as *const u16,
-                    v: v.as_ptr() as *const u16,
+                Src {
+                    k: k.as_ptr() as *const f32,
+                    v: v.as_ptr() as *const f32,
+                    f16: true,
                 }
             } else {
                 // No other element type exists (the trait is sealed); the reference
@@ -904,8 +911,7 @@ mod avx2 {
             return;
         }
         let scores = &mut scores[..n_q * n_pos];
-        let (k_base, v_base, es) = src.bytes();
-        let (k_raw, v_raw, f16) = (k_base as *const f32, v_base as *const f32, es == 2);
+        let (k_base, v_base, es) = (src.k as *const u8, src.v as *const u8, src.es());
         // SAFETY: every row offset lies in the checked arena (HS elements each), every
         // score index below n_q * n_pos, every q/out row below n_q.
         unsafe {
@@ -960,21 +966,8 @@ mod avx2 {
                 } else {
                     let mut n = 0;
                     while n < n_q {
-                        let c = c0..c1;
-                        match (n_q - n >= 2, f16) {
-                            (true, false) => score_rows::<2, false>(
-                                q, scores, n, n_pos, c, k_raw, offs, hs, scale,
-                            ),
-                            (true, true) => score_rows::<2, true>(
-                                q, scores, n, n_pos, c, k_raw, offs, hs, scale,
-                            ),
-                            (false, false) => score_rows::<1, false>(
-                                q, scores, n, n_pos, c, k_raw, offs, hs, scale,
-                            ),
-                            (false, true) => score_rows::<1, true>(
-                                q, scores, n, n_pos, c, k_raw, offs, hs, scale,
-                            ),
-                        }
+                        let two = n_q - n >= 2;
+                        score(two, q, scores, n, n_pos, c0..c1, src, offs, hs, scale);
                         n += 2;
                     }
                 }
@@ -1044,21 +1037,21 @@ mod avx2 {
                         let a = PvArgs {
                             out: out.as_mut_ptr(),
                             scores: scores.as_ptr(),
-                            vp: v_raw,
+                            vp: src.v,
                             n,
                             n_pos,
                             ch,
                             hs,
                         };
                         match (r, nv) {
-                            (2, 4) => pv::<2, 4>(&a, c0..c1, offs, f16),
-                            (2, 3) => pv::<2, 3>(&a, c0..c1, offs, f16),
-                            (2, 2) => pv::<2, 2>(&a, c0..c1, offs, f16),
-                            (2, _) => pv::<2, 1>(&a, c0..c1, offs, f16),
-                            (_, 4) => pv::<1, 4>(&a, c0..c1, offs, f16),
-                            (_, 3) => pv::<1, 3>(&a, c0..c1, offs, f16),
-                            (_, 2) => pv::<1, 2>(&a, c0..c1, offs, f16),
-                            _ => pv::<1, 1>(&a, c0..c1, offs, f16),
+                            (2, 4) => pv::<2, 4>(&a, c0..c1, offs, src.f16),
+                            (2, 3) => pv::<2, 3>(&a, c0..c1, offs, src.f16),
+                            (2, 2) => pv::<2, 2>(&a, c0..c1, offs, src.f16),
+                            (2, _) => pv::<2, 1>(&a, c0..c1, offs, src.f16),
+                            (_, 4) => pv::<1, 4>(&a, c0..c1, offs, src.f16),
+                            (_, 3) => pv::<1, 3>(&a, c0..c1, offs, src.f16),
+                            (_, 2) => pv::<1, 2>(&a, c0..c1, offs, src.f16),
+                            _ => pv::<1, 1>(&a, c0..c1, offs, src.f16),
                         }
                         ch += nv * 8;
                     }
@@ -1085,16 +1078,6 @@ mod avx2 {
         }
     }
 
-    impl Src {
-        /// K base, V base, bytes per element.
-        fn bytes(self) -> (*const u8, *const u8, usize) {
-            match self {
-                Src::F32 { k, v } => (k as *const u8, v as *const u8, 4),
-                Src::F16 { k, v } => (k as *const u8, v as *const u8, 2),
-            }
-        }
-    }
-
     /// The K rows of the chunk of positions `cols` (starting at a multiple of CHUNK) as
     /// f32 rows and their offsets: in place with the call's offsets for an f32 arena;
     /// widened into `wide` (CHUNK x HS) with the chunk-local offsets `local` for an f16
@@ -1112,24 +1095,58 @@ mod avx2 {
         cols: Range<usize>,
         hs: usize,
     ) -> (*const f32, &'o [usize]) {
-        match src {
-            Src::F32 { k, .. } => (k, offs),
-            Src::F16 { k, .. } => {
-                debug_assert!(cols.start.is_multiple_of(CHUNK) && cols.len() <= CHUNK);
-                // SAFETY: see the function's contract.
-                unsafe {
-                    for (i, j) in cols.enumerate() {
-                        let s = k.add(offs[j]);
-                        let d = wide.add(i * hs);
-                        let mut c = 0;
-                        while c < hs {
-                            let h = _mm_loadu_si128(s.add(c) as *const __m128i);
-                            _mm256_storeu_ps(d.add(c), _mm256_cvtph_ps(h));
-                            c += 8;
-                        }
-                    }
+        if !src.f16 {
+            return (src.k, offs);
+        }
+        debug_assert!(cols.start.is_multiple_of(CHUNK) && cols.len() <= CHUNK);
+        // SAFETY: see the function's contract.
+        unsafe {
+            for (i, j) in cols.enumerate() {
+                let d = wide.add(i * hs);
+                let mut c = 0;
+                while c < hs {
+                    _mm256_storeu_ps(d.add(c), ld::<true>(src.k, offs[j] + c));
+                    c += 8;
                 }
-                (wide, local)
+            }
+        }
+        (wide, local)
+    }
+
+    /// [`score_rows`] over two query rows (`two`) or one, for an f32 or f16 arena.
+    ///
+    /// SAFETY: as [`score_rows`] (R = 2 when `two`, else 1).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn score(
+        two: bool,
+        q: &[f32],
+        scores: &mut [f32],
+        n: usize,
+        n_pos: usize,
+        cols: Range<usize>,
+        src: Src,
+        offs: &[usize],
+        hs: usize,
+        scale: f32,
+    ) {
+        let (kp, f16) = (src.k, src.f16);
+        // SAFETY: forwarded.
+        unsafe {
+            match (two, f16) {
+                (true, false) => {
+                    score_rows::<2, false>(q, scores, n, n_pos, cols, kp, offs, hs, scale)
+                }
+                (true, true) => {
+                    score_rows::<2, true>(q, scores, n, n_pos, cols, kp, offs, hs, scale)
+                }
+                (false, false) => {
+                    score_rows::<1, false>(q, scores, n, n_pos, cols, kp, offs, hs, scale)
+                }
+                (false, true) => {
+                    score_rows::<1, true>(q, scores, n, n_pos, cols, kp, offs, hs, scale)
+                }
             }
         }
     }

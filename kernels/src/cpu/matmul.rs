@@ -46,20 +46,9 @@ pub fn matmul_forward(
         return Ok(());
     }
     let isa = current();
-    let threads = num_threads().clamp(1, out_features.div_ceil(16).max(1));
-    let threads = if rows * in_features * out_features < 1 << 15 {
-        1
-    } else {
-        threads
-    };
-    // Output columns are split in blocks claimed dynamically by the pool's threads; each
-    // block writes its own columns of every row through a raw pointer (disjoint index
-    // sets). Blocks are a multiple of 12 columns (whole 3-wide tiles and 4-wide GEMV
-    // groups) and small enough for about eight per thread.
-    let per = out_features
-        .div_ceil(threads * 8)
-        .next_multiple_of(12)
-        .clamp(24, 768);
+    // Each block writes its own columns of every row through a raw pointer (disjoint
+    // index sets).
+    let (threads, per) = split_plan(rows, in_features, out_features);
     let blocks = out_features.div_ceil(per);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
@@ -144,15 +133,7 @@ pub fn matmul_forward_many(
     }
     let isa = current();
     let total_oc: usize = layers.iter().map(|l| l.out_features).sum();
-    let threads = if rows * in_features * total_oc < 1 << 15 {
-        1
-    } else {
-        num_threads().clamp(1, total_oc.div_ceil(16).max(1))
-    };
-    let per = total_oc
-        .div_ceil(threads * 8)
-        .next_multiple_of(12)
-        .clamp(24, 768);
+    let (threads, per) = split_plan(rows, in_features, total_oc);
     let mut meta: [FusedMeta<'_>; MAX_FUSED] =
         [(SendPtr(std::ptr::null_mut()), 0, None, None, 0, 0); MAX_FUSED];
     let mut items = 0;
@@ -225,34 +206,30 @@ pub fn matmul_swiglu(
     }
     let isa = current();
     let (c, oc) = (in_features, out_features);
-    let threads = if rows * c * 2 * oc < 1 << 15 {
-        1
-    } else {
-        num_threads().clamp(1, (2 * oc).div_ceil(16).max(1))
-    };
-    // Blocks as matmul_forward_many's for the two layers together (whole tiles; about
-    // eight per thread).
-    let per = oc.div_ceil(threads * 4).next_multiple_of(12).clamp(24, 768);
+    // Blocks as matmul_forward_many's for the two layers together.
+    let (threads, per) = split_plan(rows, c, 2 * oc);
     let blocks = oc.div_ceil(per);
     let total = act.len();
     let act_ptr = SendPtr(act.as_mut_ptr());
     pool::global().run_items(threads, blocks, &|blk| {
         let (s, e) = (blk * per, ((blk + 1) * per).min(oc));
         let n = e - s;
-        GATE_UP.with_borrow_mut(|(g, u, wrow)| {
+        GATE_UP.with_borrow_mut(|(g, u)| {
             if g.len() < rows * n {
                 g.resize(rows * n, 0.0);
                 u.resize(rows * n, 0.0);
             }
-            if wrow.len() < c {
-                wrow.resize(c, 0.0);
-            }
             let (g, u) = (&mut g[..rows * n], &mut u[..rows * n]);
-            for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
-                let b = b.map(|b| &b[s..e]);
-                let w = w.slice(s * c, n * c);
-                compute(buf, inp, w, b, c, n, 0..n, &mut wrow[..c], isa);
-            }
+            WROW.with_borrow_mut(|wrow| {
+                if wrow.len() < c {
+                    wrow.resize(c, 0.0);
+                }
+                for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
+                    let b = b.map(|b| &b[s..e]);
+                    let w = w.slice(s * c, n * c);
+                    compute(buf, inp, w, b, c, n, 0..n, &mut wrow[..c], isa);
+                }
+            });
             for r in 0..rows {
                 let at = r * oc + s;
                 // SAFETY: item blk alone writes columns s..e of every row of `act`, which
@@ -266,10 +243,26 @@ pub fn matmul_swiglu(
 }
 
 thread_local! {
-    /// Gate and up outputs of one [`matmul_swiglu`] block and a converted weight row,
-    /// per thread.
-    static GATE_UP: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Gate and up outputs of one [`matmul_swiglu`] block, per thread.
+    static GATE_UP: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Threads and columns per block for `rows` x `c` inputs against `total_oc` output
+/// columns (one layer or several fused): one thread for tiny calls; blocks claimed
+/// dynamically, a multiple of 12 columns (whole 3-wide tiles and 4-wide GEMV groups) and
+/// small enough for about eight per thread.
+fn split_plan(rows: usize, c: usize, total_oc: usize) -> (usize, usize) {
+    let threads = if rows * c * total_oc < 1 << 15 {
+        1
+    } else {
+        num_threads().clamp(1, total_oc.div_ceil(16).max(1))
+    };
+    let per = total_oc
+        .div_ceil(threads * 8)
+        .next_multiple_of(12)
+        .clamp(24, 768);
+    (threads, per)
 }
 
 /// out (rows, cols.len()) = inp (rows, c) . weight(cols)^T on the calling thread, every

@@ -264,9 +264,8 @@ pub(crate) fn swiglu_slice(
         return;
     }
     let _ = (isa, at, total);
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
-    }
+    let r = reference::swiglu::swiglu_forward(out, gate, up);
+    debug_assert!(r.is_ok(), "swiglu_slice: lengths are the caller's to match");
 }
 
 /// Same contract as [`reference::residual::residual_forward`].

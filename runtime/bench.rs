@@ -269,7 +269,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
     Ok(BenchReport {
         machine: MachineInfo {
             cpu: cpu_model(),
-            isa: format!("{:?}", dispatch::current()),
+            isa: dispatch::current().name().to_string(),
             threads: dispatch::num_threads(),
         },
         model: dir

@@ -83,6 +83,51 @@ fn bench_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `CLOUDRM_ISA` caps the SIMD path (the bench names the one in use); an unknown name
+/// is reported and ignored.
+#[test]
+fn cloudrm_isa_caps_the_simd_path() {
+    default_model(OutDtype::BF16);
+    let tiny = [
+        "bench",
+        "--prefill",
+        "4",
+        "--decode",
+        "2",
+        "--k",
+        "--bandwidth-mib",
+        "0",
+        "--json",
+    ];
+    let run = |isa: &str| {
+        let out = cloudrm()
+            .args(tiny)
+            .env("CLOUDRM_ISA", isa)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["machine"]["isa"].as_str().unwrap().to_string(), stderr)
+    };
+    let (isa, _) = run("scalar");
+    assert_eq!(isa, "scalar");
+    let (best, stderr) = run("avx9000");
+    assert!(
+        stderr.contains("CLOUDRM_ISA") && stderr.contains("avx9000"),
+        "{stderr}"
+    );
+    assert!(
+        ["scalar", "avx2", "avx512"].contains(&best.as_str()),
+        "{best}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        assert_ne!(best, "scalar");
+        assert_eq!(run("avx2").0, "avx2");
+    }
+}
+
 #[test]
 fn bench_reports_every_figure_as_json() {
     default_model(OutDtype::BF16);

@@ -1254,3 +1254,137 @@ fn swiglu_matches_reference_elementwise_at_extreme_gates() {
     }
     dispatch::force(None);
 }
+
+/// The 16-lane (AVX-512) matmul kernels, run over pairs of AVX2 registers so their
+/// logic is checked on any AVX2 machine: odd sizes (channel tails, partial 8 x 3 tiles,
+/// panels crossed, the widened-weights prefill path) against the reference, each row
+/// bit-identical alone (the GEMV) and in the batch, any column split giving the same
+/// bits, columns outside `cols` untouched. On an AVX-512 machine the real kernels are
+/// covered by every test that iterates `dispatch::available()`.
+#[test]
+fn wide_matmul_kernels_match_reference_emulated() {
+    let mut rng = Rng::new(512);
+    let mut ran = 0;
+    for (rows, c, oc) in [
+        (1usize, 1usize, 1usize),
+        (2, 7, 3),
+        (3, 16, 4),
+        (5, 17, 7),
+        (7, 33, 13),
+        (8, 48, 2),
+        (9, 577, 5),
+        (16, 31, 6),
+        (17, 64, 11),
+        (33, 577, 13),
+        (100, 577, 7),
+        (8, 576, 64),
+    ] {
+        let x = rng.vec(rows * c, 1.0);
+        let wf = rng.vec(oc * c, 0.5);
+        let b = rng.vec(oc, 0.5);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh = to_f16(&wf);
+        for weights in [Weights::F32(&wf), Weights::BF16(&wb), Weights::F16(&wh)] {
+            for bias in [None, Some(&b[..])] {
+                let what = format!(
+                    "rows {rows}, c {c}, oc {oc}, {}, bias {}",
+                    weights.dtype_name(),
+                    bias.is_some()
+                );
+                let mut want = vec![0.0f32; rows * oc];
+                reference::matmul::matmul_forward(&mut want, &x, weights, bias, c, oc).unwrap();
+                let mut got = vec![f32::NAN; rows * oc];
+                if !cpu::matmul::matmul_forward_wide_emulated(
+                    &mut got,
+                    &x,
+                    weights,
+                    bias,
+                    c,
+                    oc,
+                    0..oc,
+                )
+                .unwrap()
+                {
+                    eprintln!("skipped: this CPU lacks AVX2, which the emulation runs on");
+                    return;
+                }
+                check_close(&what, &got, &want, F32_TOL);
+                // Each row alone (the GEMV) gives the batch's bits.
+                for r in [0, rows / 2, rows - 1] {
+                    let mut one = vec![0.0f32; oc];
+                    cpu::matmul::matmul_forward_wide_emulated(
+                        &mut one,
+                        &x[r * c..(r + 1) * c],
+                        weights,
+                        bias,
+                        c,
+                        oc,
+                        0..oc,
+                    )
+                    .unwrap();
+                    assert_bits_eq(
+                        &format!("{what}: row {r} alone"),
+                        &one,
+                        &got[r * oc..(r + 1) * oc],
+                    );
+                }
+                // Two column blocks give the whole call's bits and touch only their columns.
+                let split = oc / 2;
+                let mut parts = vec![f32::NAN; rows * oc];
+                cpu::matmul::matmul_forward_wide_emulated(
+                    &mut parts,
+                    &x,
+                    weights,
+                    bias,
+                    c,
+                    oc,
+                    0..split,
+                )
+                .unwrap();
+                for r in 0..rows {
+                    assert!(
+                        parts[r * oc + split..(r + 1) * oc]
+                            .iter()
+                            .all(|v| v.is_nan()),
+                        "{what}: columns past {split} written"
+                    );
+                }
+                cpu::matmul::matmul_forward_wide_emulated(
+                    &mut parts,
+                    &x,
+                    weights,
+                    bias,
+                    c,
+                    oc,
+                    split..oc,
+                )
+                .unwrap();
+                assert_bits_eq(&format!("{what}: split at {split}"), &parts, &got);
+                ran += 1;
+            }
+        }
+    }
+    assert_eq!(ran, 12 * 3 * 2);
+    // Int8 weights are not the 16-lane kernels' (false, nothing written); bad columns are
+    // typed errors.
+    let (q, s) = q8(&rng.vec(64, 0.5));
+    let mut out = [f32::NAN; 2];
+    let x = rng.vec(32, 1.0);
+    let w = Weights::Q8(Q8Slice::new(&q, &s).unwrap());
+    assert!(
+        !cpu::matmul::matmul_forward_wide_emulated(&mut out, &x, w, None, 32, 2, 0..2).unwrap()
+    );
+    assert!(out.iter().all(|v| v.is_nan()));
+    let wf = rng.vec(64, 0.5);
+    let err = cpu::matmul::matmul_forward_wide_emulated(
+        &mut out,
+        &x,
+        Weights::F32(&wf),
+        None,
+        32,
+        2,
+        1..3,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("cols"), "{err}");
+}

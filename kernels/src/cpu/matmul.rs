@@ -78,6 +78,51 @@ pub fn matmul_forward(
     Ok(())
 }
 
+/// The 16-lane (AVX-512) matmul kernels run over pairs of AVX2 registers on the calling
+/// thread, for columns `cols` of `out` (the rest untouched): tests check the 16-lane
+/// kernels' tiling, tails and summation order on machines without AVX-512 through this.
+/// `Ok(false)` (nothing written) where the CPU lacks AVX2 or for int8 weights.
+#[doc(hidden)]
+pub fn matmul_forward_wide_emulated(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: Weights<'_>,
+    bias: Option<&[f32]>,
+    in_features: usize,
+    out_features: usize,
+    cols: std::ops::Range<usize>,
+) -> Result<bool, KernelError> {
+    const OP: &str = "matmul_forward_wide_emulated";
+    check_shapes(OP, out, inp, &weight, bias, in_features, out_features)?;
+    if cols.start > cols.end || cols.end > out_features {
+        return Err(KernelError::Invalid {
+            op: OP,
+            arg: "cols",
+            reason: format!("{cols:?} is not within 0..{out_features}"),
+        });
+    }
+    if inp.is_empty() {
+        return Ok(true);
+    }
+    Ok(wide::emulated(
+        out,
+        inp,
+        weight,
+        bias,
+        in_features,
+        out_features,
+        cols,
+    ))
+}
+
+/// Whether the AVX-512 kernels agree with the reference (see `wide::self_check`).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn wide_self_check() -> bool {
+    wide::self_check()
+}
+
+mod wide;
+
 /// One linear layer of a fused [`matmul_forward_many`] call:
 /// out (B, OC) = inp (B, C) . weight (OC, C)^T + bias (OC).
 pub struct Linear<'a> {
@@ -318,6 +363,25 @@ fn compute(
     isa: Isa,
 ) {
     let rows = inp.len() / in_features;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the Avx512 path is only chosen when AVX-512F, AVX2, FMA and F16C are
+    // detected; the shapes were checked by `check_shapes` and `cols` lies within
+    // 0..out_features. (Int8 weights return false and take the AVX2 kernels.)
+    if isa >= Isa::Avx512
+        && unsafe {
+            wide::avx512::gemm(
+                out,
+                inp,
+                weight,
+                bias,
+                in_features,
+                out_features,
+                cols.clone(),
+            )
+        }
+    {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
         // SAFETY: the Avx2 path is only chosen when AVX2, FMA and F16C are detected; the
@@ -577,9 +641,9 @@ mod tiled {
 
     /// Float weight element types, as a const parameter so each kernel is monomorphised
     /// (int8 weights have their own kernels, [`tile_q8`]).
-    const F32: u8 = 0;
-    const BF16: u8 = 1;
-    const F16: u8 = 2;
+    pub(super) const F32: u8 = 0;
+    pub(super) const BF16: u8 = 1;
+    pub(super) const F16: u8 = 2;
 
     /// Input rows per tile.
     const MR: usize = 4;
@@ -587,11 +651,11 @@ mod tiled {
     const NR: usize = 3;
     /// From this many input rows (prefill chunks), 16-bit weights are widened once per
     /// panel into [`PACK`] rather than in every row block.
-    const PACK_ROWS: usize = 16;
+    pub(super) const PACK_ROWS: usize = 16;
 
     thread_local! {
         /// One column block's weight rows widened to f32 (NR x C), per thread.
-        static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        pub(super) static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
     /// dst[..len] = the `len` DT elements at `src` as f32, asking for the `len` elements
@@ -600,7 +664,7 @@ mod tiled {
     /// SAFETY: AVX2+FMA+F16C; `len` readable elements at src, `len` writable at dst.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn widen<const DT: u8>(src: *const u8, dst: *mut f32, len: usize) {
+    pub(super) unsafe fn widen<const DT: u8>(src: *const u8, dst: *mut f32, len: usize) {
         let es = elem::<DT>();
         let n8 = len / 8 * 8;
         // SAFETY: see the function's contract; prefetches never fault.
@@ -638,7 +702,7 @@ mod tiled {
 
     /// Element `i` of a weight row of type DT as f32.
     #[inline]
-    unsafe fn load1<const DT: u8>(p: *const u8, i: usize) -> f32 {
+    pub(super) unsafe fn load1<const DT: u8>(p: *const u8, i: usize) -> f32 {
         // SAFETY: the caller guarantees element i is readable.
         unsafe {
             match DT {
@@ -649,7 +713,7 @@ mod tiled {
         }
     }
 
-    const fn elem<const DT: u8>() -> usize {
+    pub(super) const fn elem<const DT: u8>() -> usize {
         match DT {
             F32 => 4,
             _ => 2,
@@ -746,7 +810,7 @@ mod tiled {
     /// Bytes ahead of the current load that the decode GEMV prefetches (a little over
     /// one 576-wide bf16 row: far enough to cover the memory latency, near enough to
     /// stay within the job's own rows).
-    const GEMV_PREFETCH: usize = 2048;
+    pub(super) const GEMV_PREFETCH: usize = 2048;
 
     /// One input row (decode): the weight rows one after another, so each thread reads
     /// one linear stream (interleaving four rows, as the tile does, measured 15-25%
@@ -933,7 +997,7 @@ mod tiled {
     /// and from L1 by the panel's row blocks.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn for_each_tile(
+    pub(super) fn for_each_tile(
         rows: usize,
         c: usize,
         cols: Range<usize>,

@@ -1,0 +1,471 @@
+//! 16-lane matmul kernels for float weights (f32, bf16, f16), taken on CPUs with
+//! AVX-512F. Int8 weights stay on the 8-lane kernels.
+//!
+//! The kernel source is one macro instantiated twice: over AVX-512 registers
+//! ([`avx512`]) and over pairs of AVX2 registers standing in for them ([`emu`]). The
+//! emulated copy runs on any AVX2 machine, so the tiling, the tails, the prefetch bounds
+//! and the summation order are tested everywhere (`tests/ops_cpu.rs`); what only an
+//! AVX-512 machine runs is the handful of one-instruction register ops in
+//! `avx512::ops`. Detection also checks those against the reference on a small product
+//! before choosing this path (see [`self_check`]).
+//!
+//! Every output is one 16-lane FMA chain along the input channels, a horizontal sum, the
+//! scalar tail (channels past the last multiple of 16), then the bias, whatever the tile
+//! shape, so a row gives the same bits alone (the decode GEMV) and batched. Tiles are up
+//! to 8 input rows by 3 weight rows: 24 accumulators, 3 weight vectors and one input
+//! vector of the 32 registers, so a K = 8 critique step reads each weight tile from
+//! memory once for all eight rows.
+
+use std::ops::Range;
+
+use crate::weights::Weights;
+
+/// The kernels over `ops` (a module with `V`, `zero`, `loadx`, `loadw`, `fma`, `hsum`),
+/// compiled for the target features `$feat`.
+macro_rules! wide_kernels {
+    ($feat:literal) => {
+        use std::arch::x86_64::*;
+        use std::ops::Range;
+
+        use super::super::tiled::{
+            BF16, F16, F32, GEMV_PREFETCH, PACK, PACK_ROWS, elem, for_each_tile, load1, widen,
+        };
+        use crate::weights::Weights;
+
+        /// Lanes per vector.
+        const L: usize = 16;
+        /// Input rows per tile.
+        const MR: usize = 8;
+        /// Weight rows (output columns) per tile.
+        const NR: usize = 3;
+
+        /// out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, where x_i = x + i * c
+        /// (f32) and w_j = w + j * c (DT). With `PF`, the next tile's weight rows (N rows
+        /// on) are prefetched.
+        ///
+        /// SAFETY: the target features; rows i < M of x and j < N of w exist (c elements
+        /// each); out[i * ldo + j] writable.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn tile<const DT: u8, const M: usize, const N: usize, const PF: bool>(
+            x: *const f32,
+            w: *const u8,
+            c: usize,
+            out: *mut f32,
+            ldo: usize,
+            bias: [f32; NR],
+        ) {
+            let es = elem::<DT>();
+            let nl = c / L * L;
+            let mut acc = [[ops::zero(); N]; M];
+            let mut k = 0;
+            // SAFETY: k + L <= c for every vector load; prefetches never fault.
+            unsafe {
+                while k < nl {
+                    if PF && (k * es).is_multiple_of(64) {
+                        for j in 0..N {
+                            let p = w.wrapping_add(((j + N) * c + k) * es);
+                            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                        }
+                    }
+                    let mut wv = [ops::zero(); N];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = ops::loadw::<DT>(w.add((j * c + k) * es));
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let xv = ops::loadx(x.add(i * c + k));
+                        for (a, v) in row.iter_mut().zip(&wv) {
+                            *a = ops::fma(xv, *v, *a);
+                        }
+                    }
+                    k += L;
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    for (j, a) in row.iter().enumerate() {
+                        let mut t = ops::hsum(*a);
+                        for kk in nl..c {
+                            t += *x.add(i * c + kk) * load1::<DT>(w.add(j * c * es), kk);
+                        }
+                        *out.add(i * ldo + j) = t + bias[j];
+                    }
+                }
+            }
+        }
+
+        /// Rows 0..m (any m) times weight rows 0..n (n <= NR), in row blocks of 8, 4, 2
+        /// and 1.
+        ///
+        /// SAFETY: as [`tile`] for m rows and n weight rows.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn tile_any<const DT: u8, const PF: bool>(
+            m: usize,
+            n: usize,
+            x: *const f32,
+            w: *const u8,
+            c: usize,
+            out: *mut f32,
+            ldo: usize,
+            bias: [f32; NR],
+        ) {
+            let mut r = 0;
+            while r < m {
+                let mm = match m - r {
+                    8.. => 8,
+                    4..=7 => 4,
+                    2 | 3 => 2,
+                    _ => 1,
+                };
+                // SAFETY: rows r..r + mm lie within 0..m.
+                unsafe {
+                    let (x, o) = (x.add(r * c), out.add(r * ldo));
+                    match (mm, n) {
+                        (8, 3) => tile::<DT, 8, 3, PF>(x, w, c, o, ldo, bias),
+                        (8, 2) => tile::<DT, 8, 2, PF>(x, w, c, o, ldo, bias),
+                        (8, _) => tile::<DT, 8, 1, PF>(x, w, c, o, ldo, bias),
+                        (4, 3) => tile::<DT, 4, 3, PF>(x, w, c, o, ldo, bias),
+                        (4, 2) => tile::<DT, 4, 2, PF>(x, w, c, o, ldo, bias),
+                        (4, _) => tile::<DT, 4, 1, PF>(x, w, c, o, ldo, bias),
+                        (2, 3) => tile::<DT, 2, 3, PF>(x, w, c, o, ldo, bias),
+                        (2, 2) => tile::<DT, 2, 2, PF>(x, w, c, o, ldo, bias),
+                        (2, _) => tile::<DT, 2, 1, PF>(x, w, c, o, ldo, bias),
+                        (_, 3) => tile::<DT, 1, 3, PF>(x, w, c, o, ldo, bias),
+                        (_, 2) => tile::<DT, 1, 2, PF>(x, w, c, o, ldo, bias),
+                        _ => tile::<DT, 1, 1, PF>(x, w, c, o, ldo, bias),
+                    }
+                }
+                r += mm;
+            }
+        }
+
+        /// One input row (decode): the weight rows one after another as one prefetched
+        /// linear stream, each output summed exactly as [`tile`] sums it.
+        ///
+        /// SAFETY: the target features; x holds c floats, every o in cols names a weight
+        /// row of c elements, out[o] writable.
+        #[target_feature(enable = $feat)]
+        unsafe fn gemv<const DT: u8>(
+            out: *mut f32,
+            x: *const f32,
+            w: *const u8,
+            bias: Option<&[f32]>,
+            c: usize,
+            cols: Range<usize>,
+        ) {
+            let es = elem::<DT>();
+            let nl = c / L * L;
+            // SAFETY: see the function's contract; prefetches never fault.
+            unsafe {
+                for o in cols {
+                    let wo = w.add(o * c * es);
+                    let mut acc = ops::zero();
+                    let mut k = 0;
+                    while k < nl {
+                        if (k * es).is_multiple_of(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                wo.wrapping_add(k * es + GEMV_PREFETCH) as *const i8
+                            );
+                        }
+                        acc = ops::fma(ops::loadx(x.add(k)), ops::loadw::<DT>(wo.add(k * es)), acc);
+                        k += L;
+                    }
+                    let mut t = ops::hsum(acc);
+                    for kk in nl..c {
+                        t += *x.add(kk) * load1::<DT>(wo, kk);
+                    }
+                    *out.add(o) = t + bias.map_or(0.0, |b| b[o]);
+                }
+            }
+        }
+
+        /// SAFETY: the target features; `inp.len()` a multiple of c, `out` holds rows *
+        /// oc, w oc * c elements of type DT, `bias` (if any) oc; cols within 0..oc.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn gemm_dt<const DT: u8>(
+            out: &mut [f32],
+            inp: &[f32],
+            w: *const u8,
+            bias: Option<&[f32]>,
+            c: usize,
+            oc: usize,
+            cols: Range<usize>,
+        ) {
+            let es = elem::<DT>();
+            let rows = inp.len() / c;
+            let x = inp.as_ptr();
+            let o_ptr = out.as_mut_ptr();
+            if rows == 1 {
+                // SAFETY: forwarded caller guarantees.
+                unsafe { gemv::<DT>(o_ptr, x, w, bias, c, cols) };
+                return;
+            }
+            let bias_of = |o: usize, n: usize| {
+                let mut t = [0.0; NR];
+                if let Some(b) = bias {
+                    t[..n].copy_from_slice(&b[o..o + n]);
+                }
+                t
+            };
+            if DT != F32 && rows >= PACK_ROWS {
+                // Prefill: each column block's 16-bit weight rows widened once per panel
+                // into an L1 buffer (exact, and the sums keep their order).
+                PACK.with_borrow_mut(|buf| {
+                    if buf.len() < NR * c {
+                        buf.resize(NR * c, 0.0);
+                    }
+                    let bp = buf.as_mut_ptr();
+                    for_each_tile(rows, c, cols, MR, NR, |r, m, o, n, first| {
+                        // SAFETY: forwarded caller guarantees; the tile lies within rows
+                        // x cols; `buf` holds NR * c >= n * c floats.
+                        unsafe {
+                            if first {
+                                widen::<DT>(w.add(o * c * es), bp, n * c);
+                            }
+                            tile_any::<F32, false>(
+                                m,
+                                n,
+                                x.add(r * c),
+                                bp as *const u8,
+                                c,
+                                o_ptr.add(r * oc + o),
+                                oc,
+                                bias_of(o, n),
+                            );
+                        }
+                    });
+                });
+                return;
+            }
+            for_each_tile(rows, c, cols, MR, NR, |r, m, o, n, _| {
+                // SAFETY: forwarded caller guarantees; the tile lies within rows x cols.
+                unsafe {
+                    tile_any::<DT, true>(
+                        m,
+                        n,
+                        x.add(r * c),
+                        w.add(o * c * es),
+                        c,
+                        o_ptr.add(r * oc + o),
+                        oc,
+                        bias_of(o, n),
+                    );
+                }
+            });
+        }
+
+        /// out (rows, oc) columns `cols` = inp (rows, c) . weight(cols)^T + bias for
+        /// float weights; false (nothing written) for int8 weights.
+        ///
+        /// SAFETY: the target features present; `inp.len()` a multiple of c, `out` holds
+        /// rows * oc, `weight` oc * c, `bias` (if any) oc; `cols` within 0..oc.
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn gemm(
+            out: &mut [f32],
+            inp: &[f32],
+            weight: Weights<'_>,
+            bias: Option<&[f32]>,
+            c: usize,
+            oc: usize,
+            cols: Range<usize>,
+        ) -> bool {
+            // SAFETY: forwarded caller guarantees.
+            unsafe {
+                match weight {
+                    Weights::F32(w) => gemm_dt::<F32>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
+                    Weights::BF16(w) => {
+                        gemm_dt::<BF16>(out, inp, w.as_ptr() as _, bias, c, oc, cols)
+                    }
+                    Weights::F16(w) => gemm_dt::<F16>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
+                    Weights::Q8(_) => return false,
+                }
+            }
+            true
+        }
+    };
+}
+
+/// The AVX-512 instantiation (chosen by dispatch on CPUs with AVX-512F).
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    mod ops {
+        use std::arch::x86_64::*;
+
+        use super::super::super::tiled::{BF16, F32};
+
+        pub type V = __m512;
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub fn zero() -> V {
+            _mm512_setzero_ps()
+        }
+
+        /// SAFETY: 16 readable floats at p.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn loadx(p: *const f32) -> V {
+            // SAFETY: see the function's contract.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+
+        /// 16 weights of type DT at p as f32 (bf16: the high half of an f32; f16 by
+        /// the hardware conversion).
+        ///
+        /// SAFETY: 16 readable elements of type DT at p.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn loadw<const DT: u8>(p: *const u8) -> V {
+            // SAFETY: see the function's contract.
+            unsafe {
+                match DT {
+                    F32 => _mm512_loadu_ps(p as *const f32),
+                    BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256(p as *const __m256i),
+                    ))),
+                    _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+                }
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub fn fma(x: V, w: V, a: V) -> V {
+            _mm512_fmadd_ps(x, w, a)
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub fn hsum(v: V) -> f32 {
+            _mm512_reduce_add_ps(v)
+        }
+    }
+
+    wide_kernels!("avx512f,avx2,fma,f16c");
+}
+
+/// The same kernels over pairs of AVX2 registers: for tests of the kernel logic on
+/// machines without AVX-512, and for [`self_check`]'s comparison.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod emu {
+    mod ops {
+        use std::arch::x86_64::*;
+
+        use super::super::super::tiled::{BF16, F32};
+        use crate::cpu::simd::avx2::{load_bf16x8, load_f16x8};
+
+        /// Lanes 0..8 and 8..16.
+        pub type V = [__m256; 2];
+
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn zero() -> V {
+            [_mm256_setzero_ps(); 2]
+        }
+
+        /// SAFETY: 16 readable floats at p.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn loadx(p: *const f32) -> V {
+            // SAFETY: see the function's contract.
+            unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] }
+        }
+
+        /// SAFETY: 16 readable elements of type DT at p.
+        #[inline]
+        #[target_feature(enable = "avx2,f16c")]
+        pub unsafe fn loadw<const DT: u8>(p: *const u8) -> V {
+            // SAFETY: see the function's contract.
+            unsafe {
+                match DT {
+                    F32 => loadx(p as *const f32),
+                    BF16 => [
+                        load_bf16x8(p as *const half::bf16),
+                        load_bf16x8((p as *const half::bf16).add(8)),
+                    ],
+                    _ => [
+                        load_f16x8(p as *const half::f16),
+                        load_f16x8((p as *const half::f16).add(8)),
+                    ],
+                }
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub fn fma(x: V, w: V, a: V) -> V {
+            [
+                _mm256_fmadd_ps(x[0], w[0], a[0]),
+                _mm256_fmadd_ps(x[1], w[1], a[1]),
+            ]
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub fn hsum(v: V) -> f32 {
+            // SAFETY: the target features are enabled here.
+            unsafe { super::super::super::avx2::hsum(_mm256_add_ps(v[0], v[1])) }
+        }
+    }
+
+    wide_kernels!("avx2,fma,f16c");
+}
+
+/// Whether the AVX-512 kernels agree with the reference on a small product for every
+/// float weight type (one row and a batch; sizes with tails): detection runs this once
+/// before choosing the 16-lane path, so a CPU or toolchain on which they misbehave keeps
+/// the 8-lane kernels.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn self_check() -> bool {
+    let (rows, c, oc) = (11usize, 45usize, 7usize);
+    let x: Vec<f32> = (0..rows * c)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
+        .collect();
+    let wf: Vec<f32> = (0..oc * c)
+        .map(|i| ((i * 53 % 97) as f32 - 48.0) / 128.0)
+        .collect();
+    let wb: Vec<half::bf16> = wf.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let wh: Vec<half::f16> = wf.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let bias: Vec<f32> = (0..oc).map(|j| j as f32 / 8.0).collect();
+    [Weights::F32(&wf), Weights::BF16(&wb), Weights::F16(&wh)]
+        .into_iter()
+        .all(|w| {
+            [1, rows].into_iter().all(|r| {
+                let inp = &x[..r * c];
+                let mut want = vec![0.0f32; r * oc];
+                let mut got = vec![0.0f32; r * oc];
+                crate::reference::matmul::matmul_forward(&mut want, inp, w, Some(&bias), c, oc)
+                    .is_ok()
+                    // SAFETY: called only once AVX-512F (with AVX2, FMA, F16C) is detected;
+                    // the shapes are consistent.
+                    && unsafe { avx512::gemm(&mut got, inp, w, Some(&bias), c, oc, 0..oc) }
+                    && got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, e)| (g - e).abs() <= 1e-4 * (1.0 + e.abs()))
+            })
+        })
+}
+
+/// [`emu`]'s kernels over columns `cols` (single-threaded): the 16-lane kernels' logic on
+/// any AVX2 machine. False (nothing written) without AVX2 or for int8 weights.
+///
+/// The caller checked the shapes (`check_shapes`) and that `cols` lies within 0..oc.
+pub(super) fn emulated(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: Weights<'_>,
+    bias: Option<&[f32]>,
+    c: usize,
+    oc: usize,
+    cols: Range<usize>,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::super::dispatch::detected() >= super::super::dispatch::Isa::Avx2 {
+        // SAFETY: AVX2, FMA and F16C detected; shapes checked by the caller.
+        return unsafe { emu::gemm(out, inp, weight, bias, c, oc, cols) };
+    }
+    let _ = (out, inp, weight, bias, c, oc, cols);
+    false
+}

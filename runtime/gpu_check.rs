@@ -52,6 +52,9 @@ pub struct Options {
     /// Append to the two output files instead of replacing them (one file set for the
     /// stages that scripts/gpu-check.sh runs in separate processes).
     pub append: bool,
+    /// A directory with the default model's tokenizer.json and tokenizer_config.json:
+    /// stage (b) then also holds the GPU scorer (`--device cuda`) to the CPU scorer.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// The stages of one run (`--stages`, a subset of `abc`).
@@ -415,6 +418,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             dev: None,
             rng: Rng(opts.seed ^ 0x5eed),
             quick: opts.quick,
+            tokenizer: opts.tokenizer.clone(),
         };
         if opts.stages.a {
             ck.stage_a(&mut log);
@@ -487,6 +491,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         dev: Some(&dev),
         rng: Rng(opts.seed ^ 0x5eed),
         quick: opts.quick,
+        tokenizer: opts.tokenizer.clone(),
     };
     if opts.stages.a {
         ck.stage_a(&mut log);
@@ -547,6 +552,8 @@ struct Checks<'d> {
     dev: Option<&'d CudaDevice>,
     rng: Rng,
     quick: bool,
+    /// See [`Options::tokenizer`].
+    tokenizer: Option<PathBuf>,
 }
 
 /// Inputs and reference output of a prefill attention check.
@@ -1661,11 +1668,30 @@ impl Checks<'_> {
         let layers = if self.quick { 2 } else { 30 };
         let t = if self.quick { 17 } else { 37 };
         let shape = format!("SmolLM2-135M shape, L={layers}, random bf16, T={t}");
-        if !log.wants("b", "llama", &shape) {
+        if log.wants("b", "llama", &shape) {
+            log.running("b", "llama", &shape);
+            match catch_unwind(AssertUnwindSafe(|| self.llama(layers, t)))
+                .unwrap_or_else(|p| Err(panicked(p)))
+            {
+                Ok(records) => {
+                    for (op, r) in records {
+                        log.record("b", op, &shape, r);
+                    }
+                }
+                Err(e) => log.record("b", "llama", &shape, Err(e)),
+            }
+        }
+        let Some(tok_dir) = self.tokenizer.clone() else {
+            log.line("b cloud_scorer: skipped (no --tokenizer DIR)");
+            return;
+        };
+        let layers = if self.quick { 2 } else { 4 };
+        let shape = format!("SmolLM2-135M shape, L={layers}, random bf16, untrained CLoud head");
+        if !log.wants("b", "cloud_scorer", &shape) {
             return;
         }
-        log.running("b", "llama", &shape);
-        match catch_unwind(AssertUnwindSafe(|| self.llama(layers, t)))
+        log.running("b", "cloud_scorer", &shape);
+        match catch_unwind(AssertUnwindSafe(|| self.scorer(&tok_dir, layers)))
             .unwrap_or_else(|p| Err(panicked(p)))
         {
             Ok(records) => {
@@ -1673,8 +1699,163 @@ impl Checks<'_> {
                     log.record("b", op, &shape, r);
                 }
             }
-            Err(e) => log.record("b", "llama", &shape, Err(e)),
+            Err(e) => log.record("b", "cloud_scorer", &shape, Err(e)),
         }
+    }
+
+    /// Stage (b) with `--tokenizer DIR`: the GPU scorer (`--device cuda`) against the CPU
+    /// scorer, on a random model in the default model's shape (`layers` layers, the
+    /// untrained CLoud head) with DIR's tokenizer and chat template:
+    /// - `cloud_scorer(classic reward)`: |GPU - CPU| < REWARD_TOL;
+    /// - `cloud_scorer(greedy critique)`: K = 1 (greedy, penalty 1.01, at most
+    ///   SCORER_TOKENS tokens): the GPU's tokens equal the CPU's for at least the first
+    ///   SCORER_AGREE of them (bf16 rounding may flip a near tie later);
+    /// - `cloud_scorer(critique reward)`: where the whole critique agreed, |GPU - CPU|
+    ///   reward < REWARD_TOL (dry where it parted);
+    /// - `cloud_scorer(sampled K=3)`: three critiques at temperature 0.5 run to their end
+    ///   with finite rewards, as many as the CPU's; the share of critiques identical to
+    ///   the CPU's is the metric (sampling may part at flat rows, see COIN_TOL).
+    fn scorer(
+        &mut self,
+        tok_dir: &Path,
+        layers: usize,
+    ) -> std::result::Result<Vec<(&'static str, CheckResult)>, CudaError> {
+        use crate::cloud::{CloudScorer, CudaScorer, ScoreOptions};
+        let model_err = |e: Error| CudaError::BadArgument {
+            op: "stage b",
+            arg: "(cloud scorer)",
+            reason: e.to_string(),
+        };
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "cloudrm-gpu-check-scorer-{}-{call}-{layers}",
+            std::process::id()
+        ));
+        let result = (|| {
+            write_random_llama(&dir, layers, &mut self.rng).map_err(model_err)?;
+            let llama = crate::model::Llama::load_dir(&dir).map_err(model_err)?;
+            let rm = crate::model::RewardModel::with_untrained_head(
+                llama,
+                crate::model::FeedbackMethod::Cloud,
+            );
+            let tok = cloudrm_loader::tokenizer::Tokenizer::from_dir(tok_dir)
+                .map_err(|e| model_err(e.into()))?;
+            let tpl = cloudrm_loader::template::ChatTemplate::from_dir(tok_dir)
+                .map_err(|e| model_err(e.into()))?;
+            let (prompt, response) = (
+                "What is the capital of France, and why?",
+                "Paris. It has been the seat of government for centuries.",
+            );
+            let greedy = ScoreOptions {
+                k: 1,
+                max_critique_tokens: SCORER_TOKENS,
+                ..ScoreOptions::default()
+            };
+            let sampled = ScoreOptions {
+                k: 3,
+                temperature: Some(0.5),
+                seed: 11,
+                ..greedy.clone()
+            };
+            let cpu = CloudScorer::new(&rm, &tok, &tpl);
+            let want_classic = cpu.score_classic(prompt, response).map_err(model_err)?;
+            let want_greedy = cpu.score(prompt, response, &greedy).map_err(model_err)?;
+            let want_sampled = cpu.score(prompt, response, &sampled).map_err(model_err)?;
+            let Some(d) = self.dev else {
+                return Ok(vec![
+                    ("cloud_scorer(classic reward)", Ok(Outcome::dry())),
+                    ("cloud_scorer(greedy critique)", Ok(Outcome::dry())),
+                    ("cloud_scorer(critique reward)", Ok(Outcome::dry())),
+                    ("cloud_scorer(sampled K=3)", Ok(Outcome::dry())),
+                ]);
+            };
+            let gpu = CudaScorer::new(d, &rm, &tok, &tpl).map_err(model_err)?;
+            let gpu_err = |e: Error| match e {
+                Error::Cuda(c) => c,
+                other => model_err(other),
+            };
+            let abs = |got: f32, want: f32, ms: f64| {
+                let diff = (got as f64 - want as f64).abs();
+                let diff = if diff.is_nan() { f64::INFINITY } else { diff };
+                Outcome {
+                    metric: "abs_diff",
+                    value: diff,
+                    threshold: REWARD_TOL,
+                    pass: diff < REWARD_TOL,
+                    ms,
+                }
+            };
+            let mut out: Vec<(&'static str, CheckResult)> = Vec::new();
+            let t0 = Instant::now();
+            out.push((
+                "cloud_scorer(classic reward)",
+                gpu.score(
+                    prompt,
+                    response,
+                    &ScoreOptions {
+                        classic: true,
+                        ..greedy.clone()
+                    },
+                )
+                .map_err(gpu_err)
+                .map(|g| abs(g.reward, want_classic.reward, ms(t0))),
+            ));
+            let t0 = Instant::now();
+            match gpu.score(prompt, response, &greedy).map_err(gpu_err) {
+                Ok(g) => {
+                    let ms = ms(t0);
+                    let (got, want) = (&g.critique_tokens[0], &want_greedy.critique_tokens[0]);
+                    let agree = got.iter().zip(want).take_while(|(a, b)| a == b).count();
+                    let whole = got == want;
+                    let need = SCORER_AGREE.min(want.len());
+                    out.push((
+                        "cloud_scorer(greedy critique)",
+                        Ok(Outcome {
+                            metric: "tokens_agreeing",
+                            value: agree as f64,
+                            threshold: need as f64,
+                            pass: whole || agree >= need,
+                            ms,
+                        }),
+                    ));
+                    out.push((
+                        "cloud_scorer(critique reward)",
+                        Ok(if whole {
+                            abs(g.rewards[0], want_greedy.rewards[0], ms)
+                        } else {
+                            Outcome::dry()
+                        }),
+                    ));
+                }
+                Err(e) => out.push(("cloud_scorer(greedy critique)", Err(e))),
+            }
+            let t0 = Instant::now();
+            out.push((
+                "cloud_scorer(sampled K=3)",
+                gpu.score(prompt, response, &sampled)
+                    .map_err(gpu_err)
+                    .map(|g| {
+                        let same = g
+                            .critique_tokens
+                            .iter()
+                            .zip(&want_sampled.critique_tokens)
+                            .filter(|(a, b)| a == b)
+                            .count();
+                        Outcome {
+                            metric: "share_identical",
+                            value: same as f64 / sampled.k as f64,
+                            threshold: 0.0,
+                            pass: g.rewards.len() == sampled.k
+                                && g.rewards.iter().all(|r| r.is_finite()),
+                            ms: ms(t0),
+                        }
+                    }),
+            ));
+            Ok(out)
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result
     }
 
     /// The model checks of stage (b) on one random model:
@@ -1899,6 +2080,10 @@ pub const COIN_TOL: f64 = 5e-5;
 pub const SAMPLE_DISAGREEMENT: f64 = 0.5;
 /// Stage (b): the largest |GPU reward - CPU reward| (the 1e-2).
 pub const REWARD_TOL: f64 = 1e-2;
+/// Stage (b), the scorers: critique tokens at most.
+const SCORER_TOKENS: usize = 24;
+/// Stage (b), the scorers: leading greedy critique tokens that must agree.
+const SCORER_AGREE: usize = 8;
 /// Tokens past the first that stage (b) decodes per sequence (32 tokens in all).
 const DECODE_STEPS: usize = 31;
 /// Stage (b) greedy: a divergence counts as a near tie when the CPU's margin is below
@@ -2638,6 +2823,7 @@ mod tests {
             bench: Some(crate::gpu_bench::BenchSpec::llama3_8b()),
             stages: Stages::ALL,
             append: false,
+            tokenizer: None,
         })
         .unwrap();
         assert_eq!(r.failed, 0);
@@ -2677,6 +2863,7 @@ mod tests {
             bench: Some(crate::gpu_bench::BenchSpec::llama3_8b()),
             stages: Stages::parse(stages).unwrap(),
             append,
+            tokenizer: None,
         };
         let lines = || {
             std::fs::read_to_string(out.join("results.jsonl"))

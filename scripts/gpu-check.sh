@@ -18,6 +18,10 @@
 #     folders (/usr/local/cuda*, /usr/local/nvidia, a Python environment's nvidia/cu13
 #     wheels), putting their folders on LD_LIBRARY_PATH and setting CLOUDRM_NVRTC_LIB
 #     if it is not set already;
+#   - passes stage b the default model's tokenizer files from $CLOUDRM_TOKENIZER_DIR, else
+#     ./target/gpu-carry/tokenizer (copy tokenizer.json and tokenizer_config.json there
+#     from the folder `cloudrm fetch-model` prints, and carry it): the GPU scorer
+#     (`--device cuda`) is then checked against the CPU scorer;
 #   - records the date, nvidia-smi and the libraries found in OUTDIR/environment.log;
 #   - returns the first non-zero exit status of the stages (124 when a timeout struck).
 # gpu-check itself writes OUTDIR/gpu-check.log (human log) and OUTDIR/results.jsonl (one
@@ -164,8 +168,17 @@ run_stage() {
         first_failed=$stage
     fi
 }
+# The GPU scorer check of stage b (--device cuda against the CPU scorer) needs the
+# default model's tokenizer files, carried beside the binary.
+tok=${CLOUDRM_TOKENIZER_DIR:-./target/gpu-carry/tokenizer}
+tok_args=()
+if [ -f "$tok/tokenizer.json" ] && [ -f "$tok/tokenizer_config.json" ]; then
+    tok_args=(--tokenizer "$tok")
+else
+    say "gpu-check.sh: no tokenizer.json + tokenizer_config.json in $tok: stage b skips the scorer check"
+fi
 run_stage a 75 "$@"
-run_stage b 60 "$@"
+run_stage b 60 "$@" ${tok_args[@]+"${tok_args[@]}"}
 if [ "$quick" -eq 0 ]; then
     run_stage c 120 "$@"
 fi

@@ -326,6 +326,69 @@ fn dry_run_log(args: &[&str], out: &Path) -> String {
     std::fs::read_to_string(out.join("gpu-check.log")).unwrap()
 }
 
+/// Stage (b)'s scorer check: without `--tokenizer` it is skipped and says so; with the
+/// default model's tokenizer its CPU half runs (the CPU scorer on a random model) in a
+/// dry run; a folder without tokenizer files is a failed check naming the problem.
+#[test]
+fn gpu_check_scorer_stage_takes_a_tokenizer() {
+    let dir = temp_dir("cli-gpu-check-scorer");
+    let tok = default_model(OutDtype::BF16);
+    let log = dry_run_log(&["--quick", "--stages", "b"], &dir.join("out"));
+    assert!(
+        log.contains("cloud_scorer: skipped (no --tokenizer DIR)"),
+        "{log}"
+    );
+    let tok_arg = tok.to_str().unwrap();
+    let log = dry_run_log(
+        &[
+            "--quick",
+            "--stages",
+            "b",
+            "--filter",
+            "scorer",
+            "--tokenizer",
+            tok_arg,
+        ],
+        &dir.join("out"),
+    );
+    for op in [
+        "classic reward",
+        "greedy critique",
+        "critique reward",
+        "sampled K=3",
+    ] {
+        assert!(
+            log.contains(&format!("[PASS] b cloud_scorer({op})")),
+            "{log}"
+        );
+    }
+    let empty = dir.join("no-tokenizer");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = cloudrm()
+        .args([
+            "gpu-check",
+            "--dry-run",
+            "--quick",
+            "--stages",
+            "b",
+            "--filter",
+            "scorer",
+        ])
+        .arg("--tokenizer")
+        .arg(&empty)
+        .arg("--out")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let log = std::fs::read_to_string(dir.join("out").join("gpu-check.log")).unwrap();
+    assert!(
+        log.contains("[FAIL] b cloud_scorer") && log.contains("tokenizer"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// `--stages` takes letters of "abc": anything else is refused before anything runs,
 /// naming the flag; a valid subset runs only its stages (dry run).
 #[test]

@@ -944,3 +944,83 @@ fn unusable_templates_are_errors() {
         assert!(layout.classic_sequence(PROMPT, RESPONSE).is_err(), "{src}");
     }
 }
+
+/// `--device`: `cuda` without a usable GPU is an error naming the cause (never a panic),
+/// `auto` falls back to the CPU and says so (same result as `--device cpu`), CPU-only
+/// options with `cuda` are usage errors naming the option, and eval refuses `cuda`.
+/// CUDA is disabled through `CLOUDRM_NO_CUDA` so this holds on GPU machines too.
+#[test]
+fn device_flag_cuda_errors_and_auto_falls_back() {
+    let dir = tiny_cloud_dir("cloud-device", "teacher");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
+            .args(["score", "--prompt", PROMPT, "--response", RESPONSE])
+            .args(["--k", "2", "--max-critique-tokens", "4", "--json"])
+            .args(extra)
+            .arg("--model")
+            .arg(&dir)
+            .env("CLOUDRM_NO_CUDA", "1")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, cpu, stderr) = run(&["--device", "cpu"]);
+    assert!(ok, "{stderr}");
+    let (ok, auto, stderr) = run(&["--device", "auto"]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("scoring on the CPU"), "{stderr}");
+    assert_eq!(auto, cpu, "auto without a GPU is the CPU run");
+    let (ok, _, stderr) = run(&["--device", "cuda"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("CLOUDRM_NO_CUDA") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    for opt in [
+        &["--quantize", "q8"][..],
+        &["--hugepages"],
+        &["--kv-cache", "f16"],
+    ] {
+        let mut args = vec!["--device", "cuda"];
+        args.extend_from_slice(opt);
+        let (ok, _, stderr) = run(&args);
+        assert!(!ok, "{args:?}");
+        assert!(
+            stderr.contains(opt[0]) && stderr.contains("--device cpu"),
+            "{stderr}"
+        );
+        // auto takes the CPU for them (q8 needs rows of whole groups of 32: not this
+        // tiny model's).
+        if opt[0] != "--quantize" {
+            args[1] = "auto";
+            let (ok, _, stderr) = run(&args);
+            assert!(ok && stderr.contains("CPU option"), "{args:?}: {stderr}");
+        }
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
+        .args([
+            "eval",
+            "--data",
+            "unused.jsonl",
+            "--out",
+            "unused-out.jsonl",
+            "--device",
+            "cuda",
+            "--model",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--device cuda") && stderr.contains("CPU"),
+        "{stderr}"
+    );
+    assert!(!std::path::Path::new("unused-out.jsonl").exists());
+    std::fs::remove_dir_all(dir).ok();
+}

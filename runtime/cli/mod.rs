@@ -9,13 +9,14 @@ use cloudrm_loader::template::{ChatTemplate, Message};
 use cloudrm_loader::tokenizer::Tokenizer;
 
 use crate::backend::Cpu;
-use crate::cloud::{CloudScorer, Score, ScoreOptions};
+use crate::cloud::{CloudScorer, Comparison, CudaScorer, Score, ScoreOptions};
 use crate::engine::KvCache;
 use crate::error::{Error, Result};
 use crate::eval::{EvalError, EvalOptions, Schema, run_eval};
 use crate::generate::{GreedyOptions, greedy};
 use crate::hub;
 use crate::model::{FeedbackMethod, Llama, RewardModel};
+use cloudrm_kernels::cuda::CudaDevice;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -83,6 +84,18 @@ impl From<KvCacheArg> for KvCache {
     }
 }
 
+/// `--device`: where scoring runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU runtime.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (bf16 weights and KV cache); an error without one.
+    Cuda,
+    /// The GPU when one is usable, else the CPU (a line on stderr says which).
+    Auto,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DtypeArg {
     F32,
@@ -135,9 +148,47 @@ pub struct ScoringArgs {
     /// within the rounding of the cached keys and values).
     #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
     pub kv_cache: KvCacheArg,
+    /// Where to score (score, compare and best-of-n; eval runs on the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
 }
 
 impl ScoringArgs {
+    /// The GPU to score on, if `--device` asks for one: `cuda` is an error without a
+    /// usable GPU or with CPU-only options; `auto` falls back to the CPU, saying why.
+    fn open_device(&self) -> Result<Option<CudaDevice>> {
+        let cpu_only = if self.quantize.is_some() {
+            Some("--quantize")
+        } else if self.hugepages {
+            Some("--hugepages")
+        } else if self.kv_cache != KvCacheArg::F32 {
+            Some("--kv-cache f16")
+        } else {
+            None
+        };
+        match (self.device, cpu_only) {
+            (DeviceArg::Cpu, _) => Ok(None),
+            (DeviceArg::Cuda, Some(opt)) => Err(Error::Usage(format!(
+                "{opt} applies to the CPU runtime; the GPU keeps bf16 weights and a bf16 KV cache (drop {opt} or use --device cpu)"
+            ))),
+            (DeviceArg::Cuda, None) => Ok(Some(CudaDevice::open(0)?)),
+            (DeviceArg::Auto, Some(opt)) => {
+                eprintln!("--device auto: scoring on the CPU ({opt} is a CPU option)");
+                Ok(None)
+            }
+            (DeviceArg::Auto, None) => match CudaDevice::open(0) {
+                Ok(d) => {
+                    eprintln!("--device auto: scoring on {}", d.info().name);
+                    Ok(Some(d))
+                }
+                Err(e) => {
+                    eprintln!("--device auto: no usable GPU ({e}); scoring on the CPU");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
     fn options(&self) -> ScoreOptions {
         ScoreOptions {
             k: self.k,
@@ -148,6 +199,40 @@ impl ScoringArgs {
             classic: self.classic,
             kv_cache: self.kv_cache.into(),
             ..Default::default()
+        }
+    }
+}
+
+/// The scorer `--device` chose.
+enum AnyScorer<'a> {
+    Cpu(Box<CloudScorer<'a>>),
+    Cuda(Box<CudaScorer<'a, 'a>>),
+}
+
+impl AnyScorer<'_> {
+    fn score(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
+        match self {
+            AnyScorer::Cpu(s) => s.score(prompt, response, opts),
+            AnyScorer::Cuda(s) => s.score(prompt, response, opts),
+        }
+    }
+
+    fn compare(&self, prompt: &str, a: &str, b: &str, opts: &ScoreOptions) -> Result<Comparison> {
+        match self {
+            AnyScorer::Cpu(s) => s.compare(prompt, a, b, opts),
+            AnyScorer::Cuda(s) => s.compare(prompt, a, b, opts),
+        }
+    }
+
+    fn best_of_n(
+        &self,
+        prompt: &str,
+        candidates: &[&str],
+        opts: &ScoreOptions,
+    ) -> Result<(usize, Vec<Score>)> {
+        match self {
+            AnyScorer::Cpu(s) => s.best_of_n(prompt, candidates, opts),
+            AnyScorer::Cuda(s) => s.best_of_n(prompt, candidates, opts),
         }
     }
 }
@@ -193,6 +278,19 @@ impl Loaded {
 
     fn scorer(&self) -> CloudScorer<'_> {
         CloudScorer::new(&self.model, &self.tokenizer, &self.template)
+    }
+
+    /// The scorer on `dev` (the model uploaded there), or on the CPU.
+    fn scorer_on<'a>(&'a self, dev: Option<&'a CudaDevice>) -> Result<AnyScorer<'a>> {
+        Ok(match dev {
+            Some(d) => AnyScorer::Cuda(Box::new(CudaScorer::new(
+                d,
+                &self.model,
+                &self.tokenizer,
+                &self.template,
+            )?)),
+            None => AnyScorer::Cpu(Box::new(self.scorer())),
+        })
     }
 
     /// Say plainly on stderr when the head is untrained.
@@ -365,6 +463,11 @@ pub enum Command {
         /// cuProfilerStop, for `ncu --profile-from-start off` (gpu-check.sh --profile).
         #[arg(long, default_value_t = 0)]
         profile_steps: usize,
+        /// A directory with the default model's tokenizer.json and tokenizer_config.json
+        /// (`cloudrm fetch-model` prints where they are): stage (b) then also checks the
+        /// GPU scorer (`--device cuda`) against the CPU scorer.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
     /// Measure load, prefill, single-stream decode (with its read-bandwidth roofline
     /// fraction), the K-critique job with and without prefix sharing, and peak RSS.
@@ -438,11 +541,13 @@ pub fn run(cli: Cli) -> Result<()> {
             response,
             scoring,
         } => {
+            let dev = scoring.open_device()?;
             let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
-            let s = loaded
-                .scorer()
-                .score(&prompt, &response, &scoring.options())?;
+            let s =
+                loaded
+                    .scorer_on(dev.as_ref())?
+                    .score(&prompt, &response, &scoring.options())?;
             if scoring.json {
                 let mut v = score_json(&s);
                 v["head_trained"] = loaded.model.head_trained().into();
@@ -458,10 +563,11 @@ pub fn run(cli: Cli) -> Result<()> {
             b,
             scoring,
         } => {
+            let dev = scoring.open_device()?;
             let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
             let c = loaded
-                .scorer()
+                .scorer_on(dev.as_ref())?
                 .compare(&prompt, &a, &b, &scoring.options())?;
             if scoring.json {
                 let v = serde_json::json!({
@@ -484,12 +590,14 @@ pub fn run(cli: Cli) -> Result<()> {
             candidates,
             scoring,
         } => {
+            let dev = scoring.open_device()?;
             let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
             let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
-            let (best, scores) = loaded
-                .scorer()
-                .best_of_n(&prompt, &refs, &scoring.options())?;
+            let (best, scores) =
+                loaded
+                    .scorer_on(dev.as_ref())?
+                    .best_of_n(&prompt, &refs, &scoring.options())?;
             if scoring.json {
                 let v = serde_json::json!({
                     "best": best,
@@ -521,6 +629,15 @@ pub fn run(cli: Cli) -> Result<()> {
                     model: format!("the default model ({})", hub::DEFAULT_MODEL_NAME),
                 }
                 .into());
+            }
+            match scoring.device {
+                DeviceArg::Cpu => {}
+                DeviceArg::Auto => eprintln!("--device auto: eval runs on the CPU"),
+                DeviceArg::Cuda => {
+                    return Err(Error::Usage(
+                        "eval runs on the CPU only for now: --device cuda applies to score, compare and best-of-n".into(),
+                    ));
+                }
             }
             let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
@@ -600,6 +717,7 @@ pub fn run(cli: Cli) -> Result<()> {
             stages,
             append,
             profile_steps,
+            tokenizer,
         } => {
             let stages = crate::gpu_check::Stages::parse(&stages)?;
             let bench = if quick || !stages.c {
@@ -618,6 +736,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 bench,
                 stages,
                 append,
+                tokenizer,
             })?;
             Ok(())
         }

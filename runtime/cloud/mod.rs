@@ -6,9 +6,11 @@
 //! decoded in lock step with cascade attention over the shared blocks.
 
 mod batch;
+mod gpu;
 mod score;
 pub mod template;
 
+pub use gpu::CudaScorer;
 pub use score::{Aggregation, CloudScorer, Comparison, Score, ScoreOptions};
 pub use template::{COT_PROMPT, CloudTemplate, split_after_last_content};
 

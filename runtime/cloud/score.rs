@@ -177,7 +177,7 @@ impl<'m> CloudScorer<'m> {
         }
     }
 
-    fn layout(&self) -> CloudTemplate<'_> {
+    pub(super) fn layout(&self) -> CloudTemplate<'_> {
         CloudTemplate::new(self.template, self.tokenizer)
     }
 

@@ -947,7 +947,7 @@ fn unusable_templates_are_errors() {
 
 /// `--device`: `cuda` without a usable GPU is an error naming the cause (never a panic),
 /// `auto` falls back to the CPU and says so (same result as `--device cpu`), CPU-only
-/// options with `cuda` are usage errors naming the option, and eval refuses `cuda`.
+/// options with `cuda` are usage errors naming the option; eval takes the flag too.
 /// CUDA is disabled through `CLOUDRM_NO_CUDA` so this holds on GPU machines too.
 #[test]
 fn device_flag_cuda_errors_and_auto_falls_back() {
@@ -1001,26 +1001,32 @@ fn device_flag_cuda_errors_and_auto_falls_back() {
             assert!(ok && stderr.contains("CPU option"), "{args:?}: {stderr}");
         }
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
-        .args([
-            "eval",
-            "--data",
-            "unused.jsonl",
-            "--out",
-            "unused-out.jsonl",
-            "--device",
-            "cuda",
-            "--model",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    // eval: cuda fails before anything is written; auto goes on on the CPU (here to the
+    // missing data file's error).
+    let eval = |device: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudrm"))
+            .args(["eval", "--data"])
+            .arg(dir.join("missing.jsonl"))
+            .arg("--out")
+            .arg(dir.join("eval-out.jsonl"))
+            .args(["--device", device, "--model"])
+            .arg(&dir)
+            .env("CLOUDRM_NO_CUDA", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let stderr = eval("cuda");
     assert!(
-        stderr.contains("--device cuda") && stderr.contains("CPU"),
+        stderr.contains("CLOUDRM_NO_CUDA") && !stderr.contains("missing.jsonl"),
         "{stderr}"
     );
-    assert!(!std::path::Path::new("unused-out.jsonl").exists());
+    let stderr = eval("auto");
+    assert!(
+        stderr.contains("scoring on the CPU") && stderr.contains("missing.jsonl"),
+        "{stderr}"
+    );
+    assert!(!dir.join("eval-out.jsonl").exists());
     std::fs::remove_dir_all(dir).ok();
 }

@@ -148,7 +148,7 @@ pub struct ScoringArgs {
     /// within the rounding of the cached keys and values).
     #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
     pub kv_cache: KvCacheArg,
-    /// Where to score (score, compare and best-of-n; eval runs on the CPU).
+    /// Where to score.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }
@@ -210,6 +210,13 @@ enum AnyScorer<'a> {
 }
 
 impl AnyScorer<'_> {
+    fn as_pair(&self) -> &dyn crate::cloud::PairScorer {
+        match self {
+            AnyScorer::Cpu(s) => &**s,
+            AnyScorer::Cuda(s) => &**s,
+        }
+    }
+
     fn score(&self, prompt: &str, response: &str, opts: &ScoreOptions) -> Result<Score> {
         match self {
             AnyScorer::Cpu(s) => s.score(prompt, response, opts),
@@ -630,15 +637,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 .into());
             }
-            match scoring.device {
-                DeviceArg::Cpu => {}
-                DeviceArg::Auto => eprintln!("--device auto: eval runs on the CPU"),
-                DeviceArg::Cuda => {
-                    return Err(Error::Usage(
-                        "eval runs on the CPU only for now: --device cuda applies to score, compare and best-of-n".into(),
-                    ));
-                }
-            }
+            let dev = scoring.open_device()?;
             let loaded = Loaded::open(&scoring)?;
             loaded.warn_untrained();
             let opts = EvalOptions {
@@ -649,7 +648,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 allow_untrained,
                 progress: true,
             };
-            let report = run_eval(&loaded.scorer(), &loaded.name, &data, &out, &opts)?;
+            let scorer = loaded.scorer_on(dev.as_ref())?;
+            let report = run_eval(scorer.as_pair(), &loaded.name, &data, &out, &opts)?;
             eprintln!(
                 "scored {} examples this run ({} already in {})",
                 report.scored_now,

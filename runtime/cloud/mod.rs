@@ -14,6 +14,51 @@ pub use gpu::CudaScorer;
 pub use score::{Aggregation, CloudScorer, Comparison, Score, ScoreOptions};
 pub use template::{COT_PROMPT, CloudTemplate, split_after_last_content};
 
+/// What pairwise evaluation (`eval`) needs of a scorer, on the CPU or the GPU.
+pub trait PairScorer {
+    /// The reward model scored with.
+    fn reward_model(&self) -> &crate::model::RewardModel;
+    /// Compare each (prompt, chosen, rejected) triple; a bad triple's error is its own
+    /// result.
+    fn compare_many(
+        &self,
+        triples: &[(&str, &str, &str)],
+        opts: &ScoreOptions,
+    ) -> crate::error::Result<Vec<crate::error::Result<Comparison>>>;
+}
+
+impl PairScorer for CloudScorer<'_> {
+    fn reward_model(&self) -> &crate::model::RewardModel {
+        self.model
+    }
+
+    fn compare_many(
+        &self,
+        triples: &[(&str, &str, &str)],
+        opts: &ScoreOptions,
+    ) -> crate::error::Result<Vec<crate::error::Result<Comparison>>> {
+        CloudScorer::compare_many(self, triples, opts)
+    }
+}
+
+impl PairScorer for CudaScorer<'_, '_> {
+    fn reward_model(&self) -> &crate::model::RewardModel {
+        self.model()
+    }
+
+    /// One comparison after another (no batch across triples on the GPU yet).
+    fn compare_many(
+        &self,
+        triples: &[(&str, &str, &str)],
+        opts: &ScoreOptions,
+    ) -> crate::error::Result<Vec<crate::error::Result<Comparison>>> {
+        Ok(triples
+            .iter()
+            .map(|&(p, a, b)| self.compare(p, a, b, opts))
+            .collect())
+    }
+}
+
 /// Bad scoring requests, each naming what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum CloudError {

@@ -24,7 +24,7 @@ use serde_json::Value;
 use super::EvalError;
 use super::formats::{RowRef, Schema, read_examples};
 use super::summary::{ExampleResult, Summary};
-use crate::cloud::{CloudScorer, ScoreOptions};
+use crate::cloud::{PairScorer, ScoreOptions};
 use crate::error::{Error, Result};
 use crate::model::RewardModel;
 
@@ -232,13 +232,13 @@ impl Progress {
 
 /// Evaluate `scorer` on the pairs of `data`, writing OUT line by line.
 pub fn run_eval(
-    scorer: &CloudScorer<'_>,
+    scorer: &dyn PairScorer,
     model_name: &str,
     data: &Path,
     out: &Path,
     opts: &EvalOptions,
 ) -> Result<EvalReport> {
-    require_trained_head(scorer.model, model_name, opts.allow_untrained)?;
+    require_trained_head(scorer.reward_model(), model_name, opts.allow_untrained)?;
     let shown = out.display().to_string();
     let io = |source| EvalError::Io {
         path: shown.clone(),

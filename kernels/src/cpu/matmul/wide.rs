@@ -418,6 +418,19 @@ pub(super) mod emu {
 /// the 8-lane kernels.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn self_check() -> bool {
+    agrees_with_reference(|out, inp, w, bias, c, oc| {
+        // SAFETY: called only once AVX-512F (with AVX2, FMA, F16C) is detected; the
+        // shapes are consistent.
+        unsafe { avx512::gemm(out, inp, w, bias, c, oc, 0..oc) }
+    })
+}
+
+/// Whether `kernel` (`gemm`'s contract over all columns; false when it declines the
+/// weights) matches the reference within 1e-4 (relative to 1 + |value|) on 11 x 45
+/// inputs against 7 outputs, and on one row, for f32, bf16 and f16 weights.
+fn agrees_with_reference(
+    kernel: impl Fn(&mut [f32], &[f32], Weights<'_>, Option<&[f32]>, usize, usize) -> bool,
+) -> bool {
     let (rows, c, oc) = (11usize, 45usize, 7usize);
     let x: Vec<f32> = (0..rows * c)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
@@ -434,12 +447,10 @@ pub(crate) fn self_check() -> bool {
             [1, rows].into_iter().all(|r| {
                 let inp = &x[..r * c];
                 let mut want = vec![0.0f32; r * oc];
-                let mut got = vec![0.0f32; r * oc];
+                let mut got = vec![f32::NAN; r * oc];
                 crate::reference::matmul::matmul_forward(&mut want, inp, w, Some(&bias), c, oc)
                     .is_ok()
-                    // SAFETY: called only once AVX-512F (with AVX2, FMA, F16C) is detected;
-                    // the shapes are consistent.
-                    && unsafe { avx512::gemm(&mut got, inp, w, Some(&bias), c, oc, 0..oc) }
+                    && kernel(&mut got, inp, w, Some(&bias), c, oc)
                     && got
                         .iter()
                         .zip(&want)
@@ -468,4 +479,42 @@ pub(super) fn emulated(
     }
     let _ = (out, inp, weight, bias, c, oc, cols);
     false
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The detection guard accepts the 16-lane kernels' logic (the emulated copy) and
+    /// rejects a kernel that is off in one output, one that writes nothing, and one that
+    /// declines the weights.
+    #[test]
+    fn self_check_accepts_the_kernels_and_rejects_broken_ones() {
+        if crate::cpu::dispatch::detected() < crate::cpu::dispatch::Isa::Avx2 {
+            eprintln!("skipped: this CPU lacks AVX2, which the emulation runs on");
+            return;
+        }
+        let emu = |out: &mut [f32], inp: &[f32], w: Weights<'_>, b: Option<&[f32]>, c, oc| {
+            // SAFETY: AVX2, FMA and F16C detected above; consistent shapes.
+            unsafe { emu::gemm(out, inp, w, b, c, oc, 0..oc) }
+        };
+        assert!(agrees_with_reference(emu));
+        assert!(!agrees_with_reference(|out, inp, w, b, c, oc| {
+            let ok = emu(out, inp, w, b, c, oc);
+            out[out.len() / 2] += 1e-2;
+            ok
+        }));
+        assert!(!agrees_with_reference(|_, _, _, _, _, _| true));
+        assert!(!agrees_with_reference(|_, _, _, _, _, _| false));
+        // Where the CPU has AVX-512, the real kernels must pass (detection would hide a
+        // failure behind the AVX2 fallback).
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            assert!(
+                self_check(),
+                "the AVX-512 kernels disagree with the reference"
+            );
+        } else {
+            eprintln!("the AVX-512 kernels not run: this CPU lacks AVX-512F");
+        }
+    }
 }

@@ -1402,14 +1402,7 @@ impl Checks<'_> {
             d.upload_index(&hist)?,
             d.upload_index(&counters)?,
         );
-        let gp = cloudrm_kernels::cuda::SampleParams {
-            temperature: params.temperature,
-            top_k: params.top_k as u32,
-            top_p: params.top_p,
-            min_p: params.min_p,
-            repetition_penalty: params.repetition_penalty,
-            seed: params.seed,
-        };
+        let gp = crate::backend::cuda::sample_params(&params);
         let t0 = Instant::now();
         d.sample(
             &mut ids_d,
@@ -2497,15 +2490,7 @@ mod tests {
             (m, x.iter().map(|&f| (f - m).exp()).sum::<f32>())
         };
         let (mx, sum) = max_sum(x);
-        let thr = cloudrm_kernels::cuda::SampleParams {
-            temperature: p.temperature,
-            top_k: p.top_k as u32,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repetition_penalty: p.repetition_penalty,
-            seed: p.seed,
-        }
-        .top_p_threshold();
+        let thr = crate::backend::cuda::sample_params(p).top_p_threshold();
         if thr >= 0.0 && n_sel > 1 {
             let top_now = x.iter().position(|&f| f == mx).unwrap();
             let okey = |f: f32, id: usize| ((key(f) as u64) << 32) | (!(id as u32)) as u64;

@@ -249,6 +249,19 @@ impl<'d> CudaLlama<'d> {
     }
 }
 
+/// The GPU sampler's parameters for the CPU sampler's (the same filters, penalty and
+/// Philox key).
+pub fn sample_params(p: &cloudrm_sampler::SamplingParams) -> cloudrm_kernels::cuda::SampleParams {
+    cloudrm_kernels::cuda::SampleParams {
+        temperature: p.temperature,
+        top_k: p.top_k as u32,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repetition_penalty: p.repetition_penalty,
+        seed: p.seed,
+    }
+}
+
 /// A reward head on the device (bf16 weights, f32 biases).
 pub enum CudaRewardHead {
     /// r = w . h + b

@@ -387,15 +387,7 @@ impl CloudScorer<'_> {
             prefix_blocks_allocated: g.allocated,
         };
         for row in g.rows {
-            score.rewards.push(row.reward.unwrap_or(f32::NAN));
-            score.critiques.push(
-                self.tokenizer
-                    .decode(&row.critique, true)?
-                    .trim()
-                    .to_string(),
-            );
-            score.critique_tokens.push(row.critique);
-            score.truncated.push(row.truncated);
+            self.push_critique(&mut score, row.reward, row.critique, row.truncated)?;
         }
         score.reward = opts.aggregation.apply(&score.rewards);
         Ok(score)

@@ -15,14 +15,16 @@
 //! The numbers differ from the CPU's by bf16 rounding (weights, activations, KV cache);
 //! `cloudrm gpu-check` holds the GPU scorer to the CPU one on the GPU machine.
 
-use cloudrm_kernels::cuda::{CudaDevice, CudaError, SampleParams};
+use cloudrm_kernels::cuda::{CudaDevice, CudaError};
 use cloudrm_loader::template::ChatTemplate;
 use cloudrm_loader::tokenizer::Tokenizer;
 use cloudrm_sampler::SeqRng;
 
-use super::score::validate;
+use super::score::{best_index, validate};
 use super::{CloudScorer, Comparison, Score, ScoreOptions};
-use crate::backend::cuda::{CudaLlama, CudaRewardHead, CudaSession, Rows, SharedLayout};
+use crate::backend::cuda::{
+    CudaLlama, CudaRewardHead, CudaSession, Rows, SharedLayout, sample_params,
+};
 use crate::error::{Error, Result};
 use crate::model::RewardModel;
 
@@ -96,12 +98,7 @@ impl<'m, 'd> CudaScorer<'m, 'd> {
             .iter()
             .map(|c| self.score(prompt, c, opts))
             .collect::<Result<Vec<_>>>()?;
-        let best = scores
-            .iter()
-            .enumerate()
-            .max_by(|x, y| x.1.reward.total_cmp(&y.1.reward))
-            .map_or(0, |(i, _)| i);
-        Ok((best, scores))
+        Ok((best_index(&scores), scores))
     }
 
     fn classic(&self, prompt: &str, response: &str) -> Result<Score> {
@@ -139,15 +136,7 @@ impl<'m, 'd> CudaScorer<'m, 'd> {
         let (prefix, eot) = self.cpu.cloud_layout_checked(prompt, response, opts)?;
         let (mut sampler, mut stops) = self.cpu.sampler_and_stops(opts)?;
         stops.insert(0, eot);
-        let p = sampler.params();
-        let params = SampleParams {
-            temperature: p.temperature,
-            top_k: p.top_k as u32,
-            top_p: p.top_p,
-            min_p: p.min_p,
-            repetition_penalty: p.repetition_penalty,
-            seed: p.seed,
-        };
+        let params = sample_params(sampler.params());
         let t = prefix.len();
         let bs = self.llama.shape().block_size;
         // Steps: at most max_critique_tokens sampled tokens fed, then the end of turn.
@@ -264,16 +253,8 @@ impl<'m, 'd> CudaScorer<'m, 'd> {
             prefix_blocks_allocated: prefix_blocks,
         };
         for row in rows {
-            score.rewards.push(row.reward.unwrap_or(f32::NAN));
-            score.critiques.push(
-                self.cpu
-                    .tokenizer
-                    .decode(&row.critique, true)?
-                    .trim()
-                    .to_string(),
-            );
-            score.critique_tokens.push(row.critique);
-            score.truncated.push(row.truncated);
+            self.cpu
+                .push_critique(&mut score, row.reward, row.critique, row.truncated)?;
         }
         score.reward = opts.aggregation.apply(&score.rewards);
         Ok(score)

@@ -188,6 +188,24 @@ impl<'m> CloudScorer<'m> {
         Ok(r[0])
     }
 
+    /// Appends one finished critique to `score`: its reward (NaN if it never closed),
+    /// its text (decoded, trimmed), its tokens and whether it was truncated.
+    pub(super) fn push_critique(
+        &self,
+        score: &mut Score,
+        reward: Option<f32>,
+        critique: Vec<u32>,
+        truncated: bool,
+    ) -> Result<()> {
+        score.rewards.push(reward.unwrap_or(f32::NAN));
+        score
+            .critiques
+            .push(self.tokenizer.decode(&critique, true)?.trim().to_string());
+        score.critique_tokens.push(critique);
+        score.truncated.push(truncated);
+        Ok(())
+    }
+
     /// Whether `opts` scores with critiques on this model.
     pub(super) fn cloud_mode(&self, opts: &ScoreOptions) -> bool {
         !opts.classic && self.model.method != FeedbackMethod::Classic
@@ -561,15 +579,7 @@ impl<'m> CloudScorer<'m> {
             prefix_blocks_allocated: 0,
         };
         for row in rows {
-            score.rewards.push(row.reward.unwrap_or(f32::NAN));
-            score.critiques.push(
-                self.tokenizer
-                    .decode(&row.critique, true)?
-                    .trim()
-                    .to_string(),
-            );
-            score.critique_tokens.push(row.critique);
-            score.truncated.push(row.truncated);
+            self.push_critique(&mut score, row.reward, row.critique, row.truncated)?;
         }
         score.reward = opts.aggregation.apply(&score.rewards);
         Ok(score)
@@ -620,13 +630,17 @@ impl<'m> CloudScorer<'m> {
                 .map(|c| self.score(prompt, c, opts))
                 .collect::<Result<Vec<_>>>()?
         };
-        let best = scores
-            .iter()
-            .enumerate()
-            .max_by(|x, y| x.1.reward.total_cmp(&y.1.reward))
-            .map_or(0, |(i, _)| i);
-        Ok((best, scores))
+        Ok((best_index(&scores), scores))
     }
+}
+
+/// The index of the highest reward (the last of equal ones; 0 for none).
+pub(super) fn best_index(scores: &[Score]) -> usize {
+    scores
+        .iter()
+        .enumerate()
+        .max_by(|x, y| x.1.reward.total_cmp(&y.1.reward))
+        .map_or(0, |(i, _)| i)
 }
 
 /// Request checks shared by every scoring path.

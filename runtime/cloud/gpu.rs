@@ -28,6 +28,10 @@ use crate::backend::cuda::{
 use crate::error::{Error, Result};
 use crate::model::RewardModel;
 
+/// Split-K piece of the cascade plan's attention, in positions (as stage (b) of
+/// `gpu-check` decodes: long prefixes spread over more CTAs).
+const SPLIT: usize = 64;
+
 /// A reward model on one GPU, with its tokenizer and chat template.
 pub struct CudaScorer<'m, 'd> {
     /// CPU-side helpers: sequence layout, validation, sampling options, the first draw.
@@ -209,7 +213,7 @@ impl<'m, 'd> CudaScorer<'m, 'd> {
                 tables: &layout.tables,
                 ld_table: layout.ld,
             };
-            sess.forward(&batch, layout.plan(s, None)?, 0..k)?;
+            sess.forward(&batch, layout.plan(s, Some(SPLIT))?, 0..k)?;
             // Rewards of the rows that just fed their end of turn.
             let closing: Vec<u32> = (0..k)
                 .filter(|&i| rows[i].closing && rows[i].reward.is_none())

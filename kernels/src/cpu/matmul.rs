@@ -1,10 +1,12 @@
 //! Fast linear layer (same contract as `reference::matmul::matmul_forward`): work split
 //! along the output dimension across threads.
 //!
-//! AVX2 path: a register-tiled kernel computes an MR x NR tile of outputs (MR input rows
-//! times NR weight rows) as MR*NR vector dot products sharing their loads: per 8 input
-//! channels it converts NR weight vectors in registers (bf16/f16/f32, never copied to an
-//! f32 buffer) and streams MR input vectors through them with MR*NR FMAs. Input rows are
+//! SIMD paths (float weights: `matmul/lanes.rs`, one source for AVX2 and AVX-512): a
+//! register-tiled kernel computes an MR x NR tile of outputs (MR input rows times NR = 3
+//! weight rows; MR 4 with AVX2, 8 with AVX-512) as MR*NR vector dot products sharing their
+//! loads: per 8 (16) input channels it converts NR weight vectors in registers
+//! (bf16/f16/f32, never copied to an f32 buffer) and streams MR input vectors through them
+//! with MR*NR FMAs. Input rows are
 //! processed in panels small enough to stay in L2 while a thread sweeps its output columns,
 //! so each weight tile is read from memory once per panel and reused from L1 by every row
 //! block of the panel. One input row (decode) reads the weight rows one after another
@@ -104,7 +106,7 @@ pub fn matmul_forward_wide_emulated(
     if inp.is_empty() {
         return Ok(true);
     }
-    Ok(wide::emulated(
+    Ok(lanes::emulated(
         out,
         inp,
         weight,
@@ -115,13 +117,13 @@ pub fn matmul_forward_wide_emulated(
     ))
 }
 
-/// Whether the AVX-512 kernels agree with the reference (see `wide::self_check`).
+/// Whether the AVX-512 kernels agree with the reference (see `lanes::self_check`).
 #[cfg(target_arch = "x86_64")]
 pub(super) fn wide_self_check() -> bool {
-    wide::self_check()
+    lanes::self_check()
 }
 
-mod wide;
+mod lanes;
 
 /// One linear layer of a fused [`matmul_forward_many`] call:
 /// out (B, OC) = inp (B, C) . weight (OC, C)^T + bias (OC).
@@ -369,7 +371,7 @@ fn compute(
     // 0..out_features. (Int8 weights return false and take the AVX2 kernels.)
     if isa >= Isa::Avx512
         && unsafe {
-            wide::avx512::gemm(
+            lanes::avx512::gemm(
                 out,
                 inp,
                 weight,
@@ -627,7 +629,8 @@ mod avx2 {
     }
 }
 
-/// The register-tiled AVX2 kernel (see the module docs).
+/// The AVX2 int8 kernels, and the helpers the float kernels of every width share
+/// (`lanes`: weight loads, the tile walk, the prefill widening buffer).
 #[cfg(target_arch = "x86_64")]
 mod tiled {
     use std::arch::x86_64::*;
@@ -645,16 +648,12 @@ mod tiled {
     pub(super) const BF16: u8 = 1;
     pub(super) const F16: u8 = 2;
 
-    /// Input rows per tile.
-    const MR: usize = 4;
-    /// Weight rows (output columns) per tile.
-    const NR: usize = 3;
     /// From this many input rows (prefill chunks), 16-bit weights are widened once per
     /// panel into [`PACK`] rather than in every row block.
     pub(super) const PACK_ROWS: usize = 16;
 
     thread_local! {
-        /// One column block's weight rows widened to f32 (NR x C), per thread.
+        /// One column block's weight rows widened to f32 (3 x C), per thread.
         pub(super) static PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
@@ -689,7 +688,7 @@ mod tiled {
     /// Eight weights at `p` (element type DT) as f32.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
+    pub(super) unsafe fn load8<const DT: u8>(p: *const u8) -> __m256 {
         // SAFETY: the caller guarantees 8 readable elements of type DT at p.
         unsafe {
             match DT {
@@ -720,142 +719,10 @@ mod tiled {
         }
     }
 
-    /// out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, where x_i = x + i * c
-    /// (f32) and w_j = w + j * c (DT). M <= MR, N <= NR. With `PF`, the next tile's
-    /// weight rows (N rows on) are prefetched.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const DT: u8, const M: usize, const N: usize, const PF: bool>(
-        x: *const f32,
-        w: *const u8,
-        c: usize,
-        out: *mut f32,
-        ldo: usize,
-        bias: [f32; 4],
-    ) {
-        let es = elem::<DT>();
-        let n8 = c / 8 * 8;
-        let mut acc = [[_mm256_setzero_ps(); N]; M];
-        let mut k = 0;
-        // SAFETY: k + 8 <= c for every vector load; rows i < M of x and j < N of w exist.
-        unsafe {
-            while k < n8 {
-                if PF && (k * es).is_multiple_of(64) {
-                    // The next tile's weight rows (N rows on) at this k, one line per
-                    // row: the rows of a tile are short streams the hardware
-                    // prefetcher barely ramps up on.
-                    for j in 0..N {
-                        let p = w.wrapping_add(((j + N) * c + k) * es);
-                        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                    }
-                }
-                let mut wv = [_mm256_setzero_ps(); N];
-                for (j, v) in wv.iter_mut().enumerate() {
-                    *v = load8::<DT>(w.add((j * c + k) * es));
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_ps(x.add(i * c + k));
-                    for (a, v) in row.iter_mut().zip(&wv) {
-                        *a = _mm256_fmadd_ps(xv, *v, *a);
-                    }
-                }
-                k += 8;
-            }
-            for (i, row) in acc.iter().enumerate() {
-                for (j, a) in row.iter().enumerate() {
-                    let mut t = hsum(*a);
-                    for kk in n8..c {
-                        t += *x.add(i * c + kk) * load1::<DT>(w.add(j * c * es), kk);
-                    }
-                    *out.add(i * ldo + j) = t + bias[j];
-                }
-            }
-        }
-    }
-
-    /// Rows `r0..r0 + m` (m <= MR) times weight rows `o..o + n` (n <= NR).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_any<const DT: u8, const PF: bool>(
-        m: usize,
-        n: usize,
-        x: *const f32,
-        w: *const u8,
-        c: usize,
-        out: *mut f32,
-        ldo: usize,
-        bias: [f32; 4],
-    ) {
-        // SAFETY: forwarded caller guarantees.
-        unsafe {
-            match (m, n) {
-                (4, 3) => tile::<DT, 4, 3, PF>(x, w, c, out, ldo, bias),
-                (4, 2) => tile::<DT, 4, 2, PF>(x, w, c, out, ldo, bias),
-                (4, 1) => tile::<DT, 4, 1, PF>(x, w, c, out, ldo, bias),
-                (3, 3) => tile::<DT, 3, 3, PF>(x, w, c, out, ldo, bias),
-                (3, 2) => tile::<DT, 3, 2, PF>(x, w, c, out, ldo, bias),
-                (3, 1) => tile::<DT, 3, 1, PF>(x, w, c, out, ldo, bias),
-                (2, 3) => tile::<DT, 2, 3, PF>(x, w, c, out, ldo, bias),
-                (2, 2) => tile::<DT, 2, 2, PF>(x, w, c, out, ldo, bias),
-                (2, 1) => tile::<DT, 2, 1, PF>(x, w, c, out, ldo, bias),
-                (1, 3) => tile::<DT, 1, 3, PF>(x, w, c, out, ldo, bias),
-                (1, 2) => tile::<DT, 1, 2, PF>(x, w, c, out, ldo, bias),
-                _ => tile::<DT, 1, 1, PF>(x, w, c, out, ldo, bias),
-            }
-        }
-    }
-
     /// Bytes ahead of the current load that the decode GEMV prefetches (a little over
     /// one 576-wide bf16 row: far enough to cover the memory latency, near enough to
     /// stay within the job's own rows).
     pub(super) const GEMV_PREFETCH: usize = 2048;
-
-    /// One input row (decode): the weight rows one after another, so each thread reads
-    /// one linear stream (interleaving four rows, as the tile does, measured 15-25%
-    /// slower: the hardware prefetcher tracks one stream better than four). Each output
-    /// is summed exactly as `tile` sums it (one 8-wide chain along k, `hsum`, the tail,
-    /// then the bias), so a row gives the same bits alone as in a batch.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn gemv<const DT: u8>(
-        out: *mut f32,
-        x: *const f32,
-        w: *const u8,
-        bias: Option<&[f32]>,
-        c: usize,
-        cols: Range<usize>,
-    ) {
-        let es = elem::<DT>();
-        let n8 = c / 8 * 8;
-        // SAFETY: every o < cols.end <= OC names a weight row of c elements; k + 8 <= c
-        // for every vector load; prefetches of addresses past the matrix are harmless.
-        unsafe {
-            for o in cols {
-                let wo = w.add(o * c * es);
-                let mut acc = _mm256_setzero_ps();
-                let mut k = 0;
-                while k < n8 {
-                    if (k * es).is_multiple_of(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            wo.wrapping_add(k * es + GEMV_PREFETCH) as *const i8
-                        );
-                    }
-                    acc = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(x.add(k)),
-                        load8::<DT>(wo.add(k * es)),
-                        acc,
-                    );
-                    k += 8;
-                }
-                let mut t = hsum(acc);
-                for kk in n8..c {
-                    t += *x.add(kk) * load1::<DT>(wo, kk);
-                }
-                *out.add(o) = t + bias.map_or(0.0, |b| b[o]);
-            }
-        }
-    }
 
     /// Int8 rows one after another (one linear stream, as [`gemv`]), each output summed
     /// by [`tile_q8`].
@@ -1044,9 +911,9 @@ mod tiled {
         // `check_shapes` checked it).
         unsafe {
             match weight {
-                Weights::F32(w) => gemm_dt::<F32>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
-                Weights::BF16(w) => gemm_dt::<BF16>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
-                Weights::F16(w) => gemm_dt::<F16>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
+                Weights::F32(_) | Weights::BF16(_) | Weights::F16(_) => {
+                    super::lanes::avx2::gemm(out, inp, weight, bias, c, oc, cols);
+                }
                 Weights::Q8(w) => gemm_q8(
                     out.as_mut_ptr(),
                     inp.as_ptr(),
@@ -1060,82 +927,5 @@ mod tiled {
                 ),
             }
         }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm_dt<const DT: u8>(
-        out: &mut [f32],
-        inp: &[f32],
-        w: *const u8,
-        bias: Option<&[f32]>,
-        c: usize,
-        oc: usize,
-        cols: Range<usize>,
-    ) {
-        let es = elem::<DT>();
-        let rows = inp.len() / c;
-        let x = inp.as_ptr();
-        let o_ptr = out.as_mut_ptr();
-        if rows == 1 {
-            // SAFETY: forwarded caller guarantees.
-            unsafe { gemv::<DT>(o_ptr, x, w, bias, c, cols) };
-            return;
-        }
-        let bias_of = |o: usize, n: usize| {
-            let mut t = [0.0; 4];
-            if let Some(b) = bias {
-                t[..n].copy_from_slice(&b[o..o + n]);
-            }
-            t
-        };
-        if DT != F32 && rows >= PACK_ROWS {
-            // Prefill: each column block's 16-bit weight rows are widened once per panel
-            // into an L1 buffer that every row block of the panel then reads as f32
-            // weights (widening is exact and the sums keep their order, so the bits are
-            // those of the unpacked tile), instead of widening them again in each of
-            // the panel's row blocks.
-            PACK.with_borrow_mut(|buf| {
-                if buf.len() < NR * c {
-                    buf.resize(NR * c, 0.0);
-                }
-                let bp = buf.as_mut_ptr();
-                for_each_tile(rows, c, cols, MR, NR, |r, m, o, n, first| {
-                    // SAFETY: forwarded caller guarantees; the tile lies within rows x
-                    // cols; `buf` holds NR * c >= n * c floats.
-                    unsafe {
-                        if first {
-                            widen::<DT>(w.add(o * c * es), bp, n * c);
-                        }
-                        tile_any::<F32, false>(
-                            m,
-                            n,
-                            x.add(r * c),
-                            bp as *const u8,
-                            c,
-                            o_ptr.add(r * oc + o),
-                            oc,
-                            bias_of(o, n),
-                        );
-                    }
-                });
-            });
-            return;
-        }
-        for_each_tile(rows, c, cols, MR, NR, |r, m, o, n, _| {
-            // SAFETY: forwarded caller guarantees; the tile lies within rows x cols.
-            unsafe {
-                tile_any::<DT, true>(
-                    m,
-                    n,
-                    x.add(r * c),
-                    w.add(o * c * es),
-                    c,
-                    o_ptr.add(r * oc + o),
-                    oc,
-                    bias_of(o, n),
-                );
-            }
-        });
     }
 }

@@ -1,29 +1,31 @@
-//! 16-lane matmul kernels for float weights (f32, bf16, f16), taken on CPUs with
-//! AVX-512F. Int8 weights stay on the 8-lane kernels.
+//! The float-weight (f32, bf16, f16) matmul kernels, one source for every vector width:
+//! a macro instantiated over AVX2 registers (8 lanes, tiles of up to 4 input rows by 3
+//! weight rows), over AVX-512 registers (16 lanes, 8 x 3 tiles, taken on CPUs with
+//! AVX-512F) and over pairs of AVX2 registers standing in for AVX-512 ([`emu`]). Int8
+//! weights have their own kernels (`tiled`).
 //!
-//! The kernel source is one macro instantiated twice: over AVX-512 registers
-//! ([`avx512`]) and over pairs of AVX2 registers standing in for them ([`emu`]). The
-//! emulated copy runs on any AVX2 machine, so the tiling, the tails, the prefetch bounds
-//! and the summation order are tested everywhere (`tests/ops_cpu.rs`); what only an
+//! The emulated copy runs on any AVX2 machine, so the 16-lane tiling, tails, prefetch
+//! bounds and summation order are tested everywhere (`tests/ops_cpu.rs`); what only an
 //! AVX-512 machine runs is the handful of one-instruction register ops in
 //! `avx512::ops`. Detection also checks those against the reference on a small product
-//! before choosing this path (see [`self_check`]).
+//! before choosing them (see [`self_check`]).
 //!
-//! Every output is one 16-lane FMA chain along the input channels, a horizontal sum, the
-//! scalar tail (channels past the last multiple of 16), then the bias, whatever the tile
-//! shape, so a row gives the same bits alone (the decode GEMV) and batched. Tiles are up
-//! to 8 input rows by 3 weight rows: 24 accumulators, 3 weight vectors and one input
-//! vector of the 32 registers, so a K = 8 critique step reads each weight tile from
-//! memory once for all eight rows.
+//! Every output is one L-lane FMA chain along the input channels, a horizontal sum, the
+//! scalar tail (channels past the last multiple of L), then the bias, whatever the tile
+//! shape, so a row gives the same bits alone (the decode GEMV) and batched. Tiles use
+//! MR x 3 accumulators: 12 of the 16 ymm registers at 8 lanes; 24 of the 32 zmm at 16
+//! lanes, so a K = 8 critique step reads each weight tile from memory once for all eight
+//! rows.
 
 use std::ops::Range;
 
 use crate::weights::Weights;
 
-/// The kernels over `ops` (a module with `V`, `zero`, `loadx`, `loadw`, `fma`, `hsum`),
-/// compiled for the target features `$feat`.
-macro_rules! wide_kernels {
-    ($feat:literal) => {
+/// The kernels over `ops` (a module with `V`, `zero`, `loadx`, `loadw`, `fma`, `hsum`)
+/// of `$lanes` lanes, compiled for the target features `$feat`, in tiles of up to `$mr`
+/// input rows, the row blocks being `rows` (MR, 4, 3, 2 as far as they are <= MR) and 1.
+macro_rules! lane_kernels {
+    ($feat:literal, $lanes:expr, $mr:expr, rows $($mm:literal)*) => {
         use std::arch::x86_64::*;
         use std::ops::Range;
 
@@ -33,9 +35,9 @@ macro_rules! wide_kernels {
         use crate::weights::Weights;
 
         /// Lanes per vector.
-        const L: usize = 16;
+        const L: usize = $lanes;
         /// Input rows per tile.
-        const MR: usize = 8;
+        const MR: usize = $mr;
         /// Weight rows (output columns) per tile.
         const NR: usize = 3;
 
@@ -92,8 +94,8 @@ macro_rules! wide_kernels {
             }
         }
 
-        /// Rows 0..m (any m) times weight rows 0..n (n <= NR), in row blocks of 8, 4, 2
-        /// and 1.
+        /// Rows 0..m (any m) times weight rows 0..n (n <= NR), in row blocks of MR, 4, 3,
+        /// 2 and 1.
         ///
         /// SAFETY: as [`tile`] for m rows and n weight rows.
         #[inline]
@@ -112,30 +114,44 @@ macro_rules! wide_kernels {
             let mut r = 0;
             while r < m {
                 let mm = match m - r {
-                    8.. => 8,
-                    4..=7 => 4,
-                    2 | 3 => 2,
-                    _ => 1,
+                    left if left >= MR => MR,
+                    left if left >= 4 => 4,
+                    left => left,
                 };
                 // SAFETY: rows r..r + mm lie within 0..m.
                 unsafe {
                     let (x, o) = (x.add(r * c), out.add(r * ldo));
-                    match (mm, n) {
-                        (8, 3) => tile::<DT, 8, 3, PF>(x, w, c, o, ldo, bias),
-                        (8, 2) => tile::<DT, 8, 2, PF>(x, w, c, o, ldo, bias),
-                        (8, _) => tile::<DT, 8, 1, PF>(x, w, c, o, ldo, bias),
-                        (4, 3) => tile::<DT, 4, 3, PF>(x, w, c, o, ldo, bias),
-                        (4, 2) => tile::<DT, 4, 2, PF>(x, w, c, o, ldo, bias),
-                        (4, _) => tile::<DT, 4, 1, PF>(x, w, c, o, ldo, bias),
-                        (2, 3) => tile::<DT, 2, 3, PF>(x, w, c, o, ldo, bias),
-                        (2, 2) => tile::<DT, 2, 2, PF>(x, w, c, o, ldo, bias),
-                        (2, _) => tile::<DT, 2, 1, PF>(x, w, c, o, ldo, bias),
-                        (_, 3) => tile::<DT, 1, 3, PF>(x, w, c, o, ldo, bias),
-                        (_, 2) => tile::<DT, 1, 2, PF>(x, w, c, o, ldo, bias),
-                        _ => tile::<DT, 1, 1, PF>(x, w, c, o, ldo, bias),
+                    match mm {
+                        $($mm => tile_n::<DT, $mm, PF>(n, x, w, c, o, ldo, bias),)*
+                        _ => tile_n::<DT, 1, PF>(n, x, w, c, o, ldo, bias),
                     }
                 }
                 r += mm;
+            }
+        }
+
+        /// [`tile`] of M rows by n (<= NR) weight rows.
+        ///
+        /// SAFETY: as [`tile`].
+        #[inline]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn tile_n<const DT: u8, const M: usize, const PF: bool>(
+            n: usize,
+            x: *const f32,
+            w: *const u8,
+            c: usize,
+            out: *mut f32,
+            ldo: usize,
+            bias: [f32; NR],
+        ) {
+            // SAFETY: forwarded caller guarantees.
+            unsafe {
+                match n {
+                    3 => tile::<DT, M, 3, PF>(x, w, c, out, ldo, bias),
+                    2 => tile::<DT, M, 2, PF>(x, w, c, out, ldo, bias),
+                    _ => tile::<DT, M, 1, PF>(x, w, c, out, ldo, bias),
+                }
             }
         }
 
@@ -286,6 +302,41 @@ macro_rules! wide_kernels {
     };
 }
 
+/// The AVX2 instantiation: 8 lanes, tiles of up to 4 x 3.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    mod ops {
+        use std::arch::x86_64::*;
+
+        pub(super) use super::super::super::avx2::hsum;
+        pub(super) use super::super::super::tiled::load8 as loadw;
+
+        pub type V = __m256;
+
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub fn zero() -> V {
+            _mm256_setzero_ps()
+        }
+
+        /// SAFETY: 8 readable floats at p.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn loadx(p: *const f32) -> V {
+            // SAFETY: see the function's contract.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        pub fn fma(x: V, w: V, a: V) -> V {
+            _mm256_fmadd_ps(x, w, a)
+        }
+    }
+
+    lane_kernels!("avx2,fma,f16c", 8, 4, rows 4 3 2);
+}
+
 /// The AVX-512 instantiation (chosen by dispatch on CPUs with AVX-512F).
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx512 {
@@ -342,7 +393,7 @@ pub(super) mod avx512 {
         }
     }
 
-    wide_kernels!("avx512f,avx2,fma,f16c");
+    lane_kernels!("avx512f,avx2,fma,f16c", 16, 8, rows 8 4 3 2);
 }
 
 /// The same kernels over pairs of AVX2 registers: for tests of the kernel logic on
@@ -409,7 +460,7 @@ pub(super) mod emu {
         }
     }
 
-    wide_kernels!("avx2,fma,f16c");
+    lane_kernels!("avx2,fma,f16c", 16, 8, rows 8 4 3 2);
 }
 
 /// Whether the AVX-512 kernels agree with the reference on a small product for every

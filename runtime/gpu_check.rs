@@ -2206,7 +2206,7 @@ fn gpu_decode_shared(
     let t = prompt.len();
     let bs = g.shape().block_size;
     let nb_prefix = t.div_ceil(bs);
-    let own = (t % bs + DECODE_STEPS + 1).div_ceil(bs);
+    let own = crate::backend::cuda::SharedLayout::own_blocks(bs, t, DECODE_STEPS);
     let n_blocks = nb_prefix + k * own;
     let table: Vec<u32> = (0..nb_prefix as u32).collect();
     let free: Vec<u32> = (nb_prefix as u32..n_blocks as u32).collect();

@@ -376,7 +376,7 @@ impl<'a> SharedLayout<'a> {
         if k == 0 {
             return Err(CudaError::bad(OP, "k", "no sequences"));
         }
-        let own = (tail + steps + 1).div_ceil(bs);
+        let own = Self::own_blocks(bs, prefix_len, steps);
         if free.len() < k * own {
             return Err(CudaError::bad(
                 OP,
@@ -406,6 +406,12 @@ impl<'a> SharedLayout<'a> {
             tables,
             ld,
         })
+    }
+
+    /// Own blocks each sequence needs: the prefix's partly filled last block's positions
+    /// and `steps` new ones (+1), in blocks of `block_size`.
+    pub fn own_blocks(block_size: usize, prefix_len: usize, steps: usize) -> usize {
+        (prefix_len % block_size + steps + 1).div_ceil(block_size)
     }
 
     /// Sequence j's own blocks.
@@ -840,9 +846,10 @@ impl<'m, 'd> CudaSession<'m, 'd> {
     /// prefix block is copied into each sequence's first own block. Sequence j is fed
     /// `first[j]` at position `prefix_len`; after forward s (of `steps`) the next K
     /// tokens are `next(s, self)` (greedy: `|_, s| s.argmax(k)`; sampling: `s.sample(..)`;
-    /// teacher forcing: read `s.logits(k)` and return the forced tokens). Returns each sequence's tokens
-    /// (first[j], then the `steps` fed after it). Own blocks are taken, in order, from
-    /// `free` (ids outside the prefix's whole blocks).
+    /// teacher forcing: read `s.logits(k)` and return the forced tokens; an empty list
+    /// ends decoding there). Returns each sequence's tokens (first[j], then those fed
+    /// after it). Own blocks are taken, in order, from `free` (ids outside the prefix's
+    /// whole blocks).
     #[allow(clippy::too_many_arguments)]
     pub fn decode_shared(
         &mut self,
@@ -892,6 +899,9 @@ impl<'m, 'd> CudaSession<'m, 'd> {
             };
             self.forward(&rows, layout.plan(s, split)?, 0..k)?;
             cur = next(s, self)?;
+            if cur.is_empty() {
+                break;
+            }
             check_len(OP, "next(..)", cur.len(), k)?;
             for (o, &t) in out.iter_mut().zip(&cur) {
                 o.push(t);

@@ -22,9 +22,7 @@ use cloudrm_sampler::SeqRng;
 
 use super::score::{best_index, validate};
 use super::{CloudScorer, Comparison, Score, ScoreOptions};
-use crate::backend::cuda::{
-    CudaLlama, CudaRewardHead, CudaSession, Rows, SharedLayout, sample_params,
-};
+use crate::backend::cuda::{CudaLlama, CudaRewardHead, CudaSession, SharedLayout, sample_params};
 use crate::error::{Error, Result};
 use crate::model::RewardModel;
 
@@ -146,7 +144,7 @@ impl<'m, 'd> CudaScorer<'m, 'd> {
         // Steps: at most max_critique_tokens sampled tokens fed, then the end of turn.
         let steps = opts.max_critique_tokens + 1;
         let prefix_blocks = t.div_ceil(bs);
-        let own = (t % bs + steps + 1).div_ceil(bs);
+        let own = SharedLayout::own_blocks(bs, t, steps);
         let n_blocks = prefix_blocks + k * own;
         let table: Vec<u32> = (0..prefix_blocks as u32).collect();
         let free: Vec<u32> = (prefix_blocks as u32..n_blocks as u32).collect();
@@ -199,45 +197,30 @@ impl<'m, 'd> CudaScorer<'m, 'd> {
             cur.push(choose(row, s));
         }
 
-        let layout = SharedLayout::new(self.llama.shape(), n_blocks, &table, t, k, steps, &free)?;
-        if let Some((src, dsts)) = layout.tail_copy() {
-            sess.copy_block(src, &dsts)?;
-        }
-        let seqs: Vec<u32> = (0..k as u32).collect();
-        for s in 0..steps {
-            let positions = vec![layout.position(s); k];
-            let batch = Rows {
-                ids: &cur,
-                positions: &positions,
-                seqs: &seqs,
-                tables: &layout.tables,
-                ld_table: layout.ld,
-            };
-            sess.forward(&batch, layout.plan(s, Some(SPLIT))?, 0..k)?;
-            // Rewards of the rows that just fed their end of turn.
+        // Each step: rewards of the rows that just fed their end of turn, then the next
+        // token of every row still writing (rows done are sampled too, as placeholders:
+        // every row's logits are in the batch; their draws are unused); done when every
+        // row has its reward.
+        sess.decode_shared(&table, t, &cur, steps, &free, Some(SPLIT), |s, se| {
             let closing: Vec<u32> = (0..k)
                 .filter(|&i| rows[i].closing && rows[i].reward.is_none())
                 .map(|i| i as u32)
                 .collect();
-            for (&i, r) in closing.iter().zip(sess.rewards(&self.head, &closing)?) {
+            for (&i, r) in closing.iter().zip(se.rewards(&self.head, &closing)?) {
                 rows[i as usize].reward = Some(r);
             }
             if rows.iter().all(|r| r.reward.is_some()) {
-                break;
+                return Ok(Vec::new());
             }
-            // The next token of every row still writing (rows done are sampled too, as
-            // placeholders: every row's logits are in the batch; their draws are unused).
             let histories: Vec<&[u32]> = rows.iter().map(|r| r.history.as_slice()).collect();
             let draws: Vec<(u64, u64)> = (0..k as u64).map(|i| (i, s as u64 + 1)).collect();
-            let sampled = sess.sample(params, &histories, &draws)?;
-            for (i, row) in rows.iter_mut().enumerate() {
-                cur[i] = if row.closing {
-                    eot
-                } else {
-                    choose(row, sampled[i])
-                };
-            }
-        }
+            let sampled = se.sample(params, &histories, &draws)?;
+            Ok(rows
+                .iter_mut()
+                .zip(sampled)
+                .map(|(row, tok)| if row.closing { eot } else { choose(row, tok) })
+                .collect())
+        })?;
         if let Some(i) = rows.iter().position(|r| r.reward.is_none()) {
             return Err(CudaError::bad(
                 "CudaScorer::score",

@@ -300,6 +300,59 @@ fn decode_depth(c: &mut Criterion) {
     g.finish();
 }
 
+/// Causal prefill attention of a 512-token prompt (one layer, SmolLM2's heads, 16-token
+/// blocks in shuffled order): the fast kernel next to the scalar reference. GFLOP/s
+/// ("elements": 4 * heads * HS per (query, visible position) pair).
+fn prefill_attention(c: &mut Criterion) {
+    use reference::attention_paged::prefill_scratch_len;
+    let mut rng = Rng(0x6a09_e667_f3bc_c908);
+    let t = 512usize;
+    let shape = SMOL_ATTN;
+    let (k_arena, v_arena, table) = shuffled_cache(&mut rng, t / shape.block_size);
+    let q = rng.vec(t * shape.n_heads * shape.head_dim);
+    let mut out = vec![0.0f32; q.len()];
+    let mut scratch = vec![0.0f32; prefill_scratch_len(&shape, 0, t)];
+    let flops = 4 * shape.n_heads * shape.head_dim * t * (t + 1) / 2;
+    let mut g = c.benchmark_group("prefill_attention_512pos");
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(2));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.throughput(Throughput::Elements(flops as u64));
+    g.bench_function("fast", |b| {
+        b.iter(|| {
+            cpu::paged_prefill_attention(
+                &mut out,
+                &q,
+                &k_arena,
+                &v_arena,
+                &table,
+                0,
+                shape,
+                &mut scratch,
+            )
+            .unwrap();
+            black_box(out[0])
+        })
+    });
+    g.bench_function("reference", |b| {
+        b.iter(|| {
+            reference::attention_paged::paged_prefill_attention(
+                &mut out,
+                &q,
+                &k_arena,
+                &v_arena,
+                &table,
+                0,
+                shape,
+                &mut scratch,
+            )
+            .unwrap();
+            black_box(out[0])
+        })
+    });
+    g.finish();
+}
+
 /// The LM head of one decode step (V = 49152, C = 576, bf16) choosing the next token of
 /// 1 and 8 rows: full logits then an argmax pass, next to the fused LM head + top-1 that
 /// never writes the logits. GB/s of LM-head weight bytes.
@@ -343,5 +396,13 @@ fn lm_head_top1(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, matmul, stream, cascade, decode_depth, lm_head_top1);
+criterion_group!(
+    benches,
+    matmul,
+    stream,
+    cascade,
+    decode_depth,
+    prefill_attention,
+    lm_head_top1
+);
 criterion_main!(benches);

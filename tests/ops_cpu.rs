@@ -550,7 +550,14 @@ fn cases() -> Vec<OpCase> {
         }
     }
     for &(nh, nkv, hs) in &[(9usize, 3usize, 64usize), (8, 1, 16), (6, 2, 7)] {
-        for &(pos0, t) in &[(0usize, 1usize), (0, 33), (15, 2), (17, 70), (64, 5)] {
+        for &(pos0, t) in &[
+            (0usize, 1usize),
+            (0, 33),
+            (15, 2),
+            (17, 70),
+            (64, 5),
+            (5, 130),
+        ] {
             let s = next_seed();
             cases.push(OpCase {
                 name: format!("paged_prefill(nh={nh},nkv={nkv},hs={hs},pos0={pos0},t={t})"),
@@ -654,6 +661,34 @@ fn prefill_case(seed: u64, nh: usize, nkv: usize, hs: usize, pos0: usize, t: usi
     .unwrap();
     got.check_guards("paged prefill attention");
     check_close("paged prefill attention", got.as_ref(), &want, F32_TOL);
+    // A row's bits do not depend on the call it is in: the rows split in two calls (the
+    // second starting where a prefix cache would have stopped) give the whole call's bits.
+    let width = nh * hs;
+    for a in [1, t / 2, 16 - pos0 % 16, 17] {
+        if a == 0 || a >= t {
+            continue;
+        }
+        let mut split = vec![0.0f32; t * width];
+        let (first, second) = split.split_at_mut(a * width);
+        for (rows, start, dst) in [(0..a, pos0, first), (a..t, pos0 + a, second)] {
+            cpu::paged_prefill_attention(
+                dst,
+                &q[rows.start * width..rows.end * width],
+                &k_arena,
+                &v_arena,
+                &table,
+                start,
+                shape,
+                &mut scratch,
+            )
+            .unwrap();
+        }
+        assert_bits_eq(
+            &format!("paged prefill split at row {a} (pos0 {pos0}, t {t})"),
+            &split,
+            got.as_ref(),
+        );
+    }
     // f16 arenas: close to the reference over them, identical to the widened f32 arenas.
     let (k16, v16) = (to_f16(&k_arena), to_f16(&v_arena));
     let run = |fast, k: &[half::f16], v: &[half::f16], scratch: &mut [f32]| {

@@ -8,9 +8,9 @@
 //! while every query row of the call reads them, prefetching the next chunk's rows (a paged
 //! cache is far larger than L2 and its blocks defeat the hardware prefetcher). Scores: two
 //! query rows by four positions share their loads, one accumulator per pair summed over
-//! the head dim. Softmax: a vectorised `exp`. Weighted V sum: two query rows by up to 32
-//! channels of output live in registers across a chunk and share each V load, adding the
-//! positions one by one in order, as the reference does. Other head sizes, and CPUs
+//! the head dim. Softmax: a vectorised `exp`. Weighted V sum: up to three query rows by up
+//! to 32 channels of output live in registers across a chunk and share each V load,
+//! adding the positions one by one in order, as the reference does. Other head sizes, and CPUs
 //! without AVX2, run the reference loop.
 //!
 //! Arenas hold f32 or f16 ([`KvElem`]). f16 rows are widened in registers (F16C) as the
@@ -19,14 +19,19 @@
 //! bit for bit the result over an f32 arena holding the same values, with half the bytes
 //! streamed.
 //!
-//! Many query rows of one KV head (eight or more: a shared level's members, or a wide GQA
-//! group) take another score loop: the query is transposed and scaled once per call, eight
-//! rows sit in the lanes of one register and each K element is broadcast once for all of
-//! them, so no horizontal sums and one pass over the chunk for up to 16 rows.
+//! Many query rows of one KV head (eight or more: a shared level's members, a wide GQA
+//! group, or a prefill block) take another score loop: the query is transposed and scaled
+//! once per call, eight rows sit in the lanes of one register and each K element is
+//! broadcast once for all of them, so no horizontal sums and one pass over the chunk for
+//! up to 16 rows (24, three registers of rows, ran a fifth slower: out of registers).
 //!
 //! Threads (the global pool, no spawn or allocation per call once the per-thread scratch
-//! has grown; items claimed dynamically): prefill splits (row, KV head) pairs, longest
-//! causal rows first. Plain decode cuts each sequence into pieces of [`SPLIT`] positions
+//! has grown; items claimed dynamically): prefill splits (block of [`QBLOCK`] positions,
+//! KV head) pairs, longest blocks first, each block's rows (all the group's query heads)
+//! taking the many-row loops together with a causal length per row, so each K and V row
+//! is read once per block rather than once per row; the blocks are aligned to absolute
+//! positions and always take the transposed score loop, so a row's bits do not depend on
+//! the call it is in. Plain decode cuts each sequence into pieces of [`SPLIT`] positions
 //! and runs (piece, KV head) items, so one long sequence keeps every thread busy (three KV
 //! heads on two threads left one idle a third of the time); a sequence of one piece writes
 //! its output directly, longer ones merge their pieces' states in order after. The
@@ -114,6 +119,7 @@ fn partial<T: KvElem>(
         unsafe {
             avx2::partial(
                 out, lse, q, k_arena, v_arena, table, positions, kv_head, scale, scores, shape,
+                None,
             )
         };
         return;
@@ -197,8 +203,16 @@ pub fn attention_forward(
     Ok(())
 }
 
+/// Query rows per work item of the blocked causal attention: a block is QBLOCK positions
+/// aligned to multiples of QBLOCK, so a row's block (and its bits) do not depend on where
+/// the call starts (a prompt partly served from the prefix cache scores exactly as when
+/// computed whole).
+const QBLOCK: usize = 16;
+
 /// Causal attention of `rows` query rows at positions pos0.. over `table` (checked by the
-/// caller), one work item per (row, KV head), longest rows first.
+/// caller). On the AVX2 path, one work item per (block of QBLOCK positions, KV head): every
+/// query head of the block's rows reads each K and V row of the chunk once from L1
+/// (`avx2::Causal`). Elsewhere one item per (row, KV head). Longest items first.
 #[allow(clippy::too_many_arguments)]
 fn causal_rows<T: KvElem>(
     out: &mut [f32],
@@ -212,6 +226,11 @@ fn causal_rows<T: KvElem>(
 ) {
     let shape = *shape;
     let isa = current();
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 && shape.head_dim.is_multiple_of(8) {
+        causal_blocks(out, q, k_arena, v_arena, block_table, pos0, rows, &shape);
+        return;
+    }
     let (hs, group, nkv) = (shape.head_dim, shape.group(), shape.n_kv_heads);
     let gw = group * hs;
     let qd = shape.n_heads * hs;
@@ -244,6 +263,78 @@ fn causal_rows<T: KvElem>(
                 &shape,
                 isa,
             );
+        });
+    });
+}
+
+/// [`causal_rows`] on the AVX2 path: work items of QBLOCK aligned positions by KV head.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn causal_blocks<T: KvElem>(
+    out: &mut [f32],
+    q: &[f32],
+    k_arena: &[T],
+    v_arena: &[T],
+    block_table: &[u32],
+    pos0: usize,
+    rows: usize,
+    shape: &PagedShape,
+) {
+    if rows == 0 {
+        return;
+    }
+    let (hs, group, nkv) = (shape.head_dim, shape.group(), shape.n_kv_heads);
+    let gw = group * hs;
+    let qd = shape.n_heads * hs;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let (first, last) = (pos0 / QBLOCK, (pos0 + rows - 1) / QBLOCK);
+    let items = (last - first + 1) * nkv;
+    let flops = 4 * rows * shape.n_heads * hs * (pos0 + rows);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_len = out.len();
+    pool::global().run_items(threads_for(items, flops), items, &|it| {
+        // SAFETY: item (block, kvh) writes only the kvh slice (gw floats) of its block's
+        // rows; items are disjoint and `out` outlives `run_items`.
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
+        // Longest blocks first, so the last items claimed are the short ones.
+        let (blk, kvh) = (last - it / nkv, it % nkv);
+        // Rows ra..rb of the call (positions pos0 + ra..) lie in the block.
+        let ra = (blk * QBLOCK).max(pos0) - pos0;
+        let rb = ((blk + 1) * QBLOCK).min(pos0 + rows) - pos0;
+        let n_q = (rb - ra) * group;
+        let n_pos = pos0 + rb;
+        with_scratch(2 * n_q * hs + n_q + n_q * n_pos, |s| {
+            let (qb, s) = s.split_at_mut(n_q * hs);
+            let (ob, s) = s.split_at_mut(n_q * hs);
+            let (lse, scores) = s.split_at_mut(n_q);
+            for (r, dst) in (ra..rb).zip(qb.chunks_exact_mut(gw)) {
+                dst.copy_from_slice(&q[r * qd + kvh * gw..][..gw]);
+            }
+            let causal = avx2::Causal {
+                first_len: pos0 + ra + 1,
+                group,
+            };
+            // SAFETY: AVX2+FMA+F16C detected (the caller's dispatch); the caller checked
+            // the arena, table and lengths; scores holds n_q * n_pos.
+            unsafe {
+                avx2::partial(
+                    ob,
+                    lse,
+                    qb,
+                    k_arena,
+                    v_arena,
+                    block_table,
+                    0..n_pos,
+                    kvh,
+                    scale,
+                    scores,
+                    shape,
+                    Some(causal),
+                )
+            };
+            for (r, src) in (ra..rb).zip(ob.chunks_exact(gw)) {
+                out[r * qd + kvh * gw..][..gw].copy_from_slice(src);
+            }
         });
     });
 }
@@ -827,6 +918,7 @@ mod avx2 {
         scale: f32,
         scores: &mut [f32],
         shape: &PagedShape,
+        causal: Option<Causal>,
     ) {
         // The row offsets once per call, walking the blocks (no division per position:
         // a 64-bit divide per K and per V row cost more than the arithmetic it feeds).
@@ -876,15 +968,32 @@ mod avx2 {
                 }
             } else {
                 // No other element type exists (the trait is sealed); the reference
-                // serves any anyway.
+                // serves any anyway (and no causal caller reaches here).
+                debug_assert!(causal.is_none());
                 partial_unchecked(
                     out, lse, q, k_arena, v_arena, table, positions, kv_head, scale, scores, shape,
                 );
                 return;
             };
             // SAFETY: forwarded caller guarantees.
-            unsafe { partial_at(out, lse, q, src, b, scale, scores, shape) }
+            unsafe { partial_at(out, lse, q, src, b, scale, scores, shape, causal) }
         })
+    }
+
+    /// A causal block of query rows (see `super::causal_rows`): query row v sees the
+    /// first `first_len + v / group` positions of the call, and the scores take the
+    /// transposed path whatever the number of rows, so a row's bits do not depend on
+    /// which other rows share its block.
+    #[derive(Clone, Copy)]
+    pub(super) struct Causal {
+        pub(super) first_len: usize,
+        pub(super) group: usize,
+    }
+
+    impl Causal {
+        fn len(self, row: usize) -> usize {
+            self.first_len + row / self.group
+        }
     }
 
     /// [`partial`] with the row offsets of its positions in `b.offs`.
@@ -899,6 +1008,7 @@ mod avx2 {
         scale: f32,
         scores: &mut [f32],
         shape: &PagedShape,
+        causal: Option<Causal>,
     ) {
         let wide = b.wide.as_mut_ptr();
         let (offs, local) = (&b.offs[..], &b.local[..]);
@@ -919,7 +1029,11 @@ mod avx2 {
             // (HS, RP) with RP = rows rounded up to 8, zero padded.
             let rv = n_q.div_ceil(8);
             let mut qt = QT.take();
-            if n_q >= MANY_ROWS {
+            let many = n_q >= MANY_ROWS || causal.is_some();
+            // Positions row `r` sees.
+            let len_of = |r: usize| causal.map_or(n_pos, |c| c.len(r));
+            debug_assert!((0..n_q).all(|r| (1..=n_pos).contains(&len_of(r))));
+            if many {
                 qt.clear();
                 qt.resize(hs * rv * 8, 0.0);
                 for r in 0..n_q {
@@ -942,7 +1056,7 @@ mod avx2 {
                 } else {
                     prefetch_rows(v_base, es, offs, 0..CHUNK.min(n_pos), hs);
                 }
-                if n_q >= MANY_ROWS {
+                if many {
                     // Broadcasts need f32 rows: an f16 chunk is widened once for all rows.
                     let (kp, offs) = chunk_rows(src, offs, local, wide, c0..c1, hs);
                     let mut vb = 0;
@@ -975,9 +1089,18 @@ mod avx2 {
             }
 
             QT.set(qt);
-            // Pass 2: softmax per query row; lse = max + ln(sum).
-            let n8 = n_pos / 8 * 8;
-            for (row, l) in scores.chunks_exact_mut(n_pos).zip(lse.iter_mut()) {
+            // Pass 2: softmax per query row over the positions it sees (the rest of a
+            // causal row is zeroed: pass 3 adds those positions as exact zeros);
+            // lse = max + ln(sum).
+            for (r, (full, l)) in scores
+                .chunks_exact_mut(n_pos)
+                .zip(lse.iter_mut())
+                .enumerate()
+            {
+                let len = len_of(r);
+                let (row, masked) = full.split_at_mut(len);
+                masked.fill(0.0);
+                let n8 = len / 8 * 8;
                 let p = row.as_mut_ptr();
                 let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
                 let mut j = 0;
@@ -1020,8 +1143,9 @@ mod avx2 {
                 *l = max + sum.ln();
             }
 
-            // Pass 3: out += p * V, chunk by chunk; two query rows by up to 32 channels of
-            // the output stay in registers for the whole chunk and share each V load.
+            // Pass 3: out += p * V, chunk by chunk; up to three query rows by up to 32
+            // channels of the output stay in registers for the whole chunk and share each
+            // V load.
             let mut c0 = 0;
             while c0 < n_pos {
                 let c1 = (c0 + CHUNK).min(n_pos);
@@ -1030,7 +1154,14 @@ mod avx2 {
                 }
                 let mut n = 0;
                 while n < n_q {
-                    let r = (n_q - n).min(2);
+                    let r = (n_q - n).min(3);
+                    // The pair's longer row (rows of a causal block see more positions
+                    // as they go).
+                    let seen = c1.min(len_of(n + r - 1));
+                    if seen <= c0 {
+                        n += r;
+                        continue;
+                    }
                     let mut ch = 0;
                     while ch < hs {
                         let nv = ((hs - ch) / 8).min(4);
@@ -1043,15 +1174,20 @@ mod avx2 {
                             ch,
                             hs,
                         };
+                        let cols = c0..seen;
                         match (r, nv) {
-                            (2, 4) => pv::<2, 4>(&a, c0..c1, offs, src.f16),
-                            (2, 3) => pv::<2, 3>(&a, c0..c1, offs, src.f16),
-                            (2, 2) => pv::<2, 2>(&a, c0..c1, offs, src.f16),
-                            (2, _) => pv::<2, 1>(&a, c0..c1, offs, src.f16),
-                            (_, 4) => pv::<1, 4>(&a, c0..c1, offs, src.f16),
-                            (_, 3) => pv::<1, 3>(&a, c0..c1, offs, src.f16),
-                            (_, 2) => pv::<1, 2>(&a, c0..c1, offs, src.f16),
-                            _ => pv::<1, 1>(&a, c0..c1, offs, src.f16),
+                            (3, 4) => pv::<3, 4>(&a, cols, offs, src.f16),
+                            (3, 3) => pv::<3, 3>(&a, cols, offs, src.f16),
+                            (3, 2) => pv::<3, 2>(&a, cols, offs, src.f16),
+                            (3, _) => pv::<3, 1>(&a, cols, offs, src.f16),
+                            (2, 4) => pv::<2, 4>(&a, cols, offs, src.f16),
+                            (2, 3) => pv::<2, 3>(&a, cols, offs, src.f16),
+                            (2, 2) => pv::<2, 2>(&a, cols, offs, src.f16),
+                            (2, _) => pv::<2, 1>(&a, cols, offs, src.f16),
+                            (_, 4) => pv::<1, 4>(&a, cols, offs, src.f16),
+                            (_, 3) => pv::<1, 3>(&a, cols, offs, src.f16),
+                            (_, 2) => pv::<1, 2>(&a, cols, offs, src.f16),
+                            _ => pv::<1, 1>(&a, cols, offs, src.f16),
                         }
                         ch += nv * 8;
                     }
@@ -1385,14 +1521,16 @@ mod avx2 {
             let s = a.scores.add(a.n * a.n_pos);
             for j in cols {
                 let vj = offs[j] + a.ch;
-                let mut vv = [_mm256_setzero_ps(); V];
-                for (v, x) in vv.iter_mut().enumerate() {
-                    *x = ld::<F16>(a.vp, vj + 8 * v);
+                // R weights, then each V vector loaded once for the R rows (R x V
+                // accumulators + R + 1 registers: 16 at 3 x 4).
+                let mut w = [_mm256_setzero_ps(); R];
+                for (r, x) in w.iter_mut().enumerate() {
+                    *x = _mm256_set1_ps(*s.add(r * a.n_pos + j));
                 }
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let w = _mm256_set1_ps(*s.add(r * a.n_pos + j));
-                    for (x, vx) in row.iter_mut().zip(&vv) {
-                        *x = _mm256_fmadd_ps(w, *vx, *x);
+                for v in 0..V {
+                    let vx = ld::<F16>(a.vp, vj + 8 * v);
+                    for (row, wr) in acc.iter_mut().zip(&w) {
+                        row[v] = _mm256_fmadd_ps(*wr, vx, row[v]);
                     }
                 }
             }

@@ -210,67 +210,12 @@ pub fn attention_forward(
 const QBLOCK: usize = 16;
 
 /// Causal attention of `rows` query rows at positions pos0.. over `table` (checked by the
-/// caller). On the AVX2 path, one work item per (block of QBLOCK positions, KV head): every
-/// query head of the block's rows reads each K and V row of the chunk once from L1
-/// (`avx2::Causal`). Elsewhere one item per (row, KV head). Longest items first.
+/// caller), one work item per (block of positions, KV head), longest blocks first. On the
+/// AVX2 path a block is QBLOCK positions: every query head of the block's rows reads each
+/// K and V row of the chunk once from L1, each row over its own causal length
+/// (`avx2::Causal`). Elsewhere a block is one position (the reference loop per row).
 #[allow(clippy::too_many_arguments)]
 fn causal_rows<T: KvElem>(
-    out: &mut [f32],
-    q: &[f32],
-    k_arena: &[T],
-    v_arena: &[T],
-    block_table: &[u32],
-    pos0: usize,
-    rows: usize,
-    shape: &PagedShape,
-) {
-    let shape = *shape;
-    let isa = current();
-    #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 && shape.head_dim.is_multiple_of(8) {
-        causal_blocks(out, q, k_arena, v_arena, block_table, pos0, rows, &shape);
-        return;
-    }
-    let (hs, group, nkv) = (shape.head_dim, shape.group(), shape.n_kv_heads);
-    let gw = group * hs;
-    let qd = shape.n_heads * hs;
-    let scale = 1.0 / (hs as f32).sqrt();
-    let items = rows * nkv;
-    let flops = 4 * rows * shape.n_heads * hs * (pos0 + rows);
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let out_len = out.len();
-    pool::global().run_items(threads_for(items, flops), items, &|it| {
-        // SAFETY: item (r, kvh) writes only out[r * qd + kvh * gw..][..gw]; items are
-        // disjoint and `out` outlives `run_items`.
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        // Longest rows first, so the last items claimed are the short ones.
-        let (r, kvh) = (rows - 1 - it / nkv, it % nkv);
-        let end = pos0 + r + 1;
-        let off = r * qd + kvh * gw;
-        with_scratch(group + group * end, |s| {
-            let (lse, scores) = s.split_at_mut(group);
-            partial(
-                &mut out[off..off + gw],
-                lse,
-                &q[off..off + gw],
-                k_arena,
-                v_arena,
-                block_table,
-                0..end,
-                kvh,
-                scale,
-                scores,
-                &shape,
-                isa,
-            );
-        });
-    });
-}
-
-/// [`causal_rows`] on the AVX2 path: work items of QBLOCK aligned positions by KV head.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn causal_blocks<T: KvElem>(
     out: &mut [f32],
     q: &[f32],
     k_arena: &[T],
@@ -283,11 +228,16 @@ fn causal_blocks<T: KvElem>(
     if rows == 0 {
         return;
     }
+    let shape = *shape;
+    let isa = current();
+    let blocked =
+        cfg!(target_arch = "x86_64") && isa >= Isa::Avx2 && shape.head_dim.is_multiple_of(8);
+    let qb = if blocked { QBLOCK } else { 1 };
     let (hs, group, nkv) = (shape.head_dim, shape.group(), shape.n_kv_heads);
     let gw = group * hs;
     let qd = shape.n_heads * hs;
     let scale = 1.0 / (hs as f32).sqrt();
-    let (first, last) = (pos0 / QBLOCK, (pos0 + rows - 1) / QBLOCK);
+    let (first, last) = (pos0 / qb, (pos0 + rows - 1) / qb);
     let items = (last - first + 1) * nkv;
     let flops = 4 * rows * shape.n_heads * hs * (pos0 + rows);
     let out_ptr = SendPtr(out.as_mut_ptr());
@@ -299,28 +249,48 @@ fn causal_blocks<T: KvElem>(
         // Longest blocks first, so the last items claimed are the short ones.
         let (blk, kvh) = (last - it / nkv, it % nkv);
         // Rows ra..rb of the call (positions pos0 + ra..) lie in the block.
-        let ra = (blk * QBLOCK).max(pos0) - pos0;
-        let rb = ((blk + 1) * QBLOCK).min(pos0 + rows) - pos0;
+        let ra = (blk * qb).max(pos0) - pos0;
+        let rb = ((blk + 1) * qb).min(pos0 + rows) - pos0;
         let n_q = (rb - ra) * group;
         let n_pos = pos0 + rb;
         with_scratch(2 * n_q * hs + n_q + n_q * n_pos, |s| {
-            let (qb, s) = s.split_at_mut(n_q * hs);
-            let (ob, s) = s.split_at_mut(n_q * hs);
+            let (qg, s) = s.split_at_mut(n_q * hs);
+            let (og, s) = s.split_at_mut(n_q * hs);
             let (lse, scores) = s.split_at_mut(n_q);
-            for (r, dst) in (ra..rb).zip(qb.chunks_exact_mut(gw)) {
+            for (r, dst) in (ra..rb).zip(qg.chunks_exact_mut(gw)) {
                 dst.copy_from_slice(&q[r * qd + kvh * gw..][..gw]);
             }
-            let causal = avx2::Causal {
-                first_len: pos0 + ra + 1,
-                group,
-            };
-            // SAFETY: AVX2+FMA+F16C detected (the caller's dispatch); the caller checked
-            // the arena, table and lengths; scores holds n_q * n_pos.
-            unsafe {
-                avx2::partial(
-                    ob,
+            #[cfg(target_arch = "x86_64")]
+            if blocked {
+                let causal = avx2::Causal {
+                    first_len: pos0 + ra + 1,
+                    group,
+                };
+                // SAFETY: AVX2+FMA+F16C detected; the caller checked the arena, table and
+                // lengths; scores holds n_q * n_pos.
+                unsafe {
+                    avx2::partial(
+                        og,
+                        lse,
+                        qg,
+                        k_arena,
+                        v_arena,
+                        block_table,
+                        0..n_pos,
+                        kvh,
+                        scale,
+                        scores,
+                        &shape,
+                        Some(causal),
+                    )
+                };
+            }
+            if !blocked {
+                // One row: every query head sees the same n_pos positions.
+                partial(
+                    og,
                     lse,
-                    qb,
+                    qg,
                     k_arena,
                     v_arena,
                     block_table,
@@ -328,11 +298,11 @@ fn causal_blocks<T: KvElem>(
                     kvh,
                     scale,
                     scores,
-                    shape,
-                    Some(causal),
-                )
-            };
-            for (r, src) in (ra..rb).zip(ob.chunks_exact(gw)) {
+                    &shape,
+                    isa,
+                );
+            }
+            for (r, src) in (ra..rb).zip(og.chunks_exact(gw)) {
                 out[r * qd + kvh * gw..][..gw].copy_from_slice(src);
             }
         });

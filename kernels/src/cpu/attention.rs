@@ -10,8 +10,8 @@
 //! query rows by four positions share their loads, one accumulator per pair summed over
 //! the head dim. Softmax: a vectorised `exp`. Weighted V sum: up to three query rows by up
 //! to 32 channels of output live in registers across a chunk and share each V load,
-//! adding the positions one by one in order, as the reference does. Other head sizes, and CPUs
-//! without AVX2, run the reference loop.
+//! adding the positions one by one in order, as the reference does. Other head sizes, and
+//! CPUs without AVX2, run the reference loop.
 //!
 //! Arenas hold f32 or f16 ([`KvElem`]). f16 rows are widened in registers (F16C) as the
 //! score and V-sum loops load them, and the transposed score loop below reads one chunk
@@ -95,9 +95,31 @@ fn threads_for(items: usize, flops: usize) -> usize {
     }
 }
 
+/// Whether [`partial`] takes the AVX2 kernels (which alone serve a [`Causal`] block).
+fn avx2_path(isa: Isa, shape: &PagedShape) -> bool {
+    cfg!(target_arch = "x86_64") && isa >= Isa::Avx2 && shape.head_dim.is_multiple_of(8)
+}
+
+/// A causal block of query rows (see [`causal_rows`]): query row v sees the first
+/// `first_len + v / group` positions of the call, and the scores take the transposed path
+/// whatever the number of rows, so a row's bits do not depend on which other rows share
+/// its block.
+#[derive(Clone, Copy)]
+struct Causal {
+    first_len: usize,
+    group: usize,
+}
+
+impl Causal {
+    fn len(self, row: usize) -> usize {
+        self.first_len + row / self.group
+    }
+}
+
 /// The attention state of the NQ = `lse.len()` query rows `q` of KV head `kv_head` over
 /// `positions` of `table` (the reference's `partial_unchecked` contract; arguments already
-/// checked). `scores` holds at least NQ * len(positions).
+/// checked), or with `causal` over each row's own first positions (only where
+/// [`avx2_path`] holds). `scores` holds at least NQ * len(positions).
 #[allow(clippy::too_many_arguments)]
 fn partial<T: KvElem>(
     out: &mut [f32],
@@ -111,20 +133,22 @@ fn partial<T: KvElem>(
     scale: f32,
     scores: &mut [f32],
     shape: &PagedShape,
+    causal: Option<Causal>,
     isa: Isa,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 && shape.head_dim.is_multiple_of(8) {
+    if avx2_path(isa, shape) {
         // SAFETY: AVX2+FMA detected; the caller checked the arena, table and lengths.
         unsafe {
             avx2::partial(
                 out, lse, q, k_arena, v_arena, table, positions, kv_head, scale, scores, shape,
-                None,
+                causal,
             )
         };
         return;
     }
     let _ = isa;
+    debug_assert!(causal.is_none(), "causal blocks need the AVX2 path");
     partial_unchecked(
         out, lse, q, k_arena, v_arena, table, positions, kv_head, scale, scores, shape,
     );
@@ -230,8 +254,7 @@ fn causal_rows<T: KvElem>(
     }
     let shape = *shape;
     let isa = current();
-    let blocked =
-        cfg!(target_arch = "x86_64") && isa >= Isa::Avx2 && shape.head_dim.is_multiple_of(8);
+    let blocked = avx2_path(isa, &shape);
     let qb = if blocked { QBLOCK } else { 1 };
     let (hs, group, nkv) = (shape.head_dim, shape.group(), shape.n_kv_heads);
     let gw = group * hs;
@@ -260,48 +283,27 @@ fn causal_rows<T: KvElem>(
             for (r, dst) in (ra..rb).zip(qg.chunks_exact_mut(gw)) {
                 dst.copy_from_slice(&q[r * qd + kvh * gw..][..gw]);
             }
-            #[cfg(target_arch = "x86_64")]
-            if blocked {
-                let causal = avx2::Causal {
-                    first_len: pos0 + ra + 1,
-                    group,
-                };
-                // SAFETY: AVX2+FMA+F16C detected; the caller checked the arena, table and
-                // lengths; scores holds n_q * n_pos.
-                unsafe {
-                    avx2::partial(
-                        og,
-                        lse,
-                        qg,
-                        k_arena,
-                        v_arena,
-                        block_table,
-                        0..n_pos,
-                        kvh,
-                        scale,
-                        scores,
-                        &shape,
-                        Some(causal),
-                    )
-                };
-            }
-            if !blocked {
-                // One row: every query head sees the same n_pos positions.
-                partial(
-                    og,
-                    lse,
-                    qg,
-                    k_arena,
-                    v_arena,
-                    block_table,
-                    0..n_pos,
-                    kvh,
-                    scale,
-                    scores,
-                    &shape,
-                    isa,
-                );
-            }
+            // A block of one row needs no causal lengths: its query heads all see the
+            // n_pos positions.
+            let causal = blocked.then_some(Causal {
+                first_len: pos0 + ra + 1,
+                group,
+            });
+            partial(
+                og,
+                lse,
+                qg,
+                k_arena,
+                v_arena,
+                block_table,
+                0..n_pos,
+                kvh,
+                scale,
+                scores,
+                &shape,
+                causal,
+                isa,
+            );
             for (r, src) in (ra..rb).zip(og.chunks_exact(gw)) {
                 out[r * qd + kvh * gw..][..gw].copy_from_slice(src);
             }
@@ -411,6 +413,7 @@ pub fn paged_decode_attention<T: KvElem>(
                         scale,
                         scores,
                         &shape,
+                        None,
                         isa,
                     );
                 });
@@ -683,6 +686,7 @@ impl<T: KvElem> Cascade<'_, T> {
                 self.scale,
                 scores,
                 self.shape,
+                None,
                 self.isa,
             );
             // SAFETY: this item alone writes rows (i, head0..head0 + G) of its piece's
@@ -733,6 +737,7 @@ impl<T: KvElem> Cascade<'_, T> {
                 self.scale,
                 scores,
                 self.shape,
+                None,
                 self.isa,
             );
         });
@@ -780,7 +785,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::CHUNK;
+    use super::{CHUNK, Causal};
     use crate::cpu::simd::avx2::{exp, load_f16x8};
     use crate::kv::KvElem;
     use crate::reference::attention_paged::{PagedShape, partial_unchecked, row_offset};
@@ -950,22 +955,6 @@ mod avx2 {
         })
     }
 
-    /// A causal block of query rows (see `super::causal_rows`): query row v sees the
-    /// first `first_len + v / group` positions of the call, and the scores take the
-    /// transposed path whatever the number of rows, so a row's bits do not depend on
-    /// which other rows share its block.
-    #[derive(Clone, Copy)]
-    pub(super) struct Causal {
-        pub(super) first_len: usize,
-        pub(super) group: usize,
-    }
-
-    impl Causal {
-        fn len(self, row: usize) -> usize {
-            self.first_len + row / self.group
-        }
-    }
-
     /// [`partial`] with the row offsets of its positions in `b.offs`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1125,8 +1114,8 @@ mod avx2 {
                 let mut n = 0;
                 while n < n_q {
                     let r = (n_q - n).min(3);
-                    // The pair's longer row (rows of a causal block see more positions
-                    // as they go).
+                    // The rows' last, which sees the most positions (rows of a causal
+                    // block see more as they go).
                     let seen = c1.min(len_of(n + r - 1));
                     if seen <= c0 {
                         n += r;

@@ -157,12 +157,41 @@ const SMOL_ATTN: reference::attention_paged::PagedShape = reference::attention_p
     block_size: 16,
 };
 
-/// Random K and V arenas of `blocks` blocks in [`SMOL_ATTN`]'s shape and the block ids in
-/// shuffled order (a paged cache's blocks are not laid out in sequence order).
-fn shuffled_cache(rng: &mut Rng, blocks: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+/// Values starting on a 64-byte boundary, as the engine's KV arenas do (a plain `Vec`
+/// this large starts 16 bytes past one, so half its 32-byte row loads would straddle
+/// two cache lines, which the engine's never do).
+struct Aligned<T> {
+    buf: Vec<T>,
+    off: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> Aligned<T> {
+    fn new(values: impl ExactSizeIterator<Item = T>) -> Self {
+        let (len, size) = (values.len(), std::mem::size_of::<T>());
+        let mut buf = vec![T::default(); len + 64 / size];
+        let off = (buf.as_ptr() as usize).wrapping_neg() % 64 / size;
+        for (d, v) in buf[off..off + len].iter_mut().zip(values) {
+            *d = v;
+        }
+        Self { buf, off, len }
+    }
+}
+
+impl<T> std::ops::Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+/// Random K and V arenas of `blocks` blocks in [`SMOL_ATTN`]'s shape (64-byte aligned,
+/// as the engine's) and the block ids in shuffled order (a paged cache's blocks are not
+/// laid out in sequence order).
+fn shuffled_cache(rng: &mut Rng, blocks: usize) -> (Aligned<f32>, Aligned<f32>, Vec<u32>) {
     let block = SMOL_ATTN.block_size * SMOL_ATTN.n_kv_heads * SMOL_ATTN.head_dim;
-    let k_arena = rng.vec(blocks * block);
-    let v_arena = rng.vec(blocks * block);
+    let k_arena = Aligned::new(rng.vec(blocks * block).into_iter());
+    let v_arena = Aligned::new(rng.vec(blocks * block).into_iter());
     let mut ids: Vec<u32> = (0..blocks as u32).collect();
     for i in (1..ids.len()).rev() {
         let j = ((rng.f32() + 0.5) * (i + 1) as f32) as usize;
@@ -172,8 +201,8 @@ fn shuffled_cache(rng: &mut Rng, blocks: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>
 }
 
 /// The arena rounded to f16 (the `--kv-cache f16` layout).
-fn to_f16(a: &[f32]) -> Vec<half::f16> {
-    a.iter().map(|&x| half::f16::from_f32(x)).collect()
+fn to_f16(a: &[f32]) -> Aligned<half::f16> {
+    Aligned::new(a.iter().map(|&x| half::f16::from_f32(x)))
 }
 
 /// A group timing one decode step's attention (30 layers): ten samples of about three

@@ -347,38 +347,31 @@ fn prefill_attention(c: &mut Criterion) {
     g.measurement_time(std::time::Duration::from_secs(2));
     g.warm_up_time(std::time::Duration::from_millis(500));
     g.throughput(Throughput::Elements(flops as u64));
-    g.bench_function("fast", |b| {
-        b.iter(|| {
-            cpu::paged_prefill_attention(
-                &mut out,
-                &q,
-                &k_arena,
-                &v_arena,
-                &table,
-                0,
-                shape,
-                &mut scratch,
-            )
-            .unwrap();
-            black_box(out[0])
-        })
-    });
-    g.bench_function("reference", |b| {
-        b.iter(|| {
-            reference::attention_paged::paged_prefill_attention(
-                &mut out,
-                &q,
-                &k_arena,
-                &v_arena,
-                &table,
-                0,
-                shape,
-                &mut scratch,
-            )
-            .unwrap();
-            black_box(out[0])
-        })
-    });
+    macro_rules! run {
+        ($name:expr, $kernel:path) => {
+            g.bench_function($name, |b| {
+                b.iter(|| {
+                    $kernel(
+                        &mut out,
+                        &q,
+                        &k_arena,
+                        &v_arena,
+                        &table,
+                        0,
+                        shape,
+                        &mut scratch,
+                    )
+                    .unwrap();
+                    black_box(out[0])
+                })
+            });
+        };
+    }
+    run!("fast", cpu::paged_prefill_attention);
+    run!(
+        "reference",
+        reference::attention_paged::paged_prefill_attention
+    );
     g.finish();
 }
 

@@ -237,7 +237,7 @@ const QBLOCK: usize = 16;
 /// caller), one work item per (block of positions, KV head), longest blocks first. On the
 /// AVX2 path a block is QBLOCK positions: every query head of the block's rows reads each
 /// K and V row of the chunk once from L1, each row over its own causal length
-/// (`avx2::Causal`). Elsewhere a block is one position (the reference loop per row).
+/// ([`Causal`]). Elsewhere a block is one position (the reference loop per row).
 #[allow(clippy::too_many_arguments)]
 fn causal_rows<T: KvElem>(
     out: &mut [f32],
@@ -283,8 +283,8 @@ fn causal_rows<T: KvElem>(
             for (r, dst) in (ra..rb).zip(qg.chunks_exact_mut(gw)) {
                 dst.copy_from_slice(&q[r * qd + kvh * gw..][..gw]);
             }
-            // A block of one row needs no causal lengths: its query heads all see the
-            // n_pos positions.
+            // Off the AVX2 path a block is one row, which needs no causal lengths: its
+            // query heads all see the n_pos positions.
             let causal = blocked.then_some(Causal {
                 first_len: pos0 + ra + 1,
                 group,

@@ -221,7 +221,8 @@ fn cases() -> Vec<OpCase> {
                     let (uo, uq) = owned(&uw);
                     let (g, u) = (q8_or(&go, &gq), q8_or(&uo, &uq));
                     let mut fused = Guarded::new(rows * oc);
-                    cpu::matmul_swiglu(fused.as_mut(), &x, g, Some(&gb), u, None, c, oc).unwrap();
+                    cpu::matmul_swiglu(fused.as_mut(), &x, g, Some(&gb), u, None, c, oc, None)
+                        .unwrap();
                     fused.check_guards("matmul_swiglu");
                     let (mut gate, mut up) = (vec![0.0; rows * oc], vec![0.0; rows * oc]);
                     cpu::matmul_forward(&mut gate, &x, g, Some(&gb), c, oc).unwrap();
@@ -236,7 +237,199 @@ fn cases() -> Vec<OpCase> {
                     check_close("matmul_swiglu", fused.as_ref(), &want, F32_TOL);
                     // Bad shapes are typed errors.
                     assert!(
-                        cpu::matmul_swiglu(&mut unfused[1..], &x, g, None, u, None, c, oc).is_err()
+                        cpu::matmul_swiglu(&mut unfused[1..], &x, g, None, u, None, c, oc, None)
+                            .is_err()
+                    );
+                }),
+            });
+        }
+    }
+    // The attention block's fused input half: RMSNorm in the input pass, Q/K/V in one
+    // job, RoPE on Q and K in the epilogue. Bit for bit the fast unfused ops, within
+    // tolerance of the reference ones; a misfitting table or norm is a typed error.
+    for &rows in &ROWS {
+        for (wd, c, hd, nh, nkv) in [
+            (Wd::F32, 67, 6, 7, 3),
+            (Wd::Bf16, 577, 64, 9, 3),
+            (Wd::F16, 33, 2, 5, 1),
+        ] {
+            let s = next_seed();
+            cases.push(OpCase {
+                name: format!("matmul_many_fused(rows={rows},c={c},hd={hd},w={wd:?})"),
+                kind: OpKind::Matmul,
+                run: Box::new(move || {
+                    let mut rng = Rng::new(s);
+                    let ocs = [nh * hd, nkv * hd, nkv * hd + 1];
+                    let x = rng.vec(rows * c, 2.0);
+                    let norm_w = Owned::new(&rng.vec(c, 1.0), wd);
+                    let ws: Vec<Owned> = ocs
+                        .iter()
+                        .map(|&oc| Owned::new(&rng.vec(oc * c, 0.5), wd))
+                        .collect();
+                    let bias = rng.vec(ocs[1], 1.0);
+                    let positions: Vec<u32> = (0..rows)
+                        .map(|i| (1000 + 37 * i + rng.below(30)) as u32)
+                        .collect();
+                    let inv: Vec<f32> = (0..hd / 2)
+                        .map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32))
+                        .collect();
+                    let mut table = cpu::RopeTable::default();
+                    table.fill(&positions, &inv).unwrap();
+                    let norm = cpu::NormIn {
+                        weight: norm_w.view(),
+                        eps: 1e-5,
+                    };
+                    let fusion = cpu::Fusion {
+                        norm: Some(norm),
+                        rope: Some(cpu::RopeOut {
+                            table: &table,
+                            layers: 2,
+                        }),
+                    };
+                    let mut got: Vec<Guarded> =
+                        ocs.iter().map(|&oc| Guarded::new(rows * oc)).collect();
+                    let run = |got: &mut [Guarded], fusion: cpu::Fusion<'_>, x: &[f32]| {
+                        let [g0, g1, g2] = got else { unreachable!() };
+                        let mut layers = [
+                            cpu::Linear {
+                                out: g0.as_mut(),
+                                weight: ws[0].view(),
+                                bias: None,
+                                out_features: ocs[0],
+                            },
+                            cpu::Linear {
+                                out: g1.as_mut(),
+                                weight: ws[1].view(),
+                                bias: Some(&bias),
+                                out_features: ocs[1],
+                            },
+                            cpu::Linear {
+                                out: g2.as_mut(),
+                                weight: ws[2].view(),
+                                bias: None,
+                                out_features: ocs[2],
+                            },
+                        ];
+                        cpu::matmul_forward_many_fused(&mut layers, x, c, fusion)
+                    };
+                    run(&mut got, fusion, &x).unwrap();
+                    // The fast unfused sequence.
+                    let mut xn = vec![0.0; rows * c];
+                    cpu::rmsnorm_forward(&mut xn, &x, norm_w.view(), 1e-5).unwrap();
+                    let mut fast = Vec::new();
+                    let mut want = Vec::new();
+                    let mut xr = vec![0.0; rows * c];
+                    reference::rmsnorm::rmsnorm_forward(&mut xr, &x, norm_w.view(), 1e-5).unwrap();
+                    for (i, &oc) in ocs.iter().enumerate() {
+                        let b = (i == 1).then_some(&bias[..]);
+                        let mut f = vec![0.0; rows * oc];
+                        cpu::matmul_forward(&mut f, &xn, ws[i].view(), b, c, oc).unwrap();
+                        let mut r = vec![0.0; rows * oc];
+                        reference::matmul::matmul_forward(&mut r, &xr, ws[i].view(), b, c, oc)
+                            .unwrap();
+                        if i < 2 {
+                            cpu::rope_forward(&mut f, &positions, oc / hd, hd, &inv).unwrap();
+                            reference::rope::rope_forward(&mut r, &positions, oc / hd, hd, &inv)
+                                .unwrap();
+                        }
+                        fast.push(f);
+                        want.push(r);
+                    }
+                    for i in 0..3 {
+                        got[i].check_guards("matmul_many_fused");
+                        assert_bits_eq("matmul_many_fused vs unfused", got[i].as_ref(), &fast[i]);
+                        check_close("matmul_many_fused", got[i].as_ref(), &want[i], F32_TOL);
+                    }
+                    // Misfits are typed errors.
+                    let mut short = cpu::RopeTable::default();
+                    short.fill(&positions[1..], &inv).unwrap();
+                    let cases: [(&str, cpu::Fusion<'_>); 3] = [
+                        (
+                            "table rows",
+                            cpu::Fusion {
+                                norm: None,
+                                rope: Some(cpu::RopeOut {
+                                    table: &short,
+                                    layers: 2,
+                                }),
+                            },
+                        ),
+                        (
+                            "rotated V (not whole heads)",
+                            cpu::Fusion {
+                                norm: None,
+                                rope: Some(cpu::RopeOut {
+                                    table: &table,
+                                    layers: 3,
+                                }),
+                            },
+                        ),
+                        (
+                            "norm weight length",
+                            cpu::Fusion {
+                                norm: Some(cpu::NormIn {
+                                    weight: ws[1].view(),
+                                    eps: 1e-5,
+                                }),
+                                rope: None,
+                            },
+                        ),
+                    ];
+                    for (what, f) in cases {
+                        assert!(run(&mut got, f, &x).is_err(), "{what}: not an error");
+                    }
+                    let empty = cpu::RopeTable::default();
+                    let f = cpu::Fusion {
+                        norm: None,
+                        rope: Some(cpu::RopeOut {
+                            table: &empty,
+                            layers: 1,
+                        }),
+                    };
+                    assert!(
+                        run(&mut got, f, &x).is_err(),
+                        "an empty table: not an error"
+                    );
+                    assert!(cpu::RopeTable::default().fill(&positions, &[]).is_err());
+                }),
+            });
+        }
+    }
+    // Gate/up + SwiGLU with the MLP norm in the input pass: bit for bit the fast norm then
+    // the unnormed fused call.
+    for &rows in &ROWS {
+        for (wd, c, oc) in [(Wd::Bf16, 67, 577), (Wd::F32, 576, 1536), (Wd::F16, 7, 13)] {
+            let s = next_seed();
+            cases.push(OpCase {
+                name: format!("matmul_swiglu_normed(rows={rows},c={c},oc={oc},w={wd:?})"),
+                kind: OpKind::SwiGlu,
+                run: Box::new(move || {
+                    let mut rng = Rng::new(s);
+                    let x = rng.vec(rows * c, 3.0);
+                    let norm_w = Owned::new(&rng.vec(c, 1.0), wd);
+                    let g = Owned::new(&rng.vec(oc * c, 0.5), wd);
+                    let u = Owned::new(&rng.vec(oc * c, 0.5), wd);
+                    let norm = cpu::NormIn {
+                        weight: norm_w.view(),
+                        eps: 1e-6,
+                    };
+                    let (g, u) = (g.view(), u.view());
+                    let mut fused = Guarded::new(rows * oc);
+                    cpu::matmul_swiglu(fused.as_mut(), &x, g, None, u, None, c, oc, Some(norm))
+                        .unwrap();
+                    fused.check_guards("matmul_swiglu_normed");
+                    let mut xn = vec![0.0; rows * c];
+                    cpu::rmsnorm_forward(&mut xn, &x, norm_w.view(), 1e-6).unwrap();
+                    let mut unfused = vec![0.0; rows * oc];
+                    cpu::matmul_swiglu(&mut unfused, &xn, g, None, u, None, c, oc, None).unwrap();
+                    assert_bits_eq("matmul_swiglu_normed vs unfused", fused.as_ref(), &unfused);
+                    let bad = cpu::NormIn {
+                        weight: g.slice(0, c + 1),
+                        eps: 1e-6,
+                    };
+                    assert!(
+                        cpu::matmul_swiglu(&mut unfused, &x, g, None, u, None, c, oc, Some(bad))
+                            .is_err()
                     );
                 }),
             });

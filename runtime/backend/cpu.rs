@@ -67,22 +67,6 @@ impl Cpu {
         }
     }
 
-    pub fn rope(
-        &self,
-        x: &mut [f32],
-        positions: &[u32],
-        n_heads: usize,
-        head_dim: usize,
-        inv_freq: &[f32],
-    ) -> Result<(), KernelError> {
-        match self.mode {
-            CpuMode::Reference => {
-                reference::rope::rope_forward(x, positions, n_heads, head_dim, inv_freq)
-            }
-            CpuMode::Fast => cpu::rope_forward(x, positions, n_heads, head_dim, inv_freq),
-        }
-    }
-
     pub fn matmul(
         &self,
         out: &mut [f32],
@@ -100,42 +84,68 @@ impl Cpu {
         }
     }
 
-    /// Several linear layers over the same input (one pool job on the fast path).
+    /// Several linear layers over the same input, with the input's RMSNorm and the first
+    /// layers' RoPE when `fusion` asks (the attention block's QKV). The reference runs
+    /// the norm into `xn` (rows x C; untouched without a norm or on the fast path), the
+    /// matmuls, then the rotations; the fast path fuses them all into one pool job (the
+    /// bits of its unfused ops).
     pub fn matmul_many(
         &self,
         layers: &mut [cpu::Linear<'_>],
         inp: &[f32],
         in_features: usize,
+        fusion: cpu::Fusion<'_>,
+        xn: &mut [f32],
     ) -> Result<(), KernelError> {
         match self.mode {
             CpuMode::Reference => {
+                let x = match fusion.norm {
+                    Some(n) => reference_norm("matmul_many", xn, inp, n)?,
+                    None => inp,
+                };
                 for l in layers.iter_mut() {
                     reference::matmul::matmul_forward(
                         l.out,
-                        inp,
+                        x,
                         l.weight,
                         l.bias,
                         in_features,
                         l.out_features,
                     )?;
                 }
+                if let Some(rope) = fusion.rope {
+                    let t = rope.table;
+                    let hd = t.head_dim().max(1);
+                    for l in layers.iter_mut().take(rope.layers) {
+                        let heads = l.out_features / hd;
+                        reference::rope::rope_forward(
+                            l.out,
+                            t.positions(),
+                            heads,
+                            hd,
+                            t.inv_freq(),
+                        )?;
+                    }
+                }
                 Ok(())
             }
-            CpuMode::Fast => cpu::matmul_forward_many(layers, inp, in_features),
+            CpuMode::Fast => cpu::matmul_forward_many_fused(layers, inp, in_features, fusion),
         }
     }
 
-    /// The MLP input half: act = silu(xn . gate^T + gb) * (xn . up^T + ub). The reference
-    /// runs the two matmuls into `gate_buf` and `up_buf` then SwiGLU; the fast path fuses
-    /// all three into one pool job (same bits as the fast unfused sequence) and leaves
-    /// the buffers untouched.
+    /// The MLP input half: act = silu(n . gate^T + gb) * (n . up^T + ub), n = inp or
+    /// rmsnorm(inp) with `norm`. The reference runs the norm into `xn`, the two matmuls
+    /// into `gate_buf` and `up_buf`, then SwiGLU; the fast path fuses all of it into one
+    /// pool job (same bits as the fast unfused sequence) and leaves the buffers untouched.
     #[allow(clippy::too_many_arguments)]
     pub fn gate_up_swiglu(
         &self,
         act: &mut [f32],
         gate_buf: &mut [f32],
         up_buf: &mut [f32],
-        xn: &[f32],
+        xn: &mut [f32],
+        inp: &[f32],
+        norm: Option<cpu::NormIn<'_>>,
         gate: (Weights<'_>, Option<&[f32]>),
         up: (Weights<'_>, Option<&[f32]>),
         in_features: usize,
@@ -144,19 +154,24 @@ impl Cpu {
         match self.mode {
             CpuMode::Reference => {
                 let (c, oc) = (in_features, out_features);
-                reference::matmul::matmul_forward(gate_buf, xn, gate.0, gate.1, c, oc)?;
-                reference::matmul::matmul_forward(up_buf, xn, up.0, up.1, c, oc)?;
+                let x = match norm {
+                    Some(n) => reference_norm("gate_up_swiglu", xn, inp, n)?,
+                    None => inp,
+                };
+                reference::matmul::matmul_forward(gate_buf, x, gate.0, gate.1, c, oc)?;
+                reference::matmul::matmul_forward(up_buf, x, up.0, up.1, c, oc)?;
                 reference::swiglu::swiglu_forward(act, gate_buf, up_buf)
             }
             CpuMode::Fast => cpu::matmul_swiglu(
                 act,
-                xn,
+                inp,
                 gate.0,
                 gate.1,
                 up.0,
                 up.1,
                 in_features,
                 out_features,
+                norm,
             ),
         }
     }
@@ -330,4 +345,23 @@ impl Cpu {
             CpuMode::Fast => cpu::residual_forward(acc, x),
         }
     }
+}
+
+/// The reference RMSNorm of `inp` into the front of `xn` (a typed error when too short).
+fn reference_norm<'a>(
+    op: &'static str,
+    xn: &'a mut [f32],
+    inp: &[f32],
+    n: cpu::NormIn<'_>,
+) -> Result<&'a [f32], KernelError> {
+    let have = xn.len();
+    let xn = xn
+        .get_mut(..inp.len())
+        .ok_or_else(|| KernelError::Invalid {
+            op,
+            arg: "xn",
+            reason: format!("{have} elements for {} inputs", inp.len()),
+        })?;
+    reference::rmsnorm::rmsnorm_forward(xn, inp, n.weight, n.eps)?;
+    Ok(xn)
 }

@@ -30,6 +30,7 @@
 use std::collections::BTreeSet;
 
 use cloudrm_kernels::KvElem;
+use cloudrm_kernels::cpu::RopeTable;
 use cloudrm_kernels::reference::attention_paged::{
     Level, PagedShape, cascade_scratch_len, prefill_scratch_len,
 };
@@ -96,6 +97,8 @@ struct Buffers {
     act: Vec<f32>,
     /// (R) absolute positions
     positions: Vec<u32>,
+    /// RoPE angles of `positions[..R]` (filled once per pass, read by every layer)
+    rope: RopeTable,
     /// (R, C) final-normed hidden rows
     hidden: Vec<f32>,
     /// scores / cascade scratch; grows to the longest context seen
@@ -258,6 +261,7 @@ impl PagedEngine {
             up: vec![0.0; r * d.idim],
             act: vec![0.0; r * d.idim],
             positions: vec![0; r],
+            rope: RopeTable::default(),
             hidden: vec![0.0; r * d.c],
             scratch: Vec::new(),
         };
@@ -685,7 +689,6 @@ impl PagedEngine {
         let d = self.dims;
         let t = ids.len();
         let (c, qd, kvd, idim) = (d.c, d.qd, d.kvd, d.idim);
-        let eps = model.config.rms_norm_eps;
         let w = &model.weights;
         let layer_elems = self.num_blocks * self.block_size * kvd;
         let shape = PagedShape {
@@ -718,18 +721,15 @@ impl PagedEngine {
             Attn::Prefill { .. } => Vec::new(),
         };
         let bufs = &mut self.bufs;
-        let positions = &bufs.positions[..t];
+        bufs.rope.fill(&bufs.positions[..t], &model.inv_freq)?;
         let x = &mut bufs.x[..t * c];
         cpu.embedding(x, ids, w.get(&w.embed), c)?;
         for (l, lw) in w.layers.iter().enumerate() {
             let xn = &mut bufs.xn[..t * c];
-            cpu.rmsnorm(xn, x, w.get(&lw.attn_norm), eps)?;
             let q = &mut bufs.q[..t * qd];
             let k = &mut bufs.k[..t * kvd];
             let v = &mut bufs.v[..t * kvd];
-            qkv_proj(cpu, w, lw, xn, q, k, v, c)?;
-            cpu.rope(q, positions, d.nh, d.hs, &model.inv_freq)?;
-            cpu.rope(k, positions, d.nkv, d.hs, &model.inv_freq)?;
+            qkv_proj(cpu, model, lw, x, &bufs.rope, q, k, v, xn)?;
             let att = &mut bufs.att[..t * qd];
             let layer = l * layer_elems..(l + 1) * layer_elems;
             let step = LayerStep {

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use cloudrm_kernels::cpu::Linear;
+use cloudrm_kernels::cpu::{Fusion, Linear, NormIn, RopeOut, RopeTable};
 use cloudrm_kernels::reference::attention::AttnShape;
 use cloudrm_loader::LlamaConfig;
 use cloudrm_loader::shards::ShardedSafeTensors;
@@ -83,6 +83,8 @@ pub struct Session {
     scores: Vec<f32>,
     /// (T) positions of the chunk
     positions: Vec<u32>,
+    /// RoPE angles of the chunk's positions (filled once per chunk, read by every layer)
+    rope: RopeTable,
     /// (T, V) or (V)
     logits: Vec<f32>,
     /// (C) final-normed hidden state of the last position
@@ -173,6 +175,7 @@ impl Llama {
             act: vec![0.0; chunk * i],
             scores: vec![0.0; capacity],
             positions: vec![0; chunk],
+            rope: RopeTable::default(),
             logits: vec![0.0; chunk * v],
             hidden: vec![0.0; c],
         }
@@ -313,12 +316,12 @@ impl Llama {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let eps = cfg.rms_norm_eps;
         let pos0 = sess.pos;
         let cap = sess.capacity;
         for (i, p) in sess.positions[..t].iter_mut().enumerate() {
             *p = (pos0 + i) as u32;
         }
+        sess.rope.fill(&sess.positions[..t], &self.inv_freq)?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.layer_out_norms.clear();
         }
@@ -327,14 +330,10 @@ impl Llama {
         for (l, lw) in w.layers.iter().enumerate() {
             // Attention block: x += o_proj(attn(rope(q), rope(k), v)) on rmsnorm(x).
             let xn = &mut sess.xn[..t * c];
-            cpu.rmsnorm(xn, x, w.get(&lw.attn_norm), eps)?;
             let q = &mut sess.q[..t * qd];
             let k = &mut sess.k[..t * kvd];
             let v = &mut sess.v[..t * kvd];
-            qkv_proj(cpu, w, lw, xn, q, k, v, c)?;
-            let positions = &sess.positions[..t];
-            cpu.rope(q, positions, nh, hs, &self.inv_freq)?;
-            cpu.rope(k, positions, nkv, hs, &self.inv_freq)?;
+            qkv_proj(cpu, self, lw, x, &sess.rope, q, k, v, xn)?;
             let layer_k = &mut sess.k_cache[l * cap * kvd..(l + 1) * cap * kvd];
             let layer_v = &mut sess.v_cache[l * cap * kvd..(l + 1) * cap * kvd];
             layer_k[pos0 * kvd..(pos0 + t) * kvd].copy_from_slice(k);
@@ -393,22 +392,26 @@ pub(crate) struct MlpBuffers<'a> {
     pub proj: &'a mut [f32],
 }
 
-/// Q, K and V projections of the normed rows `xn` (one fused call).
+/// The attention block's input half on T rows of the residual stream x (T, C): q, k, v =
+/// the Q, K and V projections of rmsnorm(x) (the layer's attention norm), q and k rotated
+/// by `rope` (the call's positions). One fused call: on the fast path one pool job, with
+/// no normalised copy of x written (`xn` is the reference path's scratch).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn qkv_proj(
     cpu: &Cpu,
-    w: &LlamaWeights,
+    model: &Llama,
     lw: &LayerWeights,
-    xn: &[f32],
+    x: &[f32],
+    rope: &RopeTable,
     q: &mut [f32],
     k: &mut [f32],
     v: &mut [f32],
-    c: usize,
+    xn: &mut [f32],
 ) -> Result<()> {
-    let (qd, kvd) = (
-        q.len() / (xn.len() / c).max(1),
-        k.len() / (xn.len() / c).max(1),
-    );
+    let w = &model.weights;
+    let c = model.config.hidden_size;
+    let rows = (x.len() / c).max(1);
+    let (qd, kvd) = (q.len() / rows, k.len() / rows);
     cpu.matmul_many(
         &mut [
             Linear {
@@ -430,15 +433,26 @@ pub(crate) fn qkv_proj(
                 out_features: kvd,
             },
         ],
-        xn,
+        x,
         c,
+        Fusion {
+            norm: Some(NormIn {
+                weight: w.get(&lw.attn_norm),
+                eps: model.config.rms_norm_eps,
+            }),
+            rope: Some(RopeOut {
+                table: rope,
+                layers: 2,
+            }),
+        },
+        xn,
     )?;
     Ok(())
 }
 
 /// The MLP block on T rows of the residual stream x (T, C):
-/// x += down(silu(gate(n)) * up(n)), n = rmsnorm(x). Shared by the contiguous forward
-/// and the paged engine.
+/// x += down(silu(gate(n)) * up(n)), n = rmsnorm(x) (taken in by the gate/up call's input
+/// pass on the fast path). Shared by the contiguous forward and the paged engine.
 pub(crate) fn mlp_block(
     cpu: &Cpu,
     model: &Llama,
@@ -449,12 +463,16 @@ pub(crate) fn mlp_block(
     let cfg = &model.config;
     let w = &model.weights;
     let (c, idim) = (cfg.hidden_size, cfg.intermediate_size);
-    cpu.rmsnorm(b.xn, x, w.get(&lw.mlp_norm), cfg.rms_norm_eps)?;
     cpu.gate_up_swiglu(
         b.act,
         b.gate,
         b.up,
         b.xn,
+        x,
+        Some(NormIn {
+            weight: w.get(&lw.mlp_norm),
+            eps: cfg.rms_norm_eps,
+        }),
         (w.get(&lw.gate_proj), lw.gate_bias.as_deref()),
         (w.get(&lw.up_proj), lw.up_bias.as_deref()),
         c,

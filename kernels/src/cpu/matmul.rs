@@ -20,7 +20,7 @@ use half::{bf16, f16};
 
 use super::dispatch::{Isa, current, num_threads};
 use super::pool;
-use super::rowwise::swiglu_slice;
+use super::rowwise::{RopeTable, rmsnorm_rows, rotate_heads, swiglu_slice};
 use crate::error::KernelError;
 use crate::reference::matmul::check_shapes;
 use crate::weights::{Q8_GROUP, Q8Slice, Weights};
@@ -147,6 +147,80 @@ type FusedMeta<'a> = (
 /// Layers a fused call takes at most.
 pub const MAX_FUSED: usize = 4;
 
+/// RMSNorm applied to a matmul's input as the call takes it in: out = W . rmsnorm(inp)
+/// with no normalised copy written by a separate op. Each thread of the call normalises
+/// the rows into its own buffer at its first work item (rows x C of redundant work per
+/// thread, against a pass over a shared buffer and one more fork/join), with the kernel
+/// [`super::rmsnorm_forward`] runs, so the bits are those of that op then the matmul.
+#[derive(Clone, Copy)]
+pub struct NormIn<'a> {
+    /// (C)
+    pub weight: Weights<'a>,
+    pub eps: f32,
+}
+
+/// RoPE applied in the epilogue of a fused call: the outputs of its first `layers`
+/// layers (Q, then K) are rotated head by head as each block of output columns is done,
+/// row r by the angles of the table's row r. Blocks are cut at whole heads, so the bits
+/// are those of the matmul then [`super::rope_forward`].
+#[derive(Clone, Copy)]
+pub struct RopeOut<'a> {
+    pub table: &'a RopeTable,
+    pub layers: usize,
+}
+
+/// What a fused call applies around its matmuls (nothing by default).
+#[derive(Clone, Copy, Default)]
+pub struct Fusion<'a> {
+    pub norm: Option<NormIn<'a>>,
+    pub rope: Option<RopeOut<'a>>,
+}
+
+/// Tags each fused call with a number, so a thread knows when its normalised input
+/// buffer belongs to an earlier call.
+static FUSED_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// (call number, this thread's normalised rows of that call).
+    static NORMED: std::cell::RefCell<(u64, Vec<f32>)> =
+        const { std::cell::RefCell::new((0, Vec::new())) };
+}
+
+/// A fused call's input as one work item sees it: `inp` itself, or (with a norm) this
+/// thread's normalised copy for call `call`, made at its first item.
+fn with_input<R>(
+    inp: &[f32],
+    norm: Option<NormIn<'_>>,
+    call: u64,
+    isa: Isa,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
+    let Some(n) = norm else { return f(inp) };
+    NORMED.with_borrow_mut(|(tag, buf)| {
+        if *tag != call {
+            if buf.len() < inp.len() {
+                buf.resize(inp.len(), 0.0);
+            }
+            let r = rmsnorm_rows(&mut buf[..inp.len()], inp, n.weight, n.eps, isa);
+            debug_assert!(r.is_ok(), "with_input: the norm's shapes are checked first");
+            *tag = call;
+        }
+        f(&buf[..inp.len()])
+    })
+}
+
+/// Typed errors for a norm whose weight does not match the input channels.
+fn check_norm(op: &'static str, norm: Option<NormIn<'_>>, c: usize) -> Result<(), KernelError> {
+    match norm {
+        Some(n) if n.weight.len() != c => Err(KernelError::Invalid {
+            op,
+            arg: "norm.weight",
+            reason: format!("{} elements for {c} input channels", n.weight.len()),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Up to [`MAX_FUSED`] linear layers over the same input (Q, K and V; gate and up) in ONE
 /// pool job: the column blocks of all of them are claimed from one counter, so a decode
 /// step pays one fork/join instead of one per layer. Same results as
@@ -156,16 +230,30 @@ pub fn matmul_forward_many(
     inp: &[f32],
     in_features: usize,
 ) -> Result<(), KernelError> {
+    matmul_forward_many_fused(layers, inp, in_features, Fusion::default())
+}
+
+/// [`matmul_forward_many`] with the layer's RMSNorm taken into its input pass and RoPE
+/// into its epilogue ([`Fusion`]): the attention block's norm, Q/K/V projections and
+/// rotations in one pool job, bit for bit [`super::rmsnorm_forward`], the matmuls and
+/// [`super::rope_forward`] run one after another.
+pub fn matmul_forward_many_fused(
+    layers: &mut [Linear<'_>],
+    inp: &[f32],
+    in_features: usize,
+    fusion: Fusion<'_>,
+) -> Result<(), KernelError> {
+    const OP: &str = "matmul_forward_many";
     if layers.len() > MAX_FUSED {
         return Err(KernelError::Invalid {
-            op: "matmul_forward_many",
+            op: OP,
             arg: "layers",
             reason: format!("{} layers; at most {MAX_FUSED}", layers.len()),
         });
     }
     for l in layers.iter() {
         check_shapes(
-            "matmul_forward_many",
+            OP,
             l.out,
             inp,
             &l.weight,
@@ -174,13 +262,23 @@ pub fn matmul_forward_many(
             l.out_features,
         )?;
     }
+    check_norm(OP, fusion.norm, in_features)?;
     let rows = inp.len() / in_features;
+    let head_dim = match fusion.rope {
+        Some(rope) => check_rope(OP, rope, layers, rows)?,
+        None => 0,
+    };
     if rows == 0 || layers.is_empty() {
         return Ok(());
     }
     let isa = current();
     let total_oc: usize = layers.iter().map(|l| l.out_features).sum();
-    let (threads, per) = split_plan(rows, in_features, total_oc);
+    let (threads, mut per) = split_plan(rows, in_features, total_oc);
+    if head_dim > 0 {
+        // Blocks of whole heads, so each block's epilogue rotates complete heads.
+        per = per.next_multiple_of(head_dim);
+    }
+    let call = FUSED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut meta: [FusedMeta<'_>; MAX_FUSED] =
         [(SendPtr(std::ptr::null_mut()), 0, None, None, 0, 0); MAX_FUSED];
     let mut items = 0;
@@ -206,28 +304,77 @@ pub fn matmul_forward_many(
         // SAFETY: each item writes only columns start..end of its own layer's output,
         // items are disjoint, and every output outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), len) };
-        WROW.with_borrow_mut(|wrow| {
-            if wrow.len() < in_features {
-                wrow.resize(in_features, 0.0);
-            }
-            compute(
-                out,
-                inp,
-                weight,
-                bias,
-                in_features,
-                oc,
-                start..end,
-                &mut wrow[..in_features],
-                isa,
-            );
+        with_input(inp, fusion.norm, call, isa, |x| {
+            WROW.with_borrow_mut(|wrow| {
+                if wrow.len() < in_features {
+                    wrow.resize(in_features, 0.0);
+                }
+                compute(
+                    out,
+                    x,
+                    weight,
+                    bias,
+                    in_features,
+                    oc,
+                    start..end,
+                    &mut wrow[..in_features],
+                    isa,
+                );
+            })
         });
+        if let Some(rope) = fusion.rope.filter(|r| li < r.layers) {
+            // start and end are multiples of the head dim (checked and cut above).
+            for r in 0..rows {
+                let (sin, cos) = rope.table.row(r);
+                rotate_heads(&mut out[r * oc + start..r * oc + end], sin, cos);
+            }
+        }
     });
     Ok(())
 }
 
+/// Typed errors for a RoPE epilogue that does not fit the call; its head dim.
+fn check_rope(
+    op: &'static str,
+    rope: RopeOut<'_>,
+    layers: &[Linear<'_>],
+    rows: usize,
+) -> Result<usize, KernelError> {
+    let hd = rope.table.head_dim();
+    let bad = |arg: &'static str, reason: String| KernelError::Invalid { op, arg, reason };
+    if rope.layers > layers.len() {
+        return Err(bad(
+            "rope.layers",
+            format!("{} rotated layers of {}", rope.layers, layers.len()),
+        ));
+    }
+    if hd == 0 {
+        return Err(bad("rope.table", "empty (never filled)".into()));
+    }
+    if rope.table.rows() != rows {
+        return Err(bad(
+            "rope.table",
+            format!("{} positions for {rows} input rows", rope.table.rows()),
+        ));
+    }
+    if let Some(l) = layers[..rope.layers]
+        .iter()
+        .find(|l| !l.out_features.is_multiple_of(hd))
+    {
+        return Err(bad(
+            "rope.layers",
+            format!(
+                "{} output features are not whole heads of {hd}",
+                l.out_features
+            ),
+        ));
+    }
+    Ok(hd)
+}
+
 /// The MLP's gate and up projections and SwiGLU in ONE pool job: act (B, I) =
-/// silu(inp . gate^T + gate_bias) * (inp . up^T + up_bias), inp (B, C). Each item computes
+/// silu(n . gate^T + gate_bias) * (n . up^T + up_bias), n = inp (B, C), or with `norm`
+/// rmsnorm(inp) taken in by the input pass ([`NormIn`]). Each item computes
 /// one column block of gate and up for every row into per-thread buffers and writes that
 /// block of `act` (the gate and up outputs never reach memory as whole matrices). The
 /// bits are those of [`matmul_forward_many`] then [`super::swiglu_forward`]: every
@@ -243,15 +390,18 @@ pub fn matmul_swiglu(
     up_bias: Option<&[f32]>,
     in_features: usize,
     out_features: usize,
+    norm: Option<NormIn<'_>>,
 ) -> Result<(), KernelError> {
     const OP: &str = "matmul_swiglu";
     check_shapes(OP, act, inp, &gate, gate_bias, in_features, out_features)?;
     check_shapes(OP, act, inp, &up, up_bias, in_features, out_features)?;
+    check_norm(OP, norm, in_features)?;
     let rows = inp.len() / in_features;
     if rows == 0 {
         return Ok(());
     }
     let isa = current();
+    let call = FUSED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (c, oc) = (in_features, out_features);
     // Blocks as matmul_forward_many's for the two layers together.
     let (threads, per) = split_plan(rows, c, 2 * oc);
@@ -267,15 +417,17 @@ pub fn matmul_swiglu(
                 u.resize(rows * n, 0.0);
             }
             let (g, u) = (&mut g[..rows * n], &mut u[..rows * n]);
-            WROW.with_borrow_mut(|wrow| {
-                if wrow.len() < c {
-                    wrow.resize(c, 0.0);
-                }
-                for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
-                    let b = b.map(|b| &b[s..e]);
-                    let w = w.slice(s * c, n * c);
-                    compute(buf, inp, w, b, c, n, 0..n, &mut wrow[..c], isa);
-                }
+            with_input(inp, norm, call, isa, |x| {
+                WROW.with_borrow_mut(|wrow| {
+                    if wrow.len() < c {
+                        wrow.resize(c, 0.0);
+                    }
+                    for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
+                        let b = b.map(|b| &b[s..e]);
+                        let w = w.slice(s * c, n * c);
+                        compute(buf, x, w, b, c, n, 0..n, &mut wrow[..c], isa);
+                    }
+                })
             });
             for r in 0..rows {
                 let at = r * oc + s;

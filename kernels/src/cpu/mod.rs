@@ -15,5 +15,8 @@ pub use attention::{
     attention_forward, cascade_decode_attention, paged_decode_attention, paged_prefill_attention,
 };
 pub use heads::{dual_head_forward, lm_head_topk, reward_head_forward};
-pub use matmul::{Linear, matmul_forward, matmul_forward_many, matmul_swiglu};
-pub use rowwise::{residual_forward, rmsnorm_forward, rope_forward, swiglu_forward};
+pub use matmul::{
+    Fusion, Linear, NormIn, RopeOut, matmul_forward, matmul_forward_many,
+    matmul_forward_many_fused, matmul_swiglu,
+};
+pub use rowwise::{RopeTable, residual_forward, rmsnorm_forward, rope_forward, swiglu_forward};

@@ -8,6 +8,10 @@
 //! in registers; each output `w * (x * rstd)` as the reference computes it) and SwiGLU a
 //! vector exp (~2 ulp); an element's result never depends on the other rows. Shapes are
 //! checked for the whole call before any chunk runs.
+//!
+//! The model's layers take RMSNorm and RoPE fused into their matmuls (`matmul::NormIn`,
+//! `matmul::RopeOut`): the row norm and the head rotation here are what those run, and a
+//! [`RopeTable`] holds a pass's angles once for every layer.
 
 use super::dispatch::{Isa, current, num_threads};
 use super::pool;
@@ -83,18 +87,36 @@ pub fn rmsnorm_forward(
     split(inp.len() / c, c, &|r, n| {
         // SAFETY: rows r..r+n of `out`, disjoint per chunk, inside out (checked above).
         let out = unsafe { o.range(r * c, n * c) };
-        let inp = &inp[r * c..(r + n) * c];
-        #[cfg(target_arch = "x86_64")]
-        if isa >= Isa::Avx2 && !matches!(weight, Weights::Q8(_)) {
-            for (o, x) in out.chunks_exact_mut(c).zip(inp.chunks_exact(c)) {
-                // SAFETY: AVX2+FMA+F16C detected; o, x and weight all hold C elements.
-                unsafe { avx2::rmsnorm_row(o, x, weight, eps) };
-            }
-            return Ok(());
-        }
-        let _ = isa;
-        reference::rmsnorm::rmsnorm_forward(out, inp, weight, eps)
+        rmsnorm_rows(out, &inp[r * c..(r + n) * c], weight, eps, isa)
     })
+}
+
+/// [`rmsnorm_forward`] on the calling thread: the same kernel per row, so the same bits
+/// (a row's result never depends on the other rows). Also the input pass of the fused
+/// matmuls (`matmul::NormIn`).
+pub(crate) fn rmsnorm_rows(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: Weights<'_>,
+    eps: f32,
+    isa: Isa,
+) -> Result<(), KernelError> {
+    let c = weight.len();
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2
+        && !matches!(weight, Weights::Q8(_))
+        && c > 0
+        && inp.len().is_multiple_of(c)
+        && out.len() == inp.len()
+    {
+        for (o, x) in out.chunks_exact_mut(c).zip(inp.chunks_exact(c)) {
+            // SAFETY: AVX2+FMA+F16C detected; o, x and weight all hold C elements.
+            unsafe { avx2::rmsnorm_row(o, x, weight, eps) };
+        }
+        return Ok(());
+    }
+    let _ = (isa, c);
+    reference::rmsnorm::rmsnorm_forward(out, inp, weight, eps)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -323,16 +345,95 @@ fn rope_rows(x: &mut [f32], positions: &[u32], n_heads: usize, head_dim: usize, 
     let half = head_dim / 2;
     let (mut sin, mut cos) = ([0.0f32; MAX_ROPE_HALF], [0.0f32; MAX_ROPE_HALF]);
     for (row, &pos) in x.chunks_exact_mut(n_heads * head_dim).zip(positions) {
+        rope_angles(pos, inv_freq, &mut sin[..half], &mut cos[..half]);
+        rotate_heads(row, &sin[..half], &cos[..half]);
+    }
+}
+
+/// sin and cos of `pos * inv_freq[i]` for every i, as the reference computes them.
+fn rope_angles(pos: u32, inv_freq: &[f32], sin: &mut [f32], cos: &mut [f32]) {
+    for ((s, c), &f) in sin.iter_mut().zip(cos.iter_mut()).zip(inv_freq) {
+        (*s, *c) = (pos as f32 * f).sin_cos();
+    }
+}
+
+/// Rotates every head of `heads` (whole heads of 2 * sin.len() values) in place by one
+/// position's angles, with the reference's arithmetic.
+pub(crate) fn rotate_heads(heads: &mut [f32], sin: &[f32], cos: &[f32]) {
+    let half = sin.len();
+    for head in heads.chunks_exact_mut(2 * half) {
+        let (lo, hi) = head.split_at_mut(half);
         for i in 0..half {
-            (sin[i], cos[i]) = (pos as f32 * inv_freq[i]).sin_cos();
+            let (a, b) = (lo[i], hi[i]);
+            lo[i] = a * cos[i] - b * sin[i];
+            hi[i] = b * cos[i] + a * sin[i];
         }
-        for head in row.chunks_exact_mut(head_dim) {
-            let (lo, hi) = head.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (lo[i], hi[i]);
-                lo[i] = a * cos[i] - b * sin[i];
-                hi[i] = b * cos[i] + a * sin[i];
-            }
+    }
+}
+
+/// The RoPE angles of one call's rows, computed once and shared by every layer of a
+/// forward pass (the fused QKV epilogue, `matmul::RopeOut`): row r holds the sines and
+/// cosines of `positions[r] * inv_freq`, bit for bit what [`rope_forward`] and the
+/// reference compute. Filling it again reuses its buffers (no allocation once grown).
+#[derive(Debug, Clone, Default)]
+pub struct RopeTable {
+    positions: Vec<u32>,
+    inv_freq: Vec<f32>,
+    sin: Vec<f32>,
+    cos: Vec<f32>,
+}
+
+impl RopeTable {
+    /// The table for `positions` (one per row) and `inv_freq` (head_dim / 2 values).
+    pub fn fill(&mut self, positions: &[u32], inv_freq: &[f32]) -> Result<(), KernelError> {
+        if inv_freq.is_empty() {
+            return Err(KernelError::Invalid {
+                op: "RopeTable::fill",
+                arg: "inv_freq",
+                reason: "empty (head_dim must be positive and even)".into(),
+            });
         }
+        let half = inv_freq.len();
+        let n = positions.len() * half;
+        self.positions.clear();
+        self.positions.extend_from_slice(positions);
+        self.inv_freq.clear();
+        self.inv_freq.extend_from_slice(inv_freq);
+        self.sin.resize(n, 0.0);
+        self.cos.resize(n, 0.0);
+        for ((&pos, s), c) in positions
+            .iter()
+            .zip(self.sin.chunks_exact_mut(half))
+            .zip(self.cos.chunks_exact_mut(half))
+        {
+            rope_angles(pos, inv_freq, s, c);
+        }
+        Ok(())
+    }
+
+    /// Rows (positions) of the table.
+    pub fn rows(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// The head dim it rotates (2 * inv_freq.len(); 0 before the first fill).
+    pub fn head_dim(&self) -> usize {
+        2 * self.inv_freq.len()
+    }
+
+    /// The positions it was filled for.
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
+    /// The inverse frequencies it was filled with.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// (sin, cos) of row r.
+    pub(crate) fn row(&self, r: usize) -> (&[f32], &[f32]) {
+        let half = self.inv_freq.len();
+        (&self.sin[r * half..][..half], &self.cos[r * half..][..half])
     }
 }

@@ -93,6 +93,96 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
+/// The attention block's input half of one layer (C = 576, Q 576, K and V 192, head dim
+/// 64, bf16): RMSNorm, the Q/K/V projections and RoPE on Q and K as separate ops against
+/// the one fused job (the norm in the matmul input pass, RoPE in its epilogue, the angles
+/// from a table filled once per pass, as the engine runs it). Same bits; GFLOP/s of the
+/// projections.
+fn qkv_fused(c: &mut Criterion) {
+    let mut rng = Rng(0x51_7cc1_b727_220a);
+    let (ic, qd, kvd, hd) = (576usize, 576usize, 192usize, 64usize);
+    let mk = |rng: &mut Rng, n: usize| -> Vec<bf16> {
+        rng.vec(n).into_iter().map(bf16::from_f32).collect()
+    };
+    let (wq, wk, wv) = (
+        mk(&mut rng, qd * ic),
+        mk(&mut rng, kvd * ic),
+        mk(&mut rng, kvd * ic),
+    );
+    let norm_w = mk(&mut rng, ic);
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 100000f32.powf(-2.0 * i as f32 / hd as f32))
+        .collect();
+    for rows in [1usize, 8, 512] {
+        let x = rng.vec(rows * ic);
+        let positions: Vec<u32> = (0..rows as u32).map(|p| p + 100).collect();
+        let (mut xn, mut q) = (vec![0.0f32; rows * ic], vec![0.0f32; rows * qd]);
+        let (mut k, mut v) = (vec![0.0f32; rows * kvd], vec![0.0f32; rows * kvd]);
+        let mut table = cpu::RopeTable::default();
+        let mut g = c.benchmark_group(format!("qkv_rows{rows}"));
+        g.sample_size(10);
+        g.measurement_time(std::time::Duration::from_secs(2));
+        g.warm_up_time(std::time::Duration::from_millis(500));
+        g.throughput(Throughput::Elements(
+            (2 * rows * ic * (qd + 2 * kvd)) as u64,
+        ));
+        let (ws, ocs) = ([&wq[..], &wk[..], &wv[..]], [qd, kvd, kvd]);
+        g.bench_function("unfused", |b| {
+            b.iter(|| {
+                cpu::rmsnorm_forward(&mut xn, &x, Weights::BF16(&norm_w), 1e-5).unwrap();
+                cpu::matmul_forward_many(
+                    &mut qkv_layers([&mut q, &mut k, &mut v], ws, ocs),
+                    &xn,
+                    ic,
+                )
+                .unwrap();
+                cpu::rope_forward(&mut q, &positions, qd / hd, hd, &inv).unwrap();
+                cpu::rope_forward(&mut k, &positions, kvd / hd, hd, &inv).unwrap();
+                black_box(q[0])
+            })
+        });
+        table.fill(&positions, &inv).unwrap();
+        g.bench_function("fused", |b| {
+            b.iter(|| {
+                let fusion = cpu::Fusion {
+                    norm: Some(cpu::NormIn {
+                        weight: Weights::BF16(&norm_w),
+                        eps: 1e-5,
+                    }),
+                    rope: Some(cpu::RopeOut {
+                        table: &table,
+                        layers: 2,
+                    }),
+                };
+                cpu::matmul_forward_many_fused(
+                    &mut qkv_layers([&mut q, &mut k, &mut v], ws, ocs),
+                    &x,
+                    ic,
+                    fusion,
+                )
+                .unwrap();
+                black_box(q[0])
+            })
+        });
+        g.finish();
+    }
+}
+
+/// Q, K and V as the fused calls take them.
+fn qkv_layers<'a>(
+    outs: [&'a mut [f32]; 3],
+    ws: [&'a [bf16]; 3],
+    ocs: [usize; 3],
+) -> [cpu::Linear<'a>; 3] {
+    let [q, k, v] = outs;
+    [(q, ws[0], ocs[0]), (k, ws[1], ocs[1]), (v, ws[2], ocs[2])].map(|(out, w, oc)| cpu::Linear {
+        out,
+        weight: Weights::BF16(w),
+        bias: None,
+        out_features: oc,
+    })
+}
+
 /// Decode is a stream over weights far larger than the caches: a GEMV over a 256 MiB
 /// matrix of C = 576 columns (bf16, and the same weights quantised to Q8), next to a
 /// plain multi-threaded read of the same bytes (the roofline). GB/s of weight bytes read;
@@ -421,6 +511,7 @@ fn lm_head_top1(c: &mut Criterion) {
 criterion_group!(
     benches,
     matmul,
+    qkv_fused,
     stream,
     cascade,
     decode_depth,

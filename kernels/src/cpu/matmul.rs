@@ -20,7 +20,7 @@ use half::{bf16, f16};
 
 use super::dispatch::{Isa, current, num_threads};
 use super::pool;
-use super::rowwise::{RopeTable, rmsnorm_rows, rotate_heads, swiglu_slice};
+use super::rowwise::{RopeTable, rmsnorm_rows, rope_by_table, rotate_heads, swiglu_slice};
 use crate::error::KernelError;
 use crate::reference::matmul::check_shapes;
 use crate::weights::{Q8_GROUP, Q8Slice, Weights};
@@ -209,6 +209,35 @@ fn with_input<R>(
     })
 }
 
+/// From this many input rows (prefill chunks), a fused call runs its norm, matmuls and
+/// rotations as separate pool jobs (same bits): every thread normalising every row, and
+/// column blocks cut at whole heads (a one-column tile per block), cost more there than
+/// the fork/joins saved. Measured with `cargo bench --bench kernels -- qkv_rows`.
+const FUSE_MAX_ROWS: usize = 64;
+
+thread_local! {
+    /// The normalised rows of a staged (many-row) fused call, on the calling thread.
+    static STAGED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f(rmsnorm(inp))` through [`super::rmsnorm_forward`] into a per-thread buffer, or
+/// `f(inp)` without a norm.
+fn staged(
+    inp: &[f32],
+    norm: Option<NormIn<'_>>,
+    f: impl FnOnce(&[f32]) -> Result<(), KernelError>,
+) -> Result<(), KernelError> {
+    let Some(n) = norm else { return f(inp) };
+    STAGED.with_borrow_mut(|buf| {
+        if buf.len() < inp.len() {
+            buf.resize(inp.len(), 0.0);
+        }
+        let x = &mut buf[..inp.len()];
+        super::rmsnorm_forward(x, inp, n.weight, n.eps)?;
+        f(x)
+    })
+}
+
 /// Typed errors for a norm whose weight does not match the input channels.
 fn check_norm(op: &'static str, norm: Option<NormIn<'_>>, c: usize) -> Result<(), KernelError> {
     match norm {
@@ -270,6 +299,17 @@ pub fn matmul_forward_many_fused(
     };
     if rows == 0 || layers.is_empty() {
         return Ok(());
+    }
+    if rows >= FUSE_MAX_ROWS && (fusion.norm.is_some() || fusion.rope.is_some()) {
+        return staged(inp, fusion.norm, |x| {
+            matmul_forward_many_fused(layers, x, in_features, Fusion::default())?;
+            if let Some(rope) = fusion.rope {
+                for l in layers[..rope.layers].iter_mut() {
+                    rope_by_table(l.out, l.out_features, rope.table)?;
+                }
+            }
+            Ok(())
+        });
     }
     let isa = current();
     let total_oc: usize = layers.iter().map(|l| l.out_features).sum();
@@ -399,6 +439,21 @@ pub fn matmul_swiglu(
     let rows = inp.len() / in_features;
     if rows == 0 {
         return Ok(());
+    }
+    if rows >= FUSE_MAX_ROWS && norm.is_some() {
+        return staged(inp, norm, |x| {
+            matmul_swiglu(
+                act,
+                x,
+                gate,
+                gate_bias,
+                up,
+                up_bias,
+                in_features,
+                out_features,
+                None,
+            )
+        });
     }
     let isa = current();
     let call = FUSED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

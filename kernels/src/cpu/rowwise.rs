@@ -335,6 +335,27 @@ pub fn rope_forward(
     })
 }
 
+/// x (rows, width) rotated in place, row r by the table's row r, every head of `width`
+/// (a multiple of the table's head dim, checked by the caller) as [`rope_forward`] rotates
+/// it; rows split across the pool.
+pub(crate) fn rope_by_table(
+    x: &mut [f32],
+    width: usize,
+    table: &RopeTable,
+) -> Result<(), KernelError> {
+    check_len("rope_by_table", "x", x.len(), table.rows() * width)?;
+    let o = Out(x.as_mut_ptr());
+    split(table.rows(), width, &|r, n| {
+        // SAFETY: rows r..r+n of `x`, disjoint per chunk, inside x (checked above).
+        let x = unsafe { o.range(r * width, n * width) };
+        for (i, row) in x.chunks_exact_mut(width).enumerate() {
+            let (sin, cos) = table.row(r + i);
+            rotate_heads(row, sin, cos);
+        }
+        Ok(())
+    })
+}
+
 /// Widest half head dim whose rotation table [`rope_rows`] keeps on the stack.
 const MAX_ROPE_HALF: usize = 128;
 

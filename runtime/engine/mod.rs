@@ -27,8 +27,6 @@
 //! f16 rounded as rows are written; one layer's slice is the (NB, BS, NKV, HS) arena of
 //! `cloudrm_kernels::reference::attention_paged`.
 
-use std::collections::BTreeSet;
-
 use cloudrm_kernels::KvElem;
 use cloudrm_kernels::cpu::RopeTable;
 use cloudrm_kernels::reference::attention_paged::{
@@ -39,7 +37,7 @@ use half::f16;
 
 use crate::backend::Cpu;
 use crate::error::{Error, Result};
-use crate::kv::{BlockId, CopyBlock, KvError, KvManager, PrefixKey, SeqId, Slot};
+use crate::kv::{BlockId, CopyBlock, KvError, KvManager, PrefixKey, SeqId};
 use crate::model::llama::{MlpBuffers, mlp_block, qkv_proj};
 use crate::model::{Llama, ModelError};
 
@@ -103,6 +101,69 @@ struct Buffers {
     hidden: Vec<f32>,
     /// scores / cascade scratch; grows to the longest context seen
     scratch: Vec<f32>,
+    /// The attention's per-row table slices (empty between passes; its allocation reused)
+    refs: Vec<&'static [u32]>,
+}
+
+/// A decode step's bookkeeping, kept between steps so that a step whose sequences stay
+/// inside their blocks allocates nothing (a step that opens a block allocates its id).
+#[derive(Default)]
+struct StepBufs {
+    /// Per row: blocks covered by its shared levels.
+    covered: Vec<usize>,
+    /// Per row: its new position's arena row.
+    rows: Vec<usize>,
+    /// Per row: its whole block table (ids as u32).
+    tables: Vec<Vec<u32>>,
+    /// Per row: its length after the step.
+    lens: Vec<usize>,
+    /// Per non-empty level: (block table, positions, member rows); `n_levels` in use.
+    level_tables: Vec<(Vec<u32>, usize, std::ops::Range<usize>)>,
+    n_levels: usize,
+    /// Per row: the blocks past its shared levels, and their positions.
+    suffix_tables: Vec<Vec<u32>>,
+    suffix_lens: Vec<usize>,
+    /// The levels as the attention takes them (empty between steps; allocation reused).
+    levels: Vec<Level<'static>>,
+}
+
+impl std::fmt::Debug for StepBufs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepBufs")
+            .field("rows", &self.rows.capacity())
+            .field("levels", &self.level_tables.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An empty vector reusing `v`'s allocation for references of another lifetime (an
+/// in-place collect: the element layout is the same, so no allocation).
+fn recycle_refs<'b, T: ?Sized>(mut v: Vec<&'_ T>) -> Vec<&'b T> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("cleared")).collect()
+}
+
+/// [`recycle_refs`] for cascade levels.
+fn recycle_levels<'b>(mut v: Vec<Level<'_>>) -> Vec<Level<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("cleared")).collect()
+}
+
+/// `dst` = the ids of `blocks`, reusing its allocation.
+fn fill_table(dst: &mut Vec<u32>, blocks: &[BlockId]) {
+    dst.clear();
+    dst.extend(blocks.iter().map(|b| b.0));
+}
+
+/// The first `n` vectors of `v` (created on first use), cleared.
+fn take_rows<T>(v: &mut Vec<Vec<T>>, n: usize) -> &mut [Vec<T>] {
+    if v.len() < n {
+        v.resize_with(n, Vec::new);
+    }
+    for t in &mut v[..n] {
+        t.clear();
+    }
+    &mut v[..n]
 }
 
 /// How the rows of one pass attend.
@@ -150,6 +211,7 @@ pub struct PagedEngine {
     /// K and V, each (L, NB, BS, NKV*HS).
     arenas: KvArenas,
     bufs: Buffers,
+    step: StepBufs,
 }
 
 /// `logits (rows, V) = hidden (rows, C) @ lm_head^T`; `out` must hold rows * V.
@@ -264,6 +326,7 @@ impl PagedEngine {
             rope: RopeTable::default(),
             hidden: vec![0.0; r * d.c],
             scratch: Vec::new(),
+            refs: Vec::new(),
         };
         Ok(PagedEngine {
             kv,
@@ -277,6 +340,7 @@ impl PagedEngine {
                 KvCache::F16 => KvArenas::F16(Arena::zeroed(arena), Arena::zeroed(arena)),
             },
             bufs,
+            step: StepBufs::default(),
         })
     }
 
@@ -483,7 +547,8 @@ impl PagedEngine {
         tokens: &[u32],
         shared: Option<(SeqId, usize)>,
     ) -> Result<&[f32]> {
-        let levels: Vec<SharedLevel> = match shared {
+        let level;
+        let levels: &[SharedLevel] = match shared {
             Some((owner, p)) => {
                 let owner_len = self.kv.seq_len(owner)?;
                 if p > owner_len {
@@ -494,15 +559,16 @@ impl PagedEngine {
                     }
                     .into());
                 }
-                vec![SharedLevel {
+                level = SharedLevel {
                     owner,
                     blocks: 0..p / self.block_size,
                     members: 0..seqs.len(),
-                }]
+                };
+                std::slice::from_ref(&level)
             }
-            None => Vec::new(),
+            None => &[],
         };
-        self.decode_step_levels(model, cpu, seqs, tokens, &levels)
+        self.decode_step_levels(model, cpu, seqs, tokens, levels)
     }
 
     /// [`PagedEngine::decode_step`] with nested shared levels (e.g. prompt -> response ->
@@ -533,9 +599,8 @@ impl PagedEngine {
                 self.max_rows
             )));
         }
-        let mut seen = BTreeSet::new();
         for (i, &s) in seqs.iter().enumerate() {
-            if !seen.insert(s) {
+            if seqs[..i].contains(&s) {
                 return Err(KvError::InvalidArgument {
                     op: OP,
                     arg: "seqs",
@@ -546,10 +611,40 @@ impl PagedEngine {
             let pos = self.kv.seq_len(s)?;
             Self::check_tokens(model, &tokens[i..i + 1], pos)?;
         }
+        // The step's bookkeeping lives outside `self` while the step runs (put back even
+        // after an error, so its allocations are kept).
+        let mut st = std::mem::take(&mut self.step);
+        let r = self.decode_step_with(model, cpu, seqs, tokens, levels, &mut st);
+        self.step = st;
+        r?;
+        let c = self.dims.c;
+        let w = &model.weights;
+        cpu.rmsnorm(
+            &mut self.bufs.hidden[..b * c],
+            &self.bufs.x[..b * c],
+            w.get(&w.final_norm),
+            model.config.rms_norm_eps,
+        )?;
+        Ok(&self.bufs.hidden[..b * c])
+    }
+
+    /// [`PagedEngine::decode_step_levels`] after its argument checks, its lists in `st`.
+    fn decode_step_with(
+        &mut self,
+        model: &Llama,
+        cpu: &Cpu,
+        seqs: &[SeqId],
+        tokens: &[u32],
+        levels: &[SharedLevel],
+        st: &mut StepBufs,
+    ) -> Result<()> {
+        const OP: &str = "PagedEngine::decode_step";
+        let b = seqs.len();
         let bs = self.block_size;
         // Levels: full owner blocks, tiling each member's table from block 0.
-        let mut covered = vec![0usize; b];
-        let mut level_tables: Vec<(Vec<u32>, usize, std::ops::Range<usize>)> = Vec::new();
+        st.covered.clear();
+        st.covered.resize(b, 0);
+        st.n_levels = 0;
         for lv in levels {
             let bad = |reason: String| -> Error {
                 KvError::InvalidArgument {
@@ -575,11 +670,11 @@ impl PagedEngine {
             if lv.blocks.is_empty() || lv.members.is_empty() {
                 continue;
             }
-            let blocks = self.kv.block_table(lv.owner)?[lv.blocks.clone()].to_vec();
+            let blocks = &self.kv.block_table(lv.owner)?[lv.blocks.clone()];
             for r in lv.members.clone() {
                 let s = seqs[r];
-                if covered[r] != lv.blocks.start
-                    || self.kv.block_table(s)?.get(lv.blocks.clone()) != Some(&blocks[..])
+                if st.covered[r] != lv.blocks.start
+                    || self.kv.block_table(s)?.get(lv.blocks.clone()) != Some(blocks)
                     || self.kv.seq_len(s)? < lv.blocks.end * bs
                 {
                     return Err(bad(format!(
@@ -587,9 +682,16 @@ impl PagedEngine {
                         lv.blocks.start, lv.blocks.end, lv.owner
                     )));
                 }
-                covered[r] = lv.blocks.end;
+                st.covered[r] = lv.blocks.end;
             }
-            level_tables.push((table_u32(&blocks), blocks.len() * bs, lv.members.clone()));
+            if st.level_tables.len() == st.n_levels {
+                st.level_tables.push((Vec::new(), 0, 0..0));
+            }
+            let (table, len, members) = &mut st.level_tables[st.n_levels];
+            fill_table(table, blocks);
+            *len = blocks.len() * bs;
+            *members = lv.members.clone();
+            st.n_levels += 1;
         }
         let needed = self.blocks_needed(seqs)?;
         let free = self.kv.free_blocks();
@@ -597,82 +699,71 @@ impl PagedEngine {
             return Err(KvError::CapacityExhausted { needed, free }.into());
         }
         // Append one slot per sequence, running any copy-on-write on our arenas first.
-        let mut rows = Vec::with_capacity(b);
+        st.rows.clear();
         for (i, &s) in seqs.iter().enumerate() {
             let pos = self.kv.seq_len(s)?;
             let pending = self.kv.append_slots(s, 1)?;
             let dims = self.dims;
             let nb = self.num_blocks;
             let arenas = &mut self.arenas;
-            let slots: Vec<Slot> = pending.apply(|c| match arenas {
+            let slot = pending.apply_first(|c| match arenas {
                 KvArenas::F32(k, v) => copy_block(k, v, dims, nb, bs, c),
                 KvArenas::F16(k, v) => copy_block(k, v, dims, nb, bs, c),
             })?;
-            let slot = slots.first().copied().ok_or(KvError::InvalidArgument {
+            let slot = slot.ok_or_else(|| KvError::InvalidArgument {
                 op: OP,
                 arg: "seqs",
                 reason: format!("no slot returned for {s}"),
             })?;
-            rows.push(slot.block.index() * bs + slot.offset);
+            st.rows.push(slot.block.index() * bs + slot.offset);
             self.bufs.positions[i] = pos as u32;
         }
-        let mut tables = Vec::with_capacity(b);
-        let mut lens = Vec::with_capacity(b);
-        for &s in seqs {
-            tables.push(table_u32(self.kv.block_table(s)?));
-            lens.push(self.kv.seq_len(s)?);
+        st.lens.clear();
+        for (t, &s) in take_rows(&mut st.tables, b).iter_mut().zip(seqs) {
+            fill_table(t, self.kv.block_table(s)?);
+            st.lens.push(self.kv.seq_len(s)?);
         }
-        if level_tables.is_empty() {
-            self.forward_rows(
+        if st.n_levels == 0 {
+            return self.forward_rows(
                 model,
                 cpu,
                 tokens,
-                &rows,
+                &st.rows,
                 &Attn::Decode {
-                    tables: &tables,
-                    lens: &lens,
+                    tables: &st.tables[..b],
+                    lens: &st.lens,
                 },
-            )?;
-        } else {
-            let suffix_tables: Vec<Vec<u32>> = tables
-                .iter()
-                .zip(&covered)
-                .map(|(t, &n)| t[n..].to_vec())
-                .collect();
-            let suffix_lens: Vec<usize> = lens
-                .iter()
-                .zip(&covered)
-                .map(|(&l, &n)| l - n * bs)
-                .collect();
-            let levels: Vec<Level<'_>> = level_tables
+            );
+        }
+        st.suffix_lens.clear();
+        for (i, t) in take_rows(&mut st.suffix_tables, b).iter_mut().enumerate() {
+            let n = st.covered[i];
+            t.extend_from_slice(&st.tables[i][n..]);
+            st.suffix_lens.push(st.lens[i] - n * bs);
+        }
+        let mut lv = recycle_levels(std::mem::take(&mut st.levels));
+        lv.extend(
+            st.level_tables[..st.n_levels]
                 .iter()
                 .map(|(table, len, members)| Level {
                     block_table: table,
                     len: *len,
                     members: members.clone(),
-                })
-                .collect();
-            self.forward_rows(
-                model,
-                cpu,
-                tokens,
-                &rows,
-                &Attn::Cascade {
-                    levels: &levels,
-                    suffix_tables: &suffix_tables,
-                    suffix_lens: &suffix_lens,
-                },
-            )?;
-        }
-        let c = self.dims.c;
-        let w = &model.weights;
-        cpu.rmsnorm(
-            &mut self.bufs.hidden[..b * c],
-            &self.bufs.x[..b * c],
-            w.get(&w.final_norm),
-            model.config.rms_norm_eps,
-        )?;
-        Ok(&self.bufs.hidden[..b * c])
+                }),
+        );
+        let r = self.forward_rows(
+            model,
+            cpu,
+            tokens,
+            &st.rows,
+            &Attn::Cascade {
+                levels: &lv,
+                suffix_tables: &st.suffix_tables[..b],
+                suffix_lens: &st.suffix_lens,
+            },
+        );
+        st.levels = recycle_levels(lv);
+        r
     }
 
     /// The layer loop over R = `ids.len()` rows at `self.bufs.positions[..R]`; row r's K/V
@@ -713,13 +804,14 @@ impl PagedEngine {
             }
         };
         grow(&mut self.bufs.scratch, need);
-        let suffix_refs: Vec<&[u32]> = match attn {
-            Attn::Decode { tables, .. } => tables.iter().map(|v| v.as_slice()).collect(),
+        let mut suffix_refs = recycle_refs(std::mem::take(&mut self.bufs.refs));
+        match attn {
+            Attn::Decode { tables, .. } => suffix_refs.extend(tables.iter().map(|v| v.as_slice())),
             Attn::Cascade { suffix_tables, .. } => {
-                suffix_tables.iter().map(|v| v.as_slice()).collect()
+                suffix_refs.extend(suffix_tables.iter().map(|v| v.as_slice()))
             }
-            Attn::Prefill { .. } => Vec::new(),
-        };
+            Attn::Prefill { .. } => {}
+        }
         let bufs = &mut self.bufs;
         bufs.rope.fill(&bufs.positions[..t], &model.inv_freq)?;
         let x = &mut bufs.x[..t * c];
@@ -766,6 +858,7 @@ impl PagedEngine {
                 },
             )?;
         }
+        self.bufs.refs = recycle_refs(suffix_refs);
         Ok(())
     }
 }

@@ -42,7 +42,9 @@ pub struct CopyBlock {
 #[must_use = "the slots (and a possible copy-on-write) must be applied"]
 pub struct AppendSlots {
     copy: Option<CopyBlock>,
-    slots: Vec<Slot>,
+    /// A single slot (the decode step's case) without a heap allocation; else `many`.
+    one: Option<Slot>,
+    many: Vec<Slot>,
 }
 
 impl AppendSlots {
@@ -53,7 +55,10 @@ impl AppendSlots {
 
     /// The slots (for inspection; take them with `apply`).
     pub fn peek_slots(&self) -> &[Slot] {
-        &self.slots
+        match &self.one {
+            Some(one) => std::slice::from_ref(one),
+            None => &self.many,
+        }
     }
 
     /// Runs `copy` on the pending copy (if any), then hands out the slots.
@@ -61,7 +66,22 @@ impl AppendSlots {
         if let Some(c) = &self.copy {
             copy(c)?;
         }
-        Ok(self.slots)
+        Ok(match self.one {
+            Some(one) => vec![one],
+            None => self.many,
+        })
+    }
+
+    /// [`AppendSlots::apply`] handing out only the first slot (`None` when none was
+    /// asked for): the one-token decode step's form, which allocates nothing.
+    pub fn apply_first<E>(
+        self,
+        copy: impl FnOnce(&CopyBlock) -> Result<(), E>,
+    ) -> Result<Option<Slot>, E> {
+        if let Some(c) = &self.copy {
+            copy(c)?;
+        }
+        Ok(self.one.or_else(|| self.many.first().copied()))
     }
 
     /// `apply` against the CPU storage.
@@ -304,11 +324,12 @@ impl KvManager {
         if n == 0 {
             return Ok(AppendSlots {
                 copy: None,
-                slots: Vec::new(),
+                one: None,
+                many: Vec::new(),
             });
         }
         let len = table.len;
-        let new_len = len.checked_add(n).ok_or(KvError::InvalidArgument {
+        let new_len = len.checked_add(n).ok_or_else(|| KvError::InvalidArgument {
             op: "KvManager::append_slots",
             arg: "n",
             reason: format!("{len} + {n} positions overflow"),
@@ -339,14 +360,17 @@ impl KvManager {
             _ => (None, &fresh[..]),
         };
         table.blocks.extend_from_slice(rest);
-        let slots = (len..new_len)
-            .map(|p| Slot {
-                block: table.blocks[p / bs],
-                offset: p % bs,
-            })
-            .collect();
+        let slot = |p: usize| Slot {
+            block: table.blocks[p / bs],
+            offset: p % bs,
+        };
+        let (one, many) = if n == 1 {
+            (Some(slot(len)), Vec::new())
+        } else {
+            (None, (len..new_len).map(slot).collect())
+        };
         table.len = new_len;
-        Ok(AppendSlots { copy, slots })
+        Ok(AppendSlots { copy, one, many })
     }
 
     /// `k` children of `seq` sharing all its blocks by ref count (no copy, no allocation).

@@ -1,0 +1,96 @@
+//! The engine's per-token path allocates nothing: a counting global allocator (every
+//! thread, so the pool's workers too) around decode steps, single-stream and cascade,
+//! once warm-up steps have grown the per-thread buffers. A step that opens a new block
+//! for some sequence may allocate (the block's id list); every other step must not.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use cloudrm::backend::Cpu;
+use cloudrm::engine::{KvCache, PagedEngine};
+use cloudrm::kv::SeqId;
+use cloudrm::model::Llama;
+use common::tiny::{TinySpec, tiny_model_dir};
+
+struct Counting;
+
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts allocations.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations of one decode step, and whether it opened a block for some sequence.
+fn step(
+    eng: &mut PagedEngine,
+    m: &Llama,
+    seqs: &[SeqId],
+    tokens: &[u32],
+    shared: Option<(SeqId, usize)>,
+) -> (usize, bool) {
+    let bs = eng.block_size();
+    let opens = seqs
+        .iter()
+        .any(|&s| eng.seq_len(s).unwrap().is_multiple_of(bs));
+    let before = ALLOCS.load(Ordering::Relaxed);
+    eng.decode_step(m, &Cpu::default(), seqs, tokens, shared)
+        .unwrap();
+    (ALLOCS.load(Ordering::Relaxed) - before, opens)
+}
+
+#[test]
+fn decode_steps_allocate_nothing_inside_their_blocks() {
+    let m = Llama::load_dir(&tiny_model_dir("engine-no-alloc", &TinySpec::default())).unwrap();
+    for cache in [KvCache::F32, KvCache::F16] {
+        let mut eng = PagedEngine::with_cache(&m, 64, 4, 8, cache).unwrap();
+        let prompt: Vec<u32> = (0..10u32).map(|i| (i * 37 + 3) % 97).collect();
+        let (parent, _, _) = eng.prefill(&m, &Cpu::default(), &prompt).unwrap();
+        let single = eng.fork(parent, 1).unwrap();
+        let kids = eng.fork(parent, 3).unwrap();
+        let mut checked = [0usize; 2];
+        for i in 0..14u32 {
+            let toks = [i % 97, (i * 7 + 1) % 97, (i * 13 + 2) % 97];
+            let runs = [
+                step(&mut eng, &m, &single, &toks[..1], None),
+                step(&mut eng, &m, &kids, &toks, Some((parent, 10))),
+            ];
+            // Two warm-up steps: per-thread buffers grow, the forks' copy-on-write runs.
+            if i < 2 {
+                continue;
+            }
+            for (j, (allocs, opens)) in runs.into_iter().enumerate() {
+                let what = ["single-stream", "cascade"][j];
+                if !opens {
+                    assert_eq!(
+                        allocs, 0,
+                        "{cache} cache, {what} step {i}: {allocs} allocations"
+                    );
+                    checked[j] += 1;
+                }
+            }
+        }
+        assert!(
+            checked.iter().all(|&n| n >= 6),
+            "{cache}: too few steps checked"
+        );
+    }
+}

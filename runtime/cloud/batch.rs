@@ -238,9 +238,15 @@ impl CloudScorer<'_> {
                     .map(|(i, seq)| Row {
                         seq,
                         logits: logits.clone(),
-                        history: p.prefix.clone(),
+                        // Room for the critique up front (up to a bound), as `lock_step`.
+                        history: {
+                            let reserve = opts.max_critique_tokens.min(4096);
+                            let mut h = Vec::with_capacity(p.prefix.len() + reserve);
+                            h.extend_from_slice(&p.prefix);
+                            h
+                        },
                         rng: SeqRng::new(opts.seed, i as u64),
-                        critique: Vec::new(),
+                        critique: Vec::with_capacity(opts.max_critique_tokens.min(4096)),
                         truncated: false,
                         closing: false,
                         reward: None,

@@ -468,15 +468,22 @@ impl<'m> CloudScorer<'m> {
             closing: bool,
             reward: Option<f32>,
         }
+        let reserve = opts.max_critique_tokens.min(4096);
         let mut rows: Vec<Row> = children
             .iter()
             .enumerate()
             .map(|(i, &seq)| Row {
                 seq,
                 logits: prefix_logits.clone(),
-                history: prefix.to_vec(),
+                // Room for the critique up front (up to a bound): no reallocation while
+                // decoding.
+                history: {
+                    let mut h = Vec::with_capacity(prefix.len() + reserve);
+                    h.extend_from_slice(prefix);
+                    h
+                },
                 rng: SeqRng::new(opts.seed, i as u64),
-                critique: Vec::new(),
+                critique: Vec::with_capacity(reserve),
                 truncated: false,
                 closing: false,
                 reward: None,

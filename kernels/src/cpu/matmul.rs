@@ -60,22 +60,16 @@ pub fn matmul_forward(
         // SAFETY: every block writes only columns start..end of each output row, the
         // blocks are disjoint, and `out` outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        WROW.with_borrow_mut(|wrow| {
-            if wrow.len() < in_features {
-                wrow.resize(in_features, 0.0);
-            }
-            compute(
-                out,
-                inp,
-                weight,
-                bias,
-                in_features,
-                out_features,
-                start..end,
-                &mut wrow[..in_features],
-                isa,
-            );
-        });
+        compute_cols(
+            out,
+            inp,
+            weight,
+            bias,
+            in_features,
+            out_features,
+            start..end,
+            isa,
+        );
     });
     Ok(())
 }
@@ -345,22 +339,7 @@ pub fn matmul_forward_many_fused(
         // items are disjoint, and every output outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), len) };
         with_input(inp, fusion.norm, call, isa, |x| {
-            WROW.with_borrow_mut(|wrow| {
-                if wrow.len() < in_features {
-                    wrow.resize(in_features, 0.0);
-                }
-                compute(
-                    out,
-                    x,
-                    weight,
-                    bias,
-                    in_features,
-                    oc,
-                    start..end,
-                    &mut wrow[..in_features],
-                    isa,
-                );
-            })
+            compute_cols(out, x, weight, bias, in_features, oc, start..end, isa)
         });
         if let Some(rope) = fusion.rope.filter(|r| li < r.layers) {
             // start and end are multiples of the head dim (checked and cut above).
@@ -473,16 +452,10 @@ pub fn matmul_swiglu(
             }
             let (g, u) = (&mut g[..rows * n], &mut u[..rows * n]);
             with_input(inp, norm, call, isa, |x| {
-                WROW.with_borrow_mut(|wrow| {
-                    if wrow.len() < c {
-                        wrow.resize(c, 0.0);
-                    }
-                    for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
-                        let b = b.map(|b| &b[s..e]);
-                        let w = w.slice(s * c, n * c);
-                        compute(buf, x, w, b, c, n, 0..n, &mut wrow[..c], isa);
-                    }
-                })
+                for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
+                    let b = b.map(|b| &b[s..e]);
+                    compute_cols(buf, x, w.slice(s * c, n * c), b, c, n, 0..n, isa);
+                }
             });
             for r in 0..rows {
                 let at = r * oc + s;
@@ -532,12 +505,7 @@ pub(super) fn block_forward(
 ) {
     let n = cols.len();
     let w = weight.slice(cols.start * c, n * c);
-    WROW.with_borrow_mut(|wrow| {
-        if wrow.len() < c {
-            wrow.resize(c, 0.0);
-        }
-        compute(out, inp, w, None, c, n, 0..n, &mut wrow[..c], isa);
-    });
+    compute_cols(out, inp, w, None, c, n, 0..n, isa);
 }
 
 thread_local! {
@@ -558,6 +526,37 @@ impl SendPtr {
 unsafe impl Send for SendPtr {}
 // SAFETY: as above; participants never touch the same element.
 unsafe impl Sync for SendPtr {}
+
+/// [`compute`] with this thread's converted-row buffer (grown once to the widest C).
+#[allow(clippy::too_many_arguments)]
+fn compute_cols(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: Weights<'_>,
+    bias: Option<&[f32]>,
+    in_features: usize,
+    out_features: usize,
+    cols: std::ops::Range<usize>,
+    isa: Isa,
+) {
+    WROW.with_borrow_mut(|wrow| {
+        if wrow.len() < in_features {
+            wrow.resize(in_features, 0.0);
+        }
+        let wrow = &mut wrow[..in_features];
+        compute(
+            out,
+            inp,
+            weight,
+            bias,
+            in_features,
+            out_features,
+            cols,
+            wrow,
+            isa,
+        );
+    });
+}
 
 #[allow(clippy::too_many_arguments)]
 fn compute(

@@ -60,7 +60,7 @@ pub fn matmul_forward(
         // SAFETY: every block writes only columns start..end of each output row, the
         // blocks are disjoint, and `out` outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
-        compute_cols(
+        compute(
             out,
             inp,
             weight,
@@ -209,20 +209,17 @@ fn with_input<R>(
 /// the fork/joins saved. Measured with `cargo bench --bench kernels -- qkv_rows`.
 const FUSE_MAX_ROWS: usize = 64;
 
-thread_local! {
-    /// The normalised rows of a staged (many-row) fused call, on the calling thread.
-    static STAGED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// `f(rmsnorm(inp))` through [`super::rmsnorm_forward`] into a per-thread buffer, or
-/// `f(inp)` without a norm.
+/// `f(rmsnorm(inp))` through [`super::rmsnorm_forward`] into the calling thread's
+/// [`NORMED`] buffer (tagged as no call's, since `f` runs unfused calls that never read
+/// it), or `f(inp)` without a norm.
 fn staged(
     inp: &[f32],
     norm: Option<NormIn<'_>>,
     f: impl FnOnce(&[f32]) -> Result<(), KernelError>,
 ) -> Result<(), KernelError> {
     let Some(n) = norm else { return f(inp) };
-    STAGED.with_borrow_mut(|buf| {
+    NORMED.with_borrow_mut(|(tag, buf)| {
+        *tag = 0;
         if buf.len() < inp.len() {
             buf.resize(inp.len(), 0.0);
         }
@@ -339,7 +336,7 @@ pub fn matmul_forward_many_fused(
         // items are disjoint, and every output outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), len) };
         with_input(inp, fusion.norm, call, isa, |x| {
-            compute_cols(out, x, weight, bias, in_features, oc, start..end, isa)
+            compute(out, x, weight, bias, in_features, oc, start..end, isa)
         });
         if let Some(rope) = fusion.rope.filter(|r| li < r.layers) {
             // start and end are multiples of the head dim (checked and cut above).
@@ -454,7 +451,7 @@ pub fn matmul_swiglu(
             with_input(inp, norm, call, isa, |x| {
                 for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
                     let b = b.map(|b| &b[s..e]);
-                    compute_cols(buf, x, w.slice(s * c, n * c), b, c, n, 0..n, isa);
+                    compute(buf, x, w.slice(s * c, n * c), b, c, n, 0..n, isa);
                 }
             });
             for r in 0..rows {
@@ -505,7 +502,7 @@ pub(super) fn block_forward(
 ) {
     let n = cols.len();
     let w = weight.slice(cols.start * c, n * c);
-    compute_cols(out, inp, w, None, c, n, 0..n, isa);
+    compute(out, inp, w, None, c, n, 0..n, isa);
 }
 
 thread_local! {
@@ -527,37 +524,6 @@ unsafe impl Send for SendPtr {}
 // SAFETY: as above; participants never touch the same element.
 unsafe impl Sync for SendPtr {}
 
-/// [`compute`] with this thread's converted-row buffer (grown once to the widest C).
-#[allow(clippy::too_many_arguments)]
-fn compute_cols(
-    out: &mut [f32],
-    inp: &[f32],
-    weight: Weights<'_>,
-    bias: Option<&[f32]>,
-    in_features: usize,
-    out_features: usize,
-    cols: std::ops::Range<usize>,
-    isa: Isa,
-) {
-    WROW.with_borrow_mut(|wrow| {
-        if wrow.len() < in_features {
-            wrow.resize(in_features, 0.0);
-        }
-        let wrow = &mut wrow[..in_features];
-        compute(
-            out,
-            inp,
-            weight,
-            bias,
-            in_features,
-            out_features,
-            cols,
-            wrow,
-            isa,
-        );
-    });
-}
-
 #[allow(clippy::too_many_arguments)]
 fn compute(
     out: &mut [f32],
@@ -567,7 +533,6 @@ fn compute(
     in_features: usize,
     out_features: usize,
     cols: std::ops::Range<usize>,
-    wrow: &mut [f32],
     isa: Isa,
 ) {
     let rows = inp.len() / in_features;
@@ -597,21 +562,29 @@ fn compute(
         unsafe { tiled::gemm(out, inp, weight, bias, in_features, out_features, cols) };
         return;
     }
-    for o in cols {
-        let w = weight.slice(o * in_features, in_features);
-        let b = bias.map_or(0.0, |b| b[o]);
-        // (Q8 rows go through the converted row even alone, so a row sums in the same
-        // order whatever the number of rows.)
-        if rows == 1 && !matches!(w, Weights::Q8(_)) {
-            out[o] = dot_weights(&inp[..in_features], w, isa) + b;
-            continue;
+    // The scalar path: one weight row converted into this thread's buffer (grown once to
+    // the widest C) and dotted with every input row.
+    WROW.with_borrow_mut(|wrow| {
+        if wrow.len() < in_features {
+            wrow.resize(in_features, 0.0);
         }
-        convert_row(w, wrow, isa);
-        for r in 0..rows {
-            let x = &inp[r * in_features..][..in_features];
-            out[r * out_features + o] = dot_f32(x, wrow, isa) + b;
+        let wrow = &mut wrow[..in_features];
+        for o in cols {
+            let w = weight.slice(o * in_features, in_features);
+            let b = bias.map_or(0.0, |b| b[o]);
+            // (Q8 rows go through the converted row even alone, so a row sums in the same
+            // order whatever the number of rows.)
+            if rows == 1 && !matches!(w, Weights::Q8(_)) {
+                out[o] = dot_weights(&inp[..in_features], w, isa) + b;
+                continue;
+            }
+            convert_row(w, wrow, isa);
+            for r in 0..rows {
+                let x = &inp[r * in_features..][..in_features];
+                out[r * out_features + o] = dot_f32(x, wrow, isa) + b;
+            }
         }
-    }
+    });
 }
 
 fn convert_row(w: Weights<'_>, dst: &mut [f32], isa: Isa) {

@@ -1,7 +1,8 @@
 //! The engine's per-token path allocates nothing: a counting global allocator around
 //! decode steps, single-stream and cascade, once warm-up steps have grown the per-thread
-//! buffers. A step that opens a new block for some sequence may allocate (the block's id
-//! list); every other step must not. What is asserted is the calling thread's count: the
+//! buffers. With room reserved in the sequences' block lists (`PagedEngine::reserve`, as
+//! the critique scorer does), the steps that open a new block allocate nothing either;
+//! without it, such a step may grow the list. What is asserted is the calling thread's count: the
 //! tiny model's ops are below the pool's size thresholds and run there. Another thread
 //! (the test harness's or an idle pool worker's; which was not pinned down) was seen to
 //! allocate once during a step in a few runs, on its own schedule, so other threads'
@@ -76,6 +77,20 @@ fn step(
 
 #[test]
 fn decode_steps_allocate_nothing_inside_their_blocks() {
+    run(false);
+}
+
+#[test]
+fn decode_steps_opening_blocks_allocate_nothing_with_room_reserved() {
+    run(true);
+}
+
+/// Thirty steps of a single stream and of three cascade children after a 10-token prompt
+/// (blocks of 4 positions: a block opens every fourth step; the context passes 16 and 32
+/// positions, where growing buffers would double); with `reserve`, room for 48 positions
+/// is reserved for each child and every step past the warm-up is checked, the
+/// block-opening ones included.
+fn run(reserve: bool) {
     let m = Llama::load_dir(&tiny_model_dir("engine-no-alloc", &TinySpec::default())).unwrap();
     for cache in [KvCache::F32, KvCache::F16] {
         let mut eng = PagedEngine::with_cache(&m, 64, 4, 8, cache).unwrap();
@@ -83,8 +98,14 @@ fn decode_steps_allocate_nothing_inside_their_blocks() {
         let (parent, _, _) = eng.prefill(&m, &Cpu::default(), &prompt).unwrap();
         let single = eng.fork(parent, 1).unwrap();
         let kids = eng.fork(parent, 3).unwrap();
+        if reserve {
+            for &s in single.iter().chain(&kids) {
+                eng.reserve(s, 48).unwrap();
+            }
+        }
         let mut checked = [0usize; 2];
-        for i in 0..14u32 {
+        let mut opening = 0;
+        for i in 0..30u32 {
             let toks = [i % 97, (i * 7 + 1) % 97, (i * 13 + 2) % 97];
             let runs = [
                 step(&mut eng, &m, &single, &toks[..1], None),
@@ -96,18 +117,20 @@ fn decode_steps_allocate_nothing_inside_their_blocks() {
             }
             for (j, (allocs, opens)) in runs.into_iter().enumerate() {
                 let what = ["single-stream", "cascade"][j];
-                if !opens {
+                if !opens || reserve {
                     assert_eq!(
                         allocs, 0,
-                        "{cache} cache, {what} step {i}: {allocs} allocations"
+                        "{cache} cache, {what} step {i} (opens a block: {opens}): {allocs} allocations"
                     );
                     checked[j] += 1;
+                    opening += usize::from(opens);
                 }
             }
         }
         assert!(
-            checked.iter().all(|&n| n >= 6),
+            checked.iter().all(|&n| n >= 20),
             "{cache}: too few steps checked"
         );
+        assert_eq!(opening > 0, reserve, "{cache}: block-opening steps checked");
     }
 }

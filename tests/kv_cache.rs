@@ -292,6 +292,43 @@ fn copy_on_write_on_first_append_into_shared_partial_block() {
 }
 
 #[test]
+fn reserved_room_holds_the_blocks_without_changing_anything_else() {
+    let bs = 4;
+    let mut m = KvManager::new(16, bs).unwrap();
+    let (p, _) = m.add_sequence(&toks(0, 6), BASE).unwrap();
+    let c = m.fork(p, 1).unwrap()[0];
+    let free = m.free_blocks();
+    m.reserve(c, 20).unwrap();
+    assert_eq!(m.free_blocks(), free, "reserving takes no blocks");
+    assert_eq!(m.seq_len(c).unwrap(), 6);
+    let room = m.table(c).unwrap().room();
+    assert!(
+        room > 20 / bs,
+        "room for 20 positions and a copy-on-write: {room}"
+    );
+    // Fourteen appends, the copy-on-write and three new blocks among them: the list
+    // never moves.
+    for i in 0..14 {
+        m.append_slots(c, 1)
+            .unwrap()
+            .apply(|_: &CopyBlock| Ok::<_, KvError>(()))
+            .unwrap();
+        assert_eq!(m.table(c).unwrap().room(), room, "append {i}");
+    }
+    assert_eq!(m.seq_len(c).unwrap(), 20);
+    assert_eq!(m.block_table(c).unwrap().len(), 5);
+    assert_eq!(m.free_blocks(), free - 4);
+    // Room is capped by the pool (only the id list grows); an unknown sequence is named.
+    m.reserve(c, usize::MAX).unwrap();
+    assert!(m.table(c).unwrap().room() <= 17);
+    assert_eq!(
+        m.reserve(SeqId(999), 8),
+        Err(KvError::UnknownSequence { seq: SeqId(999) })
+    );
+    check_invariants(&m);
+}
+
+#[test]
 fn copy_on_write_that_also_crosses_a_boundary() {
     let bs = 4;
     let mut m = KvManager::new(16, bs).unwrap();

@@ -232,6 +232,12 @@ impl CloudScorer<'_> {
                         return Err(e);
                     }
                 };
+                // Room in each child's block list for its whole critique, so the decode
+                // steps opening a block allocate nothing.
+                let room = p.prefix.len() + opts.max_critique_tokens.min(4096) + 1;
+                for &c in &children {
+                    engine.reserve(c, room)?;
+                }
                 let rows = children
                     .into_iter()
                     .enumerate()

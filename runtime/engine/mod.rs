@@ -37,7 +37,7 @@ use half::f16;
 
 use crate::backend::Cpu;
 use crate::error::{Error, Result};
-use crate::kv::{BlockId, CopyBlock, KvError, KvManager, PrefixKey, SeqId};
+use crate::kv::{BlockId, BlockTable, CopyBlock, KvError, KvManager, PrefixKey, SeqId};
 use crate::model::llama::{MlpBuffers, mlp_block, qkv_proj};
 use crate::model::{Llama, ModelError};
 
@@ -125,6 +125,8 @@ struct StepBufs {
     suffix_lens: Vec<usize>,
     /// The levels as the attention takes them (empty between steps; allocation reused).
     levels: Vec<Level<'static>>,
+    /// [`PagedEngine::blocks_needed`]'s shared last blocks and their simulated drops.
+    dropped: Vec<(BlockId, u32)>,
 }
 
 impl std::fmt::Debug for StepBufs {
@@ -153,6 +155,14 @@ fn recycle_levels<'b>(mut v: Vec<Level<'_>>) -> Vec<Level<'b>> {
 fn fill_table(dst: &mut Vec<u32>, blocks: &[BlockId]) {
     dst.clear();
     dst.extend(blocks.iter().map(|b| b.0));
+}
+
+/// [`fill_table`] from a sequence's table, first giving `dst` the room reserved in it (so
+/// that a step whose sequence opens a block, within its reserved room, allocates nothing).
+fn fill_seq_table(dst: &mut Vec<u32>, table: &BlockTable) {
+    dst.clear();
+    dst.reserve(table.room());
+    fill_table(dst, table.blocks());
 }
 
 /// The first `n` vectors of `v` (created on first use), cleared.
@@ -499,6 +509,26 @@ impl PagedEngine {
         Ok(self.kv.fork(seq, k)?)
     }
 
+    /// Room in `seq`'s block list for `positions` positions in all, so that decode steps
+    /// up to that length allocate nothing, the steps opening a block included (see
+    /// [`KvManager::reserve`]).
+    pub fn reserve(&mut self, seq: SeqId, positions: usize) -> Result<()> {
+        self.kv.reserve(seq, positions)?;
+        // No sequence outgrows the pool.
+        let positions = positions.min(self.num_blocks * self.block_size);
+        // The attention scratch of a decode or cascade step over that many positions.
+        let d = self.dims;
+        let shape = PagedShape {
+            n_heads: d.nh,
+            n_kv_heads: d.nkv,
+            head_dim: d.hs,
+            block_size: self.block_size,
+        };
+        let need = cascade_scratch_len(&shape, self.max_rows, positions).max(positions);
+        grow(&mut self.bufs.scratch, need);
+        Ok(())
+    }
+
     /// Drops `seq` (its blocks stay reusable through the prefix cache until evicted).
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
         Ok(self.kv.free_sequence(seq)?)
@@ -506,9 +536,9 @@ impl PagedEngine {
 
     /// Blocks `append_slots(seq, 1)` would allocate for each of `seqs` in order (simulating
     /// the copy-on-write ref-count drops), so a step can fail before changing anything.
-    fn blocks_needed(&self, seqs: &[SeqId]) -> Result<usize> {
+    fn blocks_needed(&self, seqs: &[SeqId], dropped: &mut Vec<(BlockId, u32)>) -> Result<usize> {
         let bs = self.block_size;
-        let mut dropped: Vec<(BlockId, u32)> = Vec::new();
+        dropped.clear();
         let mut needed = 0;
         for &s in seqs {
             let t = self.kv.table(s)?;
@@ -693,7 +723,7 @@ impl PagedEngine {
             *members = lv.members.clone();
             st.n_levels += 1;
         }
-        let needed = self.blocks_needed(seqs)?;
+        let needed = self.blocks_needed(seqs, &mut st.dropped)?;
         let free = self.kv.free_blocks();
         if needed > free {
             return Err(KvError::CapacityExhausted { needed, free }.into());
@@ -720,8 +750,9 @@ impl PagedEngine {
         }
         st.lens.clear();
         for (t, &s) in take_rows(&mut st.tables, b).iter_mut().zip(seqs) {
-            fill_table(t, self.kv.block_table(s)?);
-            st.lens.push(self.kv.seq_len(s)?);
+            let table = self.kv.table(s)?;
+            fill_seq_table(t, table);
+            st.lens.push(table.len());
         }
         if st.n_levels == 0 {
             return self.forward_rows(
@@ -738,6 +769,7 @@ impl PagedEngine {
         st.suffix_lens.clear();
         for (i, t) in take_rows(&mut st.suffix_tables, b).iter_mut().enumerate() {
             let n = st.covered[i];
+            t.reserve(st.tables[i].capacity());
             t.extend_from_slice(&st.tables[i][n..]);
             st.suffix_lens.push(st.lens[i] - n * bs);
         }

@@ -165,12 +165,20 @@ impl BlockPool {
     /// Takes `n` blocks, each with ref count 1: plain free blocks first, then the least
     /// recently freed cached blocks (whose hashes leave the prefix cache). All or nothing.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>, KvError> {
+        let mut out = Vec::with_capacity(n);
+        self.allocate_into(n, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`allocate`](Self::allocate) appending the ids to `out` (no allocation when `out`
+    /// has room for them). All or nothing: on error `out` and the pool are unchanged.
+    pub fn allocate_into(&mut self, n: usize, out: &mut Vec<BlockId>) -> Result<(), KvError> {
         let free = self.free_blocks();
         if n > free {
             return Err(KvError::CapacityExhausted { needed: n, free });
         }
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
+        let start = out.len();
+        while out.len() - start < n {
             let block = match self.plain_free.pop() {
                 Some(b) => b,
                 None => match self.evict_lru_head() {
@@ -183,15 +191,15 @@ impl BlockPool {
             m.generation = m.generation.wrapping_add(1);
             out.push(block);
         }
-        if out.len() < n {
+        if out.len() - start < n {
             // Unreachable while the free count is right; give the blocks back untouched.
-            for &b in out.iter().rev() {
+            for b in out.drain(start..).rev() {
                 self.meta[b.index()].ref_count = 0;
                 self.plain_free.push(b);
             }
             return Err(KvError::CapacityExhausted { needed: n, free });
         }
-        Ok(out)
+        Ok(())
     }
 
     fn evict_lru_head(&mut self) -> Option<BlockId> {
@@ -398,6 +406,26 @@ mod tests {
         assert_eq!(p.allocate(0).unwrap(), vec![]);
         p.decref(a[1]).unwrap();
         assert_eq!(p.allocate(1).unwrap(), vec![BlockId(1)]);
+    }
+
+    #[test]
+    fn allocate_into_appends_all_or_nothing() {
+        let mut p = BlockPool::new(4, 16).unwrap();
+        let mut ids = vec![BlockId(9)];
+        p.allocate_into(2, &mut ids).unwrap();
+        assert_eq!(ids, vec![BlockId(9), BlockId(0), BlockId(1)]);
+        assert_eq!(
+            p.allocate_into(3, &mut ids),
+            Err(KvError::CapacityExhausted { needed: 3, free: 2 })
+        );
+        assert_eq!(ids.len(), 3);
+        assert_eq!(p.free_blocks(), 2);
+        // Room reserved up front: appending does not reallocate.
+        let mut room = Vec::with_capacity(2);
+        let at = room.as_ptr();
+        p.allocate_into(2, &mut room).unwrap();
+        assert_eq!(room.as_ptr(), at);
+        assert_eq!(p.free_blocks(), 0);
     }
 
     #[test]

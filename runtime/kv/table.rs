@@ -111,6 +111,11 @@ impl BlockTable {
         self.len
     }
 
+    /// Block ids the list holds without growing (see [`KvManager::reserve`]).
+    pub fn room(&self) -> usize {
+        self.blocks.capacity()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -341,25 +346,24 @@ impl KvManager {
             _ => None,
         };
         let needed = new_len.div_ceil(bs) - table.blocks.len() + usize::from(cow_src.is_some());
-        let fresh = pool.allocate(needed)?;
-        let (copy, rest) = match (cow_src, fresh.split_first()) {
-            (Some(src), Some((&dst, rest))) => {
+        // The fresh ids go straight onto the table (no allocation within its reserved
+        // room, see `reserve`); a copy-on-write's block then takes the shared one's place.
+        let kept = table.blocks.len();
+        pool.allocate_into(needed, &mut table.blocks)?;
+        let copy = match cow_src {
+            Some(src) => {
+                let dst = table.blocks.remove(kept);
+                table.blocks[kept - 1] = dst;
+                // The source is shared (ref count > 1): this cannot fail.
                 pool.decref(src)?;
-                if let Some(slot) = table.blocks.last_mut() {
-                    *slot = dst;
-                }
-                (
-                    Some(CopyBlock {
-                        src,
-                        dst,
-                        len: partial,
-                    }),
-                    rest,
-                )
+                Some(CopyBlock {
+                    src,
+                    dst,
+                    len: partial,
+                })
             }
-            _ => (None, &fresh[..]),
+            None => None,
         };
-        table.blocks.extend_from_slice(rest);
         let slot = |p: usize| Slot {
             block: table.blocks[p / bs],
             offset: p % bs,
@@ -371,6 +375,23 @@ impl KvManager {
         };
         table.len = new_len;
         Ok(AppendSlots { copy, one, many })
+    }
+
+    /// Room in `seq`'s block table for `positions` positions in all, so that appends up
+    /// to that length allocate nothing (the decode step's no-allocation path). Never
+    /// shrinks; positions beyond the pool's capacity are fine (only the id list grows).
+    pub fn reserve(&mut self, seq: SeqId, positions: usize) -> Result<(), KvError> {
+        let bs = self.pool.block_size();
+        let table = self
+            .tables
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence { seq })?;
+        // A copy-on-write append holds one extra id for a moment.
+        let blocks = positions.div_ceil(bs).min(self.pool.num_blocks()) + 1;
+        table
+            .blocks
+            .reserve(blocks.saturating_sub(table.blocks.len()));
+        Ok(())
     }
 
     /// `k` children of `seq` sharing all its blocks by ref count (no copy, no allocation).

@@ -65,11 +65,30 @@ thread_local! {
 
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     SCRATCH.with_borrow_mut(|s| {
-        if s.len() < len {
-            s.resize(len, 0.0);
-        }
+        grow_with_room(s, len, SCRATCH_ROOM);
         f(&mut s[..len])
     })
+}
+
+/// Per-thread buffers, when they first grow, take room for contexts up to ROOM_POSITIONS
+/// positions at once (and double past it), so decode steps stop allocating after the
+/// first one instead of at every power of two of the context length.
+const ROOM_POSITIONS: usize = 4096;
+/// [`SCRATCH`]'s room: a suffix item's scores (G x positions) for G up to 8.
+const SCRATCH_ROOM: usize = 8 * ROOM_POSITIONS;
+/// [`PARTS`]'s room: piece states of 16 sequences of ROOM_POSITIONS positions, 32 heads of
+/// 64 (rows x (HS + 1)).
+const PARTS_ROOM: usize = 16 * (ROOM_POSITIONS / SPLIT + 1) * 32 * 65;
+
+/// `v.len() >= len`, new elements zero; a growing buffer takes at least `room` elements
+/// of capacity.
+fn grow_with_room<T: Clone + Default>(v: &mut Vec<T>, len: usize, room: usize) {
+    if v.len() < len {
+        if v.capacity() < len {
+            v.reserve(len.max(room) - v.len());
+        }
+        v.resize(len, T::default());
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -355,6 +374,9 @@ pub fn paged_decode_attention<T: KvElem>(
         // (sequence, piece, first state row in PARTS or NO_PARTS): a sequence of one piece
         // writes its output rows directly.
         work.clear();
+        if work.capacity() < ROOM_POSITIONS {
+            work.reserve(ROOM_POSITIONS);
+        }
         let mut part_rows = 0;
         for (s, &len) in seq_lens.iter().enumerate() {
             let pieces = len.div_ceil(SPLIT).max(1);
@@ -369,9 +391,7 @@ pub fn paged_decode_attention<T: KvElem>(
         let work = &*work;
         PARTS.with_borrow_mut(|parts| {
             let parts_len = part_rows * (hs + 1);
-            if parts.len() < parts_len {
-                parts.resize(parts_len, 0.0);
-            }
+            grow_with_room(parts, parts_len, PARTS_ROOM);
             let parts_ptr = SendPtr(parts.as_mut_ptr());
             let out_ptr = SendPtr(out.as_mut_ptr());
             let items = work.len() * nkv;
@@ -520,9 +540,7 @@ pub fn cascade_decode_attention<T: KvElem>(
     let level_items = lay.pieces_total * nkv;
     let items = level_items + n_seqs * nkv;
     PARTS.with_borrow_mut(|parts| {
-        if parts.len() < lay.len() {
-            parts.resize(lay.len(), 0.0);
-        }
+        grow_with_room(parts, lay.len(), PARTS_ROOM);
         let parts_ptr = SendPtr(parts.as_mut_ptr());
         let ctx = Cascade {
             q,
@@ -785,7 +803,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{CHUNK, Causal};
+    use super::{CHUNK, Causal, ROOM_POSITIONS};
     use crate::cpu::simd::avx2::{exp, load_f16x8};
     use crate::kv::KvElem;
     use crate::reference::attention_paged::{PagedShape, partial_unchecked, row_offset};
@@ -900,6 +918,9 @@ mod avx2 {
         BUFS.with_borrow_mut(|b| {
             let offs = &mut b.offs;
             offs.clear();
+            if offs.capacity() < ROOM_POSITIONS {
+                offs.reserve(ROOM_POSITIONS);
+            }
             let bs = shape.block_size;
             let (mut blk, mut r) = (positions.start / bs, positions.start % bs);
             let head = kv_head * shape.head_dim;
@@ -930,6 +951,9 @@ mod avx2 {
                     b.local_hs = hs;
                 }
                 if b.local.len() < offs.len() {
+                    if b.local.capacity() < ROOM_POSITIONS {
+                        b.local.reserve(ROOM_POSITIONS);
+                    }
                     let from = b.local.len();
                     b.local.extend((from..offs.len()).map(|j| (j % CHUNK) * hs));
                 }

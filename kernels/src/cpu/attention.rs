@@ -553,16 +553,41 @@ pub fn cascade_decode_attention<T: KvElem>(
             parts: parts_ptr,
         };
         // Phase 1: every (level piece, KV head) and (suffix, KV head) attention state.
-        pool::global().run_items(threads, items, &|it| {
-            if it < level_items {
-                let (kvh, piece) = (it % nkv, it / nkv);
-                ctx.level_piece(levels, piece, kvh);
-            } else {
-                let it = it - level_items;
-                let (kvh, s) = (it % nkv, it / nkv);
-                ctx.suffix(suffix_tables[s], suffix_lens[s], s, kvh);
-            }
-        });
+        // With enough pieces and suffixes to go round, an item takes all KV heads of one
+        // and first streams its K/V blocks in whole ([`warm`]); the states (and bits) are
+        // the same either way.
+        let whole = lay.pieces_total + n_seqs >= 2 * threads && nkv > 1;
+        if whole {
+            pool::global().run_items(threads, lay.pieces_total + n_seqs, &|it| {
+                if it < lay.pieces_total {
+                    let (li, p, _) = lay.piece(levels, it);
+                    let level = &levels[li];
+                    let pos = p * SPLIT..((p + 1) * SPLIT).min(level.len);
+                    warm(k_arena, v_arena, level.block_table, pos, &shape);
+                    for kvh in 0..nkv {
+                        ctx.level_piece(levels, it, kvh);
+                    }
+                } else {
+                    let s = it - lay.pieces_total;
+                    let (table, len) = (suffix_tables[s], suffix_lens[s]);
+                    warm(k_arena, v_arena, table, 0..len, &shape);
+                    for kvh in 0..nkv {
+                        ctx.suffix(table, len, s, kvh);
+                    }
+                }
+            });
+        } else {
+            pool::global().run_items(threads, items, &|it| {
+                if it < level_items {
+                    let (kvh, piece) = (it % nkv, it / nkv);
+                    ctx.level_piece(levels, piece, kvh);
+                } else {
+                    let it = it - level_items;
+                    let (kvh, s) = (it % nkv, it / nkv);
+                    ctx.suffix(suffix_tables[s], suffix_lens[s], s, kvh);
+                }
+            });
+        }
         // Phase 2: merge each output row's states in a fixed order (levels, their pieces,
         // then the suffix), whatever the thread count.
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -579,6 +604,32 @@ pub fn cascade_decode_attention<T: KvElem>(
         });
     });
     Ok(())
+}
+
+/// Reads the K and V rows (all heads) of `positions` of `table`, block by block, one
+/// load per cache line: each block's rows are contiguous, so the hardware streams them in
+/// at full bandwidth, where the per-head rows (one piece of HS every NKV * HS elements)
+/// are fetched a few lines at a time by the kernels' own access pattern.
+fn warm<T: KvElem>(k: &[T], v: &[T], table: &[u32], positions: Range<usize>, shape: &PagedShape) {
+    let bs = shape.block_size;
+    let row = shape.n_kv_heads * shape.head_dim;
+    let step = (64 / std::mem::size_of::<T>()).max(1);
+    let mut pos = positions.start;
+    while pos < positions.end {
+        let blk = pos / bs;
+        let last = ((blk + 1) * bs).min(positions.end);
+        let a = (table[blk] as usize * bs + pos % bs) * row;
+        let b = a + (last - pos) * row;
+        for arena in [k, v] {
+            let mut i = a;
+            while i < b {
+                // SAFETY: i < b <= arena.len() (the caller checked the table).
+                unsafe { std::ptr::read_volatile(arena.as_ptr().add(i)) };
+                i += step;
+            }
+        }
+        pos = last;
+    }
 }
 
 /// Positions per piece of a shared level or a long decode sequence: a level is read once

@@ -1093,14 +1093,14 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     }
     let got = fast!(&k_arena, &v_arena, &full_arena_k, &full_arena_v);
     check_close("paged attention", &got, &want, F32_TOL);
-    if cascade {
+    {
         // One thread takes the items of all KV heads (streaming each one's blocks in
         // first), many take one item per KV head: the same states, the same bits.
         let before = dispatch::num_threads();
         for threads in [1, 64] {
             dispatch::set_num_threads(threads);
             let again = fast!(&k_arena, &v_arena, &full_arena_k, &full_arena_v);
-            assert_bits_eq(&format!("cascade, {threads} threads"), &again, &got);
+            assert_bits_eq(&format!("{threads} threads"), &again, &got);
         }
         dispatch::set_num_threads(before);
     }

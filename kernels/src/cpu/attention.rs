@@ -395,8 +395,8 @@ pub fn paged_decode_attention<T: KvElem>(
             let parts_ptr = SendPtr(parts.as_mut_ptr());
             let out_ptr = SendPtr(out.as_mut_ptr());
             let items = work.len() * nkv;
-            pool::global().run_items(threads_for(items, 4 * total * q_width), items, &|it| {
-                let ((s, p, base), kvh) = (work[it / nkv], it % nkv);
+            let one = |wi: usize, kvh: usize| {
+                let (s, p, base) = work[wi];
                 let pos = p * SPLIT..((p + 1) * SPLIT).min(seq_lens[s]);
                 let off = s * q_width + kvh * gw;
                 with_scratch(group + group * pos.len(), |sc| {
@@ -437,7 +437,23 @@ pub fn paged_decode_attention<T: KvElem>(
                         isa,
                     );
                 });
-            });
+            };
+            // As the cascade: with pieces enough for every thread twice over (a batch of
+            // sequences), an item takes all KV heads of one piece, its blocks read whole
+            // first; otherwise (a single stream) one item per (piece, KV head).
+            let threads = threads_for(items, 4 * total * q_width);
+            if work.len() >= 2 * threads && nkv > 1 {
+                pool::global().run_items(threads, work.len(), &|wi| {
+                    let (s, p, _) = work[wi];
+                    let pos = p * SPLIT..((p + 1) * SPLIT).min(seq_lens[s]);
+                    warm(k_arena, v_arena, block_tables[s], pos, &shape);
+                    for kvh in 0..nkv {
+                        one(wi, kvh);
+                    }
+                });
+            } else {
+                pool::global().run_items(threads, items, &|it| one(it / nkv, it % nkv));
+            }
             // Merge the pieces of each long sequence in order (the state rows were handed
             // out in sequence order above).
             let parts = &parts[..parts_len];

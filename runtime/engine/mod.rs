@@ -524,7 +524,10 @@ impl PagedEngine {
             head_dim: d.hs,
             block_size: self.block_size,
         };
-        let need = cascade_scratch_len(&shape, self.max_rows, positions).max(positions);
+        // Rows a step can hold: the live sequences (a later reserve for more sequences
+        // sizes for them), at most `max_rows`.
+        let rows = self.kv.num_sequences().min(self.max_rows);
+        let need = cascade_scratch_len(&shape, rows, positions).max(positions);
         grow(&mut self.bufs.scratch, need);
         Ok(())
     }

@@ -232,11 +232,12 @@ impl CloudScorer<'_> {
                         return Err(e);
                     }
                 };
-                // Room in each child's block list for its whole critique, so the decode
-                // steps opening a block allocate nothing.
-                let room = p.prefix.len() + opts.max_critique_tokens.min(4096) + 1;
+                // Room for each critique up front (up to a bound), as `lock_step`: in its
+                // token lists and its block list, so the decode steps opening a block
+                // allocate nothing.
+                let critique_room = opts.max_critique_tokens.min(4096);
                 for &c in &children {
-                    engine.reserve(c, room)?;
+                    engine.reserve(c, p.prefix.len() + critique_room + 1)?;
                 }
                 let rows = children
                     .into_iter()
@@ -244,15 +245,13 @@ impl CloudScorer<'_> {
                     .map(|(i, seq)| Row {
                         seq,
                         logits: logits.clone(),
-                        // Room for the critique up front (up to a bound), as `lock_step`.
                         history: {
-                            let reserve = opts.max_critique_tokens.min(4096);
-                            let mut h = Vec::with_capacity(p.prefix.len() + reserve);
+                            let mut h = Vec::with_capacity(p.prefix.len() + critique_room);
                             h.extend_from_slice(&p.prefix);
                             h
                         },
                         rng: SeqRng::new(opts.seed, i as u64),
-                        critique: Vec::with_capacity(opts.max_critique_tokens.min(4096)),
+                        critique: Vec::with_capacity(critique_room),
                         truncated: false,
                         closing: false,
                         reward: None,

@@ -517,19 +517,24 @@ impl PagedEngine {
         // No sequence outgrows the pool.
         let positions = positions.min(self.num_blocks * self.block_size);
         // The attention scratch of a decode or cascade step over that many positions.
-        let d = self.dims;
-        let shape = PagedShape {
-            n_heads: d.nh,
-            n_kv_heads: d.nkv,
-            head_dim: d.hs,
-            block_size: self.block_size,
-        };
+        let shape = self.paged_shape();
         // Rows a step can hold: the live sequences (a later reserve for more sequences
         // sizes for them), at most `max_rows`.
         let rows = self.kv.num_sequences().min(self.max_rows);
         let need = cascade_scratch_len(&shape, rows, positions).max(positions);
         grow(&mut self.bufs.scratch, need);
         Ok(())
+    }
+
+    /// The attention kernels' view of the arenas.
+    fn paged_shape(&self) -> PagedShape {
+        let d = self.dims;
+        PagedShape {
+            n_heads: d.nh,
+            n_kv_heads: d.nkv,
+            head_dim: d.hs,
+            block_size: self.block_size,
+        }
     }
 
     /// Drops `seq` (its blocks stay reusable through the prefix cache until evicted).
@@ -817,12 +822,7 @@ impl PagedEngine {
         let (c, qd, kvd, idim) = (d.c, d.qd, d.kvd, d.idim);
         let w = &model.weights;
         let layer_elems = self.num_blocks * self.block_size * kvd;
-        let shape = PagedShape {
-            n_heads: d.nh,
-            n_kv_heads: d.nkv,
-            head_dim: d.hs,
-            block_size: self.block_size,
-        };
+        let shape = self.paged_shape();
         shape.validate("PagedEngine")?;
         // Scratch for the longest context of this pass.
         let need = match attn {

@@ -80,6 +80,14 @@ const SCRATCH_ROOM: usize = 8 * ROOM_POSITIONS;
 /// 64 (rows x (HS + 1)).
 const PARTS_ROOM: usize = 16 * (ROOM_POSITIONS / SPLIT + 1) * 32 * 65;
 
+/// At least ROOM_POSITIONS elements of spare capacity once, for lists of one entry per
+/// position or piece (cleared and refilled every call).
+fn reserve_room<T>(v: &mut Vec<T>) {
+    if v.capacity() < ROOM_POSITIONS {
+        v.reserve(ROOM_POSITIONS);
+    }
+}
+
 /// `v.len() >= len`, new elements zero; a growing buffer takes at least `room` elements
 /// of capacity.
 fn grow_with_room<T: Clone + Default>(v: &mut Vec<T>, len: usize, room: usize) {
@@ -374,9 +382,7 @@ pub fn paged_decode_attention<T: KvElem>(
         // (sequence, piece, first state row in PARTS or NO_PARTS): a sequence of one piece
         // writes its output rows directly.
         work.clear();
-        if work.capacity() < ROOM_POSITIONS {
-            work.reserve(ROOM_POSITIONS);
-        }
+        reserve_room(work);
         let mut part_rows = 0;
         for (s, &len) in seq_lens.iter().enumerate() {
             let pieces = len.div_ceil(SPLIT).max(1);
@@ -397,7 +403,7 @@ pub fn paged_decode_attention<T: KvElem>(
             let items = work.len() * nkv;
             let one = |wi: usize, kvh: usize| {
                 let (s, p, base) = work[wi];
-                let pos = p * SPLIT..((p + 1) * SPLIT).min(seq_lens[s]);
+                let pos = piece_range(p, seq_lens[s]);
                 let off = s * q_width + kvh * gw;
                 with_scratch(group + group * pos.len(), |sc| {
                     let (lse, scores) = sc.split_at_mut(group);
@@ -442,10 +448,10 @@ pub fn paged_decode_attention<T: KvElem>(
             // sequences), an item takes all KV heads of one piece, its blocks read whole
             // first; otherwise (a single stream) one item per (piece, KV head).
             let threads = threads_for(items, 4 * total * q_width);
-            if work.len() >= 2 * threads && nkv > 1 {
+            if whole_items(work.len(), threads, nkv) {
                 pool::global().run_items(threads, work.len(), &|wi| {
                     let (s, p, _) = work[wi];
-                    let pos = p * SPLIT..((p + 1) * SPLIT).min(seq_lens[s]);
+                    let pos = piece_range(p, seq_lens[s]);
                     warm(k_arena, v_arena, block_tables[s], pos, &shape);
                     for kvh in 0..nkv {
                         one(wi, kvh);
@@ -569,16 +575,12 @@ pub fn cascade_decode_attention<T: KvElem>(
             parts: parts_ptr,
         };
         // Phase 1: every (level piece, KV head) and (suffix, KV head) attention state.
-        // With enough pieces and suffixes to go round, an item takes all KV heads of one
-        // and first streams its K/V blocks in whole ([`warm`]); the states (and bits) are
-        // the same either way.
-        let whole = lay.pieces_total + n_seqs >= 2 * threads && nkv > 1;
-        if whole {
+        if whole_items(lay.pieces_total + n_seqs, threads, nkv) {
             pool::global().run_items(threads, lay.pieces_total + n_seqs, &|it| {
                 if it < lay.pieces_total {
                     let (li, p, _) = lay.piece(levels, it);
                     let level = &levels[li];
-                    let pos = p * SPLIT..((p + 1) * SPLIT).min(level.len);
+                    let pos = piece_range(p, level.len);
                     warm(k_arena, v_arena, level.block_table, pos, &shape);
                     for kvh in 0..nkv {
                         ctx.level_piece(levels, it, kvh);
@@ -646,6 +648,18 @@ fn warm<T: KvElem>(k: &[T], v: &[T], table: &[u32], positions: Range<usize>, sha
         }
         pos = last;
     }
+}
+
+/// Positions of piece `p` of a level or sequence of `len` positions.
+fn piece_range(p: usize, len: usize) -> Range<usize> {
+    p * SPLIT..((p + 1) * SPLIT).min(len)
+}
+
+/// Whether a job of `units` pieces and suffixes runs as one item per unit over all `nkv`
+/// heads, its blocks read whole first ([`warm`]), rather than one item per (unit, KV
+/// head): when the units go round the threads twice. The states are the same either way.
+fn whole_items(units: usize, threads: usize, nkv: usize) -> bool {
+    units >= 2 * threads && nkv > 1
 }
 
 /// Positions per piece of a shared level or a long decode sequence: a level is read once
@@ -750,7 +764,7 @@ impl<T: KvElem> Cascade<'_, T> {
         let gw = group * hs;
         let members = level.members.len();
         let rows = members * group;
-        let pos = p * SPLIT..((p + 1) * SPLIT).min(level.len);
+        let pos = piece_range(p, level.len);
         let head0 = kvh * group;
         with_scratch(2 * rows * hs + rows + rows * SPLIT, |s| {
             let (qg, s) = s.split_at_mut(rows * hs);
@@ -870,7 +884,7 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{CHUNK, Causal, ROOM_POSITIONS};
+    use super::{CHUNK, Causal, reserve_room};
     use crate::cpu::simd::avx2::{exp, load_f16x8};
     use crate::kv::KvElem;
     use crate::reference::attention_paged::{PagedShape, partial_unchecked, row_offset};
@@ -985,9 +999,7 @@ mod avx2 {
         BUFS.with_borrow_mut(|b| {
             let offs = &mut b.offs;
             offs.clear();
-            if offs.capacity() < ROOM_POSITIONS {
-                offs.reserve(ROOM_POSITIONS);
-            }
+            reserve_room(offs);
             let bs = shape.block_size;
             let (mut blk, mut r) = (positions.start / bs, positions.start % bs);
             let head = kv_head * shape.head_dim;
@@ -1018,9 +1030,7 @@ mod avx2 {
                     b.local_hs = hs;
                 }
                 if b.local.len() < offs.len() {
-                    if b.local.capacity() < ROOM_POSITIONS {
-                        b.local.reserve(ROOM_POSITIONS);
-                    }
+                    reserve_room(&mut b.local);
                     let from = b.local.len();
                     b.local.extend((from..offs.len()).map(|j| (j % CHUNK) * hs));
                 }

@@ -376,12 +376,19 @@ fn cascade(c: &mut Criterion) {
     g.finish();
 }
 
-/// Single-stream decode attention deep in a context: one sequence of 1024 cached
-/// positions, SmolLM2's heads, 16-token blocks in shuffled order, one call per layer for
-/// 30 layers over separate cache regions (45 MiB of K and V). GB/s of K/V bytes.
+/// Single-stream decode attention deep in a context: one sequence of 576 cached positions
+/// (a critique 64 tokens into its answer after a 512-token prompt) and of 1024, SmolLM2's
+/// heads, 16-token blocks in shuffled order, one call per layer for 30 layers over
+/// separate cache regions (25 and 45 MiB of K and V). GB/s of K/V bytes.
 fn decode_depth(c: &mut Criterion) {
+    for len in [576usize, 1024] {
+        decode_depth_at(c, len);
+    }
+}
+
+fn decode_depth_at(c: &mut Criterion, len: usize) {
     let mut rng = Rng(0x2f1e_9d3c_4b5a_6978);
-    let (len, layers) = (1024usize, 30usize);
+    let layers = 30usize;
     let shape = SMOL_ATTN;
     let per_layer = len / shape.block_size;
     let (k_arena, v_arena, ids) = shuffled_cache(&mut rng, per_layer * layers);
@@ -390,7 +397,11 @@ fn decode_depth(c: &mut Criterion) {
     let mut scores = vec![0.0f32; len];
     let bytes = layers * len * 2 * shape.n_kv_heads * shape.head_dim * 4;
     let (k16, v16) = (to_f16(&k_arena), to_f16(&v_arena));
-    let mut g = step_group(c, "decode_attention_1seq_1024pos_30layers", bytes);
+    let mut g = step_group(
+        c,
+        &format!("decode_attention_1seq_{len}pos_30layers"),
+        bytes,
+    );
     macro_rules! run {
         ($name:expr, $k:expr, $v:expr) => {
             g.bench_function($name, |b| {

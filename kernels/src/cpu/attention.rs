@@ -31,11 +31,11 @@
 //! taking the many-row loops together with a causal length per row, so each K and V row
 //! is read once per block rather than once per row; the blocks are aligned to absolute
 //! positions and always take the transposed score loop, so a row's bits do not depend on
-//! the call it is in. Plain decode cuts each sequence into pieces of [`SPLIT`] positions
+//! the call it is in. Plain decode cuts each sequence into pieces of [`DECODE_SPLIT`] positions
 //! and runs (piece, KV head) items, so one long sequence keeps every thread busy (three KV
 //! heads on two threads left one idle a third of the time); a sequence of one piece writes
 //! its output directly, longer ones merge their pieces' states in order after. The
-//! cascade cuts every shared level into pieces the same way and runs (piece, KV head)
+//! cascade cuts every shared level into pieces of [`SPLIT`] and runs (piece, KV head)
 //! items over all the level's members' queries at once, so a shared prefix is read once
 //! per step whatever the thread count, next to (sequence, KV head) items for the
 //! suffixes; a second pass merges each row's states in a fixed order. The pieces have a
@@ -78,7 +78,7 @@ const ROOM_POSITIONS: usize = 4096;
 const SCRATCH_ROOM: usize = 8 * ROOM_POSITIONS;
 /// [`PARTS`]'s room: piece states of 16 sequences of ROOM_POSITIONS positions, 32 heads of
 /// 64 (rows x (HS + 1)).
-const PARTS_ROOM: usize = 16 * (ROOM_POSITIONS / SPLIT + 1) * 32 * 65;
+const PARTS_ROOM: usize = 16 * (ROOM_POSITIONS / DECODE_SPLIT + 1) * 32 * 65;
 
 /// At least ROOM_POSITIONS elements of spare capacity once, for lists of one entry per
 /// position or piece (cleared and refilled every call).
@@ -385,7 +385,7 @@ pub fn paged_decode_attention<T: KvElem>(
         reserve_room(work);
         let mut part_rows = 0;
         for (s, &len) in seq_lens.iter().enumerate() {
-            let pieces = len.div_ceil(SPLIT).max(1);
+            let pieces = len.div_ceil(DECODE_SPLIT).max(1);
             let base = if pieces > 1 {
                 part_rows += pieces * nh;
                 part_rows - pieces * nh
@@ -403,7 +403,7 @@ pub fn paged_decode_attention<T: KvElem>(
             let items = work.len() * nkv;
             let one = |wi: usize, kvh: usize| {
                 let (s, p, base) = work[wi];
-                let pos = piece_range(p, seq_lens[s]);
+                let pos = piece_range(p, seq_lens[s], DECODE_SPLIT);
                 let off = s * q_width + kvh * gw;
                 with_scratch(group + group * pos.len(), |sc| {
                     let (lse, scores) = sc.split_at_mut(group);
@@ -451,7 +451,7 @@ pub fn paged_decode_attention<T: KvElem>(
             if whole_items(work.len(), threads, nkv) {
                 pool::global().run_items(threads, work.len(), &|wi| {
                     let (s, p, _) = work[wi];
-                    let pos = piece_range(p, seq_lens[s]);
+                    let pos = piece_range(p, seq_lens[s], DECODE_SPLIT);
                     warm(k_arena, v_arena, block_tables[s], pos, &shape);
                     for kvh in 0..nkv {
                         one(wi, kvh);
@@ -465,7 +465,7 @@ pub fn paged_decode_attention<T: KvElem>(
             let parts = &parts[..parts_len];
             let mut base = 0;
             for (s, &len) in seq_lens.iter().enumerate() {
-                let pieces = len.div_ceil(SPLIT).max(1);
+                let pieces = len.div_ceil(DECODE_SPLIT).max(1);
                 if pieces == 1 {
                     continue;
                 }
@@ -580,7 +580,7 @@ pub fn cascade_decode_attention<T: KvElem>(
                 if it < lay.pieces_total {
                     let (li, p, _) = lay.piece(levels, it);
                     let level = &levels[li];
-                    let pos = piece_range(p, level.len);
+                    let pos = piece_range(p, level.len, SPLIT);
                     warm(k_arena, v_arena, level.block_table, pos, &shape);
                     for kvh in 0..nkv {
                         ctx.level_piece(levels, it, kvh);
@@ -650,9 +650,9 @@ fn warm<T: KvElem>(k: &[T], v: &[T], table: &[u32], positions: Range<usize>, sha
     }
 }
 
-/// Positions of piece `p` of a level or sequence of `len` positions.
-fn piece_range(p: usize, len: usize) -> Range<usize> {
-    p * SPLIT..((p + 1) * SPLIT).min(len)
+/// Positions of piece `p` of a level or sequence of `len` positions cut every `split`.
+fn piece_range(p: usize, len: usize, split: usize) -> Range<usize> {
+    p * split..((p + 1) * split).min(len)
 }
 
 /// Whether a job of `units` pieces and suffixes runs as one item per unit over all `nkv`
@@ -662,10 +662,18 @@ fn whole_items(units: usize, threads: usize, nkv: usize) -> bool {
     units >= 2 * threads && nkv > 1
 }
 
-/// Positions per piece of a shared level or a long decode sequence: a level is read once
-/// per step by as many threads as there are pieces and KV heads (a fixed size, so the
-/// result does not depend on the thread count).
+/// Positions per piece of a shared level: a level is read once per step by as many
+/// threads as there are pieces and KV heads (a fixed size, so the result does not depend
+/// on the thread count).
 const SPLIT: usize = 256;
+
+/// Positions per piece of a plain decode sequence (fixed, as [`SPLIT`]). Smaller than a
+/// level's piece: a single stream after a 512-token prompt is five pieces, enough for
+/// whole items on two threads ([`whole_items`]), where 256 gave three and left it on
+/// per-head items reading one KV head's rows in every three (`cargo bench --bench kernels
+/// -- decode_attention`, docs/benchmarks.md). The cascade keeps 256: its pieces serve
+/// eight members' rows each, and 128 was not faster there.
+const DECODE_SPLIT: usize = 128;
 
 thread_local! {
     /// Attention states of one cascade call (see [`PartsLayout`]) or of the long sequences'
@@ -764,7 +772,7 @@ impl<T: KvElem> Cascade<'_, T> {
         let gw = group * hs;
         let members = level.members.len();
         let rows = members * group;
-        let pos = piece_range(p, level.len);
+        let pos = piece_range(p, level.len, SPLIT);
         let head0 = kvh * group;
         with_scratch(2 * rows * hs + rows + rows * SPLIT, |s| {
             let (qg, s) = s.split_at_mut(rows * hs);

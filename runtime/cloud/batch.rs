@@ -21,9 +21,9 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use cloudrm_sampler::{Sampler, SeqRng};
+use cloudrm_sampler::{Sampler, SamplerError, SeqRng};
 
-use super::score::{BLOCK, CloudScorer, Comparison, Score, ScoreOptions, validate};
+use super::score::{BLOCK, CloudScorer, Comparison, Draw, Samplers, Score, ScoreOptions, validate};
 use crate::engine::{PREFILL_ROWS, PagedEngine, SharedLevel};
 use crate::error::{Error, Result};
 use crate::kv::{BlockId, SeqId};
@@ -42,6 +42,8 @@ struct Row {
     /// The end-of-turn token has been chosen; the next step feeds it.
     closing: bool,
     reward: Option<f32>,
+    /// The token just drawn from `logits` ([`Samplers::draw`]), taken by the step.
+    drawn: Option<std::result::Result<u32, SamplerError>>,
 }
 
 /// An admitted request.
@@ -95,7 +97,7 @@ impl CloudScorer<'_> {
             return Ok(Vec::new());
         }
         let k = opts.k;
-        let (mut sampler, stops) = self.sampler_and_stops(opts)?;
+        let (sampler, stops) = self.sampler_and_stops(opts)?;
         // Engine: rows for as many requests as fit MAX_BATCH_ROWS (at least one), blocks
         // for the largest of them at once plus room for cached prefixes.
         let per_batch = (MAX_BATCH_ROWS / k).clamp(1, prepared.len());
@@ -121,7 +123,7 @@ impl CloudScorer<'_> {
             return Err(Error::Usage("scoring engine unavailable".into()));
         };
         let mut groups: Vec<Group> = Vec::new();
-        let result = self.run_batch(engine, prepared, opts, &mut sampler, &stops, &mut groups);
+        let result = self.run_batch(engine, prepared, opts, &sampler, &stops, &mut groups);
         // On error, release whatever is still live (the cache stays consistent).
         for g in groups.drain(..) {
             for r in &g.rows {
@@ -182,7 +184,7 @@ impl CloudScorer<'_> {
         engine: &mut PagedEngine,
         prepared: &[Prepared],
         opts: &ScoreOptions,
-        sampler: &mut Sampler,
+        sampler: &Sampler,
         stops: &[u32],
         groups: &mut Vec<Group>,
     ) -> Result<Vec<Score>> {
@@ -203,6 +205,7 @@ impl CloudScorer<'_> {
         let mut live: Vec<(usize, usize)> = Vec::new();
         let mut lm_rows = Vec::new();
         let mut reward_rows = Vec::new();
+        let samplers = Samplers::new(sampler);
         loop {
             // Admission.
             while let Some(&r) = queue.front() {
@@ -255,6 +258,7 @@ impl CloudScorer<'_> {
                         truncated: false,
                         closing: false,
                         reward: None,
+                        drawn: None,
                     })
                     .collect();
                 groups.push(Group {
@@ -274,6 +278,18 @@ impl CloudScorer<'_> {
             tokens.clear();
             live.clear();
             let mut spans: Vec<(usize, Range<usize>)> = Vec::new();
+            samplers.draw(
+                groups
+                    .iter_mut()
+                    .flat_map(|g| g.rows.iter_mut())
+                    .filter(|r| r.reward.is_none() && r.critique.len() < opts.max_critique_tokens)
+                    .map(|r| Draw {
+                        logits: &mut r.logits,
+                        history: &r.history,
+                        rng: &mut r.rng,
+                        drawn: &mut r.drawn,
+                    }),
+            );
             for (gi, g) in groups.iter_mut().enumerate() {
                 let eot = prepared[g.req].eot;
                 let start = seqs.len();
@@ -285,8 +301,10 @@ impl CloudScorer<'_> {
                         row.truncated = true;
                         eot
                     } else {
-                        let t = sampler
-                            .sample(&mut row.logits, &row.history, &mut row.rng)
+                        let t = row
+                            .drawn
+                            .take()
+                            .ok_or_else(|| Error::Usage("a row was not sampled".into()))?
                             .map_err(|e| Error::Usage(e.to_string()))?;
                         if !opts.ignore_stops && stops.contains(&t) {
                             eot

@@ -9,10 +9,12 @@
 //! token is the forward step that yields the reward: no second pass over the sequence.
 
 use std::cell::RefCell;
+use std::sync::Mutex;
 
+use cloudrm_kernels::cpu::{dispatch, pool};
 use cloudrm_loader::template::ChatTemplate;
 use cloudrm_loader::tokenizer::Tokenizer;
-use cloudrm_sampler::{Sampler, SamplingParams, SeqRng};
+use cloudrm_sampler::{Sampler, SamplerError, SamplingParams, SeqRng};
 
 use super::CloudError;
 use super::template::CloudTemplate;
@@ -393,7 +395,7 @@ impl<'m> CloudScorer<'m> {
         prefix: &[u32],
         eot: u32,
         opts: &ScoreOptions,
-        mut sampler: Sampler,
+        sampler: Sampler,
         stops: &[u32],
     ) -> Result<Score> {
         let llama = &self.model.llama;
@@ -420,15 +422,7 @@ impl<'m> CloudScorer<'m> {
         let score = result.and_then(|()| {
             let logits = logits.unwrap_or_default();
             self.lock_step(
-                engine,
-                None,
-                &seqs,
-                prefix,
-                logits,
-                eot,
-                opts,
-                &mut sampler,
-                stops,
+                engine, None, &seqs, prefix, logits, eot, opts, &sampler, stops,
             )
         });
         for &seq in &seqs {
@@ -449,7 +443,7 @@ impl<'m> CloudScorer<'m> {
         prefix_logits: Vec<f32>,
         eot: u32,
         opts: &ScoreOptions,
-        sampler: &mut Sampler,
+        sampler: &Sampler,
         stops: &[u32],
     ) -> Result<Score> {
         let k = children.len();
@@ -467,6 +461,8 @@ impl<'m> CloudScorer<'m> {
             /// The end-of-turn token has been chosen; the next step feeds it.
             closing: bool,
             reward: Option<f32>,
+            /// The token just drawn from `logits` ([`Samplers::draw`]).
+            drawn: Option<std::result::Result<u32, SamplerError>>,
         }
         let reserve = opts.max_critique_tokens.min(4096);
         let mut rows: Vec<Row> = children
@@ -487,8 +483,10 @@ impl<'m> CloudScorer<'m> {
                 truncated: false,
                 closing: false,
                 reward: None,
+                drawn: None,
             })
             .collect();
+        let samplers = Samplers::new(sampler);
         let mut seqs = Vec::with_capacity(k);
         let mut tokens = Vec::with_capacity(k);
         let mut live = Vec::with_capacity(k);
@@ -503,6 +501,16 @@ impl<'m> CloudScorer<'m> {
             seqs.clear();
             tokens.clear();
             live.clear();
+            samplers.draw(
+                rows.iter_mut()
+                    .filter(|r| r.reward.is_none() && r.critique.len() < opts.max_critique_tokens)
+                    .map(|r| Draw {
+                        logits: &mut r.logits,
+                        history: &r.history,
+                        rng: &mut r.rng,
+                        drawn: &mut r.drawn,
+                    }),
+            );
             for (i, row) in rows.iter_mut().enumerate() {
                 if row.reward.is_some() {
                     continue;
@@ -511,8 +519,10 @@ impl<'m> CloudScorer<'m> {
                     row.truncated = true;
                     eot
                 } else {
-                    let t = sampler
-                        .sample(&mut row.logits, &row.history, &mut row.rng)
+                    let t = row
+                        .drawn
+                        .take()
+                        .ok_or_else(|| Error::Usage("a row was not sampled".into()))?
                         .map_err(|e| Error::Usage(e.to_string()))?;
                     if !opts.ignore_stops && stops.contains(&t) {
                         eot
@@ -685,4 +695,124 @@ pub(super) fn validate(prompt: &str, response: &str, opts: &ScoreOptions) -> Res
         .into());
     }
     Ok(())
+}
+
+/// One row's next-token draw: its logits (overwritten by the sampler), history and RNG,
+/// and where the token (or the sampler's error) goes.
+pub(super) struct Draw<'a> {
+    pub logits: &'a mut [f32],
+    pub history: &'a [u32],
+    pub rng: &'a mut SeqRng,
+    pub drawn: &'a mut Option<std::result::Result<u32, SamplerError>>,
+}
+
+/// Identical copies of one sampler, one per pool thread, so a step's draws (a softmax
+/// over the whole vocabulary per row: about 4 % of the K = 8 critique job, all on the
+/// calling thread) run on the kernel pool. A draw depends only on its row's logits,
+/// history and RNG (a sampler's scratch is reset by every call), so which thread, and
+/// which copy, makes it does not change the token.
+pub(super) struct Samplers(Vec<Mutex<Sampler>>);
+
+impl Samplers {
+    pub(super) fn new(sampler: &Sampler) -> Self {
+        Samplers(
+            (0..dispatch::num_threads().max(1))
+                .map(|_| Mutex::new(sampler.clone()))
+                .collect(),
+        )
+    }
+
+    /// Makes every draw, spread over the pool.
+    pub(super) fn draw<'a>(&self, draws: impl Iterator<Item = Draw<'a>>) {
+        let draws: Vec<Mutex<Draw<'a>>> = draws.map(Mutex::new).collect();
+        let samplers = &self.0;
+        pool::global().run_items(samplers.len(), draws.len(), &|i| {
+            let mut d = draws[i].lock().unwrap_or_else(|e| e.into_inner());
+            let d = &mut *d;
+            // A free copy, or wait for the first (only when more draws run than copies).
+            let mut sampler = samplers
+                .iter()
+                .find_map(|m| m.try_lock().ok())
+                .unwrap_or_else(|| samplers[0].lock().unwrap_or_else(|e| e.into_inner()));
+            *d.drawn = Some(sampler.sample(d.logits, d.history, d.rng));
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pool's draws are the draws made one row after another: each row's token comes
+    /// from its own logits, history and RNG whichever thread or copy makes it, and a row
+    /// whose sampler fails gets its own error.
+    #[test]
+    fn pooled_draws_equal_sequential_draws() {
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            repetition_penalty: 1.1,
+            ..Default::default()
+        };
+        let vocab = 997;
+        let sampler = Sampler::new(params, vocab).unwrap();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let rows = 13;
+        let logits: Vec<Vec<f32>> = (0..rows)
+            .map(|r| {
+                if r == 5 {
+                    vec![f32::NAN; vocab]
+                } else {
+                    (0..vocab).map(|_| next() * 8.0 - 4.0).collect()
+                }
+            })
+            .collect();
+        let history: Vec<Vec<u32>> = (0..rows)
+            .map(|r| (0..r as u32 * 3).map(|t| t * 7 % vocab as u32).collect())
+            .collect();
+        for threads in [1, 2, 3] {
+            dispatch::set_num_threads(threads);
+            let mut want = Vec::new();
+            let mut seq = sampler.clone();
+            for r in 0..rows {
+                let mut l = logits[r].clone();
+                let mut rng = SeqRng::new(41, r as u64);
+                // Two steps per row, so the RNG cursor moves as in a critique.
+                let a = seq.sample(&mut l.clone(), &history[r], &mut rng);
+                let b = seq.sample(&mut l, &history[r], &mut rng);
+                want.push((a, b));
+            }
+            let samplers = Samplers::new(&sampler);
+            let mut rngs: Vec<SeqRng> = (0..rows).map(|r| SeqRng::new(41, r as u64)).collect();
+            let mut got: Vec<[Option<std::result::Result<u32, SamplerError>>; 2]> =
+                (0..rows).map(|_| [None, None]).collect();
+            for step in 0..2 {
+                let mut ls = logits.clone();
+                samplers.draw(
+                    ls.iter_mut()
+                        .zip(&history)
+                        .zip(rngs.iter_mut())
+                        .zip(&mut got)
+                        .map(|(((l, h), rng), g)| Draw {
+                            logits: l,
+                            history: h,
+                            rng,
+                            drawn: &mut g[step],
+                        }),
+                );
+            }
+            for (r, ((a, b), [ga, gb])) in want.iter().zip(&got).enumerate() {
+                assert_eq!(Some(a), ga.as_ref(), "row {r}, step 0, {threads} threads");
+                assert_eq!(Some(b), gb.as_ref(), "row {r}, step 1, {threads} threads");
+            }
+            assert!(matches!(got[5][0], Some(Err(SamplerError::AllNan { .. }))));
+        }
+        dispatch::set_num_threads(0);
+    }
 }

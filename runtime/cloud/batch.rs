@@ -21,9 +21,11 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
-use cloudrm_sampler::{Sampler, SamplerError, SeqRng};
+use cloudrm_sampler::Sampler;
 
-use super::score::{BLOCK, CloudScorer, Comparison, Draw, Samplers, Score, ScoreOptions, validate};
+use super::score::{
+    BLOCK, CloudScorer, Comparison, CritiqueRow, Samplers, Score, ScoreOptions, validate,
+};
 use crate::engine::{PREFILL_ROWS, PagedEngine, SharedLevel};
 use crate::error::{Error, Result};
 use crate::kv::{BlockId, SeqId};
@@ -31,28 +33,13 @@ use crate::kv::{BlockId, SeqId};
 /// Rows a batch holds at most (the engine's `max_rows` when this scorer builds it).
 const MAX_BATCH_ROWS: usize = 64;
 
-/// One critique being written.
-struct Row {
-    seq: SeqId,
-    logits: Vec<f32>,
-    history: Vec<u32>,
-    rng: SeqRng,
-    critique: Vec<u32>,
-    truncated: bool,
-    /// The end-of-turn token has been chosen; the next step feeds it.
-    closing: bool,
-    reward: Option<f32>,
-    /// The token just drawn from `logits` ([`Samplers::draw`]), taken by the step.
-    drawn: Option<std::result::Result<u32, SamplerError>>,
-}
-
 /// An admitted request.
 struct Group {
     req: usize,
     owner: SeqId,
     /// Full blocks of the owner's prefix.
     full_blocks: usize,
-    rows: Vec<Row>,
+    rows: Vec<CritiqueRow>,
     cached: usize,
     allocated: usize,
 }
@@ -245,20 +232,8 @@ impl CloudScorer<'_> {
                 let rows = children
                     .into_iter()
                     .enumerate()
-                    .map(|(i, seq)| Row {
-                        seq,
-                        logits: logits.clone(),
-                        history: {
-                            let mut h = Vec::with_capacity(p.prefix.len() + critique_room);
-                            h.extend_from_slice(&p.prefix);
-                            h
-                        },
-                        rng: SeqRng::new(opts.seed, i as u64),
-                        critique: Vec::with_capacity(critique_room),
-                        truncated: false,
-                        closing: false,
-                        reward: None,
-                        drawn: None,
+                    .map(|(i, seq)| {
+                        CritiqueRow::new(seq, i, &logits, &p.prefix, critique_room, opts)
                     })
                     .collect();
                 groups.push(Group {
@@ -279,16 +254,8 @@ impl CloudScorer<'_> {
             live.clear();
             let mut spans: Vec<(usize, Range<usize>)> = Vec::new();
             samplers.draw(
-                groups
-                    .iter_mut()
-                    .flat_map(|g| g.rows.iter_mut())
-                    .filter(|r| r.reward.is_none() && r.critique.len() < opts.max_critique_tokens)
-                    .map(|r| Draw {
-                        logits: &mut r.logits,
-                        history: &r.history,
-                        rng: &mut r.rng,
-                        drawn: &mut r.drawn,
-                    }),
+                groups.iter_mut().flat_map(|g| g.rows.iter_mut()),
+                opts.max_critique_tokens,
             );
             for (gi, g) in groups.iter_mut().enumerate() {
                 let eot = prepared[g.req].eot;
@@ -301,11 +268,7 @@ impl CloudScorer<'_> {
                         row.truncated = true;
                         eot
                     } else {
-                        let t = row
-                            .drawn
-                            .take()
-                            .ok_or_else(|| Error::Usage("a row was not sampled".into()))?
-                            .map_err(|e| Error::Usage(e.to_string()))?;
+                        let t = row.take_drawn()?;
                         if !opts.ignore_stops && stops.contains(&t) {
                             eot
                         } else {

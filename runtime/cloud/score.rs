@@ -451,40 +451,11 @@ impl<'m> CloudScorer<'m> {
         let vocab = llama.config.vocab_size;
         let c = llama.config.hidden_size;
 
-        struct Row {
-            seq: SeqId,
-            logits: Vec<f32>,
-            history: Vec<u32>,
-            rng: SeqRng,
-            critique: Vec<u32>,
-            truncated: bool,
-            /// The end-of-turn token has been chosen; the next step feeds it.
-            closing: bool,
-            reward: Option<f32>,
-            /// The token just drawn from `logits` ([`Samplers::draw`]).
-            drawn: Option<std::result::Result<u32, SamplerError>>,
-        }
         let reserve = opts.max_critique_tokens.min(4096);
-        let mut rows: Vec<Row> = children
+        let mut rows: Vec<CritiqueRow> = children
             .iter()
             .enumerate()
-            .map(|(i, &seq)| Row {
-                seq,
-                logits: prefix_logits.clone(),
-                // Room for the critique up front (up to a bound): no reallocation while
-                // decoding.
-                history: {
-                    let mut h = Vec::with_capacity(prefix.len() + reserve);
-                    h.extend_from_slice(prefix);
-                    h
-                },
-                rng: SeqRng::new(opts.seed, i as u64),
-                critique: Vec::with_capacity(reserve),
-                truncated: false,
-                closing: false,
-                reward: None,
-                drawn: None,
-            })
+            .map(|(i, &seq)| CritiqueRow::new(seq, i, &prefix_logits, prefix, reserve, opts))
             .collect();
         let samplers = Samplers::new(sampler);
         let mut seqs = Vec::with_capacity(k);
@@ -501,16 +472,7 @@ impl<'m> CloudScorer<'m> {
             seqs.clear();
             tokens.clear();
             live.clear();
-            samplers.draw(
-                rows.iter_mut()
-                    .filter(|r| r.reward.is_none() && r.critique.len() < opts.max_critique_tokens)
-                    .map(|r| Draw {
-                        logits: &mut r.logits,
-                        history: &r.history,
-                        rng: &mut r.rng,
-                        drawn: &mut r.drawn,
-                    }),
-            );
+            samplers.draw(rows.iter_mut(), opts.max_critique_tokens);
             for (i, row) in rows.iter_mut().enumerate() {
                 if row.reward.is_some() {
                     continue;
@@ -519,11 +481,7 @@ impl<'m> CloudScorer<'m> {
                     row.truncated = true;
                     eot
                 } else {
-                    let t = row
-                        .drawn
-                        .take()
-                        .ok_or_else(|| Error::Usage("a row was not sampled".into()))?
-                        .map_err(|e| Error::Usage(e.to_string()))?;
+                    let t = row.take_drawn()?;
                     if !opts.ignore_stops && stops.contains(&t) {
                         eot
                     } else {
@@ -697,13 +655,55 @@ pub(super) fn validate(prompt: &str, response: &str, opts: &ScoreOptions) -> Res
     Ok(())
 }
 
-/// One row's next-token draw: its logits (overwritten by the sampler), history and RNG,
-/// and where the token (or the sampler's error) goes.
-pub(super) struct Draw<'a> {
-    pub logits: &'a mut [f32],
-    pub history: &'a [u32],
-    pub rng: &'a mut SeqRng,
-    pub drawn: &'a mut Option<std::result::Result<u32, SamplerError>>,
+/// One critique being written (the batch scorer's rows and the unshared arm's).
+pub(super) struct CritiqueRow {
+    pub seq: SeqId,
+    pub logits: Vec<f32>,
+    pub history: Vec<u32>,
+    pub rng: SeqRng,
+    pub critique: Vec<u32>,
+    pub truncated: bool,
+    /// The end-of-turn token has been chosen; the next step feeds it.
+    pub closing: bool,
+    pub reward: Option<f32>,
+    /// The token just drawn from `logits` ([`Samplers::draw`]), taken by the step.
+    pub drawn: Option<std::result::Result<u32, SamplerError>>,
+}
+
+impl CritiqueRow {
+    /// Critique `index` of a request on sequence `seq`, after `prefix` whose last logits
+    /// are `logits`, with room for `room` critique tokens up front (no reallocation while
+    /// decoding); its sampling stream is (seed, index), as `score` alone uses it.
+    pub(super) fn new(
+        seq: SeqId,
+        index: usize,
+        logits: &[f32],
+        prefix: &[u32],
+        room: usize,
+        opts: &ScoreOptions,
+    ) -> Self {
+        let mut history = Vec::with_capacity(prefix.len() + room);
+        history.extend_from_slice(prefix);
+        CritiqueRow {
+            seq,
+            logits: logits.to_vec(),
+            history,
+            rng: SeqRng::new(opts.seed, index as u64),
+            critique: Vec::with_capacity(room),
+            truncated: false,
+            closing: false,
+            reward: None,
+            drawn: None,
+        }
+    }
+
+    /// The token just drawn, or the sampler's error as a usage error.
+    pub(super) fn take_drawn(&mut self) -> Result<u32> {
+        self.drawn
+            .take()
+            .ok_or_else(|| Error::Usage("a critique row was not sampled".into()))?
+            .map_err(|e| Error::Usage(e.to_string()))
+    }
 }
 
 /// Identical copies of one sampler, one per pool thread, so a step's draws (a softmax
@@ -722,19 +722,23 @@ impl Samplers {
         )
     }
 
-    /// Makes every draw, spread over the pool.
-    pub(super) fn draw<'a>(&self, draws: impl Iterator<Item = Draw<'a>>) {
-        let draws: Vec<Mutex<Draw<'a>>> = draws.map(Mutex::new).collect();
+    /// Draws the next token of every row still writing (no reward yet, fewer than `cap`
+    /// critique tokens) into its `drawn`, the rows spread over the pool.
+    pub(super) fn draw<'a>(&self, rows: impl Iterator<Item = &'a mut CritiqueRow>, cap: usize) {
+        let rows: Vec<Mutex<&'a mut CritiqueRow>> = rows
+            .filter(|r| r.reward.is_none() && r.critique.len() < cap)
+            .map(Mutex::new)
+            .collect();
         let samplers = &self.0;
-        pool::global().run_items(samplers.len(), draws.len(), &|i| {
-            let mut d = draws[i].lock().unwrap_or_else(|e| e.into_inner());
-            let d = &mut *d;
+        pool::global().run_items(samplers.len(), rows.len(), &|i| {
+            let mut row = rows[i].lock().unwrap_or_else(|e| e.into_inner());
+            let row = &mut **row;
             // A free copy, or wait for the first (only when more draws run than copies).
             let mut sampler = samplers
                 .iter()
                 .find_map(|m| m.try_lock().ok())
                 .unwrap_or_else(|| samplers[0].lock().unwrap_or_else(|e| e.into_inner()));
-            *d.drawn = Some(sampler.sample(d.logits, d.history, d.rng));
+            row.drawn = Some(sampler.sample(&mut row.logits, &row.history, &mut row.rng));
         });
     }
 }
@@ -744,8 +748,8 @@ mod tests {
     use super::*;
 
     /// The pool's draws are the draws made one row after another: each row's token comes
-    /// from its own logits, history and RNG whichever thread or copy makes it, and a row
-    /// whose sampler fails gets its own error.
+    /// from its own logits, history and RNG whichever thread or copy makes it, a row whose
+    /// sampler fails gets its own error, and finished rows do not draw.
     #[test]
     fn pooled_draws_equal_sequential_draws() {
         let params = SamplingParams {
@@ -763,8 +767,8 @@ mod tests {
             state ^= state << 17;
             (state >> 40) as f32 / (1u64 << 24) as f32
         };
-        let rows = 13;
-        let logits: Vec<Vec<f32>> = (0..rows)
+        let n_rows = 13;
+        let logits: Vec<Vec<f32>> = (0..n_rows)
             .map(|r| {
                 if r == 5 {
                     vec![f32::NAN; vocab]
@@ -773,14 +777,14 @@ mod tests {
                 }
             })
             .collect();
-        let history: Vec<Vec<u32>> = (0..rows)
+        let history: Vec<Vec<u32>> = (0..n_rows)
             .map(|r| (0..r as u32 * 3).map(|t| t * 7 % vocab as u32).collect())
             .collect();
         for threads in [1, 2, 3] {
             dispatch::set_num_threads(threads);
             let mut want = Vec::new();
             let mut seq = sampler.clone();
-            for r in 0..rows {
+            for r in 0..n_rows {
                 let mut l = logits[r].clone();
                 let mut rng = SeqRng::new(41, r as u64);
                 // Two steps per row, so the RNG cursor moves as in a critique.
@@ -789,29 +793,41 @@ mod tests {
                 want.push((a, b));
             }
             let samplers = Samplers::new(&sampler);
-            let mut rngs: Vec<SeqRng> = (0..rows).map(|r| SeqRng::new(41, r as u64)).collect();
-            let mut got: Vec<[Option<std::result::Result<u32, SamplerError>>; 2]> =
-                (0..rows).map(|_| [None, None]).collect();
-            for step in 0..2 {
-                let mut ls = logits.clone();
-                samplers.draw(
-                    ls.iter_mut()
-                        .zip(&history)
-                        .zip(rngs.iter_mut())
-                        .zip(&mut got)
-                        .map(|(((l, h), rng), g)| Draw {
-                            logits: l,
-                            history: h,
-                            rng,
-                            drawn: &mut g[step],
-                        }),
+            let opts = ScoreOptions {
+                seed: 41,
+                ..Default::default()
+            };
+            let mut rows: Vec<CritiqueRow> = (0..n_rows)
+                .map(|r| CritiqueRow::new(SeqId(r as u64), r, &logits[r], &history[r], 4, &opts))
+                .collect();
+            // Row 9 has its reward and row 11 its full critique: neither draws.
+            rows[9].reward = Some(0.5);
+            rows[11].critique = vec![1, 2];
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                for (row, l) in rows.iter_mut().zip(&logits) {
+                    row.logits.copy_from_slice(l);
+                }
+                samplers.draw(rows.iter_mut(), 2);
+                got.push(rows.iter_mut().map(|r| r.drawn.take()).collect::<Vec<_>>());
+            }
+            for (r, (a, b)) in want.iter().enumerate() {
+                if r == 9 || r == 11 {
+                    assert!(got[0][r].is_none() && got[1][r].is_none(), "row {r} drew");
+                    continue;
+                }
+                assert_eq!(
+                    Some(a),
+                    got[0][r].as_ref(),
+                    "row {r}, step 0, {threads} threads"
+                );
+                assert_eq!(
+                    Some(b),
+                    got[1][r].as_ref(),
+                    "row {r}, step 1, {threads} threads"
                 );
             }
-            for (r, ((a, b), [ga, gb])) in want.iter().zip(&got).enumerate() {
-                assert_eq!(Some(a), ga.as_ref(), "row {r}, step 0, {threads} threads");
-                assert_eq!(Some(b), gb.as_ref(), "row {r}, step 1, {threads} threads");
-            }
-            assert!(matches!(got[5][0], Some(Err(SamplerError::AllNan { .. }))));
+            assert!(matches!(got[0][5], Some(Err(SamplerError::AllNan { .. }))));
         }
         dispatch::set_num_threads(0);
     }

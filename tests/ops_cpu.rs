@@ -14,6 +14,17 @@ use half::{bf16, f16};
 
 const F32_TOL: f64 = 1e-5;
 
+/// A fast matmul's output against the reference: the f32 tolerance, or on the opt-in
+/// bf16-compute path with bf16 weights the bf16 one (relative to values of order one, so
+/// a sum that cancels near zero is held to it in absolute terms).
+fn check_matmul(name: &str, got: &[f32], want: &[f32], w: Weights<'_>) {
+    if dispatch::current() == Isa::Avx512Bf16 && matches!(w, Weights::BF16(_)) {
+        check_close_floor(name, got, want, 1e-2, (got.len() as f64).sqrt());
+    } else {
+        check_close(name, got, want, F32_TOL);
+    }
+}
+
 /// Held by the tests that force an ISA path (process-wide), so they do not overlap.
 static ISA_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const ROWS: [usize; 4] = [1, 7, 33, 130];
@@ -129,7 +140,7 @@ fn cases() -> Vec<OpCase> {
                             cpu::matmul_forward(got.as_mut(), &x, w.view(), b.as_deref(), c, oc)
                                 .unwrap();
                             got.check_guards("matmul");
-                            check_close("matmul", got.as_ref(), &want, F32_TOL);
+                            check_matmul("matmul", got.as_ref(), &want, w.view());
                         }),
                     });
                 }
@@ -187,7 +198,7 @@ fn cases() -> Vec<OpCase> {
                         reference::matmul::matmul_forward(&mut want, &x, ws[i].view(), b, c, oc)
                             .unwrap();
                         got[i].check_guards("matmul_many");
-                        check_close("matmul_many", got[i].as_ref(), &want, F32_TOL);
+                        check_matmul("matmul_many", got[i].as_ref(), &want, ws[i].view());
                     }
                 }),
             });
@@ -234,7 +245,7 @@ fn cases() -> Vec<OpCase> {
                     reference::matmul::matmul_forward(&mut up, &x, u, None, c, oc).unwrap();
                     let mut want = vec![0.0; rows * oc];
                     reference::swiglu::swiglu_forward(&mut want, &gate, &up).unwrap();
-                    check_close("matmul_swiglu", fused.as_ref(), &want, F32_TOL);
+                    check_matmul("matmul_swiglu", fused.as_ref(), &want, g);
                     // Bad shapes are typed errors.
                     assert!(
                         cpu::matmul_swiglu(&mut unfused[1..], &x, g, None, u, None, c, oc, None)
@@ -338,7 +349,7 @@ fn cases() -> Vec<OpCase> {
                     for i in 0..3 {
                         got[i].check_guards("matmul_many_fused");
                         assert_bits_eq("matmul_many_fused vs unfused", got[i].as_ref(), &fast[i]);
-                        check_close("matmul_many_fused", got[i].as_ref(), &want[i], F32_TOL);
+                        check_matmul("matmul_many_fused", got[i].as_ref(), &want[i], ws[i].view());
                     }
                     // Misfits are typed errors.
                     let mut short = cpu::RopeTable::default();
@@ -1626,4 +1637,116 @@ fn wide_matmul_kernels_match_reference_emulated() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("cols"), "{err}");
+}
+
+/// The bf16-compute (AVX512_BF16) matmul kernels, run over pairs of AVX2 registers so
+/// their logic is checked on any AVX2 machine: odd sizes (channel tails past the last
+/// 32, partial 8 x 3 tiles, the prefill row panels) against the reference on the same
+/// bf16-rounded inputs (only the summation order differs: f32 tolerance) and, for sums
+/// of 32 products and more, within the bf16 tolerance of the reference on the inputs as
+/// given; each row bit-identical alone
+/// (the GEMV) and in the batch, any column split giving the same bits, columns outside
+/// `cols` untouched. Where detection took the path (`CLOUDRM_ISA=avx512bf16` on a CPU
+/// with AVX512_BF16), the real kernels are covered by every test that iterates
+/// `dispatch::available()`.
+#[test]
+fn bf16_compute_matmul_kernels_match_reference_emulated() {
+    let mut rng = Rng::new(1616);
+    let mut ran = 0;
+    for (rows, c, oc) in [
+        (1usize, 1usize, 1usize),
+        (2, 7, 3),
+        (3, 32, 4),
+        (5, 33, 7),
+        (7, 63, 13),
+        (8, 64, 2),
+        (9, 577, 5),
+        (16, 31, 6),
+        (17, 96, 11),
+        (33, 577, 13),
+        (100, 577, 7),
+        (8, 576, 64),
+    ] {
+        let x = rng.vec(rows * c, 1.0);
+        let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let wf = rng.vec(oc * c, 0.5);
+        let b = rng.vec(oc, 0.5);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let weights = Weights::BF16(&wb);
+        for bias in [None, Some(&b[..])] {
+            let what = format!("rows {rows}, c {c}, oc {oc}, bias {}", bias.is_some());
+            let mut got = vec![f32::NAN; rows * oc];
+            if !cpu::matmul::matmul_forward_bf16_emulated(&mut got, &x, &wb, bias, c, oc, 0..oc)
+                .unwrap()
+            {
+                eprintln!("skipped: this CPU lacks AVX2, which the emulation runs on");
+                return;
+            }
+            let mut want = vec![0.0f32; rows * oc];
+            reference::matmul::matmul_forward(&mut want, &xr, weights, bias, c, oc).unwrap();
+            check_close(&format!("{what}, rounded inputs"), &got, &want, F32_TOL);
+            // (A handful of products can cancel to anything in relative terms.)
+            if c >= 32 && rows * oc >= 8 {
+                reference::matmul::matmul_forward(&mut want, &x, weights, bias, c, oc).unwrap();
+                check_close(&format!("{what}, inputs as given"), &got, &want, 1e-2);
+            }
+            for r in [0, rows / 2, rows - 1] {
+                let mut one = vec![0.0f32; oc];
+                cpu::matmul::matmul_forward_bf16_emulated(
+                    &mut one,
+                    &x[r * c..(r + 1) * c],
+                    &wb,
+                    bias,
+                    c,
+                    oc,
+                    0..oc,
+                )
+                .unwrap();
+                assert_bits_eq(
+                    &format!("{what}: row {r} alone"),
+                    &one,
+                    &got[r * oc..(r + 1) * oc],
+                );
+            }
+            let split = oc / 2;
+            let mut parts = vec![f32::NAN; rows * oc];
+            cpu::matmul::matmul_forward_bf16_emulated(&mut parts, &x, &wb, bias, c, oc, 0..split)
+                .unwrap();
+            for r in 0..rows {
+                assert!(
+                    parts[r * oc + split..(r + 1) * oc]
+                        .iter()
+                        .all(|v| v.is_nan()),
+                    "{what}: columns past {split} written"
+                );
+            }
+            cpu::matmul::matmul_forward_bf16_emulated(&mut parts, &x, &wb, bias, c, oc, split..oc)
+                .unwrap();
+            assert_bits_eq(&format!("{what}: split at {split}"), &parts, &got);
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, 12 * 2);
+    // Bad shapes and columns are typed errors.
+    let (x, wb) = (rng.vec(32, 1.0), vec![bf16::ONE; 64]);
+    let mut out = [f32::NAN; 2];
+    let err = cpu::matmul::matmul_forward_bf16_emulated(&mut out, &x, &wb, None, 32, 2, 1..3)
+        .unwrap_err();
+    assert!(err.to_string().contains("cols"), "{err}");
+    let err = cpu::matmul::matmul_forward_bf16_emulated(&mut out, &x, &wb[..63], None, 32, 2, 0..2)
+        .unwrap_err();
+    assert!(err.to_string().contains("weight"), "{err}");
+    assert!(out.iter().all(|v| v.is_nan()));
+}
+
+/// The opt-in bf16-compute path is never detected without `CLOUDRM_ISA=avx512bf16`.
+#[test]
+fn bf16_compute_path_is_opt_in() {
+    if std::env::var("CLOUDRM_ISA").is_ok_and(|v| v.trim() == "avx512bf16") {
+        eprintln!("skipped: CLOUDRM_ISA=avx512bf16 asks for the path");
+        return;
+    }
+    assert!(dispatch::detected() <= Isa::Avx512);
+    assert!(!dispatch::available().contains(&Isa::Avx512Bf16));
+    assert_eq!(Isa::Avx512Bf16.name(), "avx512bf16");
 }

@@ -12,6 +12,10 @@ pub enum Isa {
     /// AVX-512F (with AVX2, FMA, F16C): 16-lane kernels for the float-weight matmul;
     /// every other op takes its AVX2 kernel.
     Avx512 = 3,
+    /// AVX-512F with AVX512_BF16: bf16 weights multiply inputs rounded to bf16 with
+    /// `vdpbf16ps` (a bf16-compute path, held to the bf16 tolerance); other weights as
+    /// [`Isa::Avx512`]. Opt-in: only taken when `CLOUDRM_ISA=avx512bf16` asks for it.
+    Avx512Bf16 = 4,
 }
 
 impl Isa {
@@ -21,6 +25,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Bf16 => "avx512bf16",
         }
     }
 }
@@ -28,30 +33,46 @@ impl Isa {
 static FORCED: AtomicU8 = AtomicU8::new(0);
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
-/// The best path this CPU supports, capped by `$CLOUDRM_ISA` (`scalar`, `avx2` or
-/// `avx512`; an unknown name is reported once on stderr and ignored). Detected once.
+/// The best path this CPU supports, capped by `$CLOUDRM_ISA` (`scalar`, `avx2`,
+/// `avx512` or `avx512bf16`; an unknown name is reported once on stderr and ignored).
+/// Detected once. The bf16-compute path [`Isa::Avx512Bf16`] is never taken unless
+/// `$CLOUDRM_ISA` names it (its results differ from the f32 paths' at the bf16 level).
 ///
 /// AVX-512 is taken only after its kernels agree with the reference on a small product
-/// (`matmul::wide::self_check`): a machine on which they misbehave keeps AVX2, with a
-/// line on stderr.
+/// (`matmul::wide::self_check`), AVX512_BF16 likewise (`matmul::dot::self_check`): a
+/// machine on which they misbehave keeps the path below, with a line on stderr.
 pub fn detected() -> Isa {
     static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *DETECTED.get_or_init(|| {
         let cap = std::env::var("CLOUDRM_ISA").ok().and_then(|v| {
-            let isa = [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-                .into_iter()
-                .find(|i| i.name() == v.trim());
+            let isa = ALL.into_iter().find(|i| i.name() == v.trim());
             if isa.is_none() {
-                eprintln!("cloudrm: CLOUDRM_ISA={v:?} is not scalar, avx2 or avx512; ignored");
+                eprintln!(
+                    "cloudrm: CLOUDRM_ISA={v:?} is not scalar, avx2, avx512 or avx512bf16; \
+                     ignored"
+                );
             }
             isa
         });
-        let best = cpu_best();
-        cap.map_or(best, |c| c.min(best))
+        let best = cpu_best(cap == Some(Isa::Avx512Bf16));
+        if cap == Some(Isa::Avx512Bf16) && best < Isa::Avx512Bf16 {
+            eprintln!(
+                "cloudrm: CLOUDRM_ISA=avx512bf16 but this CPU lacks AVX-512F or AVX512_BF16; \
+                 using {}",
+                best.name()
+            );
+        }
+        // Without a cap, everything but the opt-in path.
+        cap.unwrap_or(Isa::Avx512).min(best)
     })
 }
 
-fn cpu_best() -> Isa {
+/// Every path, slowest first.
+const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+
+/// The best path the CPU runs (the bf16-compute one only if `bf16` asks for it and its
+/// kernels pass their check).
+fn cpu_best(bf16: bool) -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")
@@ -59,6 +80,15 @@ fn cpu_best() -> Isa {
             && std::arch::is_x86_feature_detected!("f16c")
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
+                if bf16 && std::arch::is_x86_feature_detected!("avx512bf16") {
+                    if super::matmul::bf16_self_check() {
+                        return Isa::Avx512Bf16;
+                    }
+                    eprintln!(
+                        "cloudrm: the AVX512_BF16 matmul kernels disagree with the reference \
+                         on this CPU; not using them"
+                    );
+                }
                 if super::matmul::wide_self_check() {
                     return Isa::Avx512;
                 }
@@ -70,15 +100,14 @@ fn cpu_best() -> Isa {
             return Isa::Avx2;
         }
     }
+    let _ = bf16;
     Isa::Scalar
 }
 
-/// Every path this CPU can run (tests iterate these).
+/// Every path this CPU can run (tests iterate these; the opt-in bf16-compute path only
+/// when detection took it).
 pub fn available() -> Vec<Isa> {
-    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|&isa| isa <= detected())
-        .collect()
+    ALL.into_iter().filter(|&isa| isa <= detected()).collect()
 }
 
 /// The path in use: the forced one if set (and supported), else the detected one.
@@ -87,6 +116,7 @@ pub fn current() -> Isa {
         1 => Isa::Scalar,
         2 if detected() >= Isa::Avx2 => Isa::Avx2,
         3 if detected() >= Isa::Avx512 => Isa::Avx512,
+        4 if detected() >= Isa::Avx512Bf16 => Isa::Avx512Bf16,
         _ => detected(),
     }
 }

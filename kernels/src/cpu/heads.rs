@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 
 use super::dispatch::{current, num_threads};
-use super::matmul::{block_forward, matmul_forward};
+use super::matmul::{block_forward, matmul_forward, next_call};
 use super::pool;
 use crate::error::{KernelError, check_len};
 use crate::reference::heads::{
@@ -68,6 +68,7 @@ pub fn lm_head_topk(
         return Ok(());
     }
     let isa = current();
+    let call = next_call();
     let blocks = vocab.div_ceil(TOPK_BLOCK);
     let threads = if rows * channels * vocab < 1 << 15 {
         1
@@ -82,7 +83,7 @@ pub fn lm_head_topk(
             let cols = blk * TOPK_BLOCK..((blk + 1) * TOPK_BLOCK).min(vocab);
             BLOCK.with_borrow_mut(|buf| {
                 buf.resize(rows * cols.len(), 0.0);
-                block_forward(buf, hidden, lm_head, channels, cols.clone(), isa);
+                block_forward(buf, hidden, lm_head, channels, cols.clone(), isa, call);
                 for r in 0..rows {
                     // SAFETY: block blk alone writes its k slots of each row; the buffer
                     // holds blocks * rows * k and outlives the job.

@@ -48,6 +48,7 @@ pub fn matmul_forward(
         return Ok(());
     }
     let isa = current();
+    let call = next_call();
     // Each block writes its own columns of every row through a raw pointer (disjoint
     // index sets).
     let (threads, per) = split_plan(rows, in_features, out_features);
@@ -69,6 +70,7 @@ pub fn matmul_forward(
             out_features,
             start..end,
             isa,
+            Some(call),
         );
     });
     Ok(())
@@ -117,6 +119,51 @@ pub(super) fn wide_self_check() -> bool {
     lanes::self_check()
 }
 
+/// The bf16-compute kernels ([`dot`]) run over pairs of AVX2 registers on the calling
+/// thread for columns `cols` of `out` (the rest untouched), the input rounded to bf16
+/// first: tests check their tiling, tails and summation order through this on machines
+/// without AVX512_BF16. `Ok(false)` (nothing written) where the CPU lacks AVX2.
+#[doc(hidden)]
+pub fn matmul_forward_bf16_emulated(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[bf16],
+    bias: Option<&[f32]>,
+    in_features: usize,
+    out_features: usize,
+    cols: std::ops::Range<usize>,
+) -> Result<bool, KernelError> {
+    const OP: &str = "matmul_forward_bf16_emulated";
+    let w = Weights::BF16(weight);
+    check_shapes(OP, out, inp, &w, bias, in_features, out_features)?;
+    if cols.start > cols.end || cols.end > out_features {
+        return Err(KernelError::Invalid {
+            op: OP,
+            arg: "cols",
+            reason: format!("{cols:?} is not within 0..{out_features}"),
+        });
+    }
+    if inp.is_empty() {
+        return Ok(true);
+    }
+    Ok(dot::emulated(
+        out,
+        inp,
+        weight,
+        bias,
+        in_features,
+        out_features,
+        cols,
+    ))
+}
+
+/// Whether the AVX512_BF16 kernels agree with the reference (see `dot::self_check`).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn bf16_self_check() -> bool {
+    dot::self_check()
+}
+
+mod dot;
 mod lanes;
 
 /// One linear layer of a fused [`matmul_forward_many`] call:
@@ -170,9 +217,14 @@ pub struct Fusion<'a> {
     pub rope: Option<RopeOut<'a>>,
 }
 
-/// Tags each fused call with a number, so a thread knows when its normalised input
-/// buffer belongs to an earlier call.
-static FUSED_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+/// Tags each matmul call with a number, so a thread knows when its normalised (or
+/// bf16-rounded) input buffer belongs to an earlier call.
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A fresh call tag (never 0).
+pub(super) fn next_call() -> u64 {
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 thread_local! {
     /// (call number, this thread's normalised rows of that call).
@@ -309,7 +361,7 @@ pub fn matmul_forward_many_fused(
         // Blocks of whole heads, so each block's epilogue rotates complete heads.
         per = per.next_multiple_of(head_dim);
     }
-    let call = FUSED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let call = next_call();
     let mut meta: [FusedMeta<'_>; MAX_FUSED] =
         [(SendPtr(std::ptr::null_mut()), 0, None, None, 0, 0); MAX_FUSED];
     let mut items = 0;
@@ -336,7 +388,17 @@ pub fn matmul_forward_many_fused(
         // items are disjoint, and every output outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), len) };
         with_input(inp, fusion.norm, call, isa, |x| {
-            compute(out, x, weight, bias, in_features, oc, start..end, isa)
+            compute(
+                out,
+                x,
+                weight,
+                bias,
+                in_features,
+                oc,
+                start..end,
+                isa,
+                Some(call),
+            )
         });
         if let Some(rope) = fusion.rope.filter(|r| li < r.layers) {
             // start and end are multiples of the head dim (checked and cut above).
@@ -432,7 +494,7 @@ pub fn matmul_swiglu(
         });
     }
     let isa = current();
-    let call = FUSED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let call = next_call();
     let (c, oc) = (in_features, out_features);
     // Blocks as matmul_forward_many's for the two layers together.
     let (threads, per) = split_plan(rows, c, 2 * oc);
@@ -451,7 +513,17 @@ pub fn matmul_swiglu(
             with_input(inp, norm, call, isa, |x| {
                 for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
                     let b = b.map(|b| &b[s..e]);
-                    compute(buf, x, w.slice(s * c, n * c), b, c, n, 0..n, isa);
+                    compute(
+                        buf,
+                        x,
+                        w.slice(s * c, n * c),
+                        b,
+                        c,
+                        n,
+                        0..n,
+                        isa,
+                        Some(call),
+                    );
                 }
             });
             for r in 0..rows {
@@ -499,10 +571,11 @@ pub(super) fn block_forward(
     c: usize,
     cols: std::ops::Range<usize>,
     isa: Isa,
+    call: u64,
 ) {
     let n = cols.len();
     let w = weight.slice(cols.start * c, n * c);
-    compute(out, inp, w, None, c, n, 0..n, isa);
+    compute(out, inp, w, None, c, n, 0..n, isa, Some(call));
 }
 
 thread_local! {
@@ -534,8 +607,19 @@ fn compute(
     out_features: usize,
     cols: std::ops::Range<usize>,
     isa: Isa,
+    call: Option<u64>,
 ) {
     let rows = inp.len() / in_features;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512Bf16
+        && let Weights::BF16(w) = weight
+    {
+        // SAFETY: the Avx512Bf16 path is only chosen when AVX-512F, AVX512_BF16, AVX2,
+        // FMA and F16C are detected (and its kernels passed their self-check); shapes
+        // checked by `check_shapes`, `cols` within 0..out_features.
+        unsafe { dot::gemm(out, inp, w, bias, in_features, out_features, cols, call) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the Avx512 path is only chosen when AVX-512F, AVX2, FMA and F16C are
     // detected; the shapes were checked by `check_shapes` and `cols` lies within

@@ -91,15 +91,7 @@ pub fn matmul_forward_wide_emulated(
     cols: std::ops::Range<usize>,
 ) -> Result<bool, KernelError> {
     const OP: &str = "matmul_forward_wide_emulated";
-    check_shapes(OP, out, inp, &weight, bias, in_features, out_features)?;
-    if cols.start > cols.end || cols.end > out_features {
-        return Err(KernelError::Invalid {
-            op: OP,
-            arg: "cols",
-            reason: format!("{cols:?} is not within 0..{out_features}"),
-        });
-    }
-    if inp.is_empty() {
+    if !check_emulated(OP, out, inp, weight, bias, in_features, out_features, &cols)? {
         return Ok(true);
     }
     Ok(lanes::emulated(
@@ -111,6 +103,30 @@ pub fn matmul_forward_wide_emulated(
         out_features,
         cols,
     ))
+}
+
+/// The shape and column checks of the emulated entry points (typed errors); false when
+/// there is no input row (nothing to run).
+#[allow(clippy::too_many_arguments)]
+fn check_emulated(
+    op: &'static str,
+    out: &[f32],
+    inp: &[f32],
+    weight: Weights<'_>,
+    bias: Option<&[f32]>,
+    in_features: usize,
+    out_features: usize,
+    cols: &std::ops::Range<usize>,
+) -> Result<bool, KernelError> {
+    check_shapes(op, out, inp, &weight, bias, in_features, out_features)?;
+    if cols.start > cols.end || cols.end > out_features {
+        return Err(KernelError::Invalid {
+            op,
+            arg: "cols",
+            reason: format!("{cols:?} is not within 0..{out_features}"),
+        });
+    }
+    Ok(!inp.is_empty())
 }
 
 /// Whether the AVX-512 kernels agree with the reference (see `lanes::self_check`).
@@ -135,15 +151,7 @@ pub fn matmul_forward_bf16_emulated(
 ) -> Result<bool, KernelError> {
     const OP: &str = "matmul_forward_bf16_emulated";
     let w = Weights::BF16(weight);
-    check_shapes(OP, out, inp, &w, bias, in_features, out_features)?;
-    if cols.start > cols.end || cols.end > out_features {
-        return Err(KernelError::Invalid {
-            op: OP,
-            arg: "cols",
-            reason: format!("{cols:?} is not within 0..{out_features}"),
-        });
-    }
-    if inp.is_empty() {
+    if !check_emulated(OP, out, inp, w, bias, in_features, out_features, &cols)? {
         return Ok(true);
     }
     Ok(dot::emulated(

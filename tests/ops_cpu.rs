@@ -1505,6 +1505,42 @@ fn swiglu_matches_reference_elementwise_at_extreme_gates() {
     dispatch::force(None);
 }
 
+/// For an emulated matmul `run(out, x, cols)` whose whole call over `x` (rows x c)
+/// gave `got` (rows x oc): rows alone (the GEMV) give the batch's bits, and two column
+/// blocks give the whole call's bits and touch only their columns.
+fn check_rows_alone_and_split(
+    what: &str,
+    x: &[f32],
+    c: usize,
+    oc: usize,
+    got: &[f32],
+    run: impl Fn(&mut [f32], &[f32], std::ops::Range<usize>),
+) {
+    let rows = x.len() / c;
+    for r in [0, rows / 2, rows - 1] {
+        let mut one = vec![0.0f32; oc];
+        run(&mut one, &x[r * c..(r + 1) * c], 0..oc);
+        assert_bits_eq(
+            &format!("{what}: row {r} alone"),
+            &one,
+            &got[r * oc..(r + 1) * oc],
+        );
+    }
+    let split = oc / 2;
+    let mut parts = vec![f32::NAN; rows * oc];
+    run(&mut parts, x, 0..split);
+    for r in 0..rows {
+        assert!(
+            parts[r * oc + split..(r + 1) * oc]
+                .iter()
+                .all(|v| v.is_nan()),
+            "{what}: columns past {split} written"
+        );
+    }
+    run(&mut parts, x, split..oc);
+    assert_bits_eq(&format!("{what}: split at {split}"), &parts, got);
+}
+
 /// The 16-lane (AVX-512) matmul kernels, run over pairs of AVX2 registers so their
 /// logic is checked on any AVX2 machine: odd sizes (channel tails, partial 8 x 3 tiles,
 /// panels crossed, the widened-weights prefill path) against the reference, each row
@@ -1559,57 +1595,10 @@ fn wide_matmul_kernels_match_reference_emulated() {
                     return;
                 }
                 check_close(&what, &got, &want, F32_TOL);
-                // Each row alone (the GEMV) gives the batch's bits.
-                for r in [0, rows / 2, rows - 1] {
-                    let mut one = vec![0.0f32; oc];
-                    cpu::matmul::matmul_forward_wide_emulated(
-                        &mut one,
-                        &x[r * c..(r + 1) * c],
-                        weights,
-                        bias,
-                        c,
-                        oc,
-                        0..oc,
-                    )
-                    .unwrap();
-                    assert_bits_eq(
-                        &format!("{what}: row {r} alone"),
-                        &one,
-                        &got[r * oc..(r + 1) * oc],
-                    );
-                }
-                // Two column blocks give the whole call's bits and touch only their columns.
-                let split = oc / 2;
-                let mut parts = vec![f32::NAN; rows * oc];
-                cpu::matmul::matmul_forward_wide_emulated(
-                    &mut parts,
-                    &x,
-                    weights,
-                    bias,
-                    c,
-                    oc,
-                    0..split,
-                )
-                .unwrap();
-                for r in 0..rows {
-                    assert!(
-                        parts[r * oc + split..(r + 1) * oc]
-                            .iter()
-                            .all(|v| v.is_nan()),
-                        "{what}: columns past {split} written"
-                    );
-                }
-                cpu::matmul::matmul_forward_wide_emulated(
-                    &mut parts,
-                    &x,
-                    weights,
-                    bias,
-                    c,
-                    oc,
-                    split..oc,
-                )
-                .unwrap();
-                assert_bits_eq(&format!("{what}: split at {split}"), &parts, &got);
+                check_rows_alone_and_split(&what, &x, c, oc, &got, |out, x, cols| {
+                    cpu::matmul::matmul_forward_wide_emulated(out, x, weights, bias, c, oc, cols)
+                        .unwrap();
+                });
                 ran += 1;
             }
         }
@@ -1690,39 +1679,9 @@ fn bf16_compute_matmul_kernels_match_reference_emulated() {
                 reference::matmul::matmul_forward(&mut want, &x, weights, bias, c, oc).unwrap();
                 check_close(&format!("{what}, inputs as given"), &got, &want, 1e-2);
             }
-            for r in [0, rows / 2, rows - 1] {
-                let mut one = vec![0.0f32; oc];
-                cpu::matmul::matmul_forward_bf16_emulated(
-                    &mut one,
-                    &x[r * c..(r + 1) * c],
-                    &wb,
-                    bias,
-                    c,
-                    oc,
-                    0..oc,
-                )
-                .unwrap();
-                assert_bits_eq(
-                    &format!("{what}: row {r} alone"),
-                    &one,
-                    &got[r * oc..(r + 1) * oc],
-                );
-            }
-            let split = oc / 2;
-            let mut parts = vec![f32::NAN; rows * oc];
-            cpu::matmul::matmul_forward_bf16_emulated(&mut parts, &x, &wb, bias, c, oc, 0..split)
-                .unwrap();
-            for r in 0..rows {
-                assert!(
-                    parts[r * oc + split..(r + 1) * oc]
-                        .iter()
-                        .all(|v| v.is_nan()),
-                    "{what}: columns past {split} written"
-                );
-            }
-            cpu::matmul::matmul_forward_bf16_emulated(&mut parts, &x, &wb, bias, c, oc, split..oc)
-                .unwrap();
-            assert_bits_eq(&format!("{what}: split at {split}"), &parts, &got);
+            check_rows_alone_and_split(&what, &x, c, oc, &got, |out, x, cols| {
+                cpu::matmul::matmul_forward_bf16_emulated(out, x, &wb, bias, c, oc, cols).unwrap();
+            });
             ran += 1;
         }
     }

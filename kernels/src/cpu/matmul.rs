@@ -70,7 +70,7 @@ pub fn matmul_forward(
             out_features,
             start..end,
             isa,
-            Some(call),
+            call,
         );
     });
     Ok(())
@@ -396,17 +396,7 @@ pub fn matmul_forward_many_fused(
         // items are disjoint, and every output outlives `run_items`.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), len) };
         with_input(inp, fusion.norm, call, isa, |x| {
-            compute(
-                out,
-                x,
-                weight,
-                bias,
-                in_features,
-                oc,
-                start..end,
-                isa,
-                Some(call),
-            )
+            compute(out, x, weight, bias, in_features, oc, start..end, isa, call)
         });
         if let Some(rope) = fusion.rope.filter(|r| li < r.layers) {
             // start and end are multiples of the head dim (checked and cut above).
@@ -521,17 +511,7 @@ pub fn matmul_swiglu(
             with_input(inp, norm, call, isa, |x| {
                 for (buf, w, b) in [(&mut *g, gate, gate_bias), (&mut *u, up, up_bias)] {
                     let b = b.map(|b| &b[s..e]);
-                    compute(
-                        buf,
-                        x,
-                        w.slice(s * c, n * c),
-                        b,
-                        c,
-                        n,
-                        0..n,
-                        isa,
-                        Some(call),
-                    );
+                    compute(buf, x, w.slice(s * c, n * c), b, c, n, 0..n, isa, call);
                 }
             });
             for r in 0..rows {
@@ -583,7 +563,7 @@ pub(super) fn block_forward(
 ) {
     let n = cols.len();
     let w = weight.slice(cols.start * c, n * c);
-    compute(out, inp, w, None, c, n, 0..n, isa, Some(call));
+    compute(out, inp, w, None, c, n, 0..n, isa, call);
 }
 
 thread_local! {
@@ -615,7 +595,7 @@ fn compute(
     out_features: usize,
     cols: std::ops::Range<usize>,
     isa: Isa,
-    call: Option<u64>,
+    call: u64,
 ) {
     let rows = inp.len() / in_features;
     #[cfg(target_arch = "x86_64")]

@@ -49,14 +49,14 @@ macro_rules! dot_kernels {
         const NR: usize = 3;
 
         /// out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, x_i = x + i * c and
-        /// w_j = w + j * c (bf16 bits). With `PF`, the next tile's weight rows are
+        /// w_j = w + j * c (bf16 bits); the next tile's weight rows (N rows on) are
         /// prefetched.
         ///
         /// SAFETY: the target features; rows i < M of x and j < N of w exist (c
         /// elements each); out[i * ldo + j] writable.
         #[inline]
         #[target_feature(enable = $feat)]
-        unsafe fn tile<const M: usize, const N: usize, const PF: bool>(
+        unsafe fn tile<const M: usize, const N: usize>(
             x: *const u16,
             w: *const u16,
             c: usize,
@@ -70,7 +70,7 @@ macro_rules! dot_kernels {
             // SAFETY: k + S <= c for every vector load; prefetches never fault.
             unsafe {
                 while k < nl {
-                    if PF && (2 * k).is_multiple_of(64) {
+                    if (2 * k).is_multiple_of(64) {
                         for j in 0..N {
                             let p = w.wrapping_add((j + N) * c + k);
                             _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
@@ -118,9 +118,9 @@ macro_rules! dot_kernels {
             // SAFETY: forwarded caller guarantees.
             unsafe {
                 match n {
-                    3 => tile::<M, 3, true>(x, w, c, out, ldo, bias),
-                    2 => tile::<M, 2, true>(x, w, c, out, ldo, bias),
-                    _ => tile::<M, 1, true>(x, w, c, out, ldo, bias),
+                    3 => tile::<M, 3>(x, w, c, out, ldo, bias),
+                    2 => tile::<M, 2>(x, w, c, out, ldo, bias),
+                    _ => tile::<M, 1>(x, w, c, out, ldo, bias),
                 }
             }
         }
@@ -437,14 +437,13 @@ thread_local! {
 }
 
 /// `f(inp rounded to bf16)`, through this thread's buffer: rounded once per `call` tag
-/// (every work item of one matmul call shares the input), every time for `None`.
-pub(super) fn with_rounded<R>(inp: &[f32], call: Option<u64>, f: impl FnOnce(&[u16]) -> R) -> R {
+/// (every work item of one matmul call shares the input; see `super::next_call`).
+fn with_rounded<R>(inp: &[f32], call: u64, f: impl FnOnce(&[u16]) -> R) -> R {
     ROUNDED.with_borrow_mut(|(tag, buf)| {
-        let fresh = call.is_some_and(|t| t == *tag && buf.len() == inp.len());
-        if !fresh {
+        if *tag != call {
             buf.resize(inp.len(), 0);
             round_rows(buf, inp);
-            *tag = call.unwrap_or(0);
+            *tag = call;
         }
         f(buf)
     })
@@ -516,7 +515,7 @@ pub(super) unsafe fn gemm(
     c: usize,
     oc: usize,
     cols: Range<usize>,
-    call: Option<u64>,
+    call: u64,
 ) {
     with_rounded(inp, call, |xb| {
         // SAFETY: forwarded caller guarantees.
@@ -539,7 +538,7 @@ pub(super) fn emulated(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::super::dispatch::detected() >= super::super::dispatch::Isa::Avx2 {
-        with_rounded(inp, None, |xb| {
+        with_rounded(inp, super::next_call(), |xb| {
             // SAFETY: AVX2, FMA and F16C detected; shapes checked by the caller.
             unsafe { emu::gemm(out, xb, w, bias, c, oc, cols) }
         });

@@ -84,7 +84,8 @@ fn bench_json(args: &[&str]) -> serde_json::Value {
 }
 
 /// `CLOUDRM_ISA` caps the SIMD path (the bench names the one in use); an unknown name
-/// is reported and ignored.
+/// is reported and ignored; an opt-in path the machine cannot take is reported with the
+/// path taken instead.
 #[test]
 fn cloudrm_isa_caps_the_simd_path() {
     default_model(OutDtype::BF16);
@@ -125,6 +126,13 @@ fn cloudrm_isa_caps_the_simd_path() {
     if std::arch::is_x86_feature_detected!("avx2") {
         assert_ne!(best, "scalar");
         assert_eq!(run("avx2").0, "avx2");
+    }
+    let (isa, stderr) = run("amx");
+    if isa != "amx" {
+        assert!(
+            stderr.contains("CLOUDRM_ISA=amx but ") && stderr.contains(&format!("using {isa}")),
+            "{stderr}"
+        );
     }
 }
 

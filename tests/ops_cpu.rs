@@ -15,10 +15,10 @@ use half::{bf16, f16};
 const F32_TOL: f64 = 1e-5;
 
 /// A fast matmul's output against the reference: the f32 tolerance, or on the opt-in
-/// bf16-compute path with bf16 weights the bf16 one (relative to values of order one, so
+/// bf16-compute paths (AVX512_BF16, AMX) with bf16 weights the bf16 one (relative to values of order one, so
 /// a sum that cancels near zero is held to it in absolute terms).
 fn check_matmul(name: &str, got: &[f32], want: &[f32], w: Weights<'_>) {
-    if dispatch::current() == Isa::Avx512Bf16 && matches!(w, Weights::BF16(_)) {
+    if dispatch::current() >= Isa::Avx512Bf16 && matches!(w, Weights::BF16(_)) {
         check_close_floor(name, got, want, 1e-2, (got.len() as f64).sqrt());
     } else {
         check_close(name, got, want, F32_TOL);
@@ -1698,14 +1698,83 @@ fn bf16_compute_matmul_kernels_match_reference_emulated() {
     assert!(out.iter().all(|v| v.is_nan()));
 }
 
-/// The opt-in bf16-compute path is never detected without `CLOUDRM_ISA=avx512bf16`.
+/// The AMX tile kernels, run with the tile registers emulated in memory so their logic is
+/// checked on any machine: odd sizes (channels past the last 32 or fewer than 16 weight
+/// rows: the padded copy; tiles read in place, moved back at the end of the weights;
+/// partial row tiles; row panels crossed) against the reference on the same bf16-rounded inputs (f32
+/// tolerance) and within the bf16 tolerance of the reference on the inputs as given;
+/// each row bit-identical alone (decode takes the tiles too) and in the batch, any column
+/// split (blocks no longer on 32-column boundaries) giving the same bits, columns outside
+/// `cols` untouched. Where detection took the path (`CLOUDRM_ISA=amx` on a CPU with AMX),
+/// the real kernels are covered by every test that iterates `dispatch::available()`.
 #[test]
-fn bf16_compute_path_is_opt_in() {
-    if std::env::var("CLOUDRM_ISA").is_ok_and(|v| v.trim() == "avx512bf16") {
-        eprintln!("skipped: CLOUDRM_ISA=avx512bf16 asks for the path");
+fn amx_matmul_kernels_match_reference_emulated() {
+    let mut rng = Rng::new(1717);
+    let mut ran = 0;
+    for (rows, c, oc) in [
+        (1usize, 1usize, 1usize),
+        (2, 7, 3),
+        (4, 64, 7),
+        (3, 32, 16),
+        (5, 33, 17),
+        (16, 64, 32),
+        (17, 63, 33),
+        (1, 576, 80),
+        (9, 577, 5),
+        (33, 96, 80),
+        (40, 577, 13),
+        (130, 64, 40),
+        (8, 576, 64),
+    ] {
+        let x = rng.vec(rows * c, 1.0);
+        let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let wf = rng.vec(oc * c, 0.5);
+        let b = rng.vec(oc, 0.5);
+        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+        let weights = Weights::BF16(&wb);
+        for bias in [None, Some(&b[..])] {
+            let what = format!("rows {rows}, c {c}, oc {oc}, bias {}", bias.is_some());
+            let mut got = vec![f32::NAN; rows * oc];
+            cpu::matmul::matmul_forward_amx_emulated(&mut got, &x, &wb, bias, c, oc, 0..oc)
+                .unwrap();
+            let mut want = vec![0.0f32; rows * oc];
+            reference::matmul::matmul_forward(&mut want, &xr, weights, bias, c, oc).unwrap();
+            check_close(&format!("{what}, rounded inputs"), &got, &want, F32_TOL);
+            // (A handful of products can cancel to anything in relative terms.)
+            if c >= 32 && rows * oc >= 8 {
+                reference::matmul::matmul_forward(&mut want, &x, weights, bias, c, oc).unwrap();
+                check_close(&format!("{what}, inputs as given"), &got, &want, 1e-2);
+            }
+            check_rows_alone_and_split(&what, &x, c, oc, &got, |out, x, cols| {
+                cpu::matmul::matmul_forward_amx_emulated(out, x, &wb, bias, c, oc, cols).unwrap();
+            });
+            ran += 1;
+        }
+    }
+    assert_eq!(ran, 13 * 2);
+    // Bad shapes and columns are typed errors, with nothing written.
+    let (x, wb) = (rng.vec(32, 1.0), vec![bf16::ONE; 64]);
+    let mut out = [f32::NAN; 2];
+    let err =
+        cpu::matmul::matmul_forward_amx_emulated(&mut out, &x, &wb, None, 32, 2, 1..3).unwrap_err();
+    assert!(err.to_string().contains("cols"), "{err}");
+    let err = cpu::matmul::matmul_forward_amx_emulated(&mut out, &x, &wb[..63], None, 32, 2, 0..2)
+        .unwrap_err();
+    assert!(err.to_string().contains("weight"), "{err}");
+    assert!(out.iter().all(|v| v.is_nan()));
+}
+
+/// The opt-in bf16-compute paths are never detected without `CLOUDRM_ISA` naming them.
+#[test]
+fn bf16_compute_paths_are_opt_in() {
+    if std::env::var("CLOUDRM_ISA").is_ok_and(|v| ["avx512bf16", "amx"].contains(&v.trim())) {
+        eprintln!("skipped: CLOUDRM_ISA asks for an opt-in path");
         return;
     }
     assert!(dispatch::detected() <= Isa::Avx512);
-    assert!(!dispatch::available().contains(&Isa::Avx512Bf16));
+    for isa in [Isa::Avx512Bf16, Isa::Amx] {
+        assert!(!dispatch::available().contains(&isa), "{isa:?}");
+    }
     assert_eq!(Isa::Avx512Bf16.name(), "avx512bf16");
+    assert_eq!(Isa::Amx.name(), "amx");
 }

@@ -16,6 +16,11 @@ pub enum Isa {
     /// `vdpbf16ps` (a bf16-compute path, held to the bf16 tolerance); other weights as
     /// [`Isa::Avx512`]. Opt-in: only taken when `CLOUDRM_ISA=avx512bf16` asks for it.
     Avx512Bf16 = 4,
+    /// AMX-TILE and AMX-BF16 (with AVX512_BF16): bf16 weights multiply inputs rounded to
+    /// bf16 in 16 x 16 tiles with `tdpbf16ps`, for every number of rows (a bf16-compute
+    /// path, held to the bf16 tolerance); other weights as [`Isa::Avx512`]. Opt-in: only
+    /// taken when `CLOUDRM_ISA=amx` asks for it (and the OS grants the tile state).
+    Amx = 5,
 }
 
 impl Isa {
@@ -26,6 +31,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 }
@@ -34,13 +40,16 @@ static FORCED: AtomicU8 = AtomicU8::new(0);
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// The best path this CPU supports, capped by `$CLOUDRM_ISA` (`scalar`, `avx2`,
-/// `avx512` or `avx512bf16`; an unknown name is reported once on stderr and ignored).
-/// Detected once. The bf16-compute path [`Isa::Avx512Bf16`] is never taken unless
-/// `$CLOUDRM_ISA` names it (its results differ from the f32 paths' at the bf16 level).
+/// `avx512`, `avx512bf16` or `amx`; an unknown name is reported once on stderr and
+/// ignored). Detected once. The bf16-compute paths [`Isa::Avx512Bf16`] and [`Isa::Amx`]
+/// are never taken unless `$CLOUDRM_ISA` names them (their results differ from the f32
+/// paths' at the bf16 level); a named path the machine cannot take is reported on stderr
+/// with the path taken instead (the best one below it).
 ///
 /// AVX-512 is taken only after its kernels agree with the reference on a small product
-/// (`matmul::wide::self_check`), AVX512_BF16 likewise (`matmul::dot::self_check`): a
-/// machine on which they misbehave keeps the path below, with a line on stderr.
+/// (`matmul::wide::self_check`), AVX512_BF16 and AMX likewise (`matmul::dot::self_check`,
+/// `matmul::amx::self_check`): a machine on which they misbehave keeps the path below,
+/// with a line on stderr.
 pub fn detected() -> Isa {
     static DETECTED: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *DETECTED.get_or_init(|| {
@@ -48,31 +57,60 @@ pub fn detected() -> Isa {
             let isa = ALL.into_iter().find(|i| i.name() == v.trim());
             if isa.is_none() {
                 eprintln!(
-                    "cloudrm: CLOUDRM_ISA={v:?} is not scalar, avx2, avx512 or avx512bf16; \
-                     ignored"
+                    "cloudrm: CLOUDRM_ISA={v:?} is not scalar, avx2, avx512, avx512bf16 or \
+                     amx; ignored"
                 );
             }
             isa
         });
-        let best = cpu_best(cap == Some(Isa::Avx512Bf16));
-        if cap == Some(Isa::Avx512Bf16) && best < Isa::Avx512Bf16 {
+        let opt_in = cap.filter(|&c| c >= Isa::Avx512Bf16);
+        let best = cpu_best(opt_in);
+        if let Some(want) = opt_in
+            && best < want
+        {
             eprintln!(
-                "cloudrm: CLOUDRM_ISA=avx512bf16 but this CPU lacks AVX-512F or AVX512_BF16; \
-                 using {}",
+                "cloudrm: CLOUDRM_ISA={} but {}; using {}",
+                want.name(),
+                missing(want),
                 best.name()
             );
         }
-        // Without a cap, everything but the opt-in path.
+        // Without a cap, everything but the opt-in paths.
         cap.unwrap_or(Isa::Avx512).min(best)
     })
 }
 
 /// Every path, slowest first.
-const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+const ALL: [Isa; 5] = [
+    Isa::Scalar,
+    Isa::Avx2,
+    Isa::Avx512,
+    Isa::Avx512Bf16,
+    Isa::Amx,
+];
 
-/// The best path the CPU runs (the bf16-compute one only if `bf16` asks for it and its
-/// kernels pass their check).
-fn cpu_best(bf16: bool) -> Isa {
+/// What keeps an opt-in path `want` from this machine (for the notice).
+fn missing(want: Isa) -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("avx512f")
+            || !std::arch::is_x86_feature_detected!("avx512bf16")
+        {
+            return "this CPU lacks AVX-512F or AVX512_BF16".into();
+        }
+        if want == Isa::Amx
+            && let Err(why) = amx_granted()
+        {
+            return why;
+        }
+    }
+    let _ = want;
+    "its kernels failed their self-check".into()
+}
+
+/// The best path the CPU runs, the bf16-compute ones only up to `opt_in` (when asked
+/// for) and only if their kernels pass their check.
+fn cpu_best(opt_in: Option<Isa>) -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2")
@@ -80,7 +118,17 @@ fn cpu_best(bf16: bool) -> Isa {
             && std::arch::is_x86_feature_detected!("f16c")
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                if bf16 && std::arch::is_x86_feature_detected!("avx512bf16") {
+                let bf16 = std::arch::is_x86_feature_detected!("avx512bf16");
+                if bf16 && opt_in == Some(Isa::Amx) && amx_granted().is_ok() {
+                    if super::matmul::amx_self_check() {
+                        return Isa::Amx;
+                    }
+                    eprintln!(
+                        "cloudrm: the AMX matmul kernels disagree with the reference on this \
+                         CPU; not using them"
+                    );
+                }
+                if bf16 && opt_in.is_some() {
                     if super::matmul::bf16_self_check() {
                         return Isa::Avx512Bf16;
                     }
@@ -100,12 +148,81 @@ fn cpu_best(bf16: bool) -> Isa {
             return Isa::Avx2;
         }
     }
-    let _ = bf16;
+    let _ = opt_in;
     Isa::Scalar
 }
 
-/// Every path this CPU can run (tests iterate these; the opt-in bf16-compute path only
-/// when detection took it).
+/// Whether this process may run AMX-BF16 tile instructions: the CPU has AMX-TILE and
+/// AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22; `is_x86_feature_detected!` does not know
+/// them on stable Rust), the OS saves the tile state (XCR0 bits 17 and 18), and Linux
+/// granted it to the process (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`,
+/// without which the first tile instruction kills the process). Asked once; the error
+/// says what is missing.
+#[cfg(target_arch = "x86_64")]
+fn amx_granted() -> Result<(), String> {
+    static GRANTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    GRANTED
+        .get_or_init(|| {
+            use std::arch::x86_64::__cpuid_count;
+            // (Leaf 7 read only when the CPU has it.)
+            let max = __cpuid_count(0, 0).eax;
+            let l7 = if max >= 7 { __cpuid_count(7, 0).edx } else { 0 };
+            let l1 = __cpuid_count(1, 0).ecx;
+            if max < 7 || l7 & (1 << 24) == 0 || l7 & (1 << 22) == 0 {
+                return Err("this CPU lacks AMX-TILE or AMX-BF16".into());
+            }
+            if l1 & (1 << 27) == 0 {
+                return Err("the OS has not enabled XSAVE (no tile state)".into());
+            }
+            let xcr0: u64 = {
+                let (lo, hi): (u32, u32);
+                // SAFETY: XGETBV with ECX = 0 is valid once CPUID reports OSXSAVE.
+                unsafe {
+                    std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi,
+                        options(nomem, nostack, preserves_flags));
+                }
+                (hi as u64) << 32 | lo as u64
+            };
+            if xcr0 & (3 << 17) != 3 << 17 {
+                return Err("the OS does not save the AMX tile state (XCR0)".into());
+            }
+            request_tile_permission()
+        })
+        .clone()
+}
+
+/// Ask Linux for the AMX tile data state for this process.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_permission() -> Result<(), String> {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes the process's permitted
+    // extended states; it reads and writes no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "Linux refused the AMX tile state (arch_prctl: {})",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
+/// Other systems: not used (no way to ask for the tile state here).
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn request_tile_permission() -> Result<(), String> {
+    Err("the AMX path is only enabled on Linux".into())
+}
+
+/// Every path this CPU can run (tests iterate these; the opt-in bf16-compute paths only
+/// when detection took them).
 pub fn available() -> Vec<Isa> {
     ALL.into_iter().filter(|&isa| isa <= detected()).collect()
 }
@@ -117,6 +234,7 @@ pub fn current() -> Isa {
         2 if detected() >= Isa::Avx2 => Isa::Avx2,
         3 if detected() >= Isa::Avx512 => Isa::Avx512,
         4 if detected() >= Isa::Avx512Bf16 => Isa::Avx512Bf16,
+        5 if detected() >= Isa::Amx => Isa::Amx,
         _ => detected(),
     }
 }

@@ -51,7 +51,7 @@ pub fn matmul_forward(
     let call = next_call();
     // Each block writes its own columns of every row through a raw pointer (disjoint
     // index sets).
-    let (threads, per) = split_plan(rows, in_features, out_features);
+    let (threads, per) = split_plan(rows, in_features, out_features, isa);
     let blocks = out_features.div_ceil(per);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
@@ -171,6 +171,35 @@ pub(super) fn bf16_self_check() -> bool {
     dot::self_check()
 }
 
+/// The AMX tile kernels ([`amx`]) run with the tile registers emulated in memory on the
+/// calling thread, for columns `cols` of `out` (the rest untouched), the input rounded to
+/// bf16 first: tests check their blocking, padding, tails and write-back through this on
+/// machines without AMX (any machine: the emulation is plain Rust).
+#[doc(hidden)]
+pub fn matmul_forward_amx_emulated(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[bf16],
+    bias: Option<&[f32]>,
+    in_features: usize,
+    out_features: usize,
+    cols: std::ops::Range<usize>,
+) -> Result<(), KernelError> {
+    const OP: &str = "matmul_forward_amx_emulated";
+    let w = Weights::BF16(weight);
+    if check_emulated(OP, out, inp, w, bias, in_features, out_features, &cols)? {
+        amx::emulated(out, inp, weight, bias, in_features, out_features, cols);
+    }
+    Ok(())
+}
+
+/// Whether the AMX kernels agree with the reference (see `amx::self_check`).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn amx_self_check() -> bool {
+    amx::self_check()
+}
+
+mod amx;
 mod dot;
 mod lanes;
 
@@ -364,7 +393,7 @@ pub fn matmul_forward_many_fused(
     }
     let isa = current();
     let total_oc: usize = layers.iter().map(|l| l.out_features).sum();
-    let (threads, mut per) = split_plan(rows, in_features, total_oc);
+    let (threads, mut per) = split_plan(rows, in_features, total_oc, isa);
     if head_dim > 0 {
         // Blocks of whole heads, so each block's epilogue rotates complete heads.
         per = per.next_multiple_of(head_dim);
@@ -495,7 +524,7 @@ pub fn matmul_swiglu(
     let call = next_call();
     let (c, oc) = (in_features, out_features);
     // Blocks as matmul_forward_many's for the two layers together.
-    let (threads, per) = split_plan(rows, c, 2 * oc);
+    let (threads, per) = split_plan(rows, c, 2 * oc, isa);
     let blocks = oc.div_ceil(per);
     let total = act.len();
     let act_ptr = SendPtr(act.as_mut_ptr());
@@ -534,18 +563,20 @@ thread_local! {
 
 /// Threads and columns per block for `rows` x `c` inputs against `total_oc` output
 /// columns (one layer or several fused): one thread for tiny calls; blocks claimed
-/// dynamically, a multiple of 12 columns (whole 3-wide tiles and 4-wide GEMV groups) and
-/// small enough for about eight per thread.
-fn split_plan(rows: usize, c: usize, total_oc: usize) -> (usize, usize) {
+/// dynamically, a multiple of 12 columns (whole 3-wide tiles and 4-wide GEMV groups; 48
+/// on the AMX path, whole 16-row tiles too) and small enough for about eight per thread.
+fn split_plan(rows: usize, c: usize, total_oc: usize, isa: Isa) -> (usize, usize) {
     let threads = if rows * c * total_oc < 1 << 15 {
         1
     } else {
         num_threads().clamp(1, total_oc.div_ceil(16).max(1))
     };
+    // (Whole 16-row tiles too on the AMX path: 48.)
+    let unit = if isa >= Isa::Amx { 48 } else { 12 };
     let per = total_oc
         .div_ceil(threads * 8)
-        .next_multiple_of(12)
-        .clamp(24, 768);
+        .next_multiple_of(unit)
+        .clamp(2 * unit, 768);
     (threads, per)
 }
 
@@ -598,6 +629,16 @@ fn compute(
     call: u64,
 ) {
     let rows = inp.len() / in_features;
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Amx
+        && let Weights::BF16(w) = weight
+    {
+        // SAFETY: the Amx path is only chosen when AMX-TILE and AMX-BF16 are detected, the
+        // OS granted the tile state and the kernels passed their self-check; shapes
+        // checked by `check_shapes`, `cols` within 0..out_features.
+        unsafe { amx::gemm(out, inp, w, bias, in_features, out_features, cols, call) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx512Bf16
         && let Weights::BF16(w) = weight

@@ -429,7 +429,7 @@ thread_local! {
 
 /// `f(inp rounded to bf16)`, through this thread's buffer: rounded once per `call` tag
 /// (every work item of one matmul call shares the input; see `super::next_call`).
-fn with_rounded<R>(inp: &[f32], call: u64, f: impl FnOnce(&[u16]) -> R) -> R {
+pub(super) fn with_rounded<R>(inp: &[f32], call: u64, f: impl FnOnce(&[u16]) -> R) -> R {
     ROUNDED.with_borrow_mut(|(tag, buf)| {
         if *tag != call {
             buf.resize(inp.len(), 0);
@@ -440,27 +440,36 @@ fn with_rounded<R>(inp: &[f32], call: u64, f: impl FnOnce(&[u16]) -> R) -> R {
     })
 }
 
-/// Whether `kernel` (the gemm's contract over all columns, on rounded inputs) matches
-/// the reference on the same rounded inputs (so only the summation order differs) within
-/// 1e-4 relative to 1 + |value|, on 11 x 77 inputs (two full steps and a tail) against 7
-/// outputs, and on one row.
-fn agrees_with_reference(
-    kernel: impl Fn(&mut [f32], &[u16], &[bf16], Option<&[f32]>, usize, usize),
-) -> bool {
-    let (rows, c, oc) = (11usize, 77usize, 7usize);
+/// Rounded inputs (rows x c, bf16 bits), bf16 weights (oc x c) and a bias for the
+/// self-checks: fixed values of order one, no two neighbours alike.
+pub(super) fn test_inputs(rows: usize, c: usize, oc: usize) -> (Vec<u16>, Vec<bf16>, Vec<f32>) {
     let x: Vec<f32> = (0..rows * c)
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0 + 1.0 / 1024.0)
         .collect();
     let mut xb = vec![0u16; x.len()];
     round_rows(&mut xb, &x);
-    let xr: Vec<f32> = xb
-        .iter()
-        .map(|&b| f32::from_bits((b as u32) << 16))
-        .collect();
     let w: Vec<bf16> = (0..oc * c)
         .map(|i| bf16::from_f32(((i * 53 % 97) as f32 - 48.0) / 128.0))
         .collect();
     let bias: Vec<f32> = (0..oc).map(|j| j as f32 / 8.0).collect();
+    (xb, w, bias)
+}
+
+/// Whether `kernel` (the gemm's contract over all columns, on rounded inputs) matches
+/// the reference on the same rounded inputs (so only the summation order differs) within
+/// 1e-4 relative to 1 + |value|, on [`test_inputs`] of rows x c against oc outputs, and
+/// on the first row alone.
+pub(super) fn agrees_with_reference(
+    rows: usize,
+    c: usize,
+    oc: usize,
+    kernel: &impl Fn(&mut [f32], &[u16], &[bf16], Option<&[f32]>, usize, usize),
+) -> bool {
+    let (xb, w, bias) = test_inputs(rows, c, oc);
+    let xr: Vec<f32> = xb
+        .iter()
+        .map(|&b| f32::from_bits((b as u32) << 16))
+        .collect();
     [1, rows].into_iter().all(|r| {
         let mut want = vec![0.0f32; r * oc];
         let mut got = vec![f32::NAN; r * oc];
@@ -481,11 +490,17 @@ fn agrees_with_reference(
     })
 }
 
+/// Whether the kernels agree with the reference on 11 x 77 inputs (two full steps and a
+/// tail) against 7 outputs, and on one row.
+fn agrees(kernel: impl Fn(&mut [f32], &[u16], &[bf16], Option<&[f32]>, usize, usize)) -> bool {
+    agrees_with_reference(11, 77, 7, &kernel)
+}
+
 /// Whether the AVX512_BF16 kernels agree with the reference (see
 /// [`agrees_with_reference`]): detection runs this once before taking the path.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn self_check() -> bool {
-    agrees_with_reference(|out, xb, w, bias, c, oc| {
+    agrees(|out, xb, w, bias, c, oc| {
         // SAFETY: called only once AVX-512F and AVX512_BF16 (with AVX2, FMA, F16C) are
         // detected; the shapes are consistent.
         unsafe { real::gemm(out, xb, w, bias, c, oc, 0..oc) }
@@ -584,12 +599,12 @@ mod tests {
             // SAFETY: AVX2, FMA and F16C detected above; consistent shapes.
             unsafe { emu::gemm(out, xb, w, b, c, oc, 0..oc) }
         };
-        assert!(agrees_with_reference(emu));
-        assert!(!agrees_with_reference(|out, xb, w, b, c, oc| {
+        assert!(agrees(emu));
+        assert!(!agrees(|out, xb, w, b, c, oc| {
             emu(out, xb, w, b, c, oc);
             out[out.len() / 2] += 1e-2;
         }));
-        assert!(!agrees_with_reference(|_, _, _, _, _, _| {}));
+        assert!(!agrees(|_, _, _, _, _, _| {}));
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bf16")
         {

@@ -1,0 +1,655 @@
+//! AMX-BF16 tile kernels for bf16 weights: the input rows rounded to bf16 once per call
+//! (as the AVX512_BF16 path rounds them, [`super::dot::round_rows`]), then every 16 x 16
+//! block of outputs is a chain of `tdpbf16ps` over the input channels, 32 per
+//! instruction: 8,192 multiply-adds per instruction against 512 for a 16-lane
+//! `vdpbf16ps`.
+//!
+//! A path that computes in bf16, so it is held to the bf16 tolerance (DESIGN.md), and it
+//! is **opt-in**: detection takes it only when `CLOUDRM_ISA=amx` asks for it, the CPU
+//! has AVX-512F, AVX512_BF16, AMX-TILE and AMX-BF16 (CPUID leaf 7, not
+//! `is_x86_feature_detected!`, which does not know AMX on stable Rust), the OS enables
+//! the tile state (XCR0) and grants it to the process (`arch_prctl`), and the kernels
+//! pass [`self_check`]. No machine this project is built on has AMX, so the kernel logic
+//! (blocking, tails, padding, the transposed write-back) is tested everywhere through
+//! [`emu`]: the same macro over eight tile registers kept in memory, `tdpbf16ps` done as
+//! Intel's pseudo-code defines it (per output, for each channel pair in order, the even
+//! channel's exact product added, then the odd one's, each add rounded to nearest
+//! even), which differs from the hardware only where that flushes denormals to zero.
+//!
+//! Layout. The weights are the A operand, read straight from the (memory-mapped) model:
+//! a tile is 16 weight rows by 32 channels (64 bytes each, the row stride being the
+//! weight row). The input is the B operand, repacked once per call and thread
+//! ([`pack`]): for 16 input rows and 32 channels, 16 rows of channel pairs by 16 input
+//! rows. So a C tile holds 16 output columns by 16 input rows, written back transposed.
+//! A column block short of a whole tile reads 16 existing weight rows anyway (those past
+//! the block are not written back), moved back at the end of the matrix; only weights
+//! with channels past the last multiple of 32, or fewer than 16 rows, are copied into a
+//! zero-padded buffer first (zero padding adds exact zeros). The calls cut their column
+//! blocks at multiples of 48 on this path, so blocks are whole tiles but at the end.
+//!
+//! Every output is one `tdpbf16ps` chain over the same channel steps whatever the tile
+//! shape, the column block or the number of input rows, so a row gives the same bits
+//! alone (decode takes the tiles too) and batched: [`self_check`] verifies that on the
+//! hardware before detection takes the path. Blocks of 32 columns by 32 input rows (four
+//! C tiles, two A and two B); rows in panels of [`PANEL`] tiles so the packed input a
+//! column block sweeps stays in L2.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use half::bf16;
+
+/// Input rows per panel, in 16-row tiles (the packed panel: 128 rows x C x 2 bytes,
+/// 384 KiB at C = 1536).
+const PANEL: usize = 8;
+
+/// The tile configuration `ldtilecfg` loads: palette 1, tiles 0-7 each 16 rows of 64
+/// bytes (tiles 8-15 and the reserved bytes zero, or the instruction faults).
+const fn config() -> [u8; 64] {
+    let mut c = [0u8; 64];
+    c[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        c[16 + 2 * t] = 64;
+        c[48 + t] = 16;
+        t += 1;
+    }
+    c
+}
+
+/// The kernels over `ops` (a module with `start`, `end`, `zero`, `load_a`, `load_b`,
+/// `dp`, `store`: C tiles 0-3, A tiles 0-1, B tiles 0-1).
+macro_rules! amx_kernels {
+    () => {
+        use std::ops::Range;
+
+        use half::bf16;
+
+        use super::PANEL;
+
+        /// C tile `2a + b` += A tile a . B tile b.
+        ///
+        /// SAFETY: tiles configured.
+        #[inline]
+        unsafe fn dp(a: usize, b: usize) {
+            // SAFETY: forwarded.
+            unsafe {
+                match (a, b) {
+                    (0, 0) => ops::dp::<0, 0>(),
+                    (0, _) => ops::dp::<0, 1>(),
+                    (_, 0) => ops::dp::<1, 0>(),
+                    _ => ops::dp::<1, 1>(),
+                }
+            }
+        }
+
+        /// out (rows, oc) columns `cols` = the input packed in `xp` ([`super::pack`] of
+        /// `rows` rows) . w(cols)^T + bias; `tail` is this thread's padding buffer.
+        ///
+        /// SAFETY: for `real`, the CPU has AMX-TILE and AMX-BF16 and the process holds
+        /// the tile permission. `xp` is the packing of rows x c, `out` holds rows * oc,
+        /// `w` oc * c, `bias` (if any) oc; `cols` within 0..oc.
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) unsafe fn gemm(
+            out: &mut [f32],
+            xp: &[u32],
+            rows: usize,
+            w: &[bf16],
+            bias: Option<&[f32]>,
+            c: usize,
+            oc: usize,
+            cols: Range<usize>,
+            tail: &mut Vec<u16>,
+        ) {
+            const T: usize = 16;
+            const K: usize = 32;
+            let (kbs, mbs) = (c.div_ceil(K), rows.div_ceil(T));
+            debug_assert!(xp.len() >= mbs * kbs * 256);
+            if rows == 0 || cols.is_empty() {
+                return;
+            }
+            let w = w.as_ptr() as *const u16;
+            let mut cbuf = [0f32; 256];
+            // SAFETY: every tile load reads 16 rows of 64 bytes inside the weights (16
+            // existing rows, whole 32-channel steps only), the padded buffer (its rows
+            // 0.. at the pointer moved back by n0 rows) or the packed input; every store
+            // goes to `cbuf`; `out` is written only at rows < rows and columns in `cols`.
+            // Prefetches never fault.
+            unsafe {
+                ops::start();
+                let mut p0 = 0;
+                while p0 < mbs {
+                    let p1 = (p0 + PANEL).min(mbs);
+                    let mut n0 = cols.start;
+                    while n0 < cols.end {
+                        let nv = (cols.end - n0).min(2 * T);
+                        let na = nv.div_ceil(T);
+                        // A tile a covers columns n0 + a * T ..; read in place it starts
+                        // at weight row base(a), moved back at the end of the matrix so
+                        // its 16 rows exist (the first rows then belong to the tile
+                        // before, and are not written back).
+                        let direct = c.is_multiple_of(K) && oc >= T;
+                        let base = |a: usize| {
+                            if direct {
+                                (n0 + a * T).min(oc - T)
+                            } else {
+                                n0 + a * T
+                            }
+                        };
+                        let (a_ptr, lda) = if direct {
+                            (w, c)
+                        } else {
+                            let ld = kbs * K;
+                            tail.clear();
+                            tail.resize(na * T * ld, 0);
+                            for j in 0..nv {
+                                let src = std::slice::from_raw_parts(w.add((n0 + j) * c), c);
+                                tail[j * ld..j * ld + c].copy_from_slice(src);
+                            }
+                            (tail.as_ptr().wrapping_sub(n0 * ld), ld)
+                        };
+                        // The next block's weight rows, fetched while this block's first
+                        // row tiles run (the later ones find them in cache).
+                        let next = (n0 + nv)..(n0 + nv + 2 * T).min(cols.end);
+                        let mut mb = p0;
+                        while mb < p1 {
+                            let nb = (p1 - mb).min(2);
+                            for t in 0..4 {
+                                if t / 2 < na && t % 2 < nb {
+                                    ops::zero(t);
+                                }
+                            }
+                            for kb in 0..kbs {
+                                if mb == p0 {
+                                    for j in next.clone() {
+                                        let p = w.wrapping_add(j * c + kb * K);
+                                        ops::prefetch(p);
+                                    }
+                                }
+                                for a in 0..na {
+                                    debug_assert!(if direct {
+                                        base(a) + T <= oc
+                                    } else {
+                                        (base(a) - n0 + T) * lda <= tail.len()
+                                    });
+                                    let p = a_ptr.wrapping_add(base(a) * lda + kb * K);
+                                    ops::load_a(a, p, 2 * lda);
+                                }
+                                for b in 0..nb {
+                                    ops::load_b(b, xp.as_ptr().add(((mb + b) * kbs + kb) * 256));
+                                }
+                                for a in 0..na {
+                                    for b in 0..nb {
+                                        dp(a, b);
+                                    }
+                                }
+                            }
+                            for a in 0..na {
+                                for b in 0..nb {
+                                    ops::store(2 * a + b, cbuf.as_mut_ptr());
+                                    let r0 = (mb + b) * T;
+                                    let mv = (rows - r0).min(T);
+                                    let first = n0 + a * T;
+                                    for o in first..first + (nv - a * T).min(T) {
+                                        let n = o - base(a);
+                                        let bo = bias.map_or(0.0, |bias| bias[o]);
+                                        for m in 0..mv {
+                                            *out.get_unchecked_mut((r0 + m) * oc + o) =
+                                                cbuf[n * T + m] + bo;
+                                        }
+                                    }
+                                }
+                            }
+                            mb += nb;
+                        }
+                        n0 += nv;
+                    }
+                    p0 = p1;
+                }
+                ops::end();
+            }
+        }
+    };
+}
+
+/// The hardware instantiation: AMX-TILE and AMX-BF16 through inline assembly (tile
+/// registers: C 0-3, A 4-5, B 6-7).
+#[cfg(target_arch = "x86_64")]
+pub(super) mod real {
+    mod ops {
+        use std::arch::asm;
+
+        static CONFIG: [u8; 64] = super::super::config();
+
+        /// Load the tile configuration (zeroing every tile).
+        ///
+        /// SAFETY: AMX-TILE present and permitted.
+        #[inline]
+        pub unsafe fn start() {
+            // SAFETY: see the function's contract; CONFIG is a valid palette-1 config.
+            unsafe { asm!("ldtilecfg [{0}]", in(reg) CONFIG.as_ptr(), options(nostack, readonly)) }
+        }
+
+        /// Return the tiles to their initial state.
+        ///
+        /// SAFETY: AMX-TILE present and permitted.
+        #[inline]
+        pub unsafe fn end() {
+            // SAFETY: see the function's contract.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) }
+        }
+
+        /// SAFETY: tiles configured.
+        #[inline]
+        pub unsafe fn zero(t: usize) {
+            // SAFETY: see the function's contract.
+            unsafe {
+                match t {
+                    0 => asm!("tilezero tmm0", options(nostack, nomem)),
+                    1 => asm!("tilezero tmm1", options(nostack, nomem)),
+                    2 => asm!("tilezero tmm2", options(nostack, nomem)),
+                    _ => asm!("tilezero tmm3", options(nostack, nomem)),
+                }
+            }
+        }
+
+        /// A tile `a` = 16 rows of 32 bf16 at p, rows `stride` bytes apart.
+        ///
+        /// SAFETY: tiles configured; the 16 rows readable.
+        #[inline]
+        pub unsafe fn load_a(a: usize, p: *const u16, stride: usize) {
+            // SAFETY: see the function's contract.
+            unsafe {
+                if a == 0 {
+                    asm!("tileloadd tmm4, [{p} + {s}*1]", p = in(reg) p, s = in(reg) stride,
+                        options(nostack, readonly));
+                } else {
+                    asm!("tileloadd tmm5, [{p} + {s}*1]", p = in(reg) p, s = in(reg) stride,
+                        options(nostack, readonly));
+                }
+            }
+        }
+
+        /// B tile `b` = the 1 KiB at p.
+        ///
+        /// SAFETY: tiles configured; 1 KiB readable at p.
+        #[inline]
+        pub unsafe fn load_b(b: usize, p: *const u32) {
+            // SAFETY: see the function's contract.
+            unsafe {
+                if b == 0 {
+                    asm!("tileloadd tmm6, [{p} + {s}*1]", p = in(reg) p, s = in(reg) 64usize,
+                        options(nostack, readonly));
+                } else {
+                    asm!("tileloadd tmm7, [{p} + {s}*1]", p = in(reg) p, s = in(reg) 64usize,
+                        options(nostack, readonly));
+                }
+            }
+        }
+
+        /// C tile `2A + B` += A tile A . B tile B.
+        ///
+        /// SAFETY: tiles configured.
+        #[inline]
+        pub unsafe fn dp<const A: usize, const B: usize>() {
+            // SAFETY: see the function's contract.
+            unsafe {
+                match (A, B) {
+                    (0, 0) => asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem)),
+                    (0, _) => asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem)),
+                    (_, 0) => asm!("tdpbf16ps tmm2, tmm5, tmm6", options(nostack, nomem)),
+                    _ => asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem)),
+                }
+            }
+        }
+
+        /// The 16 x 16 f32 of C tile `t` to p (rows 64 bytes apart).
+        ///
+        /// SAFETY: tiles configured; 1 KiB writable at p.
+        #[inline]
+        pub unsafe fn store(t: usize, p: *mut f32) {
+            // SAFETY: see the function's contract.
+            unsafe {
+                match t {
+                    0 => asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) p, s = in(reg) 64usize,
+                        options(nostack)),
+                    1 => asm!("tilestored [{p} + {s}*1], tmm1", p = in(reg) p, s = in(reg) 64usize,
+                        options(nostack)),
+                    2 => asm!("tilestored [{p} + {s}*1], tmm2", p = in(reg) p, s = in(reg) 64usize,
+                        options(nostack)),
+                    _ => asm!("tilestored [{p} + {s}*1], tmm3", p = in(reg) p, s = in(reg) 64usize,
+                        options(nostack)),
+                }
+            }
+        }
+
+        #[inline]
+        pub fn prefetch(p: *const u16) {
+            // SAFETY: a prefetch never faults (SSE is baseline on x86-64).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p as *const i8,
+                )
+            }
+        }
+    }
+
+    amx_kernels!();
+}
+
+/// The same kernels over eight 1 KiB tile registers in memory (per thread), each
+/// instruction done as Intel's pseudo-code defines it: for tests of the kernel logic on
+/// machines without AMX, and the reference of [`self_check`]'s checks.
+pub(super) mod emu {
+    mod ops {
+        use std::cell::RefCell;
+
+        thread_local! {
+            /// C 0-3, A 4-5, B 6-7: 16 rows of 16 dwords each.
+            static TILES: RefCell<[[u32; 256]; 8]> = const { RefCell::new([[0; 256]; 8]) };
+        }
+
+        fn with<R>(f: impl FnOnce(&mut [[u32; 256]; 8]) -> R) -> R {
+            TILES.with_borrow_mut(f)
+        }
+
+        /// `ldtilecfg` zeroes every tile.
+        pub unsafe fn start() {
+            with(|t| *t = [[0; 256]; 8]);
+        }
+
+        pub unsafe fn end() {
+            with(|t| *t = [[0; 256]; 8]);
+        }
+
+        pub unsafe fn zero(t: usize) {
+            with(|tiles| tiles[t] = [0; 256]);
+        }
+
+        /// SAFETY: 16 rows of 64 bytes readable at p + r * stride.
+        unsafe fn load(t: usize, p: *const u8, stride: usize) {
+            with(|tiles| {
+                for r in 0..16 {
+                    for d in 0..16 {
+                        // SAFETY: see the function's contract.
+                        tiles[t][r * 16 + d] =
+                            unsafe { (p.add(r * stride + 4 * d) as *const u32).read_unaligned() };
+                    }
+                }
+            });
+        }
+
+        /// SAFETY: as the hardware's.
+        pub unsafe fn load_a(a: usize, p: *const u16, stride: usize) {
+            // SAFETY: forwarded.
+            unsafe { load(4 + a, p as *const u8, stride) }
+        }
+
+        /// SAFETY: as the hardware's.
+        pub unsafe fn load_b(b: usize, p: *const u32) {
+            // SAFETY: forwarded.
+            unsafe { load(6 + b, p as *const u8, 64) }
+        }
+
+        /// For each C row m, channel pair k and column n: c += a.lo * b.lo, then
+        /// c += a.hi * b.hi (bf16 products are exact in f32; each add rounded).
+        pub unsafe fn dp<const A: usize, const B: usize>() {
+            let lo = |v: u32| f32::from_bits(v << 16);
+            let hi = |v: u32| f32::from_bits(v & 0xFFFF_0000);
+            with(|t| {
+                let (a, b) = (t[4 + A], t[6 + B]);
+                let c = &mut t[2 * A + B];
+                for m in 0..16 {
+                    for k in 0..16 {
+                        let av = a[m * 16 + k];
+                        for n in 0..16 {
+                            let bv = b[k * 16 + n];
+                            let mut s = f32::from_bits(c[m * 16 + n]);
+                            s += lo(av) * lo(bv);
+                            s += hi(av) * hi(bv);
+                            c[m * 16 + n] = s.to_bits();
+                        }
+                    }
+                }
+            });
+        }
+
+        /// SAFETY: 1 KiB writable at p.
+        pub unsafe fn store(t: usize, p: *mut f32) {
+            with(|tiles| {
+                for (i, &v) in tiles[t].iter().enumerate() {
+                    // SAFETY: see the function's contract.
+                    unsafe { *p.add(i) = f32::from_bits(v) };
+                }
+            });
+        }
+
+        pub fn prefetch(_: *const u16) {}
+    }
+
+    amx_kernels!();
+}
+
+/// `dst` = the rows of `xb` (rows x c, bf16 bits) as B tiles: for 16-row block mb and
+/// 32-channel step kb, 256 dwords at `(mb * kbs + kb) * 256`, dword `r * 16 + m` holding
+/// channels `kb * 32 + 2r` (low half) and `+ 1` (high half) of row `mb * 16 + m`; zero
+/// past the last row and channel.
+pub(super) fn pack(dst: &mut Vec<u32>, xb: &[u16], c: usize) {
+    let rows = xb.len() / c;
+    let (kbs, mbs) = (c.div_ceil(32), rows.div_ceil(16));
+    dst.clear();
+    dst.resize(mbs * kbs * 256, 0);
+    for (row, x) in xb.chunks_exact(c).enumerate() {
+        let base = (row / 16) * kbs * 256 + row % 16;
+        for (p, pair) in x.chunks(2).enumerate() {
+            let v = pair[0] as u32 | (pair.get(1).map_or(0, |&h| h as u32) << 16);
+            dst[base + (p / 16) * 256 + (p % 16) * 16] = v;
+        }
+    }
+}
+
+thread_local! {
+    /// (call tag, this thread's packed input of that call), and its padded-weights buffer.
+    static PACKED: RefCell<(u64, Vec<u32>, Vec<u16>)> =
+        const { RefCell::new((0, Vec::new(), Vec::new())) };
+}
+
+/// `f(packed input, padding buffer)`: the input rounded ([`super::dot::with_rounded`])
+/// and packed once per `call` tag and thread.
+fn with_packed<R>(
+    inp: &[f32],
+    c: usize,
+    call: u64,
+    f: impl FnOnce(&[u32], &mut Vec<u16>) -> R,
+) -> R {
+    PACKED.with_borrow_mut(|(tag, xp, tail)| {
+        if *tag != call {
+            super::dot::with_rounded(inp, call, |xb| pack(xp, xb, c));
+            *tag = call;
+        }
+        f(xp, tail)
+    })
+}
+
+/// A gemm over all columns: (out, packed input, rows, weights, bias, c, oc, padding).
+type PackedGemm<'a> =
+    dyn Fn(&mut [f32], &[u32], usize, &[bf16], Option<&[f32]>, usize, usize, &mut Vec<u16>) + 'a;
+
+/// A kernel's contract over all columns on rounded inputs, through [`pack`].
+#[allow(clippy::type_complexity)]
+fn packed_kernel<'a>(
+    kernel: &'a PackedGemm<'a>,
+) -> impl Fn(&mut [f32], &[u16], &[bf16], Option<&[f32]>, usize, usize) {
+    move |out, xb, w, bias, c, oc| {
+        let (mut xp, mut tail) = (Vec::new(), Vec::new());
+        pack(&mut xp, xb, c);
+        kernel(out, &xp, xb.len() / c, w, bias, c, oc, &mut tail);
+    }
+}
+
+/// Whether `kernel` (over rounded inputs) matches the reference
+/// ([`super::dot::agrees_with_reference`]) on 11 x 77 inputs against 7 outputs (padded
+/// tiles and channels) and on 37 x 64 against 40 (whole weight tiles read in place, a
+/// partial block, three row tiles), and gives each row of the 37 the same bits alone.
+fn agrees(kernel: impl Fn(&mut [f32], &[u16], &[bf16], Option<&[f32]>, usize, usize)) -> bool {
+    use super::dot::{agrees_with_reference, test_inputs};
+    if !agrees_with_reference(11, 77, 7, &kernel) || !agrees_with_reference(37, 64, 40, &kernel) {
+        return false;
+    }
+    let (rows, c, oc) = (37, 64, 40);
+    let (xb, w, bias) = test_inputs(rows, c, oc);
+    let mut all = vec![0.0f32; rows * oc];
+    kernel(&mut all, &xb, &w, Some(&bias), c, oc);
+    (0..rows).all(|r| {
+        let mut one = vec![f32::NAN; oc];
+        kernel(&mut one, &xb[r * c..(r + 1) * c], &w, Some(&bias), c, oc);
+        one.iter()
+            .zip(&all[r * oc..(r + 1) * oc])
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    })
+}
+
+/// Whether the AMX kernels agree with the reference and give a row the same bits alone
+/// and batched ([`agrees`]): detection runs this once before taking the path.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn self_check() -> bool {
+    agrees(packed_kernel(&|out, xp, rows, w, bias, c, oc, tail| {
+        // SAFETY: called only once AMX-TILE and AMX-BF16 are detected and the tile
+        // permission granted; the packing and shapes are consistent.
+        unsafe { real::gemm(out, xp, rows, w, bias, c, oc, 0..oc, tail) }
+    }))
+}
+
+/// out (rows, oc) columns `cols` = round(inp) . weight(cols)^T + bias through the AMX
+/// kernels, the packed input shared by every item of `call` on this thread.
+///
+/// SAFETY: AMX-TILE and AMX-BF16 present and permitted; shapes as the gemm's.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    c: usize,
+    oc: usize,
+    cols: Range<usize>,
+    call: u64,
+) {
+    let rows = inp.len() / c;
+    with_packed(inp, c, call, |xp, tail| {
+        // SAFETY: forwarded caller guarantees.
+        unsafe { real::gemm(out, xp, rows, w, bias, c, oc, cols, tail) }
+    })
+}
+
+/// [`emu`]'s kernels over columns `cols` on the calling thread, the input rounded and
+/// packed first.
+///
+/// The caller checked the shapes and that `cols` lies within 0..oc.
+pub(super) fn emulated(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[bf16],
+    bias: Option<&[f32]>,
+    c: usize,
+    oc: usize,
+    cols: Range<usize>,
+) {
+    let rows = inp.len() / c;
+    with_packed(inp, c, super::next_call(), |xp, tail| {
+        // SAFETY: the emulation needs no CPU feature; the caller checked the shapes.
+        unsafe { emu::gemm(out, xp, rows, w, bias, c, oc, cols, tail) }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configuration is palette 1 with eight 16 x 64-byte tiles and nothing else
+    /// (reserved bytes and tiles 8-15 zero: anything else faults).
+    #[test]
+    fn tile_configuration_is_palette_one_with_eight_full_tiles() {
+        let c = config();
+        assert_eq!(c[0], 1);
+        assert!(c[1..16].iter().all(|&b| b == 0));
+        for t in 0..16 {
+            let colsb = u16::from_le_bytes([c[16 + 2 * t], c[17 + 2 * t]]);
+            let rows = c[48 + t];
+            assert_eq!(
+                (colsb, rows),
+                if t < 8 { (64, 16) } else { (0, 0) },
+                "tile {t}"
+            );
+        }
+    }
+
+    /// Packing puts channel pair p of row r where the B operand wants it, zero-padded.
+    #[test]
+    fn packing_lays_out_channel_pairs_by_row() {
+        let (rows, c) = (19usize, 67usize);
+        let xb: Vec<u16> = (0..rows * c).map(|i| i as u16 + 1).collect();
+        let mut xp = Vec::new();
+        pack(&mut xp, &xb, c);
+        let kbs = 3;
+        assert_eq!(xp.len(), 2 * kbs * 256);
+        for row in 0..32 {
+            for k in (0..kbs * 32).step_by(2) {
+                let v = xp[((row / 16) * kbs + k / 32) * 256 + (k % 32 / 2) * 16 + row % 16];
+                let at = |kk: usize| {
+                    if row < rows && kk < c {
+                        xb[row * c + kk] as u32
+                    } else {
+                        0
+                    }
+                };
+                assert_eq!(v, at(k) | at(k + 1) << 16, "row {row}, channel {k}");
+            }
+        }
+    }
+
+    /// The emulated `tdpbf16ps` adds each pair's even channel first, then the odd one,
+    /// each add rounded: after 2^24 from the first pair, + 1 rounds away (a tie, to
+    /// even) and - 2^24 leaves 0, where odd-first would leave 1.
+    #[test]
+    fn emulated_tile_product_adds_even_then_odd_channel() {
+        let mut x = vec![0.0f32; 32];
+        (x[0], x[2], x[3]) = (16777216.0, 1.0, -16777216.0);
+        let w = vec![bf16::ONE; 32];
+        let mut out = [f32::NAN; 1];
+        emulated(&mut out, &x, &w, None, 32, 1, 0..1);
+        assert_eq!(out[0], 0.0);
+        (x[2], x[3]) = (x[3], x[2]);
+        emulated(&mut out, &x, &w, None, 32, 1, 0..1);
+        assert_eq!(out[0], 1.0);
+    }
+
+    /// The detection guard accepts the kernels' logic (the emulated copy) and rejects a
+    /// kernel off in one output, one that writes nothing and one whose rows differ alone.
+    #[test]
+    fn self_check_accepts_the_kernels_and_rejects_broken_ones() {
+        let emu = packed_kernel(&|out, xp, rows, w, bias, c, oc, tail| {
+            // SAFETY: the emulation needs no CPU feature; consistent shapes.
+            unsafe { emu::gemm(out, xp, rows, w, bias, c, oc, 0..oc, tail) }
+        });
+        assert!(agrees(&emu));
+        assert!(!agrees(
+            |out: &mut [f32], xb: &[u16], w: &[bf16], b: Option<&[f32]>, c, oc| {
+                emu(out, xb, w, b, c, oc);
+                out[out.len() / 2] += 1e-2;
+            }
+        ));
+        assert!(!agrees(
+            |_: &mut [f32], _: &[u16], _: &[bf16], _: Option<&[f32]>, _, _| {}
+        ));
+        assert!(!agrees(
+            |out: &mut [f32], xb: &[u16], w: &[bf16], b: Option<&[f32]>, c, oc| {
+                emu(out, xb, w, b, c, oc);
+                if xb.len() == c {
+                    out[0] = f32::from_bits(out[0].to_bits() ^ 1);
+                }
+            }
+        ));
+    }
+}

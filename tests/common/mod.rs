@@ -3,6 +3,7 @@
 //! later ops_cuda).
 #![allow(dead_code)]
 
+pub mod golden;
 pub mod model;
 pub mod tiny;
 

@@ -37,6 +37,7 @@ impl Isa {
 }
 
 static FORCED: AtomicU8 = AtomicU8::new(0);
+static EMULATED: AtomicU8 = AtomicU8::new(0);
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
 /// The best path this CPU supports, capped by `$CLOUDRM_ISA` (`scalar`, `avx2`,
@@ -242,6 +243,34 @@ pub fn current() -> Isa {
 /// Force a path (`None` returns to detection). A path the CPU lacks is ignored.
 pub fn force(isa: Option<Isa>) {
     FORCED.store(isa.map_or(0, |i| i as u8), Ordering::Relaxed);
+}
+
+/// Run every matmul with bf16 weights through the emulated kernels of the opt-in path
+/// `isa` ([`Isa::Avx512Bf16`]: pairs of AVX2 registers; [`Isa::Amx`]: tile registers in
+/// memory), whatever the detected path, or stop (`None`). For tests of a whole model on
+/// those kernels on machines without them (slow: the tile emulation is scalar);
+/// process-wide. False (nothing changed) for another path, or the AVX512_BF16 emulation
+/// on a CPU without AVX2.
+#[doc(hidden)]
+pub fn emulate(isa: Option<Isa>) -> bool {
+    let ok = match isa {
+        None | Some(Isa::Amx) => true,
+        Some(Isa::Avx512Bf16) => detected() >= Isa::Avx2,
+        Some(_) => false,
+    };
+    if ok {
+        EMULATED.store(isa.map_or(0, |i| i as u8), Ordering::Relaxed);
+    }
+    ok
+}
+
+/// The opt-in path whose emulated kernels take the bf16 matmuls ([`emulate`]), if any.
+pub(super) fn emulated() -> Option<Isa> {
+    match EMULATED.load(Ordering::Relaxed) {
+        4 => Some(Isa::Avx512Bf16),
+        5 => Some(Isa::Amx),
+        _ => None,
+    }
 }
 
 /// Threads the machine offers (the global pool's size): $CLOUDRM_THREADS if set, else

@@ -162,6 +162,7 @@ pub fn matmul_forward_bf16_emulated(
         in_features,
         out_features,
         cols,
+        next_call(),
     ))
 }
 
@@ -188,7 +189,17 @@ pub fn matmul_forward_amx_emulated(
     const OP: &str = "matmul_forward_amx_emulated";
     let w = Weights::BF16(weight);
     if check_emulated(OP, out, inp, w, bias, in_features, out_features, &cols)? {
-        amx::emulated(out, inp, weight, bias, in_features, out_features, cols);
+        let call = next_call();
+        amx::emulated(
+            out,
+            inp,
+            weight,
+            bias,
+            in_features,
+            out_features,
+            cols,
+            call,
+        );
     }
     Ok(())
 }
@@ -629,6 +640,16 @@ fn compute(
     call: u64,
 ) {
     let rows = inp.len() / in_features;
+    if let Weights::BF16(w) = weight
+        && let Some(e) = super::dispatch::emulated()
+    {
+        let (c, oc) = (in_features, out_features);
+        // (`emulate` takes the AVX512_BF16 emulation only where AVX2 is detected.)
+        if e == Isa::Amx || !dot::emulated(out, inp, w, bias, c, oc, cols.clone(), call) {
+            amx::emulated(out, inp, w, bias, c, oc, cols, call);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Amx
         && let Weights::BF16(w) = weight

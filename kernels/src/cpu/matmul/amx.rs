@@ -544,9 +544,10 @@ pub(super) unsafe fn gemm(
 }
 
 /// [`emu`]'s kernels over columns `cols` on the calling thread, the input rounded and
-/// packed first.
+/// packed first (once per `call` tag and thread).
 ///
 /// The caller checked the shapes and that `cols` lies within 0..oc.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn emulated(
     out: &mut [f32],
     inp: &[f32],
@@ -555,9 +556,10 @@ pub(super) fn emulated(
     c: usize,
     oc: usize,
     cols: Range<usize>,
+    call: u64,
 ) {
     let rows = inp.len() / c;
-    with_packed(inp, c, super::next_call(), |xp, tail| {
+    with_packed(inp, c, call, |xp, tail| {
         // SAFETY: the emulation needs no CPU feature; the caller checked the shapes.
         unsafe { emu::gemm(out, xp, rows, w, bias, c, oc, cols, tail) }
     })
@@ -618,10 +620,28 @@ mod tests {
         (x[0], x[2], x[3]) = (16777216.0, 1.0, -16777216.0);
         let w = vec![bf16::ONE; 32];
         let mut out = [f32::NAN; 1];
-        emulated(&mut out, &x, &w, None, 32, 1, 0..1);
+        emulated(
+            &mut out,
+            &x,
+            &w,
+            None,
+            32,
+            1,
+            0..1,
+            super::super::next_call(),
+        );
         assert_eq!(out[0], 0.0);
         (x[2], x[3]) = (x[3], x[2]);
-        emulated(&mut out, &x, &w, None, 32, 1, 0..1);
+        emulated(
+            &mut out,
+            &x,
+            &w,
+            None,
+            32,
+            1,
+            0..1,
+            super::super::next_call(),
+        );
         assert_eq!(out[0], 1.0);
     }
 

@@ -529,10 +529,11 @@ pub(super) unsafe fn gemm(
     })
 }
 
-/// [`emu`]'s kernels over columns `cols` on the calling thread, the input rounded first:
-/// false (nothing written) without AVX2.
+/// [`emu`]'s kernels over columns `cols` on the calling thread, the input rounded first
+/// (once per `call` tag and thread): false (nothing written) without AVX2.
 ///
 /// The caller checked the shapes and that `cols` lies within 0..oc.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn emulated(
     out: &mut [f32],
     inp: &[f32],
@@ -541,16 +542,17 @@ pub(super) fn emulated(
     c: usize,
     oc: usize,
     cols: Range<usize>,
+    call: u64,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::super::dispatch::detected() >= super::super::dispatch::Isa::Avx2 {
-        with_rounded(inp, super::next_call(), |xb| {
+        with_rounded(inp, call, |xb| {
             // SAFETY: AVX2, FMA and F16C detected; shapes checked by the caller.
             unsafe { emu::gemm(out, xb, w, bias, c, oc, cols) }
         });
         return true;
     }
-    let _ = (out, inp, w, bias, c, oc, cols);
+    let _ = (out, inp, w, bias, c, oc, cols, call);
     false
 }
 

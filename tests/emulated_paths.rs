@@ -1,0 +1,178 @@
+//! Whole (tiny, bf16) models on the emulated kernels of the opt-in bf16-compute paths
+//! (AVX512_BF16 over pairs of AVX2 registers, AMX over tile registers in memory), so the
+//! way the runtime calls them (fused Q/K/V with RoPE, gate/up with SwiGLU, the LM head
+//! with its top-k, the column blocks and per-thread input caches of the pool) is checked
+//! on machines without those instructions. Its own test binary: the emulation switch is
+//! process-wide.
+
+mod common;
+
+use cloudrm::backend::Cpu;
+use cloudrm::kernels::cpu::dispatch::{self, Isa};
+use cloudrm::loader::Dtype;
+use cloudrm::model::{Llama, LogitsMode};
+use common::check_close;
+use common::tiny::{TinySpec, tiny_model_dir};
+
+const IDS: [u32; 11] = [1, 5, 9, 13, 96, 0, 42, 42, 7, 3, 60];
+
+/// The bf16 tolerance (DESIGN.md) for logits of a model whose every matmul input is
+/// rounded to bf16.
+const BF16_TOL: f64 = 2e-2;
+
+fn all_logits(model: &Llama, cpu: &Cpu, ids: &[u32]) -> Vec<f32> {
+    let mut sess = model.new_session(64, 64);
+    model
+        .forward(cpu, &mut sess, ids, LogitsMode::All)
+        .unwrap()
+        .to_vec()
+}
+
+/// On each emulated path: the full pass within the bf16 tolerance of the reference (and
+/// not the f32 path's bits: the path is taken), prefill then one-token decode steps
+/// within it of the full pass's rows, and greedy generation (the fused LM head + top-1)
+/// picking the argmax of that path's own logits at every step. Two shapes: channels
+/// a multiple of 32 (AMX tiles read in place) and not (the padded copy).
+#[test]
+fn tiny_bf16_models_run_on_the_emulated_bf16_compute_paths() {
+    use cloudrm::generate::{GreedyOptions, greedy};
+    let specs = [
+        TinySpec {
+            hidden: 64,
+            intermediate: 96,
+            heads: 4,
+            kv_heads: 2,
+            dtype: Dtype::BF16,
+            ..Default::default()
+        },
+        TinySpec {
+            dtype: Dtype::BF16,
+            tied: false,
+            ..Default::default()
+        },
+    ];
+    let mut ran = 0;
+    for (i, spec) in specs.iter().enumerate() {
+        let dir = tiny_model_dir(&format!("emulated{i}"), spec);
+        let model = Llama::load_dir(&dir).unwrap();
+        let v = model.config.vocab_size;
+        let cpu = Cpu::fast();
+        let want = all_logits(&model, &Cpu::reference(), &IDS);
+        let plain = all_logits(&model, &cpu, &IDS);
+        for isa in [Isa::Avx512Bf16, Isa::Amx] {
+            let what = format!("{isa:?}, {spec:?}");
+            if !dispatch::emulate(Some(isa)) {
+                eprintln!("skipped {isa:?}: this CPU lacks AVX2, which its emulation runs on");
+                continue;
+            }
+            let full = all_logits(&model, &cpu, &IDS);
+            assert_ne!(full, plain, "{what}: the emulated path was not taken");
+            check_close(&format!("{what}: full pass"), &full, &want, BF16_TOL);
+
+            let mut sess = model.new_session(64, 64);
+            let first = model
+                .forward(&cpu, &mut sess, &IDS[..4], LogitsMode::Last)
+                .unwrap()
+                .to_vec();
+            check_close(&what, &first, &full[3 * v..4 * v], BF16_TOL);
+            for t in 4..IDS.len() {
+                let step = model
+                    .forward(&cpu, &mut sess, &IDS[t..t + 1], LogitsMode::Last)
+                    .unwrap();
+                let name = format!("{what}: decode step {t}");
+                check_close(&name, step, &full[t * v..(t + 1) * v], BF16_TOL);
+            }
+
+            let n = 8;
+            let mut sess = model.new_session(64, 64);
+            let opts = GreedyOptions {
+                max_tokens: n,
+                stop_ids: vec![],
+            };
+            let (got, _) = greedy(&model, &cpu, &mut sess, &IDS[..4], &opts, |_| Ok(true)).unwrap();
+            let mut sess = model.new_session(64, 64);
+            let mut logits = model
+                .forward(&cpu, &mut sess, &IDS[..4], LogitsMode::Last)
+                .unwrap()
+                .to_vec();
+            let mut picks = Vec::new();
+            for _ in 0..n {
+                let next = cloudrm::sampler::argmax(&logits).unwrap() as u32;
+                picks.push(next);
+                logits = model
+                    .forward(&cpu, &mut sess, &[next], LogitsMode::Last)
+                    .unwrap()
+                    .to_vec();
+            }
+            assert!(dispatch::emulate(None));
+            assert_eq!(got, picks, "{what}: greedy picks");
+            ran += 1;
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+    assert!(ran >= 2, "the AMX emulation runs everywhere");
+    // Only the opt-in paths have an emulation to switch to.
+    assert!(!dispatch::emulate(Some(Isa::Avx2)));
+}
+
+/// The default model (bf16 weights) on each emulated path against transformers: the
+/// last-position logits of the first golden text, and the top-20 logits of every golden
+/// text, within the bf16 tolerance that `golden_bf16_weights` holds the f32-compute path
+/// to, so rounding every matmul input to bf16 as well keeps the model where PyTorch has
+/// it.
+#[test]
+fn default_model_on_the_emulated_bf16_compute_paths_matches_transformers() {
+    use cloudrm::loader::gguf::OutDtype;
+    use cloudrm::loader::tokenizer::Tokenizer;
+    let (cases, case0_logits) = common::golden::load_fixture();
+    let dir = common::model::default_model(OutDtype::BF16);
+    let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+    let model = Llama::load_dir(&dir).unwrap();
+    let cpu = Cpu::fast();
+    let last = |ids: &[u32]| {
+        let mut sess = model.new_session(ids.len() + 1, 64);
+        model
+            .forward(&cpu, &mut sess, ids, LogitsMode::Last)
+            .unwrap()
+            .to_vec()
+    };
+    let ids: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| tokenizer.encode(&c.text, false).unwrap())
+        .collect();
+    let plain = last(&ids[0]);
+    for isa in [Isa::Avx512Bf16, Isa::Amx] {
+        if !dispatch::emulate(Some(isa)) {
+            eprintln!("skipped {isa:?}: this CPU lacks AVX2, which its emulation runs on");
+            continue;
+        }
+        let t = std::time::Instant::now();
+        let logits: Vec<Vec<f32>> = ids.iter().map(|ids| last(ids)).collect();
+        assert!(dispatch::emulate(None));
+        let err = common::rel_l2(&logits[0], &case0_logits);
+        eprintln!(
+            "{isa:?} (emulated): case 0 logits rel L2 error {err:e} against transformers \
+             (f32 compute: {:e}); {} texts in {:.1} s",
+            common::rel_l2(&plain, &case0_logits),
+            cases.len(),
+            t.elapsed().as_secs_f64()
+        );
+        assert_ne!(logits[0], plain, "{isa:?}: the emulated path was not taken");
+        check_close(
+            &format!("{isa:?} case 0 logits"),
+            &logits[0],
+            &case0_logits,
+            BF16_TOL,
+        );
+        for (i, (case, l)) in cases.iter().zip(&logits).enumerate() {
+            let ours: Vec<f32> = case.top20.iter().map(|&(id, _)| l[id as usize]).collect();
+            let theirs: Vec<f32> = case.top20.iter().map(|&(_, v)| v).collect();
+            check_close(
+                &format!("{isa:?} case {i} top-20"),
+                &ours,
+                &theirs,
+                BF16_TOL,
+            );
+        }
+    }
+}

@@ -219,7 +219,11 @@ pub(super) mod real {
     mod ops {
         use std::arch::asm;
 
-        static CONFIG: [u8; 64] = super::super::config();
+        /// 64-byte aligned (a cache line; the instruction reads 64 bytes).
+        #[repr(align(64))]
+        struct Config([u8; 64]);
+
+        static CONFIG: Config = Config(super::super::config());
 
         /// Load the tile configuration (zeroing every tile).
         ///
@@ -227,7 +231,9 @@ pub(super) mod real {
         #[inline]
         pub unsafe fn start() {
             // SAFETY: see the function's contract; CONFIG is a valid palette-1 config.
-            unsafe { asm!("ldtilecfg [{0}]", in(reg) CONFIG.as_ptr(), options(nostack, readonly)) }
+            unsafe {
+                asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly))
+            }
         }
 
         /// Return the tiles to their initial state.

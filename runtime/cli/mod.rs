@@ -503,7 +503,7 @@ pub enum Command {
         /// MiB of the read-bandwidth buffer (0: skip the bandwidth measurement).
         #[arg(long, default_value_t = 1024)]
         bandwidth_mib: usize,
-        /// Worker threads (default: $CLOUDRM_THREADS or all available).
+        /// Worker threads (default: $CLOUDRM_THREADS or one per physical core).
         #[arg(long)]
         threads: Option<usize>,
         /// Print the report as JSON.

@@ -273,9 +273,11 @@ pub(super) fn emulated() -> Option<Isa> {
     }
 }
 
-/// Threads the machine offers (the global pool's size): $CLOUDRM_THREADS if set, else
-/// the available parallelism. Read once: `available_parallelism` reads cgroup files and
-/// calls `sched_getaffinity`, far too slow for every kernel call.
+/// Threads the kernels use by default: $CLOUDRM_THREADS if set, else one per physical
+/// core this process may run on (SMT siblings share one core's FMA units and its path to
+/// memory, so a second thread there only competes; [`physical_cores`]), at most the
+/// available parallelism (which also counts a cgroup's CPU quota). Read once: these
+/// read sysfs and cgroup files, far too slow for every kernel call.
 pub fn max_threads() -> usize {
     static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| {
@@ -283,19 +285,111 @@ pub fn max_threads() -> usize {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .unwrap_or_else(|| {
+                let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+                physical_cores().map_or(logical, |p| p.clamp(1, logical))
+            })
     })
 }
 
-/// Threads the fast kernels use per call (default: `max_threads()`).
-pub fn num_threads() -> usize {
-    match THREADS.load(Ordering::Relaxed) {
-        0 => max_threads(),
-        n => n,
-    }
+/// Physical cores among the CPUs this process may run on (its affinity mask): CPUs that
+/// share a `thread_siblings_list` in sysfs are one core. `None` where that is unknown.
+#[cfg(target_os = "linux")]
+fn physical_cores() -> Option<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most
+    // its size into it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        set
+    };
+    // SAFETY: CPU_ISSET reads the set within its size (cpu < CPU_SETSIZE).
+    let allowed = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) });
+    count_cores(allowed, |cpu| {
+        std::fs::read_to_string(format!(
+            "/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+        ))
+        .ok()
+    })
 }
 
-/// Set the worker thread count (0 = available parallelism).
+#[cfg(not(target_os = "linux"))]
+fn physical_cores() -> Option<usize> {
+    None
+}
+
+/// Distinct cores among `cpus`, each CPU's core named by its SMT sibling list
+/// (`siblings`); `None` if any CPU's list is unknown, or no CPU is given.
+fn count_cores(
+    cpus: impl Iterator<Item = usize>,
+    siblings: impl Fn(usize) -> Option<String>,
+) -> Option<usize> {
+    let mut cores = std::collections::HashSet::new();
+    for cpu in cpus {
+        cores.insert(siblings(cpu)?.trim().to_string());
+    }
+    (!cores.is_empty()).then_some(cores.len())
+}
+
+/// Threads the fast kernels use per call: the count set by [`set_num_threads`], else
+/// [`max_threads`]; at most the global pool's size (the larger of the two when the pool
+/// was made, at first use).
+pub fn num_threads() -> usize {
+    let want = match THREADS.load(Ordering::Relaxed) {
+        0 => max_threads(),
+        n => n,
+    };
+    want.min(super::pool::global().threads())
+}
+
+/// The count [`set_num_threads`] asked for, if any (the pool's size at first use).
+pub(super) fn requested_threads() -> usize {
+    THREADS.load(Ordering::Relaxed)
+}
+
+/// Set the worker thread count (0 = the default, [`max_threads`]). More than the pool
+/// holds counts only if set before the first kernel call, which sizes the pool.
 pub fn set_num_threads(n: usize) {
     THREADS.store(n, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SMT siblings are one core; CPUs outside the affinity mask do not count; an
+    /// unknown topology gives no count.
+    #[test]
+    fn physical_cores_are_counted_by_sibling_list() {
+        // 8 CPUs: cores {0,4}, {1,5}, {2,6}, {3,7}.
+        let smt = |cpu: usize| Some(format!("{},{}\n", cpu % 4, cpu % 4 + 4));
+        assert_eq!(count_cores(0..8, smt), Some(4));
+        assert_eq!(count_cores([0, 4].into_iter(), smt), Some(1));
+        assert_eq!(count_cores([0, 5, 6].into_iter(), smt), Some(3));
+        assert_eq!(count_cores(0..3, |cpu| Some(cpu.to_string())), Some(3));
+        assert_eq!(
+            count_cores(0..8, |cpu| (cpu != 5).then(|| smt(cpu)).flatten()),
+            None
+        );
+        assert_eq!(count_cores(std::iter::empty(), smt), None);
+    }
+
+    /// The default count lies between 1 and the available parallelism, and equals this
+    /// machine's physical cores where sysfs names them (unless $CLOUDRM_THREADS is set).
+    #[test]
+    fn default_threads_are_the_physical_cores() {
+        if std::env::var("CLOUDRM_THREADS").is_ok() {
+            eprintln!("skipped: CLOUDRM_THREADS sets the count");
+            return;
+        }
+        let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = max_threads();
+        assert!((1..=logical).contains(&n), "{n} threads of {logical}");
+        match physical_cores() {
+            Some(p) => assert_eq!(n, p.min(logical)),
+            None => assert_eq!(n, logical),
+        }
+    }
 }

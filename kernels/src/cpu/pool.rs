@@ -217,10 +217,14 @@ fn worker(s: Arc<Shared>, index: usize) {
     }
 }
 
-/// The process-wide pool, sized by `dispatch::num_threads()` at first use.
+/// The process-wide pool, sized at first use by `dispatch::max_threads()` or the count
+/// `dispatch::set_num_threads` asked for before, whichever is larger.
 pub fn global() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Pool::new(super::dispatch::max_threads()))
+    POOL.get_or_init(|| {
+        let d = super::dispatch::max_threads();
+        Pool::new(d.max(super::dispatch::requested_threads()))
+    })
 }
 
 #[cfg(test)]

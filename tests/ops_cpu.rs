@@ -1185,6 +1185,23 @@ fn fast_cpu_ops_match_reference() {
     dispatch::force(None);
     dispatch::set_num_threads(0);
     assert!(dispatch::available().contains(&Isa::Scalar));
+    for isa in [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Bf16,
+        Isa::Amx,
+    ] {
+        let why = dispatch::why_unavailable(isa);
+        assert_eq!(
+            why.is_none(),
+            dispatch::available().contains(&isa),
+            "{isa:?}"
+        );
+        if let Some(why) = why {
+            eprintln!("path {} not run: {why}", isa.name());
+        }
+    }
 }
 
 /// Quantise to Q8 (int8 values, one scale per 32).

@@ -228,6 +228,45 @@ pub fn available() -> Vec<Isa> {
     ALL.into_iter().filter(|&isa| isa <= detected()).collect()
 }
 
+/// Why `isa` is not among [`available`] (`None` when it is): what the machine lacks for
+/// it, that it is opt-in and `CLOUDRM_ISA` does not name it, or that `CLOUDRM_ISA` caps
+/// the paths below it. For tests and reports that say which paths they did not run.
+pub fn why_unavailable(isa: Isa) -> Option<String> {
+    if isa <= detected() {
+        return None;
+    }
+    let asked = std::env::var("CLOUDRM_ISA")
+        .ok()
+        .and_then(|v| ALL.into_iter().find(|i| i.name() == v.trim()));
+    // (An opt-in path is asked for by its name or a higher one's.)
+    let opted = asked.is_some_and(|a| a >= isa);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let lacks = match isa {
+            Isa::Scalar => None,
+            Isa::Avx2 => (!(has!("avx2") && has!("fma") && has!("f16c")))
+                .then(|| "this CPU lacks AVX2, FMA or F16C".to_string()),
+            Isa::Avx512 => (!has!("avx512f")).then(|| "this CPU lacks AVX-512F".to_string()),
+            Isa::Avx512Bf16 | Isa::Amx if opted => Some(missing(isa)),
+            Isa::Avx512Bf16 | Isa::Amx => None,
+        };
+        if let Some(why) = lacks {
+            return Some(why);
+        }
+    }
+    if isa >= Isa::Avx512Bf16 && !opted {
+        return Some(format!(
+            "a bf16-compute path, taken only when CLOUDRM_ISA={} asks for it",
+            isa.name()
+        ));
+    }
+    match asked {
+        Some(a) if a < isa => Some(format!("CLOUDRM_ISA={} caps the paths", a.name())),
+        _ => Some("its kernels failed their self-check".into()),
+    }
+}
+
 /// The path in use: the forced one if set (and supported), else the detected one.
 pub fn current() -> Isa {
     match FORCED.load(Ordering::Relaxed) {

@@ -109,7 +109,8 @@ macro_rules! amx_kernels {
                 return;
             }
             let w = w.as_ptr() as *const u16;
-            let mut cbuf = [0f32; 256];
+            // A C tile as stored (output columns by input rows), and transposed.
+            let (mut cbuf, mut tbuf) = ([0f32; 256], [0f32; 256]);
             // SAFETY: every tile load reads 16 rows of 64 bytes inside the weights (16
             // existing rows, whole 32-channel steps only), the padded buffer (its rows
             // 0.. at the pointer moved back by n0 rows) or the packed input; every store
@@ -185,17 +186,25 @@ macro_rules! amx_kernels {
                                 }
                             }
                             for a in 0..na {
+                                // Columns first.. (cnt of them) are tile rows off.. .
+                                let first = n0 + a * T;
+                                let cnt = (nv - a * T).min(T);
+                                let off = first - base(a);
+                                let mut bz = [0f32; T];
+                                if let Some(bias) = bias {
+                                    bz[..cnt].copy_from_slice(&bias[first..first + cnt]);
+                                }
                                 for b in 0..nb {
                                     ops::store(2 * a + b, cbuf.as_mut_ptr());
+                                    let (cb, tb) = (cbuf.as_ptr(), tbuf.as_mut_ptr());
+                                    super::transpose16(cb as _, T, tb as _, T);
                                     let r0 = (mb + b) * T;
-                                    let mv = (rows - r0).min(T);
-                                    let first = n0 + a * T;
-                                    for o in first..first + (nv - a * T).min(T) {
-                                        let n = o - base(a);
-                                        let bo = bias.map_or(0.0, |bias| bias[o]);
-                                        for m in 0..mv {
-                                            *out.get_unchecked_mut((r0 + m) * oc + o) =
-                                                cbuf[n * T + m] + bo;
+                                    for m in 0..(rows - r0).min(T) {
+                                        let o = out.as_mut_ptr().add((r0 + m) * oc + first);
+                                        let o = std::slice::from_raw_parts_mut(o, cnt);
+                                        let t = &tbuf[m * T + off..][..cnt];
+                                        for ((o, &t), &bj) in o.iter_mut().zip(t).zip(&bz) {
+                                            *o = t + bj;
                                         }
                                     }
                                 }
@@ -439,17 +448,124 @@ pub(super) mod emu {
 /// `dst` = the rows of `xb` (rows x c, bf16 bits) as B tiles: for 16-row block mb and
 /// 32-channel step kb, 256 dwords at `(mb * kbs + kb) * 256`, dword `r * 16 + m` holding
 /// channels `kb * 32 + 2r` (low half) and `+ 1` (high half) of row `mb * 16 + m`; zero
-/// past the last row and channel.
+/// past the last row and channel. Whole blocks (16 rows, 32 channels, c even) are
+/// 16 x 16 dword transposes ([`transpose16`]); the rest one pair at a time.
 pub(super) fn pack(dst: &mut Vec<u32>, xb: &[u16], c: usize) {
     let rows = xb.len() / c;
     let (kbs, mbs) = (c.div_ceil(32), rows.div_ceil(16));
     dst.clear();
     dst.resize(mbs * kbs * 256, 0);
+    let fast = c.is_multiple_of(2) && simd();
+    let (full_m, full_k) = if fast { (rows / 16, c / 32) } else { (0, 0) };
+    for mb in 0..full_m {
+        for kb in 0..full_k {
+            let src = xb[mb * 16 * c + kb * 32..].as_ptr() as *const u32;
+            let d = dst[(mb * kbs + kb) * 256..].as_mut_ptr();
+            // SAFETY: 16 rows of 16 dwords at src, c / 2 dwords apart, lie within xb
+            // (whole rows mb * 16.. and channels kb * 32..); d has 256 dwords.
+            unsafe { transpose16(src, c / 2, d, 16) };
+        }
+    }
     for (row, x) in xb.chunks_exact(c).enumerate() {
         let base = (row / 16) * kbs * 256 + row % 16;
-        for (p, pair) in x.chunks(2).enumerate() {
+        // Pairs already transposed (a whole row block's whole steps) are skipped.
+        let done = if row / 16 < full_m { full_k * 16 } else { 0 };
+        for (p, pair) in x.chunks(2).enumerate().skip(done) {
             let v = pair[0] as u32 | (pair.get(1).map_or(0, |&h| h as u32) << 16);
             dst[base + (p / 16) * 256 + (p % 16) * 16] = v;
+        }
+    }
+}
+
+/// Whether [`transpose16`] has its AVX2 kernel here.
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::super::dispatch::detected() >= super::super::dispatch::Isa::Avx2
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// dst[j * ds + i] = src[i * ss + j] for i, j < 16 (32-bit values): AVX2 8 x 8 blocks
+/// where [`simd`] says so, else one at a time.
+///
+/// SAFETY: the 16 rows of 16 values at src (ss apart) readable, at dst (ds apart)
+/// writable, not overlapping.
+unsafe fn transpose16(src: *const u32, ss: usize, dst: *mut u32, ds: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX2 detected; forwarded bounds.
+        unsafe {
+            for bi in 0..2 {
+                for bj in 0..2 {
+                    transpose8(
+                        src.add(bi * 8 * ss + bj * 8),
+                        ss,
+                        dst.add(bj * 8 * ds + bi * 8),
+                        ds,
+                    );
+                }
+            }
+        }
+        return;
+    }
+    // SAFETY: forwarded.
+    unsafe { transpose16_scalar(src, ss, dst, ds) }
+}
+
+/// [`transpose16`] one value at a time.
+///
+/// SAFETY: as [`transpose16`].
+unsafe fn transpose16_scalar(src: *const u32, ss: usize, dst: *mut u32, ds: usize) {
+    for i in 0..16 {
+        for j in 0..16 {
+            // SAFETY: see the function's contract.
+            unsafe { *dst.add(j * ds + i) = *src.add(i * ss + j) };
+        }
+    }
+}
+
+/// The 8 x 8 block of [`transpose16`].
+///
+/// SAFETY: AVX2; 8 rows of 8 values at src (ss apart) readable, at dst (ds apart)
+/// writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8(src: *const u32, ss: usize, dst: *mut u32, ds: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: see the function's contract.
+    unsafe {
+        let r: [__m256; 8] =
+            std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ss) as *const f32));
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let o = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (j, v) in o.iter().enumerate() {
+            _mm256_storeu_ps(dst.add(j * ds) as *mut f32, *v);
         }
     }
 }
@@ -593,28 +709,60 @@ mod tests {
         }
     }
 
-    /// Packing puts channel pair p of row r where the B operand wants it, zero-padded.
+    /// Packing puts channel pair p of row r where the B operand wants it, zero-padded:
+    /// whole blocks transposed, partial ones (rows, channels, an odd channel count) one
+    /// pair at a time.
     #[test]
     fn packing_lays_out_channel_pairs_by_row() {
-        let (rows, c) = (19usize, 67usize);
-        let xb: Vec<u16> = (0..rows * c).map(|i| i as u16 + 1).collect();
-        let mut xp = Vec::new();
-        pack(&mut xp, &xb, c);
-        let kbs = 3;
-        assert_eq!(xp.len(), 2 * kbs * 256);
-        for row in 0..32 {
-            for k in (0..kbs * 32).step_by(2) {
-                let v = xp[((row / 16) * kbs + k / 32) * 256 + (k % 32 / 2) * 16 + row % 16];
-                let at = |kk: usize| {
-                    if row < rows && kk < c {
-                        xb[row * c + kk] as u32
-                    } else {
-                        0
-                    }
-                };
-                assert_eq!(v, at(k) | at(k + 1) << 16, "row {row}, channel {k}");
+        for (rows, c) in [
+            (19usize, 67usize),
+            (37, 96),
+            (16, 64),
+            (33, 70),
+            (1, 32),
+            (5, 2),
+        ] {
+            let xb: Vec<u16> = (0..rows * c).map(|i| (i * 7 + 1) as u16).collect();
+            let mut xp = Vec::new();
+            pack(&mut xp, &xb, c);
+            let (kbs, mbs) = (c.div_ceil(32), rows.div_ceil(16));
+            assert_eq!(xp.len(), mbs * kbs * 256);
+            for row in 0..mbs * 16 {
+                for k in (0..kbs * 32).step_by(2) {
+                    let v = xp[((row / 16) * kbs + k / 32) * 256 + (k % 32 / 2) * 16 + row % 16];
+                    let at = |kk: usize| {
+                        if row < rows && kk < c {
+                            xb[row * c + kk] as u32
+                        } else {
+                            0
+                        }
+                    };
+                    assert_eq!(
+                        v,
+                        at(k) | at(k + 1) << 16,
+                        "{rows} x {c}: row {row}, channel {k}"
+                    );
+                }
             }
         }
+    }
+
+    /// The 16 x 16 transpose (AVX2 where the CPU has it) against one value at a time, with
+    /// strides wider than the block.
+    #[test]
+    fn transposes_agree() {
+        let src: Vec<u32> = (0..16 * 21)
+            .map(|i: u32| i.wrapping_mul(2_654_435_761))
+            .collect();
+        let (mut got, mut want) = (vec![0u32; 16 * 19], vec![0u32; 16 * 19]);
+        // SAFETY: 16 rows of 21 and of 19 values.
+        unsafe {
+            transpose16(src.as_ptr(), 21, got.as_mut_ptr(), 19);
+            transpose16_scalar(src.as_ptr(), 21, want.as_mut_ptr(), 19);
+        }
+        assert_eq!(got, want);
+        assert_eq!(want[3 * 19 + 5], src[5 * 21 + 3]);
+        assert!(want.chunks(19).all(|r| r[16..].iter().all(|&v| v == 0)));
     }
 
     /// The emulated `tdpbf16ps` adds each pair's even channel first, then the odd one,

@@ -519,6 +519,29 @@ fn lm_head_top1(c: &mut Criterion) {
     }
 }
 
+/// The AMX path's input packing (bf16 rows into B tiles, run on every CPU: it is plain
+/// AVX2), by 16 x 16 transposes and one channel pair at a time. GB/s of input bytes.
+fn amx_pack(c: &mut Criterion) {
+    for (rows, ch) in [(512usize, 1536usize), (512, 576), (1, 1536), (8, 576)] {
+        let xb: Vec<u16> = (0..rows * ch).map(|i| (i * 7) as u16).collect();
+        let mut dst = Vec::new();
+        let mut g = c.benchmark_group(format!("amx_pack_{rows}x{ch}"));
+        g.sample_size(20);
+        g.measurement_time(std::time::Duration::from_secs(1));
+        g.warm_up_time(std::time::Duration::from_millis(300));
+        g.throughput(Throughput::Bytes((rows * ch * 2) as u64));
+        for (name, transposes) in [("pairs", false), ("transposes", true)] {
+            g.bench_function(name, |b| {
+                b.iter(|| {
+                    cpu::matmul::amx_pack_input(&mut dst, black_box(&xb), ch, transposes);
+                    black_box(dst[0])
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
 criterion_group!(
     benches,
     matmul,
@@ -527,6 +550,7 @@ criterion_group!(
     cascade,
     decode_depth,
     prefill_attention,
-    lm_head_top1
+    lm_head_top1,
+    amx_pack
 );
 criterion_main!(benches);

@@ -204,6 +204,14 @@ pub fn matmul_forward_amx_emulated(
     Ok(())
 }
 
+/// The AMX path's input packing (rows x c bf16 bits into B tiles, see `amx::pack`), by
+/// 16 x 16 transposes or (`transposes` false) one channel pair at a time: for the
+/// benchmark that compares the two. `c` must be at least 1.
+#[doc(hidden)]
+pub fn amx_pack_input(dst: &mut Vec<u32>, xb: &[u16], c: usize, transposes: bool) {
+    amx::pack_with(dst, xb, c.max(1), transposes);
+}
+
 /// Whether the AMX kernels agree with the reference (see `amx::self_check`).
 #[cfg(target_arch = "x86_64")]
 pub(super) fn amx_self_check() -> bool {

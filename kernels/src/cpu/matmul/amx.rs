@@ -451,11 +451,17 @@ pub(super) mod emu {
 /// past the last row and channel. Whole blocks (16 rows, 32 channels, c even) are
 /// 16 x 16 dword transposes ([`transpose16`]); the rest one pair at a time.
 pub(super) fn pack(dst: &mut Vec<u32>, xb: &[u16], c: usize) {
+    pack_with(dst, xb, c, true)
+}
+
+/// [`pack`], the transposes used only if `transposes` (and [`simd`]) say so: one pair at
+/// a time otherwise, for the benchmark that compares the two.
+pub(super) fn pack_with(dst: &mut Vec<u32>, xb: &[u16], c: usize, transposes: bool) {
     let rows = xb.len() / c;
     let (kbs, mbs) = (c.div_ceil(32), rows.div_ceil(16));
     dst.clear();
     dst.resize(mbs * kbs * 256, 0);
-    let fast = c.is_multiple_of(2) && simd();
+    let fast = transposes && c.is_multiple_of(2) && simd();
     let (full_m, full_k) = if fast { (rows / 16, c / 32) } else { (0, 0) };
     for mb in 0..full_m {
         for kb in 0..full_k {

@@ -12,21 +12,13 @@ use cloudrm::kernels::cpu::dispatch::{self, Isa};
 use cloudrm::loader::Dtype;
 use cloudrm::model::{Llama, LogitsMode};
 use common::check_close;
-use common::tiny::{TinySpec, tiny_model_dir};
+use common::tiny::{TinySpec, all_logits, tiny_model_dir};
 
 const IDS: [u32; 11] = [1, 5, 9, 13, 96, 0, 42, 42, 7, 3, 60];
 
 /// The bf16 tolerance (DESIGN.md) for logits of a model whose every matmul input is
 /// rounded to bf16.
 const BF16_TOL: f64 = 2e-2;
-
-fn all_logits(model: &Llama, cpu: &Cpu, ids: &[u32]) -> Vec<f32> {
-    let mut sess = model.new_session(64, 64);
-    model
-        .forward(cpu, &mut sess, ids, LogitsMode::All)
-        .unwrap()
-        .to_vec()
-}
 
 /// On each emulated path: the full pass within the bf16 tolerance of the reference (and
 /// not the f32 path's bits: the path is taken), prefill then one-token decode steps

@@ -9,17 +9,11 @@ use cloudrm::backend::Cpu;
 use cloudrm::loader::Dtype;
 use cloudrm::model::{Llama, LogitsMode, ModelError};
 use common::check_close;
-use common::tiny::{TinySpec, temp_dir, tiny_config, tiny_model_dir, tiny_tensors, write_model};
+use common::tiny::{
+    TinySpec, all_logits, temp_dir, tiny_config, tiny_model_dir, tiny_tensors, write_model,
+};
 
 const IDS: [u32; 11] = [1, 5, 9, 13, 96, 0, 42, 42, 7, 3, 60];
-
-fn all_logits(model: &Llama, cpu: &Cpu, ids: &[u32]) -> Vec<f32> {
-    let mut sess = model.new_session(64, 64);
-    model
-        .forward(cpu, &mut sess, ids, LogitsMode::All)
-        .unwrap()
-        .to_vec()
-}
 
 #[test]
 fn fast_matches_reference_for_every_variant() {

@@ -1645,34 +1645,28 @@ fn wide_matmul_kernels_match_reference_emulated() {
     assert!(err.to_string().contains("cols"), "{err}");
 }
 
-/// The bf16-compute (AVX512_BF16) matmul kernels, run over pairs of AVX2 registers so
-/// their logic is checked on any AVX2 machine: odd sizes (channel tails past the last
-/// 32, partial 8 x 3 tiles, the prefill row panels) against the reference on the same
-/// bf16-rounded inputs (only the summation order differs: f32 tolerance) and, for sums
-/// of 32 products and more, within the bf16 tolerance of the reference on the inputs as
-/// given; each row bit-identical alone
-/// (the GEMV) and in the batch, any column split giving the same bits, columns outside
-/// `cols` untouched. Where detection took the path (`CLOUDRM_ISA=avx512bf16` on a CPU
-/// with AVX512_BF16), the real kernels are covered by every test that iterates
-/// `dispatch::available()`.
-#[test]
-fn bf16_compute_matmul_kernels_match_reference_emulated() {
-    let mut rng = Rng::new(1616);
-    let mut ran = 0;
-    for (rows, c, oc) in [
-        (1usize, 1usize, 1usize),
-        (2, 7, 3),
-        (3, 32, 4),
-        (5, 33, 7),
-        (7, 63, 13),
-        (8, 64, 2),
-        (9, 577, 5),
-        (16, 31, 6),
-        (17, 96, 11),
-        (33, 577, 13),
-        (100, 577, 7),
-        (8, 576, 64),
-    ] {
+/// An emulated bf16-compute matmul `run(out, x, w, bias, c, oc, cols)` (`Ok(false)`:
+/// its emulation cannot run on this CPU, and the check is skipped) on `shapes` (rows, c,
+/// oc): against the reference on the same bf16-rounded inputs (only the summation order
+/// differs: f32 tolerance) and, for sums of 32 products and more, within the bf16
+/// tolerance of the reference on the inputs as given; each row bit-identical alone and
+/// in the batch, any column split giving the same bits, columns outside `cols`
+/// untouched; bad shapes and columns typed errors, with nothing written.
+fn check_bf16_compute_emulation(
+    seed: u64,
+    shapes: &[(usize, usize, usize)],
+    run: impl Fn(
+        &mut [f32],
+        &[f32],
+        &[bf16],
+        Option<&[f32]>,
+        usize,
+        usize,
+        std::ops::Range<usize>,
+    ) -> Result<bool, cloudrm::kernels::KernelError>,
+) {
+    let mut rng = Rng::new(seed);
+    for &(rows, c, oc) in shapes {
         let x = rng.vec(rows * c, 1.0);
         let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
         let wf = rng.vec(oc * c, 0.5);
@@ -1682,9 +1676,7 @@ fn bf16_compute_matmul_kernels_match_reference_emulated() {
         for bias in [None, Some(&b[..])] {
             let what = format!("rows {rows}, c {c}, oc {oc}, bias {}", bias.is_some());
             let mut got = vec![f32::NAN; rows * oc];
-            if !cpu::matmul::matmul_forward_bf16_emulated(&mut got, &x, &wb, bias, c, oc, 0..oc)
-                .unwrap()
-            {
+            if !run(&mut got, &x, &wb, bias, c, oc, 0..oc).unwrap() {
                 eprintln!("skipped: this CPU lacks AVX2, which the emulation runs on");
                 return;
             }
@@ -1697,38 +1689,55 @@ fn bf16_compute_matmul_kernels_match_reference_emulated() {
                 check_close(&format!("{what}, inputs as given"), &got, &want, 1e-2);
             }
             check_rows_alone_and_split(&what, &x, c, oc, &got, |out, x, cols| {
-                cpu::matmul::matmul_forward_bf16_emulated(out, x, &wb, bias, c, oc, cols).unwrap();
+                run(out, x, &wb, bias, c, oc, cols).unwrap();
             });
-            ran += 1;
         }
     }
-    assert_eq!(ran, 12 * 2);
-    // Bad shapes and columns are typed errors.
     let (x, wb) = (rng.vec(32, 1.0), vec![bf16::ONE; 64]);
     let mut out = [f32::NAN; 2];
-    let err = cpu::matmul::matmul_forward_bf16_emulated(&mut out, &x, &wb, None, 32, 2, 1..3)
-        .unwrap_err();
+    let err = run(&mut out, &x, &wb, None, 32, 2, 1..3).unwrap_err();
     assert!(err.to_string().contains("cols"), "{err}");
-    let err = cpu::matmul::matmul_forward_bf16_emulated(&mut out, &x, &wb[..63], None, 32, 2, 0..2)
-        .unwrap_err();
+    let err = run(&mut out, &x, &wb[..63], None, 32, 2, 0..2).unwrap_err();
     assert!(err.to_string().contains("weight"), "{err}");
     assert!(out.iter().all(|v| v.is_nan()));
 }
 
-/// The AMX tile kernels, run with the tile registers emulated in memory so their logic is
-/// checked on any machine: odd sizes (channels past the last 32 or fewer than 16 weight
-/// rows: the padded copy; tiles read in place, moved back at the end of the weights;
-/// partial row tiles; row panels crossed) against the reference on the same bf16-rounded inputs (f32
-/// tolerance) and within the bf16 tolerance of the reference on the inputs as given;
-/// each row bit-identical alone (decode takes the tiles too) and in the batch, any column
-/// split (blocks no longer on 32-column boundaries) giving the same bits, columns outside
-/// `cols` untouched. Where detection took the path (`CLOUDRM_ISA=amx` on a CPU with AMX),
+/// The bf16-compute (AVX512_BF16) matmul kernels, run over pairs of AVX2 registers so
+/// their logic is checked on any AVX2 machine ([`check_bf16_compute_emulation`]): odd
+/// sizes (channel tails past the last 32, partial 8 x 3 tiles, the prefill row panels).
+/// Where detection took the path (`CLOUDRM_ISA=avx512bf16` on a CPU with AVX512_BF16),
 /// the real kernels are covered by every test that iterates `dispatch::available()`.
 #[test]
+fn bf16_compute_matmul_kernels_match_reference_emulated() {
+    let shapes = [
+        (1usize, 1usize, 1usize),
+        (2, 7, 3),
+        (3, 32, 4),
+        (5, 33, 7),
+        (7, 63, 13),
+        (8, 64, 2),
+        (9, 577, 5),
+        (16, 31, 6),
+        (17, 96, 11),
+        (33, 577, 13),
+        (100, 577, 7),
+        (8, 576, 64),
+    ];
+    check_bf16_compute_emulation(1616, &shapes, |out, x, w, bias, c, oc, cols| {
+        cpu::matmul::matmul_forward_bf16_emulated(out, x, w, bias, c, oc, cols)
+    });
+}
+
+/// The AMX tile kernels, run with the tile registers emulated in memory so their logic is
+/// checked on any machine ([`check_bf16_compute_emulation`]): odd sizes (channels past
+/// the last 32 or fewer than 16 weight rows: the padded copy; tiles read in place, moved
+/// back at the end of the weights; partial row tiles; row panels crossed; column splits
+/// off the 32-column blocks). Decode takes the tiles too, so rows alone give the batch's
+/// bits here as well. Where detection took the path (`CLOUDRM_ISA=amx` on a CPU with
+/// AMX), the real kernels are covered by every test that iterates `dispatch::available()`.
+#[test]
 fn amx_matmul_kernels_match_reference_emulated() {
-    let mut rng = Rng::new(1717);
-    let mut ran = 0;
-    for (rows, c, oc) in [
+    let shapes = [
         (1usize, 1usize, 1usize),
         (2, 7, 3),
         (4, 64, 7),
@@ -1742,43 +1751,10 @@ fn amx_matmul_kernels_match_reference_emulated() {
         (40, 577, 13),
         (130, 64, 40),
         (8, 576, 64),
-    ] {
-        let x = rng.vec(rows * c, 1.0);
-        let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-        let wf = rng.vec(oc * c, 0.5);
-        let b = rng.vec(oc, 0.5);
-        let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
-        let weights = Weights::BF16(&wb);
-        for bias in [None, Some(&b[..])] {
-            let what = format!("rows {rows}, c {c}, oc {oc}, bias {}", bias.is_some());
-            let mut got = vec![f32::NAN; rows * oc];
-            cpu::matmul::matmul_forward_amx_emulated(&mut got, &x, &wb, bias, c, oc, 0..oc)
-                .unwrap();
-            let mut want = vec![0.0f32; rows * oc];
-            reference::matmul::matmul_forward(&mut want, &xr, weights, bias, c, oc).unwrap();
-            check_close(&format!("{what}, rounded inputs"), &got, &want, F32_TOL);
-            // (A handful of products can cancel to anything in relative terms.)
-            if c >= 32 && rows * oc >= 8 {
-                reference::matmul::matmul_forward(&mut want, &x, weights, bias, c, oc).unwrap();
-                check_close(&format!("{what}, inputs as given"), &got, &want, 1e-2);
-            }
-            check_rows_alone_and_split(&what, &x, c, oc, &got, |out, x, cols| {
-                cpu::matmul::matmul_forward_amx_emulated(out, x, &wb, bias, c, oc, cols).unwrap();
-            });
-            ran += 1;
-        }
-    }
-    assert_eq!(ran, 13 * 2);
-    // Bad shapes and columns are typed errors, with nothing written.
-    let (x, wb) = (rng.vec(32, 1.0), vec![bf16::ONE; 64]);
-    let mut out = [f32::NAN; 2];
-    let err =
-        cpu::matmul::matmul_forward_amx_emulated(&mut out, &x, &wb, None, 32, 2, 1..3).unwrap_err();
-    assert!(err.to_string().contains("cols"), "{err}");
-    let err = cpu::matmul::matmul_forward_amx_emulated(&mut out, &x, &wb[..63], None, 32, 2, 0..2)
-        .unwrap_err();
-    assert!(err.to_string().contains("weight"), "{err}");
-    assert!(out.iter().all(|v| v.is_nan()));
+    ];
+    check_bf16_compute_emulation(1717, &shapes, |out, x, w, bias, c, oc, cols| {
+        cpu::matmul::matmul_forward_amx_emulated(out, x, w, bias, c, oc, cols).map(|()| true)
+    });
 }
 
 /// The opt-in bf16-compute paths are never detected without `CLOUDRM_ISA` naming them.

@@ -215,3 +215,16 @@ pub fn copy_tokenizer(src: &Path, dir: &Path) {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
 }
+
+/// The logits of every position of `ids` from a fresh session (64-token blocks).
+pub fn all_logits(
+    model: &cloudrm::model::Llama,
+    cpu: &cloudrm::backend::Cpu,
+    ids: &[u32],
+) -> Vec<f32> {
+    let mut sess = model.new_session(64, 64);
+    model
+        .forward(cpu, &mut sess, ids, cloudrm::model::LogitsMode::All)
+        .unwrap()
+        .to_vec()
+}

@@ -189,17 +189,9 @@ pub fn matmul_forward_amx_emulated(
     const OP: &str = "matmul_forward_amx_emulated";
     let w = Weights::BF16(weight);
     if check_emulated(OP, out, inp, w, bias, in_features, out_features, &cols)? {
-        let call = next_call();
-        amx::emulated(
-            out,
-            inp,
-            weight,
-            bias,
-            in_features,
-            out_features,
-            cols,
-            call,
-        );
+        let (c, oc, call) = (in_features, out_features, next_call());
+        // SAFETY: the emulation needs no CPU feature; shapes and columns checked.
+        unsafe { amx::gemm(false, out, inp, weight, bias, c, oc, cols, call) };
     }
     Ok(())
 }
@@ -654,7 +646,8 @@ fn compute(
         let (c, oc) = (in_features, out_features);
         // (`emulate` takes the AVX512_BF16 emulation only where AVX2 is detected.)
         if e == Isa::Amx || !dot::emulated(out, inp, w, bias, c, oc, cols.clone(), call) {
-            amx::emulated(out, inp, w, bias, c, oc, cols, call);
+            // SAFETY: the emulation needs no CPU feature; shapes checked by the callers.
+            unsafe { amx::gemm(false, out, inp, w, bias, c, oc, cols, call) };
         }
         return;
     }
@@ -662,10 +655,11 @@ fn compute(
     if isa >= Isa::Amx
         && let Weights::BF16(w) = weight
     {
+        let (c, oc) = (in_features, out_features);
         // SAFETY: the Amx path is only chosen when AMX-TILE and AMX-BF16 are detected, the
         // OS granted the tile state and the kernels passed their self-check; shapes
         // checked by `check_shapes`, `cols` within 0..out_features.
-        unsafe { amx::gemm(out, inp, w, bias, in_features, out_features, cols, call) };
+        unsafe { amx::gemm(true, out, inp, w, bias, c, oc, cols, call) };
         return;
     }
     #[cfg(target_arch = "x86_64")]

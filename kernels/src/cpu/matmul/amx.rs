@@ -649,12 +649,14 @@ pub(crate) fn self_check() -> bool {
 }
 
 /// out (rows, oc) columns `cols` = round(inp) . weight(cols)^T + bias through the AMX
-/// kernels, the packed input shared by every item of `call` on this thread.
+/// kernels (`hw`) or their emulation ([`emu`], on any CPU), the packed input shared by
+/// every item of `call` on this thread.
 ///
-/// SAFETY: AMX-TILE and AMX-BF16 present and permitted; shapes as the gemm's.
-#[cfg(target_arch = "x86_64")]
+/// SAFETY: with `hw`, AMX-TILE and AMX-BF16 present and permitted. The shapes checked
+/// (as the gemm's), `cols` within 0..oc.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm(
+    hw: bool,
     out: &mut [f32],
     inp: &[f32],
     w: &[bf16],
@@ -666,29 +668,13 @@ pub(super) unsafe fn gemm(
 ) {
     let rows = inp.len() / c;
     with_packed(inp, c, call, |xp, tail| {
-        // SAFETY: forwarded caller guarantees.
-        unsafe { real::gemm(out, xp, rows, w, bias, c, oc, cols, tail) }
-    })
-}
-
-/// [`emu`]'s kernels over columns `cols` on the calling thread, the input rounded and
-/// packed first (once per `call` tag and thread).
-///
-/// The caller checked the shapes and that `cols` lies within 0..oc.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn emulated(
-    out: &mut [f32],
-    inp: &[f32],
-    w: &[bf16],
-    bias: Option<&[f32]>,
-    c: usize,
-    oc: usize,
-    cols: Range<usize>,
-    call: u64,
-) {
-    let rows = inp.len() / c;
-    with_packed(inp, c, call, |xp, tail| {
-        // SAFETY: the emulation needs no CPU feature; the caller checked the shapes.
+        #[cfg(target_arch = "x86_64")]
+        if hw {
+            // SAFETY: forwarded caller guarantees.
+            unsafe { real::gemm(out, xp, rows, w, bias, c, oc, cols, tail) };
+            return;
+        }
+        // SAFETY: the emulation needs no CPU feature; shapes as the caller's.
         unsafe { emu::gemm(out, xp, rows, w, bias, c, oc, cols, tail) }
     })
 }
@@ -780,28 +766,15 @@ mod tests {
         (x[0], x[2], x[3]) = (16777216.0, 1.0, -16777216.0);
         let w = vec![bf16::ONE; 32];
         let mut out = [f32::NAN; 1];
-        emulated(
-            &mut out,
-            &x,
-            &w,
-            None,
-            32,
-            1,
-            0..1,
-            super::super::next_call(),
-        );
+        let run = |out: &mut [f32], x: &[f32]| {
+            let call = super::super::next_call();
+            // SAFETY: the emulation needs no CPU feature; consistent shapes.
+            unsafe { gemm(false, out, x, &w, None, 32, 1, 0..1, call) }
+        };
+        run(&mut out, &x);
         assert_eq!(out[0], 0.0);
         (x[2], x[3]) = (x[3], x[2]);
-        emulated(
-            &mut out,
-            &x,
-            &w,
-            None,
-            32,
-            1,
-            0..1,
-            super::super::next_call(),
-        );
+        run(&mut out, &x);
         assert_eq!(out[0], 1.0);
     }
 

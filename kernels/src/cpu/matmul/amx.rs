@@ -21,6 +21,8 @@
 //! weight row). The input is the B operand, repacked once per call and thread
 //! ([`pack`]): for 16 input rows and 32 channels, 16 rows of channel pairs by 16 input
 //! rows. So a C tile holds 16 output columns by 16 input rows, written back transposed.
+//! Both the packing and the write-back are 16 x 16 dword transposes ([`transpose16`],
+//! AVX2 8 x 8 blocks, which every AMX machine has).
 //! A column block short of a whole tile reads 16 existing weight rows anyway (those past
 //! the block are not written back), moved back at the end of the matrix; only weights
 //! with channels past the last multiple of 32, or fewer than 16 rows, are copied into a

@@ -314,7 +314,7 @@ pub(super) fn emulated() -> Option<Isa> {
 
 /// Threads the kernels use by default: $CLOUDRM_THREADS if set, else one per physical
 /// core this process may run on (SMT siblings share one core's FMA units and its path to
-/// memory, so a second thread there only competes; [`physical_cores`]), at most the
+/// memory, so a second thread there only competes; `physical_cores`), at most the
 /// available parallelism (which also counts a cgroup's CPU quota). Read once: these
 /// read sysfs and cgroup files, far too slow for every kernel call.
 pub fn max_threads() -> usize {

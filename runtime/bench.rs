@@ -82,6 +82,10 @@ pub struct MachineInfo {
     pub cpu: String,
     pub isa: String,
     pub threads: usize,
+    /// Physical cores the process may run on (`null` where the OS does not say).
+    pub physical_cores: Option<usize>,
+    /// CPUs the process may use (the available parallelism).
+    pub logical_cpus: usize,
 }
 
 /// One arm of the critique job.
@@ -271,6 +275,8 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
             cpu: cpu_model(),
             isa: dispatch::current().name().to_string(),
             threads: dispatch::num_threads(),
+            physical_cores: dispatch::physical_cores(),
+            logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         model: dir
             .file_name()
@@ -474,9 +480,13 @@ impl BenchReport {
     pub fn render(&self) -> String {
         let mut s = String::new();
         s += &format!(
-            "machine: {} ({} threads, {} path)\nmodel: {} ({} weights, {:.1} MB read per decode token, {} KV cache)\n",
+            "machine: {} ({} threads; {} cores, {} CPUs; {} path)\nmodel: {} ({} weights, {:.1} MB read per decode token, {} KV cache)\n",
             self.machine.cpu,
             self.machine.threads,
+            self.machine
+                .physical_cores
+                .map_or_else(|| "?".to_string(), |c| c.to_string()),
+            self.machine.logical_cpus,
             self.machine.isa,
             self.model,
             self.weight_dtype,

@@ -189,6 +189,17 @@ fn bench_reports_every_figure_as_json() {
     assert_eq!(v["weight_dtype"], "bf16");
     assert_eq!(v["kv_cache"], "f32");
     assert!(v["quantize_ms"].is_null(), "{v}");
+    // The machine: by default one thread per physical core, within the CPUs it may use.
+    let m = &v["machine"];
+    let logical = m["logical_cpus"].as_u64().unwrap();
+    let threads = m["threads"].as_u64().unwrap();
+    assert!((1..=logical).contains(&threads), "{m}");
+    if let Some(cores) = m["physical_cores"].as_u64() {
+        assert!((1..=logical).contains(&cores), "{m}");
+        if std::env::var("CLOUDRM_THREADS").is_err() {
+            assert_eq!(threads, cores, "{m}");
+        }
+    }
     // --quantize q8: 1.125 bytes per weight (norms stay bf16), quantisation timed.
     let q = bench_json(&[
         "--prefill",

@@ -314,7 +314,7 @@ pub(super) fn emulated() -> Option<Isa> {
 
 /// Threads the kernels use by default: $CLOUDRM_THREADS if set, else one per physical
 /// core this process may run on (SMT siblings share one core's FMA units and its path to
-/// memory, so a second thread there only competes; `physical_cores`), at most the
+/// memory, so a second thread there only competes; [`physical_cores`]), at most the
 /// available parallelism (which also counts a cgroup's CPU quota). Read once: these
 /// read sysfs and cgroup files, far too slow for every kernel call.
 pub fn max_threads() -> usize {
@@ -334,7 +334,7 @@ pub fn max_threads() -> usize {
 /// Physical cores among the CPUs this process may run on (its affinity mask): CPUs that
 /// share a `thread_siblings_list` in sysfs are one core. `None` where that is unknown.
 #[cfg(target_os = "linux")]
-fn physical_cores() -> Option<usize> {
+pub fn physical_cores() -> Option<usize> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most
     // its size into it.
     let set = unsafe {
@@ -354,8 +354,9 @@ fn physical_cores() -> Option<usize> {
     })
 }
 
+/// Not known on this OS.
 #[cfg(not(target_os = "linux"))]
-fn physical_cores() -> Option<usize> {
+pub fn physical_cores() -> Option<usize> {
     None
 }
 

@@ -92,21 +92,36 @@ const ALL: [Isa; 5] = [
 
 /// What keeps an opt-in path `want` from this machine (for the notice).
 fn missing(want: Isa) -> String {
+    lacks(want).unwrap_or_else(|| "its kernels failed their self-check".into())
+}
+
+/// What this machine lacks for `isa`, if anything (its kernels' self-check aside): CPU
+/// features, and for AMX the OS's tile state.
+fn lacks(isa: Isa) -> Option<String> {
     #[cfg(target_arch = "x86_64")]
     {
-        if !std::arch::is_x86_feature_detected!("avx512f")
-            || !std::arch::is_x86_feature_detected!("avx512bf16")
-        {
-            return "this CPU lacks AVX-512F or AVX512_BF16".into();
+        use std::arch::is_x86_feature_detected as has;
+        let lacking = match isa {
+            Isa::Scalar => None,
+            Isa::Avx2 => (!(has!("avx2") && has!("fma") && has!("f16c")))
+                .then_some("this CPU lacks AVX2, FMA or F16C"),
+            Isa::Avx512 => (!has!("avx512f")).then_some("this CPU lacks AVX-512F"),
+            Isa::Avx512Bf16 | Isa::Amx => (!(has!("avx512f") && has!("avx512bf16")))
+                .then_some("this CPU lacks AVX-512F or AVX512_BF16"),
+        };
+        if let Some(why) = lacking {
+            return Some(why.into());
         }
-        if want == Isa::Amx
-            && let Err(why) = amx_granted()
-        {
-            return why;
+        if isa == Isa::Amx {
+            return amx_granted().err();
         }
+        None
     }
-    let _ = want;
-    "its kernels failed their self-check".into()
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        None
+    }
 }
 
 /// The best path the CPU runs, the bf16-compute ones only up to `opt_in` (when asked
@@ -240,26 +255,14 @@ pub fn why_unavailable(isa: Isa) -> Option<String> {
         .and_then(|v| ALL.into_iter().find(|i| i.name() == v.trim()));
     // (An opt-in path is asked for by its name or a higher one's.)
     let opted = asked.is_some_and(|a| a >= isa);
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        let lacks = match isa {
-            Isa::Scalar => None,
-            Isa::Avx2 => (!(has!("avx2") && has!("fma") && has!("f16c")))
-                .then(|| "this CPU lacks AVX2, FMA or F16C".to_string()),
-            Isa::Avx512 => (!has!("avx512f")).then(|| "this CPU lacks AVX-512F".to_string()),
-            Isa::Avx512Bf16 | Isa::Amx if opted => Some(missing(isa)),
-            Isa::Avx512Bf16 | Isa::Amx => None,
-        };
-        if let Some(why) = lacks {
-            return Some(why);
-        }
-    }
     if isa >= Isa::Avx512Bf16 && !opted {
         return Some(format!(
             "a bf16-compute path, taken only when CLOUDRM_ISA={} asks for it",
             isa.name()
         ));
+    }
+    if let Some(why) = lacks(isa) {
+        return Some(why);
     }
     match asked {
         Some(a) if a < isa => Some(format!("CLOUDRM_ISA={} caps the paths", a.name())),

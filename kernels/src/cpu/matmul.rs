@@ -644,10 +644,13 @@ fn compute(
         && let Some(e) = super::dispatch::emulated()
     {
         let (c, oc) = (in_features, out_features);
-        // (`emulate` takes the AVX512_BF16 emulation only where AVX2 is detected.)
-        if e == Isa::Amx || !dot::emulated(out, inp, w, bias, c, oc, cols.clone(), call) {
+        if e == Isa::Amx {
             // SAFETY: the emulation needs no CPU feature; shapes checked by the callers.
             unsafe { amx::gemm(false, out, inp, w, bias, c, oc, cols, call) };
+        } else {
+            // (`emulate` takes the AVX512_BF16 emulation only where AVX2 is detected.)
+            let ran = dot::emulated(out, inp, w, bias, c, oc, cols, call);
+            debug_assert!(ran, "the AVX512_BF16 emulation runs where emulate took it");
         }
         return;
     }

@@ -224,8 +224,8 @@ fn bench_reports_every_figure_as_json() {
     let norms = 2 * (30 * 2 + 1) * 576;
     assert_eq!(bytes, (269_030_016 - norms) / 2 * 9 / 8 + norms, "{q}");
     assert!(q["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
-    // --hugepages: the weights copied into huge-page memory, the copy timed; same bytes
-    // per token.
+    // --hugepages: the weights put on 2 MiB pages, the step timed and its route named;
+    // same bytes per token; unless copied, the mapping is on 2 MiB pages.
     let h = bench_json(&[
         "--prefill",
         "8",
@@ -237,11 +237,24 @@ fn bench_reports_every_figure_as_json() {
         "--hugepages",
     ]);
     assert!(h["huge_pages_ms"].as_f64().unwrap() > 0.0, "{h}");
+    let route = h["huge_pages_route"].as_str().unwrap();
+    assert!(["page-cache", "reread", "copied"].contains(&route), "{h}");
+    if route != "copied" {
+        assert!(h["weights_on_huge_pages"].as_f64().unwrap() > 0.9, "{h}");
+    }
     assert_eq!(
         h["decode_weight_bytes_per_token"].as_u64(),
         Some(269_030_016)
     );
-    assert!(v["huge_pages_ms"].is_null(), "{v}");
+    assert!(
+        v["huge_pages_ms"].is_null() && v["huge_pages_route"].is_null(),
+        "{v}"
+    );
+    // Reported with or without --hugepages (Linux reads it from /proc).
+    if cfg!(target_os = "linux") {
+        let f = v["weights_on_huge_pages"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&f), "{v}");
+    }
     // ... and it does not combine with --quantize: a usage error naming both.
     let out = cloudrm()
         .args(["bench", "--hugepages", "--quantize", "q8"])

@@ -7,6 +7,7 @@ mod common;
 use cloudrm::Error;
 use cloudrm::backend::Cpu;
 use cloudrm::loader::Dtype;
+use cloudrm::loader::safetensors::HugePageRoute;
 use cloudrm::model::{Llama, LogitsMode, ModelError};
 use common::check_close;
 use common::tiny::{
@@ -217,9 +218,9 @@ fn bad_checkpoints_are_typed_errors() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// Weights copied into huge-page memory (`make_resident`) give bit-identical logits to
-/// the mapped ones; the copy is refused once the weights are quantised (typed usage
-/// error), and a second copy is a no-op.
+/// Weights put on 2 MiB pages (`use_huge_pages`, whichever route) give bit-identical
+/// logits to the mapped ones; a second call finds them there (or keeps the copy); it is
+/// refused once the weights are quantised (typed usage error).
 #[test]
 fn resident_weights_give_identical_logits() {
     let spec = TinySpec {
@@ -232,8 +233,12 @@ fn resident_weights_give_identical_logits() {
     let dir = tiny_model_dir("resident", &spec);
     let mapped = Llama::load_dir(&dir).unwrap();
     let mut resident = Llama::load_dir(&dir).unwrap();
-    assert!(resident.weights.make_resident().unwrap() > 0);
-    assert_eq!(resident.weights.make_resident().unwrap(), 0);
+    let first = resident.weights.use_huge_pages().unwrap();
+    let second = resident.weights.use_huge_pages().unwrap();
+    assert!(
+        second <= first && second != HugePageRoute::Reread,
+        "{first:?} {second:?}"
+    );
     let cpu = Cpu::fast();
     let a = all_logits(&mapped, &cpu, &IDS);
     let b = all_logits(&resident, &cpu, &IDS);
@@ -243,7 +248,7 @@ fn resident_weights_give_identical_logits() {
     );
     let mut q = Llama::load_dir(&dir).unwrap();
     q.weights.quantize_q8().unwrap();
-    let err = q.weights.make_resident().unwrap_err();
+    let err = q.weights.use_huge_pages().unwrap_err();
     assert!(
         matches!(err, Error::Usage(_)) && err.to_string().contains("q8"),
         "{err}"

@@ -9,6 +9,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod gguf;
+pub mod pages;
 pub mod safetensors;
 pub mod shards;
 pub mod template;

@@ -387,6 +387,27 @@ pub struct SafeTensors {
     resident: bool,
 }
 
+/// How [`SafeTensors::use_huge_pages`] put a file on 2 MiB pages, cheapest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HugePageRoute {
+    /// The page cache already held the file in 2 MiB folios: mapped as it was.
+    PageCache,
+    /// The file's cached pages were dropped and read back in 2 MiB folios.
+    Reread,
+    /// Copied into anonymous memory advised for huge pages ([`SafeTensors::make_resident`]).
+    Copied,
+}
+
+impl HugePageRoute {
+    pub fn name(self) -> &'static str {
+        match self {
+            HugePageRoute::PageCache => "page-cache",
+            HugePageRoute::Reread => "reread",
+            HugePageRoute::Copied => "copied",
+        }
+    }
+}
+
 /// Bytes copied per step of [`SafeTensors::make_resident`] before the step's mapped
 /// source pages are released (bounds the extra resident memory during the copy).
 const RESIDENT_STEP: usize = 32 << 20;
@@ -420,6 +441,12 @@ impl SafeTensors {
         // documented contract (cloudrm replaces files by atomic rename, which does not
         // touch an existing mapping). Every offset into it is validated below.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LoaderError::io(path, e))?;
+        #[cfg(target_os = "linux")]
+        {
+            // Advice only (before the first fault): pages not cached yet are read in
+            // 2 MiB folios where the kernel and file system can (see `crate::pages`).
+            let _ = mmap.advise(memmap2::Advice::HugePage);
+        }
         let (data_start, infos, metadata) = parse_header(&name, &mmap)?;
         Ok(SafeTensors {
             path: path.to_path_buf(),
@@ -480,6 +507,62 @@ impl SafeTensors {
             .map_err(|e| LoaderError::io(&self.path, e))?;
         self.resident = true;
         Ok(len)
+    }
+
+    /// Put the file's bytes on 2 MiB pages, without a copy where the kernel allows it
+    /// (see [`crate::pages`]):
+    /// 1. fault the whole mapping in (`MADV_POPULATE_READ`) and keep it if the kernel
+    ///    maps it with 2 MiB pages ([`HugePageRoute::PageCache`]);
+    /// 2. else release this mapping's pages, drop the file's cached pages and fault it
+    ///    in again, now in 2 MiB folios ([`HugePageRoute::Reread`]; reads the file from
+    ///    disk once);
+    /// 3. else (another process maps the small pages, a file system or kernel without
+    ///    large folios, no /proc to check) [`Self::make_resident`]'s copy
+    ///    ([`HugePageRoute::Copied`]).
+    ///
+    /// Views and offsets are unchanged. Idempotent.
+    pub fn use_huge_pages(&mut self) -> Result<HugePageRoute, LoaderError> {
+        if self.resident {
+            return Ok(HugePageRoute::Copied);
+        }
+        let len = self.mmap.len();
+        let huge_now = |st: &SafeTensors| {
+            st.populate();
+            st.huge_page_bytes()
+                .is_some_and(|h| crate::pages::covers(h, len))
+        };
+        if huge_now(self) {
+            return Ok(HugePageRoute::PageCache);
+        }
+        if self.huge_page_bytes().is_some()
+            && self.release_range(0, len).is_ok()
+            && crate::pages::drop_file_cache(&self.path).is_ok()
+            && huge_now(self)
+        {
+            return Ok(HugePageRoute::Reread);
+        }
+        self.make_resident()?;
+        Ok(HugePageRoute::Copied)
+    }
+
+    /// Fault every page of the mapping in (`MADV_POPULATE_READ` on Linux; elsewhere a
+    /// read of one byte per 4 KiB).
+    fn populate(&self) {
+        #[cfg(target_os = "linux")]
+        if self.mmap.advise(memmap2::Advice::PopulateRead).is_ok() {
+            return;
+        }
+        let mut acc = 0u8;
+        for b in self.mmap.iter().step_by(4096) {
+            acc ^= *b;
+        }
+        std::hint::black_box(acc);
+    }
+
+    /// Bytes of the mapping the kernel maps with 2 MiB pages now (None where unknown);
+    /// see [`crate::pages::huge_mapped_bytes`].
+    pub fn huge_page_bytes(&self) -> Option<usize> {
+        crate::pages::huge_mapped_bytes(self.mmap.as_ptr(), self.mmap.len())
     }
 
     /// Whether [`Self::make_resident`] replaced the mapping by a copy.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::error::LoaderError;
-use crate::safetensors::{SafeTensors, SafetensorsError, TensorInfo, TensorView};
+use crate::safetensors::{HugePageRoute, SafeTensors, SafetensorsError, TensorInfo, TensorView};
 
 /// File name of the shard index.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -234,6 +234,28 @@ impl ShardedSafeTensors {
             bytes += f.make_resident()?;
         }
         Ok(bytes)
+    }
+
+    /// [`SafeTensors::use_huge_pages`] on every shard; returns the costliest route taken
+    /// (a copy over a reread over the page cache as it was).
+    pub fn use_huge_pages(&mut self) -> Result<HugePageRoute, LoaderError> {
+        let mut route = HugePageRoute::PageCache;
+        for f in &mut self.files {
+            route = route.max(f.use_huge_pages()?);
+        }
+        Ok(route)
+    }
+
+    /// Bytes of all shards the kernel maps with 2 MiB pages now, and the bytes mapped
+    /// in all; None where unknown ([`SafeTensors::huge_page_bytes`]).
+    pub fn huge_page_bytes(&self) -> Option<(usize, usize)> {
+        let mut huge = 0;
+        let mut all = 0;
+        for f in &self.files {
+            huge += f.huge_page_bytes()?;
+            all += f.mapped_bytes().len();
+        }
+        Some((huge, all))
     }
 }
 

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use cloudrm_loader::LoaderError;
 use cloudrm_loader::dtype::Dtype;
 use cloudrm_loader::safetensors::{
-    MAX_HEADER_LEN, SafeTensors, SafetensorsError, TensorView, WriteTensor, write_safetensors,
+    HugePageRoute, MAX_HEADER_LEN, SafeTensors, SafetensorsError, TensorView, WriteTensor,
+    write_safetensors,
 };
 use cloudrm_loader::shards::ShardedSafeTensors;
 
@@ -765,6 +766,99 @@ fn sharded_invalid_index_and_duplicates() {
         matches!(e, LoaderError::Safetensors(SafetensorsError::DuplicateAcrossShards { ref name, .. }) if name == "a"),
         "{e}"
     );
+}
+
+/// `use_huge_pages` leaves every byte and view as it was, whatever route it takes; a
+/// route that keeps the file mapping must leave it on 2 MiB pages as far as its
+/// alignment allows, a copy must be resident; a second call finds the pages already
+/// there (or keeps the copy).
+#[test]
+fn use_huge_pages_keeps_every_byte() {
+    let dir = TempDir::new("hugepages");
+    let path = dir.path().join("w.safetensors");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let a: Vec<u8> = (0..(13 << 20) + 5)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let tensors = [WriteTensor {
+        name: "a",
+        dtype: Dtype::U8,
+        shape: &[a.len()],
+        data: &a,
+    }];
+    write_safetensors(&path, &tensors, None).unwrap();
+    let whole = std::fs::read(&path).unwrap();
+    let mut st = SafeTensors::open(&path).unwrap();
+    let first = st.use_huge_pages().unwrap();
+    println!("use_huge_pages on a fresh file: {first:?}");
+    assert!(
+        st.mapped_bytes() == &whole[..],
+        "{first:?} changed the bytes"
+    );
+    let v = st.tensor("a").unwrap();
+    assert_inside(&st, &v);
+    assert!(v.data == &a[..]);
+    let len = whole.len();
+    match first {
+        HugePageRoute::Copied => assert!(st.is_resident()),
+        _ => {
+            assert!(!st.is_resident());
+            let huge = st
+                .huge_page_bytes()
+                .expect("known on a route that checked it");
+            assert!(
+                cloudrm_loader::pages::covers(huge, len),
+                "{first:?} with {huge} of {len} bytes on 2 MiB pages"
+            );
+        }
+    }
+    let second = st.use_huge_pages().unwrap();
+    assert_eq!(
+        second,
+        if first == HugePageRoute::Copied {
+            HugePageRoute::Copied
+        } else {
+            HugePageRoute::PageCache
+        }
+    );
+    assert!(st.mapped_bytes() == &whole[..]);
+    // A second reader of the same file maps what the first left in the page cache.
+    let mut other = SafeTensors::open(&path).unwrap();
+    let third = other.use_huge_pages().unwrap();
+    if first != HugePageRoute::Copied {
+        assert_eq!(third, HugePageRoute::PageCache);
+    }
+    assert!(other.tensor("a").unwrap().data == &a[..]);
+    drop((st, other));
+    // The file's cache dropped and read back through read(): small folios where
+    // readahead makes them, so this exercises the reread route where the kernel has it.
+    cloudrm_loader::pages::drop_file_cache(&path).unwrap();
+    assert!(std::fs::read(&path).unwrap() == whole);
+    let mut again = SafeTensors::open(&path).unwrap();
+    let route = again.use_huge_pages().unwrap();
+    println!("use_huge_pages after a read(): {route:?}");
+    assert!(
+        again.mapped_bytes() == &whole[..],
+        "{route:?} changed the bytes"
+    );
+    if route != HugePageRoute::Copied {
+        let huge = again.huge_page_bytes().unwrap();
+        assert!(
+            cloudrm_loader::pages::covers(huge, len),
+            "{route:?}: {huge} of {len}"
+        );
+    }
+    drop(again);
+    let mut sharded = ShardedSafeTensors::open_dir(dir.path()).unwrap();
+    sharded.use_huge_pages().unwrap();
+    let (huge, all) = sharded.huge_page_bytes().unwrap_or((0, len));
+    assert!(huge <= all && all == len);
+    assert!(sharded.tensor("a").unwrap().data == &a[..]);
 }
 
 /// `make_resident` swaps the mapping for an anonymous copy: every tensor keeps its bytes

@@ -37,7 +37,7 @@ pub enum QuantizeArg {
     Q8,
 }
 
-/// Quantise a loaded model, or copy it into huge-page memory, as asked.
+/// Quantise a loaded model, or put it on huge pages, as asked.
 fn apply_quantize(llama: &mut Llama, q: Option<QuantizeArg>, huge_pages: bool) -> Result<()> {
     check_memory_args(q, huge_pages)?;
     match q {
@@ -45,12 +45,12 @@ fn apply_quantize(llama: &mut Llama, q: Option<QuantizeArg>, huge_pages: bool) -
         None => {}
     }
     if huge_pages {
-        llama.weights.make_resident()?;
+        llama.weights.use_huge_pages()?;
     }
     Ok(())
 }
 
-/// `--hugepages` copies the checkpoint's own weights; q8 weights are separate copies.
+/// `--hugepages` applies to the checkpoint's own weights; q8 weights are separate copies.
 fn check_memory_args(q: Option<QuantizeArg>, huge_pages: bool) -> Result<()> {
     if huge_pages && q.is_some() {
         return Err(Error::Usage(
@@ -62,7 +62,7 @@ fn check_memory_args(q: Option<QuantizeArg>, huge_pages: bool) -> Result<()> {
 }
 
 /// Help of `--hugepages`.
-const HUGEPAGES_HELP: &str = "Copy the weights into memory backed by transparent huge pages after loading: faster decode (fewer TLB misses), a longer load, no page-cache sharing between processes";
+const HUGEPAGES_HELP: &str = "Put the weights on 2 MiB pages after loading (faster decode: fewer TLB misses): mapped from the page cache where the kernel keeps the file in 2 MiB folios (reading it back once if needed), else copied into huge-page memory (a longer load, no page-cache sharing between processes)";
 
 /// `--kv-cache`: what the paged KV cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]

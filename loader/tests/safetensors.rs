@@ -796,27 +796,10 @@ fn use_huge_pages_keeps_every_byte() {
     let mut st = SafeTensors::open(&path).unwrap();
     let first = st.use_huge_pages().unwrap();
     println!("use_huge_pages on a fresh file: {first:?}");
-    assert!(
-        st.mapped_bytes() == &whole[..],
-        "{first:?} changed the bytes"
-    );
+    check_route(&st, first, &whole);
     let v = st.tensor("a").unwrap();
     assert_inside(&st, &v);
     assert!(v.data == &a[..]);
-    let len = whole.len();
-    match first {
-        HugePageRoute::Copied => assert!(st.is_resident()),
-        _ => {
-            assert!(!st.is_resident());
-            let huge = st
-                .huge_page_bytes()
-                .expect("known on a route that checked it");
-            assert!(
-                cloudrm_loader::pages::covers(huge, len),
-                "{first:?} with {huge} of {len} bytes on 2 MiB pages"
-            );
-        }
-    }
     let second = st.use_huge_pages().unwrap();
     assert_eq!(
         second,
@@ -835,30 +818,42 @@ fn use_huge_pages_keeps_every_byte() {
     }
     assert!(other.tensor("a").unwrap().data == &a[..]);
     drop((st, other));
-    // The file's cache dropped and read back through read(): small folios where
-    // readahead makes them, so this exercises the reread route where the kernel has it.
+    // The file's cache dropped and read back through read(): in folios of readahead's
+    // sizes, often smaller than 2 MiB, so this exercises the reread route where the
+    // kernel has it.
     cloudrm_loader::pages::drop_file_cache(&path).unwrap();
     assert!(std::fs::read(&path).unwrap() == whole);
     let mut again = SafeTensors::open(&path).unwrap();
     let route = again.use_huge_pages().unwrap();
     println!("use_huge_pages after a read(): {route:?}");
-    assert!(
-        again.mapped_bytes() == &whole[..],
-        "{route:?} changed the bytes"
-    );
-    if route != HugePageRoute::Copied {
-        let huge = again.huge_page_bytes().unwrap();
-        assert!(
-            cloudrm_loader::pages::covers(huge, len),
-            "{route:?}: {huge} of {len}"
-        );
-    }
+    check_route(&again, route, &whole);
     drop(again);
     let mut sharded = ShardedSafeTensors::open_dir(dir.path()).unwrap();
     sharded.use_huge_pages().unwrap();
-    let (huge, all) = sharded.huge_page_bytes().unwrap_or((0, len));
-    assert!(huge <= all && all == len);
+    let (huge, all) = sharded.huge_page_bytes().unwrap_or((0, whole.len()));
+    assert!(huge <= all && all == whole.len());
     assert!(sharded.tensor("a").unwrap().data == &a[..]);
+}
+
+/// The file's bytes unchanged after `route`; the mapping resident for a copy, else on
+/// 2 MiB pages as far as its alignment allows.
+fn check_route(st: &SafeTensors, route: HugePageRoute, whole: &[u8]) {
+    assert!(st.mapped_bytes() == whole, "{route:?} changed the bytes");
+    assert_eq!(
+        st.is_resident(),
+        route == HugePageRoute::Copied,
+        "{route:?}"
+    );
+    if route != HugePageRoute::Copied {
+        let huge = st
+            .huge_page_bytes()
+            .expect("known on a route that checked it");
+        assert!(
+            cloudrm_loader::pages::covers(huge, whole.len()),
+            "{route:?} with {huge} of {} bytes on 2 MiB pages",
+            whole.len()
+        );
+    }
 }
 
 /// `make_resident` swaps the mapping for an anonymous copy: every tensor keeps its bytes

@@ -224,8 +224,9 @@ pub fn ensure_default_model_in(
 
 /// Drop the cached pages of the safetensors files just written (synced) into `dir`, so
 /// that the first load reads them back in 2 MiB folios (the loader's mappings advise
-/// huge pages; the pages the write left are smaller): single-stream decode streams the
-/// weights faster from 2 MiB pages. Best effort: advice only.
+/// huge pages; the folios a write leaves follow its write sizes, which need not be 2
+/// MiB): single-stream decode streams the weights faster from 2 MiB pages. Best effort:
+/// advice only.
 fn drop_written_pages(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

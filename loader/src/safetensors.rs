@@ -526,20 +526,21 @@ impl SafeTensors {
             return Ok(HugePageRoute::Copied);
         }
         let len = self.mmap.len();
+        // Whether the faulted-in mapping is on 2 MiB pages; None where unknown.
         let huge_now = |st: &SafeTensors| {
             st.populate();
-            st.huge_page_bytes()
-                .is_some_and(|h| crate::pages::covers(h, len))
+            st.huge_page_bytes().map(|h| crate::pages::covers(h, len))
         };
-        if huge_now(self) {
-            return Ok(HugePageRoute::PageCache);
-        }
-        if self.huge_page_bytes().is_some()
-            && self.release_range(0, len).is_ok()
-            && crate::pages::drop_file_cache(&self.path).is_ok()
-            && huge_now(self)
-        {
-            return Ok(HugePageRoute::Reread);
+        match huge_now(self) {
+            Some(true) => return Ok(HugePageRoute::PageCache),
+            Some(false)
+                if self.release_range(0, len).is_ok()
+                    && crate::pages::drop_file_cache(&self.path).is_ok()
+                    && huge_now(self) == Some(true) =>
+            {
+                return Ok(HugePageRoute::Reread);
+            }
+            _ => {}
         }
         self.make_resident()?;
         Ok(HugePageRoute::Copied)

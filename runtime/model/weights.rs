@@ -212,7 +212,7 @@ impl LlamaWeights {
 
     /// Put the mapped checkpoint on 2 MiB pages (`ShardedSafeTensors::use_huge_pages`):
     /// decode streams every weight per token, and 2 MiB pages spare it most TLB misses
-    /// (+9-17% weight-streaming rate, +11% single-stream decode measured on the
+    /// (+9-17% weight-streaming rate, +11-25% single-stream decode measured on the
     /// development machine). Without a copy where the kernel keeps the file's page cache
     /// in 2 MiB folios (reading the file back once if its cached pages are small);
     /// otherwise a copy into anonymous huge-page memory, which costs a copy at load and

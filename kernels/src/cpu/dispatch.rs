@@ -81,6 +81,21 @@ pub fn detected() -> Isa {
     })
 }
 
+/// Whether the CPU has AVX2, FMA and F16C, asked of the hardware (std's cached feature
+/// bits), not of [`detected`]: for exact helpers (bf16 rounding, transposes) that the
+/// opt-in paths' self-checks run while [`detected`] is still being decided (asking it
+/// there would wait on its own initialisation forever).
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Every path, slowest first.
 const ALL: [Isa; 5] = [
     Isa::Scalar,

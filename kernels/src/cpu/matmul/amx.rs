@@ -489,7 +489,7 @@ pub(super) fn pack_with(dst: &mut Vec<u32>, xb: &[u16], c: usize, transposes: bo
 fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::super::dispatch::detected() >= super::super::dispatch::Isa::Avx2
+        super::super::dispatch::has_avx2()
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

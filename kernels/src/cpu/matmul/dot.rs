@@ -379,7 +379,7 @@ pub(crate) fn round_rows(dst: &mut [u16], src: &[f32]) {
     debug_assert_eq!(dst.len(), src.len());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::super::dispatch::detected() >= super::super::dispatch::Isa::Avx2 {
+    if super::super::dispatch::has_avx2() {
         // SAFETY: AVX2 detected; the lengths are equal.
         done = unsafe { round_avx2(dst, src) };
     }

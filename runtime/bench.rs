@@ -31,6 +31,7 @@ use crate::backend::Cpu;
 use crate::cloud::{CloudScorer, CloudTemplate, ScoreOptions};
 use crate::engine::{KvCache, PREFILL_ROWS, PagedEngine, lm_greedy};
 use crate::error::{Error, Result};
+use crate::kv::PrefixKey;
 use crate::kv::SeqId;
 use crate::model::heads::FeedbackMethod;
 use crate::model::{Llama, ModelError, RewardModel};
@@ -207,9 +208,27 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
     engine.free(warm)?;
     drop(engine);
     let mut engine = PagedEngine::with_cache(llama, blocks, 16, PREFILL_ROWS, cfg.kv_cache)?;
-    let t0 = Instant::now();
-    let (seq, logits, _) = engine.prefill(llama, &cpu, &text_ids)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
+    // The best of PREFILL_RUNS prefills in the same engine (as PyTorch's baseline script
+    // takes the best of 3 and llama-bench averages repeats): the first also pays the
+    // first touch of the KV arena and the kernels' buffers. The last one is kept for the
+    // decode after it. Each run under its own prefix-cache key, so none finds the
+    // blocks of the one before in the cache.
+    let mut prefill_s = f64::INFINITY;
+    let mut run = 0;
+    let (seq, logits) = loop {
+        engine.set_prefix_key(PrefixKey {
+            adapter: u64::MAX - run as u64,
+        });
+        debug_assert_eq!(engine.cached_prefix_len(&text_ids), 0);
+        let t0 = Instant::now();
+        let (seq, logits, _) = engine.prefill(llama, &cpu, &text_ids)?;
+        prefill_s = prefill_s.min(t0.elapsed().as_secs_f64());
+        run += 1;
+        if run == PREFILL_RUNS {
+            break (seq, logits);
+        }
+        engine.free(seq)?;
+    };
     progress(&format!(
         "prefill {}: {:.1} tokens/s",
         cfg.prefill_tokens,
@@ -431,6 +450,9 @@ fn prompt_for_prefix(
 
 /// Best-of-three read bandwidth (bytes/s) of a multi-threaded streaming sum over
 /// `bytes` of f32 (on 2 MiB pages where the kernel gives them).
+/// Timed prefills of the bench, of which the best is reported.
+const PREFILL_RUNS: usize = 3;
+
 fn read_bandwidth(bytes: usize) -> f64 {
     let n = (bytes / 4).max(1 << 16);
     // On 2 MiB pages where the kernel gives them, as `--hugepages` weights are: the

@@ -482,7 +482,7 @@ pub enum Command {
         /// Model directory; default: the default model (bf16), with the untrained head.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Prefill length (tokens).
+        /// Prefill length (tokens); the best of three prefills of it is reported.
         #[arg(long, default_value_t = 512)]
         prefill: usize,
         /// Single-stream decode length (tokens).

@@ -575,7 +575,8 @@ thread_local! {
 /// Threads and columns per block for `rows` x `c` inputs against `total_oc` output
 /// columns (one layer or several fused): one thread for tiny calls; blocks claimed
 /// dynamically, a multiple of 12 columns (whole 3-wide tiles and 4-wide GEMV groups; 48
-/// on the AMX path, whole 16-row tiles too) and small enough for about eight per thread.
+/// on the AMX path, whole 16-row tiles too) and small enough for about eight per thread
+/// (two on the AMX path with fewer than 16 rows).
 fn split_plan(rows: usize, c: usize, total_oc: usize, isa: Isa) -> (usize, usize) {
     let threads = if rows * c * total_oc < 1 << 15 {
         1
@@ -584,8 +585,13 @@ fn split_plan(rows: usize, c: usize, total_oc: usize, isa: Isa) -> (usize, usize
     };
     // (Whole 16-row tiles too on the AMX path: 48.)
     let unit = if isa >= Isa::Amx { 48 } else { 12 };
+    // AMX with under one tile of rows (decode, a K-critique step) streams its weights 32
+    // rows at a time, and a block's first 32 rows are not prefetched: two blocks per
+    // thread there (decode 78-82 tok/s against 72-77 with eight, on a 2-core Xeon with
+    // AMX; one block per thread no better, docs/benchmarks.md).
+    let blocks = if isa >= Isa::Amx && rows < 16 { 2 } else { 8 };
     let per = total_oc
-        .div_ceil(threads * 8)
+        .div_ceil(threads * blocks)
         .next_multiple_of(unit)
         .clamp(2 * unit, 768);
     (threads, per)

@@ -587,7 +587,7 @@ fn split_plan(rows: usize, c: usize, total_oc: usize, isa: Isa) -> (usize, usize
     let unit = if isa >= Isa::Amx { 48 } else { 12 };
     // AMX with under one tile of rows (decode, a K-critique step) streams its weights 32
     // rows at a time, and a block's first 32 rows are not prefetched: two blocks per
-    // thread there (decode 78-82 tok/s against 72-77 with eight, on a 2-core Xeon with
+    // thread there (decode 77-82 tok/s against 72-77 with eight, on a 2-core Xeon with
     // AMX; one block per thread no better, docs/benchmarks.md).
     let blocks = if isa >= Isa::Amx && rows < 16 { 2 } else { 8 };
     let per = total_oc

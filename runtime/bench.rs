@@ -448,11 +448,11 @@ fn prompt_for_prefix(
     Ok(text(lo))
 }
 
-/// Best-of-three read bandwidth (bytes/s) of a multi-threaded streaming sum over
-/// `bytes` of f32 (on 2 MiB pages where the kernel gives them).
 /// Timed prefills of the bench, of which the best is reported.
 const PREFILL_RUNS: usize = 3;
 
+/// Best-of-three read bandwidth (bytes/s) of a multi-threaded streaming sum over
+/// `bytes` of f32 (on 2 MiB pages where the kernel gives them).
 fn read_bandwidth(bytes: usize) -> f64 {
     let n = (bytes / 4).max(1 << 16);
     // On 2 MiB pages where the kernel gives them, as `--hugepages` weights are: the

@@ -53,10 +53,11 @@ fn fast_matches_reference_for_every_variant() {
         assert!(want.iter().all(|x| x.is_finite()));
         // bf16 weights on an opt-in bf16-compute path (CLOUDRM_ISA=avx512bf16 or amx):
         // the bf16 tolerance (DESIGN.md); every other case the f32 one.
-        let bf16_compute = spec.dtype == Dtype::BF16
-            && cloudrm::kernels::cpu::dispatch::detected()
-                >= cloudrm::kernels::cpu::dispatch::Isa::Avx512Bf16;
-        let tol = if bf16_compute { 2e-2 } else { 1e-5 };
+        let tol = if common::bf16_compute(spec.dtype == Dtype::BF16) {
+            2e-2
+        } else {
+            1e-5
+        };
         check_close(&format!("variant {spec:?}"), &got, &want, tol);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -9,7 +9,7 @@ use cloudrm::kernels::reference::attention::AttnShape;
 use cloudrm::kernels::reference::heads::RewardHeadWeights;
 use cloudrm::kernels::weights::{Q8Slice, quantize_q8};
 use cloudrm::kernels::{OpKind, Weights, cpu, reference};
-use common::{Guarded, OpCase, Rng, check_close, check_close_floor, run_cases};
+use common::{Guarded, OpCase, Rng, bf16_compute, check_close, check_close_floor, run_cases};
 use half::{bf16, f16};
 
 const F32_TOL: f64 = 1e-5;
@@ -18,7 +18,7 @@ const F32_TOL: f64 = 1e-5;
 /// bf16-compute paths (AVX512_BF16, AMX) with bf16 weights the bf16 one (relative to values of order one, so
 /// a sum that cancels near zero is held to it in absolute terms).
 fn check_matmul(name: &str, got: &[f32], want: &[f32], w: Weights<'_>) {
-    if dispatch::current() >= Isa::Avx512Bf16 && matches!(w, Weights::BF16(_)) {
+    if bf16_compute(matches!(w, Weights::BF16(_))) {
         check_close_floor(name, got, want, 1e-2, (got.len() as f64).sqrt());
     } else {
         check_close(name, got, want, F32_TOL);
@@ -28,7 +28,7 @@ fn check_matmul(name: &str, got: &[f32], want: &[f32], w: Weights<'_>) {
 /// The tolerance of an op whose products go through the fast matmul with weights of
 /// type `wd`: the bf16 one on an opt-in bf16-compute path with bf16 weights, else f32's.
 fn matmul_tol(wd: Wd) -> f64 {
-    if dispatch::current() >= Isa::Avx512Bf16 && matches!(wd, Wd::Bf16) {
+    if bf16_compute(matches!(wd, Wd::Bf16)) {
         1e-2
     } else {
         F32_TOL

@@ -61,6 +61,14 @@ pub fn rel_l2(out: &[f32], reference: &[f32]) -> f64 {
     }
 }
 
+/// Whether the path in use computes matmuls with bf16 weights (`bf16_weights`) in bf16:
+/// an opt-in path (`CLOUDRM_ISA=avx512bf16` or `amx` on a CPU that has it), whose
+/// outputs are held to the bf16 tolerance instead of the f32 one.
+pub fn bf16_compute(bf16_weights: bool) -> bool {
+    use cloudrm::kernels::cpu::dispatch::{Isa, current};
+    bf16_weights && current() >= Isa::Avx512Bf16
+}
+
 /// Compare like llm.c's `check_tensor`: print the first pairs and the max error, then
 /// assert the relative L2 error is below `tol` (NaN never passes).
 pub fn check_close(name: &str, out: &[f32], reference: &[f32], tol: f64) {

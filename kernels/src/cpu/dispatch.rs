@@ -118,8 +118,7 @@ fn lacks(isa: Isa) -> Option<String> {
         use std::arch::is_x86_feature_detected as has;
         let lacking = match isa {
             Isa::Scalar => None,
-            Isa::Avx2 => (!(has!("avx2") && has!("fma") && has!("f16c")))
-                .then_some("this CPU lacks AVX2, FMA or F16C"),
+            Isa::Avx2 => (!has_avx2()).then_some("this CPU lacks AVX2, FMA or F16C"),
             Isa::Avx512 => (!has!("avx512f")).then_some("this CPU lacks AVX-512F"),
             Isa::Avx512Bf16 | Isa::Amx => (!(has!("avx512f") && has!("avx512bf16")))
                 .then_some("this CPU lacks AVX-512F or AVX512_BF16"),
@@ -144,10 +143,7 @@ fn lacks(isa: Isa) -> Option<String> {
 fn cpu_best(opt_in: Option<Isa>) -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
+        if has_avx2() {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 let bf16 = std::arch::is_x86_feature_detected!("avx512bf16");
                 if bf16 && opt_in == Some(Isa::Amx) && amx_granted().is_ok() {

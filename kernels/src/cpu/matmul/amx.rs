@@ -463,7 +463,7 @@ pub(super) fn pack_with(dst: &mut Vec<u32>, xb: &[u16], c: usize, transposes: bo
     let (kbs, mbs) = (c.div_ceil(32), rows.div_ceil(16));
     dst.clear();
     dst.resize(mbs * kbs * 256, 0);
-    let fast = transposes && c.is_multiple_of(2) && simd();
+    let fast = transposes && c.is_multiple_of(2) && super::super::dispatch::has_avx2();
     let (full_m, full_k) = if fast { (rows / 16, c / 32) } else { (0, 0) };
     for mb in 0..full_m {
         for kb in 0..full_k {
@@ -485,24 +485,14 @@ pub(super) fn pack_with(dst: &mut Vec<u32>, xb: &[u16], c: usize, transposes: bo
     }
 }
 
-/// Whether [`transpose16`] has its AVX2 kernel here.
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        super::super::dispatch::has_avx2()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// dst[j * ds + i] = src[i * ss + j] for i, j < 16 (32-bit values): AVX2 8 x 8 blocks
-/// where [`simd`] says so, else one at a time.
+/// where the CPU has AVX2 ([`super::super::dispatch::has_avx2`]), else one at a time.
 ///
 /// SAFETY: the 16 rows of 16 values at src (ss apart) readable, at dst (ds apart)
 /// writable, not overlapping.
 unsafe fn transpose16(src: *const u32, ss: usize, dst: *mut u32, ds: usize) {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
+    if super::super::dispatch::has_avx2() {
         // SAFETY: AVX2 detected; forwarded bounds.
         unsafe {
             for bi in 0..2 {

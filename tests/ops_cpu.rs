@@ -871,6 +871,19 @@ fn prefill_case(seed: u64, nh: usize, nkv: usize, hs: usize, pos0: usize, t: usi
     .unwrap();
     got.check_guards("paged prefill attention");
     check_close("paged prefill attention", got.as_ref(), &want, F32_TOL);
+    same_bits_as_avx2("paged prefill attention", got.as_ref(), || {
+        let mut scratch = vec![0.0; prefill_scratch_len(&shape, pos0, t)];
+        prefill_with(
+            true,
+            &q,
+            &k_arena,
+            &v_arena,
+            &table,
+            pos0,
+            shape,
+            &mut scratch,
+        )
+    });
     // A row's bits do not depend on the call it is in: the rows split in two calls (the
     // second starting where a prefix cache would have stopped) give the whole call's bits.
     let width = nh * hs;
@@ -907,6 +920,10 @@ fn prefill_case(seed: u64, nh: usize, nkv: usize, hs: usize, pos0: usize, t: usi
     let want16 = run(false, &k16, &v16, &mut scratch);
     let got16 = run(true, &k16, &v16, &mut scratch);
     check_close("paged prefill (f16 cache)", &got16, &want16, F32_TOL);
+    same_bits_as_avx2("paged prefill (f16 cache)", &got16, || {
+        let mut scratch = vec![0.0; prefill_scratch_len(&shape, pos0, t)];
+        run(true, &k16, &v16, &mut scratch)
+    });
     let widened = prefill_with(
         true,
         &q,
@@ -1110,6 +1127,9 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     }
     let got = fast!(&k_arena, &v_arena, &full_arena_k, &full_arena_v);
     check_close("paged attention", &got, &want, F32_TOL);
+    same_bits_as_avx2("paged attention", &got, || {
+        fast!(&k_arena, &v_arena, &full_arena_k, &full_arena_v)
+    });
     {
         // One thread takes the items of all KV heads (streaming each one's blocks in
         // first), many take one item per KV head: the same states, the same bits.
@@ -1139,6 +1159,9 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
     .unwrap();
     let got16 = fast!(&k16, &v16, &fk16, &fv16);
     check_close("paged attention (f16 cache)", &got16, &want16, F32_TOL);
+    same_bits_as_avx2("paged attention (f16 cache)", &got16, || {
+        fast!(&k16, &v16, &fk16, &fv16)
+    });
     let widened = fast!(&widen(&k16), &widen(&v16), &widen(&fk16), &widen(&fv16));
     assert_bits_eq("paged attention (f16 cache vs widened)", &got16, &widened);
 }
@@ -1158,6 +1181,20 @@ fn to_f16(a: &[f32]) -> Vec<half::f16> {
 
 fn widen(a: &[half::f16]) -> Vec<f32> {
     a.iter().map(|x| x.to_f32()).collect()
+}
+
+/// On an AVX-512 path the attention kernels' 16-lane forms give the AVX2 kernels' bits:
+/// `run` again with the AVX2 path forced reproduces `got` (the caller's path is restored;
+/// nothing to check below AVX-512).
+fn same_bits_as_avx2(what: &str, got: &[f32], run: impl FnOnce() -> Vec<f32>) {
+    let isa = dispatch::current();
+    if isa < Isa::Avx512 {
+        return;
+    }
+    dispatch::force(Some(Isa::Avx2));
+    let avx2 = run();
+    dispatch::force(Some(isa));
+    assert_bits_eq(&format!("{what}: {isa:?} against AVX2"), got, &avx2);
 }
 
 fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {

@@ -165,11 +165,23 @@ fn partial<T: KvElem>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if avx2_path(isa, shape) {
-        // SAFETY: AVX2+FMA detected; the caller checked the arena, table and lengths.
+        // SAFETY: AVX2+FMA detected (AVX-512F too where `isa` is an AVX-512 path); the
+        // caller checked the arena, table and lengths.
         unsafe {
             avx2::partial(
-                out, lse, q, k_arena, v_arena, table, positions, kv_head, scale, scores, shape,
+                out,
+                lse,
+                q,
+                k_arena,
+                v_arena,
+                table,
+                positions,
+                kv_head,
+                scale,
+                scores,
+                shape,
                 causal,
+                isa >= Isa::Avx512,
             )
         };
         return;
@@ -983,9 +995,11 @@ mod avx2 {
         }
     }
 
-    /// See `super::partial`. HS is a multiple of 8.
+    /// See `super::partial`. HS is a multiple of 8. With `zmm` the transposed score loop
+    /// and the weighted V sum take their AVX-512 forms ([`zmm`]: the same bits).
     ///
-    /// SAFETY: AVX2+FMA+F16C present; the arguments satisfy the reference partial's checks.
+    /// SAFETY: AVX2+FMA+F16C present, and AVX-512F with `zmm`; the arguments satisfy the
+    /// reference partial's checks.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn partial<T: KvElem>(
@@ -1001,6 +1015,7 @@ mod avx2 {
         scores: &mut [f32],
         shape: &PagedShape,
         causal: Option<Causal>,
+        zmm: bool,
     ) {
         // The row offsets once per call, walking the blocks (no division per position:
         // a 64-bit divide per K and per V row cost more than the arithmetic it feeds).
@@ -1060,7 +1075,7 @@ mod avx2 {
                 return;
             };
             // SAFETY: forwarded caller guarantees.
-            unsafe { partial_at(out, lse, q, src, b, scale, scores, shape, causal) }
+            unsafe { partial_at(out, lse, q, src, b, scale, scores, shape, causal, zmm) }
         })
     }
 
@@ -1077,6 +1092,7 @@ mod avx2 {
         scores: &mut [f32],
         shape: &PagedShape,
         causal: Option<Causal>,
+        zmm: bool,
     ) {
         let wide = b.wide.as_mut_ptr();
         let (offs, local) = (&b.offs[..], &b.local[..]);
@@ -1094,8 +1110,9 @@ mod avx2 {
         // score index below n_q * n_pos, every q/out row below n_q.
         unsafe {
             // Many query rows (a shared level's members): Q transposed and scaled once,
-            // (HS, RP) with RP = rows rounded up to 8, zero padded.
-            let rv = n_q.div_ceil(8);
+            // (HS, RP) with RP = rows rounded up to the register's lanes, zero padded.
+            let lanes = if zmm { 16 } else { 8 };
+            let rp = n_q.div_ceil(lanes) * lanes;
             let mut qt = QT.take();
             let many = n_q >= MANY_ROWS || causal.is_some();
             // Positions row `r` sees.
@@ -1103,10 +1120,10 @@ mod avx2 {
             debug_assert!((0..n_q).all(|r| (1..=n_pos).contains(&len_of(r))));
             if many {
                 qt.clear();
-                qt.resize(hs * rv * 8, 0.0);
+                qt.resize(hs * rp, 0.0);
                 for r in 0..n_q {
                     for i in 0..hs {
-                        qt[i * rv * 8 + r] = q[r * hs + i] * scale;
+                        qt[i * rp + r] = q[r * hs + i] * scale;
                     }
                 }
             }
@@ -1127,11 +1144,12 @@ mod avx2 {
                 if many {
                     // Broadcasts need f32 rows: an f16 chunk is widened once for all rows.
                     let (kp, offs) = chunk_rows(src, offs, local, wide, c0..c1, hs);
+                    let (rv, step) = (rp / lanes, if zmm { 4 } else { 2 });
                     let mut vb = 0;
                     while vb < rv {
                         let a = ScoreT {
                             qt: qt.as_ptr(),
-                            rp: rv * 8,
+                            rp,
                             vb,
                             n_q,
                             scores: scores.as_mut_ptr(),
@@ -1139,11 +1157,15 @@ mod avx2 {
                             kp,
                             hs,
                         };
-                        match rv - vb {
-                            1 => score_t::<1>(&a, c0..c1, offs),
-                            _ => score_t::<2>(&a, c0..c1, offs),
+                        match (zmm, rv - vb) {
+                            (true, 1) => zmm::score_t::<1>(&a, c0..c1, offs),
+                            (true, 2) => zmm::score_t::<2>(&a, c0..c1, offs),
+                            (true, 3) => zmm::score_t::<3>(&a, c0..c1, offs),
+                            (true, _) => zmm::score_t::<4>(&a, c0..c1, offs),
+                            (false, 1) => score_t::<1>(&a, c0..c1, offs),
+                            (false, _) => score_t::<2>(&a, c0..c1, offs),
                         }
-                        vb += 2;
+                        vb += step;
                     }
                 } else {
                     let mut n = 0;
@@ -1232,7 +1254,6 @@ mod avx2 {
                     }
                     let mut ch = 0;
                     while ch < hs {
-                        let nv = ((hs - ch) / 8).min(4);
                         let a = PvArgs {
                             out: out.as_mut_ptr(),
                             scores: scores.as_ptr(),
@@ -1243,6 +1264,27 @@ mod avx2 {
                             hs,
                         };
                         let cols = c0..seen;
+                        if zmm && hs - ch >= 16 {
+                            let nv = ((hs - ch) / 16).min(4);
+                            let (cols, f16) = (cols, src.f16);
+                            match (r, nv) {
+                                (3, 4) => zmm::pv::<3, 4>(&a, cols, offs, f16),
+                                (3, 3) => zmm::pv::<3, 3>(&a, cols, offs, f16),
+                                (3, 2) => zmm::pv::<3, 2>(&a, cols, offs, f16),
+                                (3, _) => zmm::pv::<3, 1>(&a, cols, offs, f16),
+                                (2, 4) => zmm::pv::<2, 4>(&a, cols, offs, f16),
+                                (2, 3) => zmm::pv::<2, 3>(&a, cols, offs, f16),
+                                (2, 2) => zmm::pv::<2, 2>(&a, cols, offs, f16),
+                                (2, _) => zmm::pv::<2, 1>(&a, cols, offs, f16),
+                                (_, 4) => zmm::pv::<1, 4>(&a, cols, offs, f16),
+                                (_, 3) => zmm::pv::<1, 3>(&a, cols, offs, f16),
+                                (_, 2) => zmm::pv::<1, 2>(&a, cols, offs, f16),
+                                _ => zmm::pv::<1, 1>(&a, cols, offs, f16),
+                            }
+                            ch += nv * 16;
+                            continue;
+                        }
+                        let nv = ((hs - ch) / 8).min(4);
                         match (r, nv) {
                             (3, 4) => pv::<3, 4>(&a, cols, offs, src.f16),
                             (3, 3) => pv::<3, 3>(&a, cols, offs, src.f16),
@@ -1450,7 +1492,7 @@ mod avx2 {
         /// Transposed scaled query, (HS, RP).
         qt: *const f32,
         rp: usize,
-        /// First row vector (8 rows) of this call.
+        /// First row vector of this call (8 rows; 16 for [`zmm::score_t`]).
         vb: usize,
         n_q: usize,
         scores: *mut f32,
@@ -1606,6 +1648,188 @@ mod avx2 {
                 let o = a.out.add((a.n + r) * a.hs + a.ch);
                 for (v, x) in row.iter().enumerate() {
                     _mm256_storeu_ps(o.add(8 * v), *x);
+                }
+            }
+        }
+    }
+
+    /// AVX-512 forms of [`score_t`] (16 query rows in the lanes of a register) and
+    /// [`pv_rows`] (16 channels per register). Every lane does exactly what an AVX2 lane
+    /// does, the same FMAs in the same order (a score sums its HS products in order, an
+    /// output channel adds the positions in order, rows grouped alike), so the results
+    /// are the AVX2 kernels' bits: the choice of path never changes an attention output.
+    mod zmm {
+        use std::arch::x86_64::*;
+        use std::ops::Range;
+
+        use super::{PvArgs, ScoreT};
+
+        /// Sixteen cached values at element `idx` of an arena: f32, or f16 widened.
+        ///
+        /// SAFETY: AVX-512F; 16 readable elements at `idx`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn ld<const F16: bool>(base: *const f32, idx: usize) -> __m512 {
+            // SAFETY: see the function's contract.
+            unsafe {
+                if F16 {
+                    let p = (base as *const half::f16).add(idx);
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+                } else {
+                    _mm512_loadu_ps(base.add(idx))
+                }
+            }
+        }
+
+        /// [`super::score_t`] over row vectors vb..vb + V of 16 rows (`a.vb` counts
+        /// 16-row vectors, `a.rp` a multiple of 16).
+        ///
+        /// SAFETY: AVX-512F; `qt` holds HS * RP elements with RP >= 16 (vb + V); scores
+        /// holds n_q * n_pos; `offs[j]` is a readable K row for every j in `cols`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        pub(super) unsafe fn score_t<const V: usize>(
+            a: &ScoreT,
+            cols: Range<usize>,
+            offs: &[usize],
+        ) {
+            // SAFETY: see the function's contract.
+            unsafe {
+                let qt = a.qt.add(a.vb * 16);
+                let mut j = cols.start;
+                while j + 4 <= cols.end {
+                    let k = [
+                        a.kp.add(offs[j]),
+                        a.kp.add(offs[j + 1]),
+                        a.kp.add(offs[j + 2]),
+                        a.kp.add(offs[j + 3]),
+                    ];
+                    let mut acc = [[_mm512_setzero_ps(); 4]; V];
+                    for i in 0..a.hs {
+                        let mut qv = [_mm512_setzero_ps(); V];
+                        for (v, x) in qv.iter_mut().enumerate() {
+                            *x = _mm512_loadu_ps(qt.add(i * a.rp + 16 * v));
+                        }
+                        for (p, kk) in k.iter().enumerate() {
+                            let b = _mm512_set1_ps(*kk.add(i));
+                            for (v, x) in qv.iter().enumerate() {
+                                acc[v][p] = _mm512_fmadd_ps(*x, b, acc[v][p]);
+                            }
+                        }
+                    }
+                    for (v, a4) in acc.iter().enumerate() {
+                        // Within each 128-bit lane L: r_m holds row 4L + m's four scores.
+                        let t0 = _mm512_unpacklo_ps(a4[0], a4[1]);
+                        let t1 = _mm512_unpackhi_ps(a4[0], a4[1]);
+                        let t2 = _mm512_unpacklo_ps(a4[2], a4[3]);
+                        let t3 = _mm512_unpackhi_ps(a4[2], a4[3]);
+                        let r = [
+                            _mm512_shuffle_ps::<0x44>(t0, t2),
+                            _mm512_shuffle_ps::<0xEE>(t0, t2),
+                            _mm512_shuffle_ps::<0x44>(t1, t3),
+                            _mm512_shuffle_ps::<0xEE>(t1, t3),
+                        ];
+                        let row0 = (a.vb + v) * 16;
+                        for (m, rm) in r.iter().enumerate() {
+                            let lanes = [
+                                _mm512_extractf32x4_ps::<0>(*rm),
+                                _mm512_extractf32x4_ps::<1>(*rm),
+                                _mm512_extractf32x4_ps::<2>(*rm),
+                                _mm512_extractf32x4_ps::<3>(*rm),
+                            ];
+                            for (l, x) in lanes.iter().enumerate() {
+                                let row = row0 + 4 * l + m;
+                                if row < a.n_q {
+                                    _mm_storeu_ps(a.scores.add(row * a.n_pos + j), *x);
+                                }
+                            }
+                        }
+                    }
+                    j += 4;
+                }
+                while j < cols.end {
+                    let kj = a.kp.add(offs[j]);
+                    let mut acc = [_mm512_setzero_ps(); V];
+                    for i in 0..a.hs {
+                        let b = _mm512_set1_ps(*kj.add(i));
+                        for (v, x) in acc.iter_mut().enumerate() {
+                            let qv = _mm512_loadu_ps(qt.add(i * a.rp + 16 * v));
+                            *x = _mm512_fmadd_ps(qv, b, *x);
+                        }
+                    }
+                    for (v, x) in acc.iter().enumerate() {
+                        let mut lanes = [0.0f32; 16];
+                        _mm512_storeu_ps(lanes.as_mut_ptr(), *x);
+                        for (l, &val) in lanes.iter().enumerate() {
+                            let row = (a.vb + v) * 16 + l;
+                            if row < a.n_q {
+                                *a.scores.add(row * a.n_pos + j) = val;
+                            }
+                        }
+                    }
+                    j += 1;
+                }
+            }
+        }
+
+        /// [`super::pv_rows`] with 16 channels per register (ch + 16V <= HS), for an
+        /// f32 or (`f16`) f16 arena.
+        ///
+        /// SAFETY: AVX-512F; as [`super::pv_rows`] with 16V channels.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        pub(super) unsafe fn pv<const R: usize, const V: usize>(
+            a: &PvArgs,
+            cols: Range<usize>,
+            offs: &[usize],
+            f16: bool,
+        ) {
+            // SAFETY: forwarded.
+            unsafe {
+                if f16 {
+                    pv_rows::<R, V, true>(a, cols, offs)
+                } else {
+                    pv_rows::<R, V, false>(a, cols, offs)
+                }
+            }
+        }
+
+        /// SAFETY: as [`pv`].
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        unsafe fn pv_rows<const R: usize, const V: usize, const F16: bool>(
+            a: &PvArgs,
+            cols: Range<usize>,
+            offs: &[usize],
+        ) {
+            // SAFETY: see the function's contract.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); V]; R];
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let o = a.out.add((a.n + r) * a.hs + a.ch);
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_loadu_ps(o.add(16 * v));
+                    }
+                }
+                let s = a.scores.add(a.n * a.n_pos);
+                for j in cols {
+                    let vj = offs[j] + a.ch;
+                    let mut w = [_mm512_setzero_ps(); R];
+                    for (r, x) in w.iter_mut().enumerate() {
+                        *x = _mm512_set1_ps(*s.add(r * a.n_pos + j));
+                    }
+                    for v in 0..V {
+                        let vx = ld::<F16>(a.vp, vj + 16 * v);
+                        for (row, wr) in acc.iter_mut().zip(&w) {
+                            row[v] = _mm512_fmadd_ps(*wr, vx, row[v]);
+                        }
+                    }
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    let o = a.out.add((a.n + r) * a.hs + a.ch);
+                    for (v, x) in row.iter().enumerate() {
+                        _mm512_storeu_ps(o.add(16 * v), *x);
+                    }
                 }
             }
         }

@@ -183,3 +183,55 @@ fn default_model_on_the_emulated_bf16_compute_paths_matches_transformers() {
         }
     }
 }
+
+/// The AMX emulation through `matmul_forward` on many rows (the input rounded and packed
+/// once for all threads) gives the bits of the per-thread packing
+/// (`matmul_forward_amx_emulated`) and of every row alone, on one and on two threads.
+#[test]
+fn amx_emulation_shares_one_packing_with_the_same_bits() {
+    use cloudrm::kernels::{Weights, cpu};
+    use half::bf16;
+    let (rows, c, oc) = (70usize, 96usize, 100usize);
+    let mut rng = common::Rng::new(5);
+    let x = rng.vec(rows * c, 1.0);
+    let w: Vec<bf16> = rng
+        .vec(oc * c, 0.5)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let bias = rng.vec(oc, 1.0);
+    let mut want = vec![0.0f32; rows * oc];
+    cpu::matmul::matmul_forward_amx_emulated(&mut want, &x, &w, Some(&bias), c, oc, 0..oc).unwrap();
+    assert!(dispatch::emulate(Some(Isa::Amx)));
+    for threads in [1, 2] {
+        dispatch::set_num_threads(threads);
+        let mut got = vec![0.0f32; rows * oc];
+        cpu::matmul_forward(&mut got, &x, Weights::BF16(&w), Some(&bias), c, oc).unwrap();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{threads} threads: the shared packing changed the bits"
+        );
+        for r in [0, 31, 69] {
+            let mut one = vec![0.0f32; oc];
+            cpu::matmul_forward(
+                &mut one,
+                &x[r * c..(r + 1) * c],
+                Weights::BF16(&w),
+                Some(&bias),
+                c,
+                oc,
+            )
+            .unwrap();
+            assert!(
+                one.iter()
+                    .zip(&want[r * oc..(r + 1) * oc])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {r} alone"
+            );
+        }
+    }
+    dispatch::set_num_threads(0);
+    assert!(dispatch::emulate(None));
+}

@@ -52,6 +52,8 @@ pub fn matmul_forward(
     // Each block writes its own columns of every row through a raw pointer (disjoint
     // index sets).
     let (threads, per) = split_plan(rows, in_features, out_features, isa);
+    let bf16 = matches!(weight, Weights::BF16(_));
+    share_input(inp, in_features, bf16, isa, call, threads);
     let blocks = out_features.div_ceil(per);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
@@ -274,6 +276,16 @@ pub(super) fn next_call() -> u64 {
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// On the AMX path (or its emulation), a call of many rows against bf16 weights rounds
+/// and packs its (unnormalised) input once for all threads ([`amx::share_packed`]); its
+/// work items then find that packing. Nothing elsewhere.
+fn share_input(inp: &[f32], c: usize, bf16: bool, isa: Isa, call: u64, threads: usize) {
+    let amx = isa >= Isa::Amx || super::dispatch::emulated() == Some(Isa::Amx);
+    if amx && bf16 && inp.len() / c >= amx::SHARE_ROWS {
+        amx::share_packed(inp, c, call, threads);
+    }
+}
+
 thread_local! {
     /// (call number, this thread's normalised rows of that call).
     static NORMED: std::cell::RefCell<(u64, Vec<f32>)> =
@@ -410,6 +422,10 @@ pub fn matmul_forward_many_fused(
         per = per.next_multiple_of(head_dim);
     }
     let call = next_call();
+    if fusion.norm.is_none() {
+        let bf16 = layers.iter().any(|l| matches!(l.weight, Weights::BF16(_)));
+        share_input(inp, in_features, bf16, isa, call, threads);
+    }
     let mut meta: [FusedMeta<'_>; MAX_FUSED] =
         [(SendPtr(std::ptr::null_mut()), 0, None, None, 0, 0); MAX_FUSED];
     let mut items = 0;
@@ -536,6 +552,10 @@ pub fn matmul_swiglu(
     let (c, oc) = (in_features, out_features);
     // Blocks as matmul_forward_many's for the two layers together.
     let (threads, per) = split_plan(rows, c, 2 * oc, isa);
+    if norm.is_none() {
+        let bf16 = matches!(gate, Weights::BF16(_)) || matches!(up, Weights::BF16(_));
+        share_input(inp, c, bf16, isa, call, threads);
+    }
     let blocks = oc.div_ceil(per);
     let total = act.len();
     let act_ptr = SendPtr(act.as_mut_ptr());

@@ -460,11 +460,21 @@ pub(super) fn pack(dst: &mut Vec<u32>, xb: &[u16], c: usize) {
 /// a time otherwise, for the benchmark that compares the two.
 pub(super) fn pack_with(dst: &mut Vec<u32>, xb: &[u16], c: usize, transposes: bool) {
     let rows = xb.len() / c;
+    dst.resize(rows.div_ceil(16) * c.div_ceil(32) * 256, 0);
+    pack_into(dst, xb, c, transposes);
+}
+
+/// [`pack_with`] into `dst` of exactly the packing's length (its old contents ignored).
+fn pack_into(dst: &mut [u32], xb: &[u16], c: usize, transposes: bool) {
+    let rows = xb.len() / c;
     let (kbs, mbs) = (c.div_ceil(32), rows.div_ceil(16));
-    dst.clear();
-    dst.resize(mbs * kbs * 256, 0);
+    debug_assert_eq!(dst.len(), mbs * kbs * 256);
     let fast = transposes && c.is_multiple_of(2) && super::super::dispatch::has_avx2();
     let (full_m, full_k) = if fast { (rows / 16, c / 32) } else { (0, 0) };
+    if (full_m, full_k) != (mbs, kbs) {
+        // Padding (rows past the last, channels past c) must be zeros.
+        dst.fill(0);
+    }
     for mb in 0..full_m {
         for kb in 0..full_k {
             let src = xb[mb * 16 * c + kb * 32..].as_ptr() as *const u32;
@@ -572,10 +582,60 @@ thread_local! {
     /// (call tag, this thread's packed input of that call), and its padded-weights buffer.
     static PACKED: RefCell<(u64, Vec<u32>, Vec<u16>)> =
         const { RefCell::new((0, Vec::new(), Vec::new())) };
+    /// One block of 16 input rows rounded to bf16, for [`share_packed`].
+    static ROUNDED16: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `f(packed input, padding buffer)`: the input rounded ([`super::dot::with_rounded`])
-/// and packed once per `call` tag and thread.
+/// (call tag, that call's input rounded and packed once for every thread), from
+/// [`share_packed`]; tag 0 while it is being filled.
+static SHARED: std::sync::RwLock<(u64, Vec<u32>)> = std::sync::RwLock::new((0, Vec::new()));
+
+/// Input rows from which a call shares one packing ([`share_packed`]) instead of each
+/// thread rounding and packing the whole input for itself.
+pub(super) const SHARE_ROWS: usize = 32;
+
+/// Round `inp` (rows x c) to bf16 and pack it ([`pack`], the same values) for `call`,
+/// once for all threads: `threads` threads of the pool take blocks of 16 rows, and the
+/// call's work items then read the one packing ([`with_packed`]). With every thread
+/// packing every row, the rounding and packing were a tenth of an AMX prefill.
+pub(super) fn share_packed(inp: &[f32], c: usize, call: u64, threads: usize) {
+    let rows = inp.len() / c;
+    let (kbs, mbs) = (c.div_ceil(32), rows.div_ceil(16));
+    let mut shared = SHARED.write().unwrap_or_else(|e| e.into_inner());
+    shared.0 = 0;
+    shared.1.resize(mbs * kbs * 256, 0);
+    let (dst, block) = (SendU32(shared.1.as_mut_ptr()), kbs * 256);
+    // (No work item of this job takes the lock; a busy pool runs the job inline.)
+    super::super::pool::global().run_items(threads, mbs, &|mb| {
+        let r = mb * 16..((mb + 1) * 16).min(rows);
+        ROUNDED16.with_borrow_mut(|xb| {
+            xb.resize(r.len() * c, 0);
+            super::dot::round_rows(xb, &inp[r.start * c..r.end * c]);
+            // SAFETY: item mb alone writes block mb of the buffer, which outlives the job.
+            let d = unsafe { std::slice::from_raw_parts_mut(dst.get().add(mb * block), block) };
+            pack_into(d, xb, c, true);
+        });
+    });
+    shared.0 = call;
+}
+
+#[derive(Clone, Copy)]
+struct SendU32(*mut u32);
+
+impl SendU32 {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut u32 {
+        self.0
+    }
+}
+// SAFETY: hands disjoint blocks of one buffer to pool participants.
+unsafe impl Send for SendU32 {}
+// SAFETY: as above; participants never touch the same element.
+unsafe impl Sync for SendU32 {}
+
+/// `f(packed input, padding buffer)`: the call's shared packing ([`share_packed`]) if
+/// there is one, else the input rounded ([`super::dot::with_rounded`]) and packed once
+/// per `call` tag and thread.
 fn with_packed<R>(
     inp: &[f32],
     c: usize,
@@ -583,6 +643,12 @@ fn with_packed<R>(
     f: impl FnOnce(&[u32], &mut Vec<u16>) -> R,
 ) -> R {
     PACKED.with_borrow_mut(|(tag, xp, tail)| {
+        if inp.len() / c >= SHARE_ROWS {
+            let shared = SHARED.read().unwrap_or_else(|e| e.into_inner());
+            if shared.0 == call {
+                return f(&shared.1, tail);
+            }
+        }
         if *tag != call {
             super::dot::with_rounded(inp, call, |xb| pack(xp, xb, c));
             *tag = call;
@@ -728,6 +794,36 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The packing shared by a call's threads is the per-thread one: the input rounded
+    /// and packed in blocks of 16 rows by one or two threads, padding zeroed over what an
+    /// earlier, larger call left in the buffer.
+    #[test]
+    fn shared_packing_is_the_per_thread_packing() {
+        let big: Vec<f32> = (0..130 * 96)
+            .map(|i| (i % 251) as f32 * 0.37 - 40.0)
+            .collect();
+        share_packed(&big, 96, super::super::next_call(), 2);
+        for (rows, c, threads) in [
+            (32usize, 64usize, 2usize),
+            (33, 77, 2),
+            (47, 96, 1),
+            (130, 70, 2),
+        ] {
+            let x: Vec<f32> = (0..rows * c)
+                .map(|i| ((i * 7919) % 1009) as f32 / 97.0 - 5.0 + 1e-3)
+                .collect();
+            let mut xb = vec![0u16; x.len()];
+            super::super::dot::round_rows(&mut xb, &x);
+            let mut want = Vec::new();
+            pack(&mut want, &xb, c);
+            let call = super::super::next_call();
+            share_packed(&x, c, call, threads);
+            let shared = SHARED.read().unwrap();
+            assert_eq!(shared.0, call);
+            assert_eq!(shared.1, want, "{rows} x {c}, {threads} threads");
         }
     }
 

@@ -1190,47 +1190,11 @@ mod avx2 {
                 let len = len_of(r);
                 let (row, masked) = full.split_at_mut(len);
                 masked.fill(0.0);
-                let n8 = len / 8 * 8;
-                let p = row.as_mut_ptr();
-                let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
-                let mut j = 0;
-                while j < n8 {
-                    vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(j)));
-                    j += 8;
-                }
-                let mut max = {
-                    let m =
-                        _mm_max_ps(_mm256_extractf128_ps(vmax, 1), _mm256_castps256_ps128(vmax));
-                    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-                    _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
+                *l = if zmm {
+                    zmm::softmax_row(row)
+                } else {
+                    softmax_row(row)
                 };
-                for &s in &row[n8..] {
-                    max = max.max(s);
-                }
-                let vm = _mm256_set1_ps(max);
-                let mut vsum = _mm256_setzero_ps();
-                let mut j = 0;
-                while j < n8 {
-                    let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j)), vm));
-                    _mm256_storeu_ps(p.add(j), e);
-                    vsum = _mm256_add_ps(vsum, e);
-                    j += 8;
-                }
-                let mut sum = hsum(vsum);
-                for s in &mut row[n8..] {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = _mm256_set1_ps(1.0 / sum);
-                let mut j = 0;
-                while j < n8 {
-                    _mm256_storeu_ps(p.add(j), _mm256_mul_ps(_mm256_loadu_ps(p.add(j)), inv));
-                    j += 8;
-                }
-                for s in &mut row[n8..] {
-                    *s /= sum;
-                }
-                *l = max + sum.ln();
             }
 
             // Pass 3: out += p * V, chunk by chunk; up to three query rows by up to 32
@@ -1306,6 +1270,64 @@ mod avx2 {
                 c0 = c1;
             }
         }
+    }
+
+    /// The row's softmax in place (a vectorised `exp`: eight lanes summed, then the tail);
+    /// returns its lse = max + ln(sum).
+    ///
+    /// SAFETY: AVX2+FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn softmax_row(row: &mut [f32]) -> f32 {
+        let len = row.len();
+        let n8 = len / 8 * 8;
+        let p = row.as_mut_ptr();
+        // SAFETY: every vector access lies below n8 <= len.
+        unsafe {
+            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut j = 0;
+            while j < n8 {
+                vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(p.add(j)));
+                j += 8;
+            }
+            let mut max = hmax(vmax);
+            for &s in &row[n8..] {
+                max = max.max(s);
+            }
+            let vm = _mm256_set1_ps(max);
+            let mut vsum = _mm256_setzero_ps();
+            let mut j = 0;
+            while j < n8 {
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j)), vm));
+                _mm256_storeu_ps(p.add(j), e);
+                vsum = _mm256_add_ps(vsum, e);
+                j += 8;
+            }
+            let mut sum = hsum(vsum);
+            for s in &mut row[n8..] {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = _mm256_set1_ps(1.0 / sum);
+            let mut j = 0;
+            while j < n8 {
+                _mm256_storeu_ps(p.add(j), _mm256_mul_ps(_mm256_loadu_ps(p.add(j)), inv));
+                j += 8;
+            }
+            for s in &mut row[n8..] {
+                *s /= sum;
+            }
+            max + sum.ln()
+        }
+    }
+
+    /// The largest of eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
     }
 
     /// Ask for the cache lines of rows `offs[j]..offs[j] + hs` (elements of `es` bytes)
@@ -1678,6 +1700,104 @@ mod avx2 {
                 } else {
                     _mm512_loadu_ps(base.add(idx))
                 }
+            }
+        }
+
+        /// e^x in sixteen lanes: each lane the AVX2 `exp`'s operations in its order (the
+        /// same bits).
+        ///
+        /// SAFETY: AVX-512F.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        fn exp(x: __m512) -> __m512 {
+            let x = _mm512_max_ps(
+                _mm512_min_ps(x, _mm512_set1_ps(88.0)),
+                _mm512_set1_ps(-87.3),
+            );
+            let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+            );
+            let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+            let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), r);
+            let mut y = _mm512_set1_ps(1.987_569_1e-4);
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.398_199_9e-3));
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.333_452e-3));
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.166_579_6e-2));
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.166_666_65));
+            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5));
+            y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
+            y = _mm512_add_ps(y, _mm512_set1_ps(1.0));
+            let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_cvtps_epi32(fx),
+                _mm512_set1_epi32(127),
+            ));
+            _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+        }
+
+        /// [`super::softmax_row`] sixteen lanes at a time, the bits of the AVX2 one: the
+        /// exps are the same per element, and each sixteen are added to the eight-lane sum
+        /// as its two halves in order, as the AVX2 loop adds them.
+        ///
+        /// SAFETY: AVX-512F.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        pub(super) unsafe fn softmax_row(row: &mut [f32]) -> f32 {
+            let len = row.len();
+            let (n16, n8) = (len / 16 * 16, len / 8 * 8);
+            let p = row.as_mut_ptr();
+            // SAFETY: every vector access lies below n8 <= len.
+            unsafe {
+                let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+                let mut j = 0;
+                while j < n16 {
+                    vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(p.add(j)));
+                    j += 16;
+                }
+                let mut max = _mm512_reduce_max_ps(vmax);
+                for &s in &row[n16..] {
+                    max = max.max(s);
+                }
+                let vm = _mm512_set1_ps(max);
+                let mut vsum = _mm256_setzero_ps();
+                let mut j = 0;
+                while j < n16 {
+                    let e = exp(_mm512_sub_ps(_mm512_loadu_ps(p.add(j)), vm));
+                    _mm512_storeu_ps(p.add(j), e);
+                    vsum = _mm256_add_ps(vsum, _mm512_castps512_ps256(e));
+                    vsum = _mm256_add_ps(
+                        vsum,
+                        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))),
+                    );
+                    j += 16;
+                }
+                if n8 > n16 {
+                    let e = super::exp(_mm256_sub_ps(
+                        _mm256_loadu_ps(p.add(j)),
+                        _mm256_set1_ps(max),
+                    ));
+                    _mm256_storeu_ps(p.add(j), e);
+                    vsum = _mm256_add_ps(vsum, e);
+                }
+                let mut sum = super::hsum(vsum);
+                for s in &mut row[n8..] {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                let mut j = 0;
+                while j < n16 {
+                    let x = _mm512_mul_ps(_mm512_loadu_ps(p.add(j)), _mm512_set1_ps(inv));
+                    _mm512_storeu_ps(p.add(j), x);
+                    j += 16;
+                }
+                if n8 > n16 {
+                    let x = _mm256_mul_ps(_mm256_loadu_ps(p.add(j)), _mm256_set1_ps(inv));
+                    _mm256_storeu_ps(p.add(j), x);
+                }
+                for s in &mut row[n8..] {
+                    *s /= sum;
+                }
+                max + sum.ln()
             }
         }
 

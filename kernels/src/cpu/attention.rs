@@ -46,7 +46,7 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use super::dispatch::{Isa, current, num_threads};
-use super::pool;
+use super::pool::{self, SendPtr};
 use crate::error::{KernelError, check_len};
 use crate::kv::KvElem;
 use crate::reference::attention::AttnShape;
@@ -98,20 +98,6 @@ fn grow_with_room<T: Clone + Default>(v: &mut Vec<T>, len: usize, room: usize) {
         v.resize(len, T::default());
     }
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: hands disjoint output rows of one buffer to pool participants.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above; participants never touch the same element.
-unsafe impl Sync for SendPtr {}
 
 /// Threads for `items` work items of about `flops` floating-point operations in all.
 fn threads_for(items: usize, flops: usize) -> usize {
@@ -772,7 +758,7 @@ struct Cascade<'a, T: KvElem> {
     scale: f32,
     isa: Isa,
     lay: &'a PartsLayout,
-    parts: SendPtr,
+    parts: SendPtr<f32>,
 }
 
 impl<T: KvElem> Cascade<'_, T> {

@@ -7,7 +7,7 @@ use std::cell::RefCell;
 
 use super::dispatch::{current, num_threads};
 use super::matmul::{block_forward, matmul_forward, next_call};
-use super::pool;
+use super::pool::{self, SendPtr};
 use crate::error::{KernelError, check_len};
 use crate::reference::heads::{
     RewardHeadWeights, TopLogit, check_dual_head, check_topk, top_order,
@@ -116,20 +116,6 @@ pub fn lm_head_topk(
     });
     Ok(())
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut TopLogit);
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut TopLogit {
-        self.0
-    }
-}
-// SAFETY: hands disjoint slots of one buffer to pool participants.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above; participants never touch the same slot.
-unsafe impl Sync for SendPtr {}
 
 thread_local! {
     /// One block's logits (rows, TOPK_BLOCK), per thread.

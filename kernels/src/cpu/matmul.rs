@@ -19,7 +19,7 @@
 use half::{bf16, f16};
 
 use super::dispatch::{Isa, current, num_threads};
-use super::pool;
+use super::pool::{self, SendPtr};
 use super::rowwise::{RopeTable, rmsnorm_rows, rope_by_table, rotate_heads, swiglu_slice};
 use crate::error::KernelError;
 use crate::reference::matmul::check_shapes;
@@ -227,7 +227,7 @@ pub struct Linear<'a> {
 
 /// Per fused layer: output pointer and length, weights, bias, OC, first item.
 type FusedMeta<'a> = (
-    SendPtr,
+    SendPtr<f32>,
     usize,
     Option<Weights<'a>>,
     Option<&'a [f32]>,
@@ -638,20 +638,6 @@ thread_local! {
     /// One weight row converted to f32, per thread; grows once to the widest C seen.
     static WROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: used only to hand disjoint column ranges of one buffer to pool participants.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above; participants never touch the same element.
-unsafe impl Sync for SendPtr {}
 
 #[allow(clippy::too_many_arguments)]
 fn compute(

@@ -17,6 +17,30 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
+/// A raw pointer into one buffer whose work items each write their own disjoint part, so
+/// the job's closure (run on several threads) can carry it.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SendPtr<T> {}
+
+// SAFETY: hands disjoint parts of one buffer to pool participants.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above; participants never touch the same element.
+unsafe impl<T> Sync for SendPtr<T> {}
+
 /// A job: called once per item index.
 type Job = dyn Fn(usize) + Sync;
 

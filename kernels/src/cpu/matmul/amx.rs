@@ -616,7 +616,10 @@ pub(super) fn share_packed(inp: &[f32], c: usize, call: u64, threads: usize) {
     let mut shared = SHARED.write().unwrap_or_else(|e| e.into_inner());
     shared.0 = 0;
     shared.1.resize(mbs * kbs * 256, 0);
-    let (dst, block) = (SendU32(shared.1.as_mut_ptr()), kbs * 256);
+    let (dst, block) = (
+        super::super::pool::SendPtr(shared.1.as_mut_ptr()),
+        kbs * 256,
+    );
     // (No work item of this job takes the lock; a busy pool runs the job inline.)
     super::super::pool::global().run_items(threads, mbs, &|mb| {
         let r = mb * 16..((mb + 1) * 16).min(rows);
@@ -630,20 +633,6 @@ pub(super) fn share_packed(inp: &[f32], c: usize, call: u64, threads: usize) {
     });
     shared.0 = call;
 }
-
-#[derive(Clone, Copy)]
-struct SendU32(*mut u32);
-
-impl SendU32 {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut u32 {
-        self.0
-    }
-}
-// SAFETY: hands disjoint blocks of one buffer to pool participants.
-unsafe impl Send for SendU32 {}
-// SAFETY: as above; participants never touch the same element.
-unsafe impl Sync for SendU32 {}
 
 /// `f(packed input, padding buffer)`: the call's shared packing ([`share_packed`]) if
 /// there is one, else the input rounded ([`super::dot::with_rounded`]) and packed once

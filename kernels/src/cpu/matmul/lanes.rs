@@ -25,7 +25,7 @@ use crate::weights::Weights;
 /// of `$lanes` lanes, compiled for the target features `$feat`, in tiles of up to `$mr`
 /// input rows, the row blocks being `rows` (MR, 4, 3, 2 as far as they are <= MR) and 1.
 macro_rules! lane_kernels {
-    ($feat:literal, $lanes:expr, $mr:expr, rows $($mm:literal)*) => {
+    ($feat:literal, $lanes:expr, $mr:expr, rows $($mm:literal)*, gemv $gemv:literal) => {
         use std::arch::x86_64::*;
         use std::ops::Range;
 
@@ -40,6 +40,10 @@ macro_rules! lane_kernels {
         const MR: usize = $mr;
         /// Weight rows (output columns) per tile.
         const NR: usize = 3;
+        /// One input row through [`gemv`] (one linear stream of weight rows, each one FMA
+        /// chain) rather than the 1 x 3 tiles (three chains, the next tile prefetched).
+        /// The same bits either way; which is faster was measured per path.
+        const GEMV: bool = $gemv;
 
         /// out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, where x_i = x + i * c
         /// (f32) and w_j = w + j * c (DT). With `PF`, the next tile's weight rows (N rows
@@ -212,7 +216,7 @@ macro_rules! lane_kernels {
             let rows = inp.len() / c;
             let x = inp.as_ptr();
             let o_ptr = out.as_mut_ptr();
-            if rows == 1 {
+            if rows == 1 && GEMV {
                 // SAFETY: forwarded caller guarantees.
                 unsafe { gemv::<DT>(o_ptr, x, w, bias, c, cols) };
                 return;
@@ -334,7 +338,8 @@ pub(super) mod avx2 {
         }
     }
 
-    lane_kernels!("avx2,fma,f16c", 8, 4, rows 4 3 2);
+    // (The GEMV: chosen on a Zen 3 machine, where the AVX2 path is the default.)
+    lane_kernels!("avx2,fma,f16c", 8, 4, rows 4 3 2, gemv true);
 }
 
 /// The AVX-512 instantiation (chosen by dispatch on CPUs with AVX-512F).
@@ -393,7 +398,9 @@ pub(super) mod avx512 {
         }
     }
 
-    lane_kernels!("avx512f,avx2,fma,f16c", 16, 8, rows 8 4 3 2);
+    // (The 1 x 3 tiles for one row: decode 99-100 against 87-88 tok/s through the GEMV on
+    // a 2-core Xeon with AVX-512, docs/benchmarks.md.)
+    lane_kernels!("avx512f,avx2,fma,f16c", 16, 8, rows 8 4 3 2, gemv false);
 }
 
 /// The same kernels over pairs of AVX2 registers: for tests of the kernel logic on
@@ -460,7 +467,7 @@ pub(super) mod emu {
         }
     }
 
-    lane_kernels!("avx2,fma,f16c", 16, 8, rows 8 4 3 2);
+    lane_kernels!("avx2,fma,f16c", 16, 8, rows 8 4 3 2, gemv false);
 }
 
 /// Whether the AVX-512 kernels agree with the reference on a small product for every

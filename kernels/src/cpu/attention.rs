@@ -24,6 +24,9 @@
 //! once per call, eight rows sit in the lanes of one register and each K element is
 //! broadcast once for all of them, so no horizontal sums and one pass over the chunk for
 //! up to 16 rows (24, three registers of rows, ran a fifth slower: out of registers).
+//! On AVX-512 paths that loop (16 rows per register, up to 64 rows a pass), the softmax
+//! and the weighted V sum (16 channels per register) take 16-lane forms whose every lane
+//! does the AVX2 lane's arithmetic in its order: the same bits on every path.
 //!
 //! Threads (the global pool, no spawn or allocation per call once the per-thread scratch
 //! has grown; items claimed dynamically): prefill splits (block of [`QBLOCK`] positions,
@@ -981,8 +984,9 @@ mod avx2 {
         }
     }
 
-    /// See `super::partial`. HS is a multiple of 8. With `zmm` the transposed score loop
-    /// and the weighted V sum take their AVX-512 forms ([`zmm`]: the same bits).
+    /// See `super::partial`. HS is a multiple of 8. With `zmm` the transposed score loop,
+    /// the softmax and the weighted V sum take their AVX-512 forms ([`zmm`]: the same
+    /// bits).
     ///
     /// SAFETY: AVX2+FMA+F16C present, and AVX-512F with `zmm`; the arguments satisfy the
     /// reference partial's checks.

@@ -20,6 +20,14 @@ const IDS: [u32; 11] = [1, 5, 9, 13, 96, 0, 42, 42, 7, 3, 60];
 /// rounded to bf16.
 const BF16_TOL: f64 = 2e-2;
 
+/// Held by every test here: the emulation switch and the thread count are process-wide,
+/// so tests that set them must not overlap.
+static EMULATION: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn emulation_lock() -> std::sync::MutexGuard<'static, ()> {
+    EMULATION.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// That the emulated path `isa` gave `got`, not the detected path's `plain`: unless the
 /// detected path is `isa` itself (`CLOUDRM_ISA` naming it on a CPU that has it), where
 /// the AVX512_BF16 emulation must give the hardware's bits. (The AMX emulation is held
@@ -42,6 +50,7 @@ fn check_taken(isa: Isa, got: &[f32], plain: &[f32], what: &str) {
 /// a multiple of 32 (AMX tiles read in place) and not (the padded copy).
 #[test]
 fn tiny_bf16_models_run_on_the_emulated_bf16_compute_paths() {
+    let _lock = emulation_lock();
     use cloudrm::generate::{GreedyOptions, greedy};
     let specs = [
         TinySpec {
@@ -129,6 +138,7 @@ fn tiny_bf16_models_run_on_the_emulated_bf16_compute_paths() {
 /// it.
 #[test]
 fn default_model_on_the_emulated_bf16_compute_paths_matches_transformers() {
+    let _lock = emulation_lock();
     use cloudrm::loader::gguf::OutDtype;
     use cloudrm::loader::tokenizer::Tokenizer;
     let (cases, case0_logits) = common::golden::load_fixture();
@@ -189,6 +199,7 @@ fn default_model_on_the_emulated_bf16_compute_paths_matches_transformers() {
 /// (`matmul_forward_amx_emulated`) and of every row alone, on one and on two threads.
 #[test]
 fn amx_emulation_shares_one_packing_with_the_same_bits() {
+    let _lock = emulation_lock();
     use cloudrm::kernels::{Weights, cpu};
     use half::bf16;
     let (rows, c, oc) = (70usize, 96usize, 100usize);

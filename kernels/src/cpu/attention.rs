@@ -1675,6 +1675,7 @@ mod avx2 {
         use std::ops::Range;
 
         use super::{PvArgs, ScoreT};
+        use crate::cpu::simd::avx512::exp;
 
         /// Sixteen cached values at element `idx` of an arena: f32, or f16 widened.
         ///
@@ -1691,37 +1692,6 @@ mod avx2 {
                     _mm512_loadu_ps(base.add(idx))
                 }
             }
-        }
-
-        /// e^x in sixteen lanes: each lane the AVX2 `exp`'s operations in its order (the
-        /// same bits).
-        ///
-        /// SAFETY: AVX-512F.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-        fn exp(x: __m512) -> __m512 {
-            let x = _mm512_max_ps(
-                _mm512_min_ps(x, _mm512_set1_ps(88.0)),
-                _mm512_set1_ps(-87.3),
-            );
-            let fx = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-            );
-            let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
-            let r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), r);
-            let mut y = _mm512_set1_ps(1.987_569_1e-4);
-            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.398_199_9e-3));
-            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.333_452e-3));
-            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.166_579_6e-2));
-            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.166_666_65));
-            y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5));
-            y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r);
-            y = _mm512_add_ps(y, _mm512_set1_ps(1.0));
-            let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                _mm512_cvtps_epi32(fx),
-                _mm512_set1_epi32(127),
-            ));
-            _mm512_mul_ps(y, _mm512_castsi512_ps(e))
         }
 
         /// [`super::softmax_row`] sixteen lanes at a time, the bits of the AVX2 one: the

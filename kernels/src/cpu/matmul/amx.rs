@@ -169,32 +169,21 @@ macro_rules! amx_kernels {
                                         ops::prefetch(p);
                                     }
                                 }
-                                let pa = |a: usize| a_ptr.wrapping_add(base(a) * lda + kb * K);
-                                let pb = |b: usize| xp.as_ptr().add(((mb + b) * kbs + kb) * 256);
-                                if na == 2 && nb == 2 {
-                                    ops::load_a(0, pa(0), 2 * lda);
-                                    ops::load_b(0, pb(0));
-                                    dp(0, 0);
-                                    ops::load_b(1, pb(1));
-                                    dp(0, 1);
-                                    ops::load_a(1, pa(1), 2 * lda);
-                                    dp(1, 0);
-                                    dp(1, 1);
-                                    continue;
-                                }
+                                // Each load just before the first product that needs it
+                                // (A0, B0, C00, B1, C01, A1, C10, C11 for a 2 x 2 block).
                                 for a in 0..na {
                                     debug_assert!(if direct {
                                         base(a) + T <= oc
                                     } else {
                                         (base(a) - n0 + T) * lda <= tail.len()
                                     });
-                                    ops::load_a(a, pa(a), 2 * lda);
-                                }
-                                for b in 0..nb {
-                                    ops::load_b(b, pb(b));
-                                }
-                                for a in 0..na {
+                                    let p = a_ptr.wrapping_add(base(a) * lda + kb * K);
+                                    ops::load_a(a, p, 2 * lda);
                                     for b in 0..nb {
+                                        if a == 0 {
+                                            let p = xp.as_ptr().add(((mb + b) * kbs + kb) * 256);
+                                            ops::load_b(b, p);
+                                        }
                                         dp(a, b);
                                     }
                                 }

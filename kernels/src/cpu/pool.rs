@@ -64,6 +64,12 @@ struct Shared {
     /// Workers with an index below this may join (the job's thread count).
     participants: AtomicUsize,
     panicked: AtomicBool,
+    /// Whether the current job hands items out by lanes ([`Pool::run_ranges`]).
+    ranged: AtomicBool,
+    /// Participants that have joined the current job (the next one's home lane).
+    arrivals: AtomicUsize,
+    /// Per lane, its unclaimed items `front..back` packed as `front << 32 | back`.
+    lanes: Vec<AtomicU64>,
 }
 
 #[derive(Clone, Copy)]
@@ -81,12 +87,73 @@ const SPIN: Duration = Duration::from_micros(200);
 
 /// Claim and run items until none is left.
 fn drain(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    if s.ranged.load(Ordering::Acquire) {
+        return drain_lanes(s, f);
+    }
     let items = s.items.load(Ordering::Acquire);
     loop {
         let i = s.next.fetch_add(1, Ordering::AcqRel);
         if i >= items {
             return;
         }
+        f(i);
+    }
+}
+
+fn pack(front: usize, back: usize) -> u64 {
+    ((front as u64) << 32) | back as u64
+}
+
+fn unpack(v: u64) -> (usize, usize) {
+    ((v >> 32) as usize, (v & 0xffff_ffff) as usize)
+}
+
+/// Claim lane `l`'s front item (`front`) or its back one.
+fn claim(lane: &AtomicU64, front: bool) -> Option<usize> {
+    let mut v = lane.load(Ordering::Acquire);
+    loop {
+        let (lo, hi) = unpack(v);
+        if lo >= hi {
+            return None;
+        }
+        let (next, item) = if front {
+            (pack(lo + 1, hi), lo)
+        } else {
+            (pack(lo, hi - 1), hi - 1)
+        };
+        match lane.compare_exchange_weak(v, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(item),
+            Err(now) => v = now,
+        }
+    }
+}
+
+/// Run the home lane's items front to back (the participant's arrival order picks the
+/// lane), then take items off the back of the fullest other lane until none is left.
+fn drain_lanes(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    let n = s.participants.load(Ordering::Acquire).min(s.lanes.len());
+    let home = s.arrivals.fetch_add(1, Ordering::AcqRel);
+    if home < n {
+        while let Some(i) = claim(&s.lanes[home], true) {
+            f(i);
+        }
+    }
+    loop {
+        let fullest = (0..n).max_by_key(|&l| {
+            let (lo, hi) = unpack(s.lanes[l].load(Ordering::Acquire));
+            hi.saturating_sub(lo)
+        });
+        let Some(i) = fullest.and_then(|l| claim(&s.lanes[l], false)) else {
+            // Lanes only shrink: when the fullest is empty, all are.
+            let empty = (0..n).all(|l| {
+                let (lo, hi) = unpack(s.lanes[l].load(Ordering::Acquire));
+                lo >= hi
+            });
+            if empty {
+                return;
+            }
+            continue;
+        };
         f(i);
     }
 }
@@ -105,6 +172,9 @@ impl Pool {
             next: AtomicUsize::new(0),
             participants: AtomicUsize::new(1),
             panicked: AtomicBool::new(false),
+            ranged: AtomicBool::new(false),
+            arrivals: AtomicUsize::new(0),
+            lanes: (0..threads.max(1)).map(|_| AtomicU64::new(0)).collect(),
         });
         let mut spawned = 0;
         for w in 0..workers {
@@ -141,6 +211,20 @@ impl Pool {
     /// caller included), items claimed dynamically; return when all are done. Panics in
     /// `f` are re-raised here.
     pub fn run_items(&self, threads: usize, items: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.run_job(threads, items, false, f)
+    }
+
+    /// [`Pool::run_items`] with items 0..items cut into one contiguous lane per thread:
+    /// each thread runs its lane in order, then takes items off the back of the fullest
+    /// lane left. Each thread's items are thus mostly consecutive (a kernel streaming
+    /// consecutive weight rows keeps one stream for the hardware prefetcher), and a late
+    /// or slow thread's share is still run by whoever is free.
+    pub fn run_ranges(&self, threads: usize, items: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.run_job(threads, items, true, f)
+    }
+
+    fn run_job(&self, threads: usize, items: usize, ranged: bool, f: &(dyn Fn(usize) + Sync)) {
+        assert!(items < 1 << 32, "too many items for one job: {items}");
         let n = threads.clamp(1, self.threads()).min(items.max(1));
         let guard = match self.busy.try_lock() {
             _ if n == 1 => None,
@@ -164,6 +248,18 @@ impl Pool {
         s.participants.store(n, Ordering::Relaxed);
         s.items.store(items, Ordering::Relaxed);
         s.next.store(0, Ordering::Relaxed);
+        s.ranged.store(ranged, Ordering::Relaxed);
+        s.arrivals.store(0, Ordering::Relaxed);
+        if ranged {
+            for (l, lane) in s.lanes.iter().enumerate() {
+                let (lo, hi) = if l < n {
+                    (l * items / n, (l + 1) * items / n)
+                } else {
+                    (0, 0)
+                };
+                lane.store(pack(lo, hi), Ordering::Relaxed);
+            }
+        }
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(ptr));
         s.seats.store(OPEN, Ordering::Release);
         {
@@ -290,6 +386,91 @@ mod tests {
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         }
+    }
+
+    #[test]
+    fn every_ranged_item_runs_once() {
+        let pool = Pool::new(3);
+        for threads in 1..=3 {
+            for items in [0usize, 1, 2, 5, 97, 1000] {
+                let hits: Vec<AtomicUsize> = (0..items).map(|_| AtomicUsize::new(0)).collect();
+                pool.run_ranges(threads, items, &|i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                    "threads {threads} items {items}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn each_thread_runs_its_lane_forward_then_steals_from_the_back() {
+        let pool = Pool::new(3);
+        let items = 300;
+        let lanes = pool.threads().min(3);
+        let starts: Vec<usize> = (0..lanes).map(|l| l * items / lanes).collect();
+        let lane_of = |i: usize| starts.iter().rposition(|&s| s <= i).unwrap_or(0);
+        for round in 0..50 {
+            let seen = Mutex::new(std::collections::HashMap::new());
+            pool.run_ranges(3, items, &|i| {
+                let me = std::thread::current().id();
+                seen.lock()
+                    .unwrap()
+                    .entry(me)
+                    .or_insert_with(Vec::new)
+                    .push(i);
+            });
+            let mut all = Vec::new();
+            for list in seen.into_inner().unwrap().into_values() {
+                // A run up from a lane's first item (the home lane), if any...
+                let run = if starts.contains(&list[0]) {
+                    1 + list.windows(2).take_while(|w| w[1] == w[0] + 1).count()
+                } else {
+                    0
+                };
+                // ...then items taken off lanes' backs: descending within each lane.
+                for l in 0..lanes {
+                    let stolen: Vec<usize> = list[run..]
+                        .iter()
+                        .copied()
+                        .filter(|&i| lane_of(i) == l)
+                        .collect();
+                    assert!(
+                        stolen.windows(2).all(|w| w[1] < w[0]),
+                        "round {round}: lane {l} not taken from the back: {list:?}"
+                    );
+                }
+                all.extend(list);
+            }
+            all.sort_unstable();
+            assert_eq!(all, (0..items).collect::<Vec<_>>(), "round {round}");
+        }
+    }
+
+    #[test]
+    fn a_blocked_lane_is_run_by_the_other_threads() {
+        // Item 0 (the caller's lane) waits until every other item has run: only taking
+        // items off the back of the caller's lane lets the job finish.
+        let pool = Pool::new(2);
+        let items = 40;
+        let done = AtomicUsize::new(0);
+        pool.run_ranges(2, items, &|i| {
+            if i == 0 {
+                let t0 = Instant::now();
+                while done.load(Ordering::Acquire) < items - 1 {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(20),
+                        "the other items were not run by the other thread"
+                    );
+                    std::thread::yield_now();
+                }
+            } else {
+                done.fetch_add(1, Ordering::AcqRel);
+            }
+        });
+        assert_eq!(done.load(Ordering::Relaxed), items - 1);
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub fn lm_head_topk(
         cand.clear();
         cand.resize(blocks * rows * k, EMPTY);
         let cand_ptr = SendPtr(cand.as_mut_ptr());
-        pool::global().run_items(threads, blocks, &|blk| {
+        pool::global().run_ranges(threads, blocks, &|blk| {
             let cols = blk * TOPK_BLOCK..((blk + 1) * TOPK_BLOCK).min(vocab);
             BLOCK.with_borrow_mut(|buf| {
                 buf.resize(rows * cols.len(), 0.0);

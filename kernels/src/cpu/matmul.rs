@@ -57,11 +57,11 @@ pub fn matmul_forward(
     let blocks = out_features.div_ceil(per);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let out_len = out.len();
-    pool::global().run_items(threads, blocks, &|blk| {
+    pool::global().run_ranges(threads, blocks, &|blk| {
         let start = blk * per;
         let end = ((blk + 1) * per).min(out_features);
         // SAFETY: every block writes only columns start..end of each output row, the
-        // blocks are disjoint, and `out` outlives `run_items`.
+        // blocks are disjoint, and `out` outlives the job.
         let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), out_len) };
         compute(
             out,
@@ -441,7 +441,7 @@ pub fn matmul_forward_many_fused(
         items += l.out_features.div_ceil(per);
     }
     let n = layers.len();
-    pool::global().run_items(threads, items, &|it| {
+    pool::global().run_ranges(threads, items, &|it| {
         let li = (0..n).rev().find(|&i| meta[i].5 <= it).unwrap_or(0);
         let (ptr, len, w, bias, oc, first) = meta[li];
         let Some(weight) = w else { return };
@@ -449,7 +449,7 @@ pub fn matmul_forward_many_fused(
         let start = blk * per;
         let end = ((blk + 1) * per).min(oc);
         // SAFETY: each item writes only columns start..end of its own layer's output,
-        // items are disjoint, and every output outlives `run_items`.
+        // items are disjoint, and every output outlives the job.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), len) };
         with_input(inp, fusion.norm, call, isa, |x| {
             compute(out, x, weight, bias, in_features, oc, start..end, isa, call)
@@ -559,7 +559,7 @@ pub fn matmul_swiglu(
     let blocks = oc.div_ceil(per);
     let total = act.len();
     let act_ptr = SendPtr(act.as_mut_ptr());
-    pool::global().run_items(threads, blocks, &|blk| {
+    pool::global().run_ranges(threads, blocks, &|blk| {
         let (s, e) = (blk * per, ((blk + 1) * per).min(oc));
         let n = e - s;
         GATE_UP.with_borrow_mut(|(g, u)| {
@@ -577,7 +577,7 @@ pub fn matmul_swiglu(
             for r in 0..rows {
                 let at = r * oc + s;
                 // SAFETY: item blk alone writes columns s..e of every row of `act`, which
-                // outlives `run_items`.
+                // outlives the job.
                 let out = unsafe { std::slice::from_raw_parts_mut(act_ptr.get().add(at), n) };
                 swiglu_slice(out, &g[r * n..][..n], &u[r * n..][..n], at, total, isa);
             }
@@ -605,11 +605,17 @@ fn split_plan(rows: usize, c: usize, total_oc: usize, isa: Isa) -> (usize, usize
     };
     // (Whole 16-row tiles too on the AMX path: 48.)
     let unit = if isa >= Isa::Amx { 48 } else { 12 };
-    // AMX with under one tile of rows (decode, a K-critique step) streams its weights 32
-    // rows at a time, and a block's first 32 rows are not prefetched: two blocks per
-    // thread there (decode 77-82 tok/s against 72-77 with eight, on a 2-core Xeon with
-    // AMX; one block per thread no better, docs/benchmarks.md).
-    let blocks = if isa >= Isa::Amx && rows < 16 { 2 } else { 8 };
+    // Under one tile of rows (decode, a K-critique step) a call streams its weights, and
+    // each thread runs its lane of blocks in order (`run_ranges`), so fewer, longer
+    // blocks mean fewer restarted streams: one per thread on the AMX path (whose
+    // blocks spread their 32 tile rows over the block, one stream each), two elsewhere
+    // (a 2-core Xeon, the model's shapes: AMX 29.3 GB/s against 26.5 with two, AVX512_BF16
+    // 34.0 against 33.1 with eight; docs/benchmarks.md).
+    let blocks = match (isa >= Isa::Amx, rows < 16) {
+        (true, true) => 1,
+        (false, true) => 2,
+        _ => 8,
+    };
     let per = total_oc
         .div_ceil(threads * blocks)
         .next_multiple_of(unit)

@@ -110,6 +110,18 @@ macro_rules! amx_kernels {
             if rows == 0 || cols.is_empty() {
                 return;
             }
+            let mut cols = cols;
+            let s = cols.len() / (2 * T);
+            if rows < T && c.is_multiple_of(K) && s >= 2 {
+                let spread = cols.start..cols.start + 2 * T * s;
+                // SAFETY: forwarded; rows < 16, c a multiple of 32, `spread` 32 s columns
+                // within `cols`.
+                unsafe { gemm_spread(out, xp, rows, w, bias, c, oc, spread.clone()) };
+                cols = spread.end..cols.end;
+                if cols.is_empty() {
+                    return;
+                }
+            }
             let w = w.as_ptr() as *const u16;
             // A C tile as stored (output columns by input rows), and transposed.
             let (mut cbuf, mut tbuf) = ([0f32; 256], [0f32; 256]);
@@ -217,6 +229,72 @@ macro_rules! amx_kernels {
                         n0 += nv;
                     }
                     p0 = p1;
+                }
+                ops::end();
+            }
+        }
+
+        /// [`gemm`] for fewer than 16 rows (decode, a K-critique step) over 32 s columns:
+        /// row i of the tile pair is column `cols.start + i * s + t` for t = 0..s, so
+        /// each of the 32 tile rows streams its own run of s consecutive weight rows
+        /// forward. Side by side, 32 adjacent weight rows read 64 bytes at a time are 32
+        /// interleaved streams in a few pages, which the hardware prefetcher does not
+        /// follow (software prefetches then fill every line buffer); 32 runs far apart
+        /// are 32 ascending streams it does. Every output is the same tile products in
+        /// the same order as [`gemm`]'s, so the same bits.
+        ///
+        /// SAFETY: as [`gemm`], with rows < 16, c a multiple of 32 and `cols.len()` a
+        /// multiple of 32.
+        #[allow(clippy::too_many_arguments)]
+        #[inline(never)]
+        unsafe fn gemm_spread(
+            out: &mut [f32],
+            xp: &[u32],
+            rows: usize,
+            w: &[bf16],
+            bias: Option<&[f32]>,
+            c: usize,
+            oc: usize,
+            cols: Range<usize>,
+        ) {
+            const T: usize = 16;
+            const K: usize = 32;
+            let kbs = c / K;
+            let s = cols.len() / (2 * T);
+            debug_assert!(rows < T && c % K == 0 && cols.len() == 2 * T * s && cols.end <= oc);
+            let w = w.as_ptr() as *const u16;
+            let (mut cbuf, mut tbuf) = ([0f32; 256], [0f32; 256]);
+            // SAFETY: tile a's row m is weight row cols.start + (a * T + m) * s + t, below
+            // cols.end as t < s, read 64 bytes at a time within its c channels; B tiles
+            // read the packing of the rows (one 16-row block, kbs steps); stores go to
+            // `cbuf`; `out` is written at rows < rows and columns in `cols`.
+            unsafe {
+                ops::start();
+                for t in 0..s {
+                    let first = cols.start + t;
+                    ops::zero(0);
+                    ops::zero(2);
+                    for kb in 0..kbs {
+                        for a in 0..2 {
+                            ops::load_a(a, w.add((first + a * T * s) * c + kb * K), 2 * c * s);
+                            if a == 0 {
+                                ops::load_b(0, xp.as_ptr().add(kb * 256));
+                            }
+                            dp(a, 0);
+                        }
+                    }
+                    for a in 0..2 {
+                        ops::store(2 * a, cbuf.as_mut_ptr());
+                        let (cb, tb) = (cbuf.as_ptr(), tbuf.as_mut_ptr());
+                        super::transpose16(cb as _, T, tb as _, T);
+                        for i in 0..T {
+                            let col = first + (a * T + i) * s;
+                            let bj = bias.map_or(0.0, |b| b[col]);
+                            for m in 0..rows {
+                                *out.as_mut_ptr().add(m * oc + col) = tbuf[m * T + i] + bj;
+                            }
+                        }
+                    }
                 }
                 ops::end();
             }
@@ -665,14 +743,15 @@ fn packed_kernel<'a>(
 
 /// Whether `kernel` (over rounded inputs) matches the reference
 /// ([`super::dot::agrees_with_reference`]) on 11 x 77 inputs against 7 outputs (padded
-/// tiles and channels) and on 37 x 64 against 40 (whole weight tiles read in place, a
-/// partial block, three row tiles), and gives each row of the 37 the same bits alone.
+/// tiles and channels) and on 37 x 64 against 100 (whole weight tiles read in place, a
+/// partial block, three row tiles), and gives each row of the 37 the same bits alone
+/// (one row: 96 columns spread over the tile rows, then a partial block).
 fn agrees(kernel: impl Fn(&mut [f32], &[u16], &[bf16], Option<&[f32]>, usize, usize)) -> bool {
     use super::dot::{agrees_with_reference, test_inputs};
-    if !agrees_with_reference(11, 77, 7, &kernel) || !agrees_with_reference(37, 64, 40, &kernel) {
+    if !agrees_with_reference(11, 77, 7, &kernel) || !agrees_with_reference(37, 64, 100, &kernel) {
         return false;
     }
-    let (rows, c, oc) = (37, 64, 40);
+    let (rows, c, oc) = (37, 64, 100);
     let (xb, w, bias) = test_inputs(rows, c, oc);
     let mut all = vec![0.0f32; rows * oc];
     kernel(&mut all, &xb, &w, Some(&bias), c, oc);
@@ -858,6 +937,60 @@ mod tests {
 
     /// The detection guard accepts the kernels' logic (the emulated copy) and rejects a
     /// kernel off in one output, one that writes nothing and one whose rows differ alone.
+    #[test]
+    fn spread_columns_give_the_batched_bits() {
+        use super::super::dot::test_inputs;
+        // (rows alone, c, oc, columns): spread runs of 2, 3 and 4 rows per tile row, a
+        // remainder after them, offsets into the matrix, one to fifteen rows.
+        for (rows, c, oc, cols) in [
+            (1usize, 64usize, 100usize, 0..100),
+            (3, 96, 161, 7..140),
+            (15, 32, 64, 0..64),
+            (2, 64, 200, 33..161),
+            (1, 128, 97, 1..97),
+        ] {
+            let batch = 17;
+            let (xb, w, bias) = test_inputs(batch, c, oc);
+            let run = |xb: &[u16]| {
+                let n = xb.len() / c;
+                let (mut xp, mut tail) = (Vec::new(), Vec::new());
+                pack(&mut xp, xb, c);
+                let mut out = vec![f32::NAN; n * oc];
+                // SAFETY: the emulation needs no CPU feature; consistent shapes.
+                unsafe {
+                    emu::gemm(
+                        &mut out,
+                        &xp,
+                        n,
+                        &w,
+                        Some(&bias),
+                        c,
+                        oc,
+                        cols.clone(),
+                        &mut tail,
+                    )
+                };
+                out
+            };
+            let all = run(&xb);
+            let some = run(&xb[..rows * c]);
+            for r in 0..rows {
+                for j in cols.clone() {
+                    assert_eq!(
+                        some[r * oc + j].to_bits(),
+                        all[r * oc + j].to_bits(),
+                        "{rows} x {c} -> {oc}, columns {cols:?}: row {r}, column {j}"
+                    );
+                }
+                let outside = (0..oc).filter(|j| !cols.contains(j));
+                assert!(
+                    outside.clone().all(|j| some[r * oc + j].is_nan()),
+                    "written outside"
+                );
+            }
+        }
+    }
+
     #[test]
     fn self_check_accepts_the_kernels_and_rejects_broken_ones() {
         let emu = packed_kernel(&|out, xp, rows, w, bias, c, oc, tail| {

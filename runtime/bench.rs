@@ -34,6 +34,7 @@ use crate::error::{Error, Result};
 use crate::kv::PrefixKey;
 use crate::kv::SeqId;
 use crate::model::heads::FeedbackMethod;
+use crate::model::weights::HugePages;
 use crate::model::{Llama, ModelError, RewardModel};
 
 /// What to measure.
@@ -55,8 +56,8 @@ pub struct BenchConfig {
     pub bandwidth_bytes: usize,
     /// Quantise the weights to Q8 after loading (`--quantize q8`).
     pub quantize_q8: bool,
-    /// Put the weights on 2 MiB pages after loading (`--hugepages`).
-    pub huge_pages: bool,
+    /// Put the weights on 2 MiB pages after loading, and how (`--hugepages`).
+    pub huge_pages: Option<HugePages>,
     /// What the KV cache holds (`--kv-cache`).
     pub kv_cache: KvCache,
 }
@@ -72,7 +73,7 @@ impl Default for BenchConfig {
             unshared: true,
             bandwidth_bytes: 1 << 30,
             quantize_q8: false,
-            huge_pages: false,
+            huge_pages: None,
             kv_cache: KvCache::F32,
         }
     }
@@ -179,8 +180,10 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
     let weights = &mut model.llama.weights;
     let quantize_ms = timed(cfg.quantize_q8, &mut || weights.quantize_q8())?;
     let mut route = None;
-    let huge_pages_ms = timed(cfg.huge_pages, &mut || {
-        route = Some(weights.use_huge_pages()?.name().to_string());
+    let huge_pages_ms = timed(cfg.huge_pages.is_some(), &mut || {
+        if let Some(how) = cfg.huge_pages {
+            route = Some(weights.use_huge_pages(how)?.name().to_string());
+        }
         Ok(())
     })?;
     let tokenizer = Tokenizer::from_dir(dir)?;

@@ -275,26 +275,42 @@ fn bench_reports_every_figure_as_json() {
     assert_eq!(bytes, (269_030_016 - norms) / 2 * 9 / 8 + norms, "{q}");
     assert!(q["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     // --hugepages: the weights put on 2 MiB pages, the step timed and its route named;
-    // same bytes per token; unless copied, the mapping is on 2 MiB pages.
-    let h = bench_json(&[
-        "--prefill",
-        "8",
-        "--decode",
-        "2",
-        "--k",
-        "--bandwidth-mib",
-        "0",
-        "--hugepages",
-    ]);
-    assert!(h["huge_pages_ms"].as_f64().unwrap() > 0.0, "{h}");
-    let route = h["huge_pages_route"].as_str().unwrap();
-    assert!(["page-cache", "reread", "copied"].contains(&route), "{h}");
-    if route != "copied" {
-        assert!(h["weights_on_huge_pages"].as_f64().unwrap() > 0.9, "{h}");
+    // same bytes per token. A bare --hugepages copies them; =cache maps the page cache
+    // (then the mapping is on 2 MiB pages) unless it has to copy.
+    for (flag, routes) in [
+        ("--hugepages", &["copied"][..]),
+        ("--hugepages=cache", &["page-cache", "reread", "copied"][..]),
+    ] {
+        let h = bench_json(&[
+            "--prefill",
+            "8",
+            "--decode",
+            "2",
+            "--k",
+            "--bandwidth-mib",
+            "0",
+            flag,
+        ]);
+        assert!(h["huge_pages_ms"].as_f64().unwrap() > 0.0, "{h}");
+        let route = h["huge_pages_route"].as_str().unwrap();
+        assert!(routes.contains(&route), "{flag}: {h}");
+        if route != "copied" {
+            assert!(h["weights_on_huge_pages"].as_f64().unwrap() > 0.9, "{h}");
+        }
+        assert_eq!(
+            h["decode_weight_bytes_per_token"].as_u64(),
+            Some(269_030_016)
+        );
     }
-    assert_eq!(
-        h["decode_weight_bytes_per_token"].as_u64(),
-        Some(269_030_016)
+    // An unknown way is a usage error naming the ones there are.
+    let out = cloudrm()
+        .args(["bench", "--hugepages=fast"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("copy") && stderr.contains("cache"),
+        "stderr: {stderr}"
     );
     assert!(
         v["huge_pages_ms"].is_null() && v["huge_pages_route"].is_null(),

@@ -8,6 +8,7 @@ use cloudrm::Error;
 use cloudrm::backend::Cpu;
 use cloudrm::loader::Dtype;
 use cloudrm::loader::safetensors::HugePageRoute;
+use cloudrm::model::weights::HugePages;
 use cloudrm::model::{Llama, LogitsMode, ModelError};
 use common::check_close;
 use common::tiny::{
@@ -225,9 +226,10 @@ fn bad_checkpoints_are_typed_errors() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// Weights put on 2 MiB pages (`use_huge_pages`, whichever route) give bit-identical
-/// logits to the mapped ones; a second call finds them there (or keeps the copy); it is
-/// refused once the weights are quantised (typed usage error).
+/// Weights put on 2 MiB pages (`use_huge_pages`, copied or through the page cache by
+/// whichever route) give bit-identical logits to the mapped ones; a second call finds
+/// them there (or keeps the copy); it is refused once the weights are quantised (typed
+/// usage error).
 #[test]
 fn resident_weights_give_identical_logits() {
     let spec = TinySpec {
@@ -239,23 +241,31 @@ fn resident_weights_give_identical_logits() {
     };
     let dir = tiny_model_dir("resident", &spec);
     let mapped = Llama::load_dir(&dir).unwrap();
-    let mut resident = Llama::load_dir(&dir).unwrap();
-    let first = resident.weights.use_huge_pages().unwrap();
-    let second = resident.weights.use_huge_pages().unwrap();
-    assert!(
-        second <= first && second != HugePageRoute::Reread,
-        "{first:?} {second:?}"
-    );
     let cpu = Cpu::fast();
     let a = all_logits(&mapped, &cpu, &IDS);
-    let b = all_logits(&resident, &cpu, &IDS);
-    assert!(
-        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-        "resident weights changed the logits"
-    );
+    for how in [HugePages::PageCache, HugePages::Copy] {
+        let mut resident = Llama::load_dir(&dir).unwrap();
+        let first = resident.weights.use_huge_pages(how).unwrap();
+        let second = resident.weights.use_huge_pages(how).unwrap();
+        if how == HugePages::Copy {
+            assert_eq!(
+                (first, second),
+                (HugePageRoute::Copied, HugePageRoute::Copied)
+            );
+        }
+        assert!(
+            second <= first && second != HugePageRoute::Reread,
+            "{how:?}: {first:?} {second:?}"
+        );
+        let b = all_logits(&resident, &cpu, &IDS);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{how:?}: weights on huge pages changed the logits"
+        );
+    }
     let mut q = Llama::load_dir(&dir).unwrap();
     q.weights.quantize_q8().unwrap();
-    let err = q.weights.use_huge_pages().unwrap_err();
+    let err = q.weights.use_huge_pages(HugePages::Copy).unwrap_err();
     assert!(
         matches!(err, Error::Usage(_)) && err.to_string().contains("q8"),
         "{err}"

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::eval::{EvalError, EvalOptions, Schema, run_eval};
 use crate::generate::{GreedyOptions, greedy};
 use crate::hub;
+use crate::model::weights::HugePages;
 use crate::model::{FeedbackMethod, Llama, RewardModel};
 use cloudrm_kernels::cuda::CudaDevice;
 
@@ -38,21 +39,44 @@ pub enum QuantizeArg {
 }
 
 /// Quantise a loaded model, or put it on huge pages, as asked.
-fn apply_quantize(llama: &mut Llama, q: Option<QuantizeArg>, huge_pages: bool) -> Result<()> {
+fn apply_quantize(
+    llama: &mut Llama,
+    q: Option<QuantizeArg>,
+    huge_pages: Option<HugePagesArg>,
+) -> Result<()> {
     check_memory_args(q, huge_pages)?;
     match q {
         Some(QuantizeArg::Q8) => llama.weights.quantize_q8()?,
         None => {}
     }
-    if huge_pages {
-        llama.weights.use_huge_pages()?;
+    if let Some(how) = huge_pages {
+        llama.weights.use_huge_pages(how.into())?;
     }
     Ok(())
 }
 
+/// `--hugepages`: how the weights go on 2 MiB pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HugePagesArg {
+    /// Copy them into anonymous huge-page memory (the default of a bare `--hugepages`).
+    Copy,
+    /// Map the page cache's 2 MiB folios, reading the file back once if needed (else
+    /// copy).
+    Cache,
+}
+
+impl From<HugePagesArg> for HugePages {
+    fn from(a: HugePagesArg) -> HugePages {
+        match a {
+            HugePagesArg::Copy => HugePages::Copy,
+            HugePagesArg::Cache => HugePages::PageCache,
+        }
+    }
+}
+
 /// `--hugepages` applies to the checkpoint's own weights; q8 weights are separate copies.
-fn check_memory_args(q: Option<QuantizeArg>, huge_pages: bool) -> Result<()> {
-    if huge_pages && q.is_some() {
+fn check_memory_args(q: Option<QuantizeArg>, huge_pages: Option<HugePagesArg>) -> Result<()> {
+    if huge_pages.is_some() && q.is_some() {
         return Err(Error::Usage(
             "--hugepages applies to the checkpoint's 16/32-bit weights; it cannot be combined with --quantize"
                 .into(),
@@ -62,7 +86,7 @@ fn check_memory_args(q: Option<QuantizeArg>, huge_pages: bool) -> Result<()> {
 }
 
 /// Help of `--hugepages`.
-const HUGEPAGES_HELP: &str = "Put the weights on 2 MiB pages after loading (faster decode: fewer TLB misses): mapped from the page cache where the kernel keeps the file in 2 MiB folios (reading it back once if needed), else copied into huge-page memory (a longer load, no page-cache sharing between processes)";
+const HUGEPAGES_HELP: &str = "Put the weights on 2 MiB pages after loading (faster decode: fewer TLB misses). `--hugepages` (=copy) copies them into huge-page memory: tens of ms per 100 MB at load, no page-cache sharing between processes, the fastest decode measured (a VM). `--hugepages=cache` maps the page cache's 2 MiB folios instead where the kernel keeps the file in them (reading it back once if needed), else copies";
 
 /// `--kv-cache`: what the paged KV cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -142,8 +166,8 @@ pub struct ScoringArgs {
     /// Quantise the weights after loading (opt-in; trades a little accuracy for speed).
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizeArg>,
-    #[arg(long, help = HUGEPAGES_HELP)]
-    pub hugepages: bool,
+    #[arg(long, help = HUGEPAGES_HELP, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "copy")]
+    pub hugepages: Option<HugePagesArg>,
     /// What the KV cache holds (f16: faster attention over long contexts, rewards
     /// within the rounding of the cached keys and values).
     #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
@@ -159,7 +183,7 @@ impl ScoringArgs {
     fn open_device(&self) -> Result<Option<CudaDevice>> {
         let cpu_only = if self.quantize.is_some() {
             Some("--quantize")
-        } else if self.hugepages {
+        } else if self.hugepages.is_some() {
             Some("--hugepages")
         } else if self.kv_cache != KvCacheArg::F32 {
             Some("--kv-cache f16")
@@ -433,8 +457,8 @@ pub enum Command {
         /// Quantise the weights after loading.
         #[arg(long, value_enum)]
         quantize: Option<QuantizeArg>,
-        #[arg(long, help = HUGEPAGES_HELP)]
-        hugepages: bool,
+        #[arg(long, help = HUGEPAGES_HELP, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "copy")]
+        hugepages: Option<HugePagesArg>,
     },
     /// Check every CUDA op (each kernel entry point and the cuBLAS GEMM) against the CPU
     /// reference on random inputs; writes DIR/gpu-check.log and DIR/results.jsonl and
@@ -512,8 +536,8 @@ pub enum Command {
         /// Quantise the weights after loading (the report says how long it took).
         #[arg(long, value_enum)]
         quantize: Option<QuantizeArg>,
-        #[arg(long, help = HUGEPAGES_HELP)]
-        hugepages: bool,
+        #[arg(long, help = HUGEPAGES_HELP, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "copy")]
+        hugepages: Option<HugePagesArg>,
         /// What the KV cache holds.
         #[arg(long, value_enum, default_value_t = KvCacheArg::F32)]
         kv_cache: KvCacheArg,
@@ -769,7 +793,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 unshared: !no_unshared,
                 bandwidth_bytes: bandwidth_mib << 20,
                 quantize_q8: quantize == Some(QuantizeArg::Q8),
-                huge_pages: hugepages,
+                huge_pages: hugepages.map(Into::into),
                 kv_cache: kv_cache.into(),
             };
             let report = crate::bench::run(&dir, &cfg, |line| eprintln!("{line}"))?;
@@ -813,7 +837,7 @@ struct GenerateArgs<'a> {
     chat: bool,
     system: Option<&'a str>,
     quantize: Option<QuantizeArg>,
-    hugepages: bool,
+    hugepages: Option<HugePagesArg>,
 }
 
 fn generate_cmd(dir: &Path, cpu: &Cpu, args: &GenerateArgs<'_>) -> Result<()> {

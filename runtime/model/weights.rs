@@ -5,6 +5,15 @@
 use cloudrm_kernels::Weights;
 use cloudrm_kernels::weights::{Q8_GROUP, Q8Slice, quantize_q8};
 use cloudrm_loader::safetensors::{HugePageRoute, TensorView};
+
+/// How [`LlamaWeights::use_huge_pages`] puts the weights on 2 MiB pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugePages {
+    /// Copy them into anonymous huge-page memory.
+    Copy,
+    /// Map the page cache's 2 MiB folios where the kernel gives them (else copy).
+    PageCache,
+}
 use cloudrm_loader::shards::ShardedSafeTensors;
 use cloudrm_loader::{Dtype, LlamaConfig};
 use half::{bf16, f16};
@@ -210,23 +219,33 @@ impl LlamaWeights {
         Ok(())
     }
 
-    /// Put the mapped checkpoint on 2 MiB pages (`ShardedSafeTensors::use_huge_pages`):
-    /// decode streams every weight per token, and 2 MiB pages spare it most TLB misses
-    /// (+9-17% weight-streaming rate, +11-25% single-stream decode measured on the
-    /// development machine). Without a copy where the kernel keeps the file's page cache
-    /// in 2 MiB folios (reading the file back once if its cached pages are small);
-    /// otherwise a copy into anonymous huge-page memory, which costs a copy at load and
-    /// the page-cache sharing between processes. Returns the route taken. Refused after
-    /// [`Self::quantize_q8`]: the quantised copies are ordinary allocations and the
-    /// mapping is then mostly unused.
-    pub fn use_huge_pages(&mut self) -> Result<HugePageRoute> {
+    /// Put the mapped checkpoint on 2 MiB pages: decode streams every weight per token,
+    /// and 2 MiB pages spare it most TLB misses (+9-17% weight-streaming rate, +11-25%
+    /// single-stream decode measured on the development machine).
+    /// - [`HugePages::Copy`]: a copy into anonymous huge-page memory
+    ///   (`ShardedSafeTensors::make_resident`; tens of ms per 100 MB at load, no
+    ///   page-cache sharing between processes). On the development machine (a VM) the
+    ///   weights stream 15-25 % faster from it than from the page cache's 2 MiB folios.
+    /// - [`HugePages::PageCache`]: without a copy where the kernel keeps the file's page
+    ///   cache in 2 MiB folios, reading the file back once if its cached pages are small
+    ///   (`ShardedSafeTensors::use_huge_pages`); else the copy.
+    ///
+    /// Returns the route taken. Refused after [`Self::quantize_q8`]: the quantised copies
+    /// are ordinary allocations and the mapping is then mostly unused.
+    pub fn use_huge_pages(&mut self, how: HugePages) -> Result<HugePageRoute> {
         if self.is_quantized() {
             return Err(crate::Error::Usage(
                 "huge pages apply to the checkpoint's own 16/32-bit weights, not to weights quantised to q8"
                     .into(),
             ));
         }
-        Ok(self.files.use_huge_pages()?)
+        Ok(match how {
+            HugePages::Copy => {
+                self.files.make_resident()?;
+                HugePageRoute::Copied
+            }
+            HugePages::PageCache => self.files.use_huge_pages()?,
+        })
     }
 
     /// The fraction of the mapped checkpoint the kernel maps with 2 MiB pages now (None

@@ -229,6 +229,15 @@ fn stream(c: &mut Criterion) {
             black_box(out[0])
         })
     });
+    // K = 8 critiques step together: eight rows, the weights still read once.
+    let x8 = rng.vec(8 * ic);
+    let mut out8 = vec![0.0f32; 8 * oc];
+    g.bench_function("rows8_bf16", |b| {
+        b.iter(|| {
+            cpu::matmul_forward(&mut out8, &x8, Weights::BF16(&w), None, ic, oc).unwrap();
+            black_box(out8[0])
+        })
+    });
     g.throughput(Throughput::Bytes(q8.bytes() as u64));
     g.bench_function("gemv_q8", |b| {
         b.iter(|| {
@@ -542,11 +551,65 @@ fn amx_pack(c: &mut Criterion) {
     }
 }
 
+/// One decode step's weight stream at SmolLM2-135M's shapes: per layer the fused QKV
+/// (960 x 576), O (576 x 576), gate and up (3072 x 576) and down (576 x 1536) matrices,
+/// 30 layers, then the LM head (49152 x 576), 269 MB of bf16 weights in anonymous memory
+/// advised for 2 MiB pages (as `--hugepages` puts the model), laid out one after the
+/// other; one and eight input rows (decode, a K = 8 critique step). GB/s of weight
+/// bytes: what the matmuls alone make of the read bandwidth, calls, splits and
+/// stream restarts included, without the model's other work.
+fn model_stream(c: &mut Criterion) {
+    let mut shapes: Vec<(usize, usize)> = Vec::new();
+    for _ in 0..30 {
+        shapes.extend([(960, 576), (576, 576), (3072, 576), (576, 1536)]);
+    }
+    shapes.push((49152, 576));
+    let total: usize = shapes.iter().map(|&(oc, ic)| oc * ic).sum();
+    let Ok(mut map) = memmap2::MmapOptions::new().len(total * 2).map_anon() else {
+        eprintln!(
+            "model_stream: skipped (no anonymous mapping of {} bytes)",
+            total * 2
+        );
+        return;
+    };
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let w: &mut [bf16] = bytemuck::cast_slice_mut(&mut map[..]);
+    for v in w.iter_mut() {
+        *v = bf16::from_f32(rng.f32());
+    }
+    let w: &[bf16] = w;
+    let mut g = c.benchmark_group("model_stream_269MB");
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(3));
+    g.warm_up_time(std::time::Duration::from_millis(500));
+    g.throughput(Throughput::Bytes((total * 2) as u64));
+    for rows in [1usize, 8] {
+        let x = rng.vec(rows * 1536);
+        let mut out = vec![0.0f32; rows * 49152];
+        g.bench_function(format!("rows{rows}"), |b| {
+            b.iter(|| {
+                let mut at = 0;
+                for &(oc, ic) in &shapes {
+                    let wi = Weights::BF16(&w[at..at + oc * ic]);
+                    let (o, i) = (&mut out[..rows * oc], &x[..rows * ic]);
+                    cpu::matmul_forward(o, i, wi, None, ic, oc).unwrap();
+                    at += oc * ic;
+                }
+                black_box(out[0])
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     matmul,
     qkv_fused,
     stream,
+    model_stream,
     cascade,
     decode_depth,
     prefill_attention,

@@ -263,7 +263,7 @@ macro_rules! amx_kernels {
             let s = cols.len() / (2 * T);
             debug_assert!(rows < T && c % K == 0 && cols.len() == 2 * T * s && cols.end <= oc);
             let w = w.as_ptr() as *const u16;
-            let (mut cbuf, mut tbuf) = ([0f32; 256], [0f32; 256]);
+            let mut cbuf = [0f32; 256];
             // SAFETY: tile a's row m is weight row cols.start + (a * T + m) * s + t, below
             // cols.end as t < s, read 64 bytes at a time within its c channels; B tiles
             // read the packing of the rows (one 16-row block, kbs steps); stores go to
@@ -284,14 +284,14 @@ macro_rules! amx_kernels {
                         }
                     }
                     for a in 0..2 {
+                        // Tile row i (column `first + (a * T + i) * s`) holds that
+                        // column of every input row: read in place, no transpose.
                         ops::store(2 * a, cbuf.as_mut_ptr());
-                        let (cb, tb) = (cbuf.as_ptr(), tbuf.as_mut_ptr());
-                        super::transpose16(cb as _, T, tb as _, T);
                         for i in 0..T {
                             let col = first + (a * T + i) * s;
                             let bj = bias.map_or(0.0, |b| b[col]);
                             for m in 0..rows {
-                                *out.as_mut_ptr().add(m * oc + col) = tbuf[m * T + i] + bj;
+                                *out.as_mut_ptr().add(m * oc + col) = cbuf[i * T + m] + bj;
                             }
                         }
                     }

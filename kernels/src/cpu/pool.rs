@@ -474,6 +474,22 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_in_a_ranged_item_is_reraised_and_the_pool_still_works() {
+        let pool = Pool::new(2);
+        for bad in [0usize, 39] {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                pool.run_ranges(2, 40, &|i| assert!(i != bad, "boom"))
+            }));
+            assert!(r.is_err(), "item {bad}");
+            let hits: Vec<AtomicUsize> = (0..40).map(|_| AtomicUsize::new(0)).collect();
+            pool.run_ranges(2, 40, &|i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
     fn caller_panic_is_reraised_after_workers_finish() {
         let pool = Pool::new(2);
         let r = catch_unwind(AssertUnwindSafe(|| {

@@ -10,12 +10,12 @@ use cloudrm::engine::{KvCache, PagedEngine, lm_logits};
 use cloudrm::kv::{KvError, PrefixKey};
 use cloudrm::model::{Llama, LogitsMode};
 use common::check_close;
-use common::tiny::{TinySpec, tiny_model_dir};
+use common::tiny::{TinySpec, load_tiny_model};
 
 const TOL: f64 = 1e-5;
 
 fn model(tag: &str) -> Llama {
-    Llama::load_dir(&tiny_model_dir(tag, &TinySpec::default())).unwrap()
+    load_tiny_model(tag, &TinySpec::default())
 }
 
 fn prompt(n: usize, seed: u32) -> Vec<u32> {

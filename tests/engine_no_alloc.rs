@@ -17,7 +17,7 @@ use cloudrm::backend::Cpu;
 use cloudrm::engine::{KvCache, PagedEngine};
 use cloudrm::kv::SeqId;
 use cloudrm::model::Llama;
-use common::tiny::{TinySpec, tiny_model_dir};
+use common::tiny::{TinySpec, load_tiny_model};
 
 struct Counting;
 
@@ -91,7 +91,7 @@ fn decode_steps_opening_blocks_allocate_nothing_with_room_reserved() {
 /// is reserved for each child and every step past the warm-up is checked, the
 /// block-opening ones included.
 fn run(reserve: bool) {
-    let m = Llama::load_dir(&tiny_model_dir("engine-no-alloc", &TinySpec::default())).unwrap();
+    let m = load_tiny_model("engine-no-alloc", &TinySpec::default());
     for cache in [KvCache::F32, KvCache::F16] {
         let mut eng = PagedEngine::with_cache(&m, 64, 4, 8, cache).unwrap();
         let prompt: Vec<u32> = (0..10u32).map(|i| (i * 37 + 3) % 97).collect();

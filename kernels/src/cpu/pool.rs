@@ -138,23 +138,23 @@ fn drain_lanes(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
             f(i);
         }
     }
+    let left = |l: usize| {
+        let (lo, hi) = unpack(s.lanes[l].load(Ordering::Acquire));
+        hi.saturating_sub(lo)
+    };
     loop {
-        let fullest = (0..n).max_by_key(|&l| {
-            let (lo, hi) = unpack(s.lanes[l].load(Ordering::Acquire));
-            hi.saturating_sub(lo)
-        });
-        let Some(i) = fullest.and_then(|l| claim(&s.lanes[l], false)) else {
-            // Lanes only shrink: when the fullest is empty, all are.
-            let empty = (0..n).all(|l| {
-                let (lo, hi) = unpack(s.lanes[l].load(Ordering::Acquire));
-                lo >= hi
-            });
-            if empty {
-                return;
-            }
-            continue;
+        // Lanes only shrink: when the fullest is empty, all are.
+        let Some((l, _)) = (0..n)
+            .map(|l| (l, left(l)))
+            .max_by_key(|&(_, k)| k)
+            .filter(|&(_, k)| k > 0)
+        else {
+            return;
         };
-        f(i);
+        // None: emptied since it was read; look again.
+        if let Some(i) = claim(&s.lanes[l], false) {
+            f(i);
+        }
     }
 }
 

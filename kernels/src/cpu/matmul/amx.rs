@@ -274,8 +274,8 @@ macro_rules! amx_kernels {
                 // One row writes its 32 columns per step in place. More rows keep the
                 // block's tiles and write `out` a row at a time after: storing 32 columns
                 // of every row per step pulls 32 lines of each row of `out` in at once
-                // (the model's decode shapes at eight rows: 24.2-25.7 GB/s in place,
-                // 26.9-27.2 this way, 30.4 with no write-back at all).
+                // (the model's decode shapes at eight rows: 25.1-26.3 GB/s in place,
+                // 28.0-28.2 this way, 30.4 with no write-back at all).
                 let kept = rows > 1;
                 if kept && tiles.len() < s * 512 {
                     tiles.resize(s * 512, 0.0);

@@ -277,12 +277,24 @@ pub(super) fn next_call() -> u64 {
 }
 
 /// On the AMX path (or its emulation), a call of many rows against bf16 weights rounds
-/// and packs its (unnormalised) input once for all threads ([`amx::share_packed`]); its
-/// work items then find that packing. Nothing elsewhere.
+/// and packs its (unnormalised) input once for all threads ([`amx::share_packed`]); on
+/// the AVX-512 and AVX2 paths it pairs it ([`lanes::share_paired`]); its work items then
+/// find that copy. Nothing elsewhere.
 fn share_input(inp: &[f32], c: usize, bf16: bool, isa: Isa, call: u64, threads: usize) {
-    let amx = isa >= Isa::Amx || super::dispatch::emulated() == Some(Isa::Amx);
-    if amx && bf16 && inp.len() / c >= amx::SHARE_ROWS {
+    let emulated = super::dispatch::emulated();
+    let amx = isa >= Isa::Amx || emulated == Some(Isa::Amx);
+    let rows = inp.len() / c;
+    if amx && bf16 && rows >= amx::SHARE_ROWS {
         amx::share_packed(inp, c, call, threads);
+    }
+    // The f32-compute kernels pair a bf16 call's input (`lanes::pair_rows`).
+    let lanes = match isa {
+        Isa::Avx512 => 16,
+        Isa::Avx2 => 8,
+        _ => 0,
+    };
+    if lanes > 0 && emulated.is_none() && bf16 && rows >= lanes::SHARE_ROWS {
+        lanes::share_paired(inp, c, lanes, call, threads);
     }
 }
 
@@ -707,6 +719,7 @@ fn compute(
                 in_features,
                 out_features,
                 cols.clone(),
+                call,
             )
         }
     {
@@ -729,6 +742,7 @@ fn compute(
                 out_features,
                 cols,
                 q8_gemv,
+                call,
             )
         };
         return;
@@ -1260,6 +1274,7 @@ mod tiled {
         oc: usize,
         cols: Range<usize>,
         q8_gemv: bool,
+        call: u64,
     ) {
         let rows = inp.len() / c;
         // SAFETY: forwarded caller guarantees (for Q8, c is a multiple of Q8_GROUP:
@@ -1267,7 +1282,7 @@ mod tiled {
         unsafe {
             match weight {
                 Weights::F32(_) | Weights::BF16(_) | Weights::F16(_) => {
-                    super::lanes::avx2::gemm(out, inp, weight, bias, c, oc, cols);
+                    super::lanes::avx2::gemm(out, inp, weight, bias, c, oc, cols, call);
                 }
                 Weights::Q8(w) => gemm_q8(
                     out.as_mut_ptr(),

@@ -12,7 +12,13 @@
 //!
 //! Every output is one L-lane FMA chain along the input channels, a horizontal sum, the
 //! scalar tail (channels past the last multiple of L), then the bias, whatever the tile
-//! shape, so a row gives the same bits alone (the decode GEMV) and batched. Tiles use
+//! shape, so a row gives the same bits alone (the decode GEMV) and batched. Against bf16
+//! weights the chain takes each whole block of 2L channels as its even channels, then
+//! its odd ones: one load, a shift and a mask give both vectors (no widening
+//! instruction), with the input rows deinterleaved to match once per call
+//! ([`pair_rows`]); the prefill path widens its weight panels into the same layout.
+//! (A 2-core Xeon, `model_stream_269MB/rows1` under `CLOUDRM_ISA=avx512`: 29.1-32.1 ->
+//! 31.3-33.4 GiB/s, alternating; docs/benchmarks.md.) Tiles use
 //! MR x 3 accumulators: 12 of the 16 ymm registers at 8 lanes; 24 of the 32 zmm at 16
 //! lanes, so a K = 8 critique step reads each weight tile from memory once for all eight
 //! rows.
@@ -20,6 +26,137 @@
 use std::ops::Range;
 
 use crate::weights::Weights;
+
+thread_local! {
+    /// (call tag, lanes, this thread's paired copy of that call's input), for [`paired`].
+    static PAIRED: std::cell::RefCell<(u64, usize, Vec<f32>)> =
+        const { std::cell::RefCell::new((0, 0, Vec::new())) };
+}
+
+/// `src`'s rows of c channels with each whole block of 2l channels deinterleaved (its
+/// even channels, then its odd ones) and the tail as it is: the order in which the
+/// l-lane kernels pair bf16 weights (one load, two vectors by a shift and a mask, no
+/// widening instruction).
+fn pair_rows(dst: &mut [f32], src: &[f32], c: usize, l: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if (l == 8 || l == 16) && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 detected; the rows' shapes are the same.
+        unsafe { pair_rows_avx2(dst, src, c, l) };
+        return;
+    }
+    pair_rows_any(dst, src, c, l)
+}
+
+/// [`pair_rows`] for l = 8 or 16 by 16-float shuffles.
+///
+/// SAFETY: AVX2; dst and src hold the same whole rows of c.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pair_rows_avx2(dst: &mut [f32], src: &[f32], c: usize, l: usize) {
+    use std::arch::x86_64::*;
+    let np = c / (2 * l) * (2 * l);
+    for (d, s) in dst.chunks_exact_mut(c).zip(src.chunks_exact(c)) {
+        let (dp, sp) = (d.as_mut_ptr(), s.as_ptr());
+        let mut k = 0;
+        // SAFETY: k + 2l <= np <= c for every block; each 16 floats of a block give 8
+        // even channels (to the block's first half) and 8 odd ones (its second half).
+        unsafe {
+            while k < np {
+                for h in 0..l / 8 {
+                    let a = _mm256_loadu_ps(sp.add(k + 16 * h));
+                    let b = _mm256_loadu_ps(sp.add(k + 16 * h + 8));
+                    // Within 128-bit lanes: (a0 a2 b0 b2 | a4 a6 b4 b6), then the 64-bit
+                    // quarters in order 0 2 1 3.
+                    let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+                    let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+                    let fix = |v: __m256| {
+                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
+                            v,
+                        )))
+                    };
+                    _mm256_storeu_ps(dp.add(k + 8 * h), fix(e));
+                    _mm256_storeu_ps(dp.add(k + l + 8 * h), fix(o));
+                }
+                k += 2 * l;
+            }
+        }
+        d[np..].copy_from_slice(&s[np..]);
+    }
+}
+
+fn pair_rows_any(dst: &mut [f32], src: &[f32], c: usize, l: usize) {
+    let np = c / (2 * l) * (2 * l);
+    for (d, s) in dst.chunks_exact_mut(c).zip(src.chunks_exact(c)) {
+        for (db, sb) in d[..np]
+            .chunks_exact_mut(2 * l)
+            .zip(s[..np].chunks_exact(2 * l))
+        {
+            let (even, odd) = db.split_at_mut(l);
+            for ((e, o), p) in even.iter_mut().zip(odd).zip(sb.chunks_exact(2)) {
+                (*e, *o) = (p[0], p[1]);
+            }
+        }
+        d[np..].copy_from_slice(&s[np..]);
+    }
+}
+
+/// Input rows from which a bf16 call pairs its input once for all threads
+/// ([`share_paired`]) instead of once per thread.
+pub(super) const SHARE_ROWS: usize = 32;
+
+/// (call tag, lanes, the paired input) of the latest call that shared one; tag 0 while
+/// it is being filled.
+static SHARED: std::sync::RwLock<(u64, usize, Vec<f32>)> =
+    std::sync::RwLock::new((0, 0, Vec::new()));
+
+/// Pairs `inp` for l-lane kernels ([`pair_rows`]) once for call `call`, its rows split
+/// over `threads` of the pool, before the call's work items run ([`with_paired`] finds
+/// it).
+pub(super) fn share_paired(inp: &[f32], c: usize, l: usize, call: u64, threads: usize) {
+    const CHUNK: usize = 16;
+    let rows = inp.len() / c;
+    let mut shared = SHARED.write().unwrap_or_else(|e| e.into_inner());
+    shared.0 = 0;
+    if shared.2.len() < inp.len() {
+        shared.2.resize(inp.len(), 0.0);
+    }
+    let dst = super::super::pool::SendPtr(shared.2.as_mut_ptr());
+    // (No work item of this job takes the lock; a busy pool runs the job inline.)
+    super::super::pool::global().run_items(threads, rows.div_ceil(CHUNK), &|i| {
+        let r = i * CHUNK..((i + 1) * CHUNK).min(rows);
+        // SAFETY: item i alone writes rows r of the buffer, which outlives the job.
+        let d = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r.start * c), r.len() * c) };
+        pair_rows(d, &inp[r.start * c..r.end * c], c, l);
+    });
+    (shared.0, shared.1) = (call, l);
+}
+
+/// `f(inp paired for l-lane kernels)`: the call's shared pairing ([`share_paired`]) if
+/// there is one, else this thread's, made once per call tag.
+fn with_paired<R>(
+    inp: &[f32],
+    c: usize,
+    l: usize,
+    call: u64,
+    f: impl FnOnce(*const f32) -> R,
+) -> R {
+    if inp.len() / c >= SHARE_ROWS {
+        let shared = SHARED.read().unwrap_or_else(|e| e.into_inner());
+        if (shared.0, shared.1) == (call, l) {
+            return f(shared.2.as_ptr());
+        }
+    }
+    PAIRED.with_borrow_mut(|(tag, lanes, buf)| {
+        if (*tag, *lanes) != (call, l) {
+            if buf.len() < inp.len() {
+                buf.resize(inp.len(), 0.0);
+            }
+            pair_rows(&mut buf[..inp.len()], inp, c, l);
+            (*tag, *lanes) = (call, l);
+        }
+        f(buf.as_ptr())
+    })
+}
 
 /// The kernels over `ops` (a module with `V`, `zero`, `loadx`, `loadw`, `fma`, `hsum`)
 /// of `$lanes` lanes, compiled for the target features `$feat`, in tiles of up to `$mr`
@@ -32,6 +169,7 @@ macro_rules! lane_kernels {
         use super::super::tiled::{
             BF16, F16, F32, GEMV_PREFETCH, PACK, PACK_ROWS, elem, for_each_tile, load1, widen,
         };
+        use super::with_paired;
         use crate::weights::Weights;
 
         /// Lanes per vector.
@@ -63,10 +201,40 @@ macro_rules! lane_kernels {
         ) {
             let es = elem::<DT>();
             let nl = c / L * L;
+            let np = paired_channels::<DT>(c);
             let mut acc = [[ops::zero(); N]; M];
             let mut k = 0;
-            // SAFETY: k + L <= c for every vector load; prefetches never fault.
+            // SAFETY: k + 2L <= c for every pair load, k + L <= c for every vector load;
+            // prefetches never fault.
             unsafe {
+                // bf16 weights: whole blocks of 2L channels, each as its even channels
+                // then its odd ones (x paired to match, `pair_rows`).
+                while k < np {
+                    if PF && (k * es).is_multiple_of(64) {
+                        for j in 0..N {
+                            let p = w.wrapping_add(((j + N) * c + k) * es);
+                            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                        }
+                    }
+                    let mut we = [ops::zero(); N];
+                    let mut wo = [ops::zero(); N];
+                    for j in 0..N {
+                        (we[j], wo[j]) = ops::loadw2(w.add((j * c + k) * es));
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let xv = ops::loadx(x.add(i * c + k));
+                        for (a, v) in row.iter_mut().zip(&we) {
+                            *a = ops::fma(xv, *v, *a);
+                        }
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let xv = ops::loadx(x.add(i * c + k + L));
+                        for (a, v) in row.iter_mut().zip(&wo) {
+                            *a = ops::fma(xv, *v, *a);
+                        }
+                    }
+                    k += 2 * L;
+                }
                 while k < nl {
                     if PF && (k * es).is_multiple_of(64) {
                         for j in 0..N {
@@ -175,12 +343,24 @@ macro_rules! lane_kernels {
         ) {
             let es = elem::<DT>();
             let nl = c / L * L;
+            let np = paired_channels::<DT>(c);
             // SAFETY: see the function's contract; prefetches never fault.
             unsafe {
                 for o in cols {
                     let wo = w.add(o * c * es);
                     let mut acc = ops::zero();
                     let mut k = 0;
+                    while k < np {
+                        if (k * es).is_multiple_of(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                wo.wrapping_add(k * es + GEMV_PREFETCH) as *const i8
+                            );
+                        }
+                        let (e, d) = ops::loadw2(wo.add(k * es));
+                        acc = ops::fma(ops::loadx(x.add(k)), e, acc);
+                        acc = ops::fma(ops::loadx(x.add(k + L)), d, acc);
+                        k += 2 * L;
+                    }
                     while k < nl {
                         if (k * es).is_multiple_of(64) {
                             _mm_prefetch::<_MM_HINT_T0>(
@@ -199,13 +379,61 @@ macro_rules! lane_kernels {
             }
         }
 
-        /// SAFETY: the target features; `inp.len()` a multiple of c, `out` holds rows *
-        /// oc, w oc * c elements of type DT, `bias` (if any) oc; cols within 0..oc.
+        /// Channels of a row taken as pairs of vectors (bf16 weights): the whole blocks of
+        /// 2L. None for other weights.
+        #[inline]
+        const fn paired_channels<const DT: u8>(c: usize) -> usize {
+            if DT == BF16 { c / (2 * L) * (2 * L) } else { 0 }
+        }
+
+        /// dst[..n * c] = n weight rows of c elements at `src` as f32, bf16 rows laid out
+        /// as [`tile`] pairs them (each whole block of 2L channels as its even channels,
+        /// then its odd ones; the tail in order), so the f32 tiles over dst and a paired
+        /// input sum in the bf16 tiles' order. Asks for the next n rows as it goes.
+        ///
+        /// SAFETY: the target features; n * c readable elements at src, writable at dst.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn widen_rows<const DT: u8>(src: *const u8, dst: *mut f32, n: usize, c: usize) {
+            let es = elem::<DT>();
+            let np = paired_channels::<DT>(c);
+            // SAFETY: see the function's contract; prefetches never fault.
+            unsafe {
+                if np == 0 {
+                    widen::<DT>(src, dst, n * c);
+                    return;
+                }
+                for j in 0..n {
+                    let (s, d) = (src.add(j * c * es), dst.add(j * c));
+                    let mut k = 0;
+                    while k < np {
+                        if (k * es).is_multiple_of(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                s.wrapping_add((n * c + k) * es) as *const i8
+                            );
+                        }
+                        let (e, o) = ops::loadw2(s.add(k * es));
+                        ops::storex(d.add(k), e);
+                        ops::storex(d.add(k + L), o);
+                        k += 2 * L;
+                    }
+                    for kk in k..c {
+                        *d.add(kk) = load1::<DT>(s, kk);
+                    }
+                }
+            }
+        }
+
+        /// The input x holds rows x c floats (for bf16 weights paired, [`super::pair_rows`]).
+        ///
+        /// SAFETY: the target features; x readable as above, `out` holds rows * oc, w
+        /// oc * c elements of type DT, `bias` (if any) oc; cols within 0..oc.
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
         unsafe fn gemm_dt<const DT: u8>(
             out: &mut [f32],
-            inp: &[f32],
+            x: *const f32,
+            rows: usize,
             w: *const u8,
             bias: Option<&[f32]>,
             c: usize,
@@ -213,8 +441,6 @@ macro_rules! lane_kernels {
             cols: Range<usize>,
         ) {
             let es = elem::<DT>();
-            let rows = inp.len() / c;
-            let x = inp.as_ptr();
             let o_ptr = out.as_mut_ptr();
             if rows == 1 && GEMV {
                 // SAFETY: forwarded caller guarantees.
@@ -241,7 +467,7 @@ macro_rules! lane_kernels {
                         // x cols; `buf` holds NR * c >= n * c floats.
                         unsafe {
                             if first {
-                                widen::<DT>(w.add(o * c * es), bp, n * c);
+                                widen_rows::<DT>(w.add(o * c * es), bp, n, c);
                             }
                             tile_any::<F32, false>(
                                 m,
@@ -276,11 +502,13 @@ macro_rules! lane_kernels {
         }
 
         /// out (rows, oc) columns `cols` = inp (rows, c) . weight(cols)^T + bias for
-        /// float weights; false (nothing written) for int8 weights.
+        /// float weights; false (nothing written) for int8 weights. `call` tags the
+        /// input (`matmul::next_call`): a thread pairs a bf16 call's input once.
         ///
         /// SAFETY: the target features present; `inp.len()` a multiple of c, `out` holds
         /// rows * oc, `weight` oc * c, `bias` (if any) oc; `cols` within 0..oc.
         #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
         pub(crate) unsafe fn gemm(
             out: &mut [f32],
             inp: &[f32],
@@ -289,15 +517,21 @@ macro_rules! lane_kernels {
             c: usize,
             oc: usize,
             cols: Range<usize>,
+            call: u64,
         ) -> bool {
-            // SAFETY: forwarded caller guarantees.
+            let (x, rows) = (inp.as_ptr(), inp.len() / c);
+            // SAFETY: forwarded caller guarantees; a paired input holds inp.len() floats.
             unsafe {
                 match weight {
-                    Weights::F32(w) => gemm_dt::<F32>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
-                    Weights::BF16(w) => {
-                        gemm_dt::<BF16>(out, inp, w.as_ptr() as _, bias, c, oc, cols)
+                    Weights::F32(w) => {
+                        gemm_dt::<F32>(out, x, rows, w.as_ptr() as _, bias, c, oc, cols)
                     }
-                    Weights::F16(w) => gemm_dt::<F16>(out, inp, w.as_ptr() as _, bias, c, oc, cols),
+                    Weights::BF16(w) => with_paired(inp, c, L, call, |x| {
+                        gemm_dt::<BF16>(out, x, rows, w.as_ptr() as _, bias, c, oc, cols)
+                    }),
+                    Weights::F16(w) => {
+                        gemm_dt::<F16>(out, x, rows, w.as_ptr() as _, bias, c, oc, cols)
+                    }
                     Weights::Q8(_) => return false,
                 }
             }
@@ -329,6 +563,29 @@ pub(super) mod avx2 {
         pub unsafe fn loadx(p: *const f32) -> V {
             // SAFETY: see the function's contract.
             unsafe { _mm256_loadu_ps(p) }
+        }
+
+        /// 16 bf16 weights at p as f32: the even channels, then the odd ones.
+        ///
+        /// SAFETY: 16 readable bf16 at p.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn loadw2(p: *const u8) -> (V, V) {
+            // SAFETY: see the function's contract.
+            let v = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+            let hi = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                _mm256_castsi256_ps(_mm256_and_si256(v, hi)),
+            )
+        }
+
+        /// SAFETY: 8 writable floats at p.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn storex(p: *mut f32, v: V) {
+            // SAFETY: see the function's contract.
+            unsafe { _mm256_storeu_ps(p, v) }
         }
 
         #[inline]
@@ -383,6 +640,30 @@ pub(super) mod avx512 {
                     _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
                 }
             }
+        }
+
+        /// 32 bf16 weights at p as f32: the even channels, then the odd ones (each
+        /// bf16 is the high half of an f32).
+        ///
+        /// SAFETY: 32 readable bf16 at p.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn loadw2(p: *const u8) -> (V, V) {
+            // SAFETY: see the function's contract.
+            let v = unsafe { _mm512_loadu_si512(p as *const __m512i) };
+            let hi = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+            (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                _mm512_castsi512_ps(_mm512_and_si512(v, hi)),
+            )
+        }
+
+        /// SAFETY: 16 writable floats at p.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn storex(p: *mut f32, v: V) {
+            // SAFETY: see the function's contract.
+            unsafe { _mm512_storeu_ps(p, v) }
         }
 
         #[inline]
@@ -450,6 +731,37 @@ pub(super) mod emu {
             }
         }
 
+        /// 32 bf16 weights at p as f32: the even channels, then the odd ones (lanes
+        /// 0..8 from the first 16 weights, 8..16 from the next).
+        ///
+        /// SAFETY: 32 readable bf16 at p.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn loadw2(p: *const u8) -> (V, V) {
+            // SAFETY: see the function's contract.
+            let (a, b) = unsafe {
+                (
+                    _mm256_loadu_si256(p as *const __m256i),
+                    _mm256_loadu_si256(p.add(32) as *const __m256i),
+                )
+            };
+            let hi = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+            let even = |v| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
+            let odd = |v| _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+            ([even(a), even(b)], [odd(a), odd(b)])
+        }
+
+        /// SAFETY: 16 writable floats at p.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        pub unsafe fn storex(p: *mut f32, v: V) {
+            // SAFETY: see the function's contract.
+            unsafe {
+                _mm256_storeu_ps(p, v[0]);
+                _mm256_storeu_ps(p.add(8), v[1]);
+            }
+        }
+
         #[inline]
         #[target_feature(enable = "avx2,fma")]
         pub fn fma(x: V, w: V, a: V) -> V {
@@ -479,7 +791,7 @@ pub(crate) fn self_check() -> bool {
     agrees_with_reference(|out, inp, w, bias, c, oc| {
         // SAFETY: called only once AVX-512F (with AVX2, FMA, F16C) is detected; the
         // shapes are consistent.
-        unsafe { avx512::gemm(out, inp, w, bias, c, oc, 0..oc) }
+        unsafe { avx512::gemm(out, inp, w, bias, c, oc, 0..oc, super::next_call()) }
     })
 }
 
@@ -533,7 +845,7 @@ pub(super) fn emulated(
     #[cfg(target_arch = "x86_64")]
     if super::super::dispatch::detected() >= super::super::dispatch::Isa::Avx2 {
         // SAFETY: AVX2, FMA and F16C detected; shapes checked by the caller.
-        return unsafe { emu::gemm(out, inp, weight, bias, c, oc, cols) };
+        return unsafe { emu::gemm(out, inp, weight, bias, c, oc, cols, super::next_call()) };
     }
     let _ = (out, inp, weight, bias, c, oc, cols);
     false
@@ -542,6 +854,29 @@ pub(super) fn emulated(
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+
+    /// Whole blocks of 2l channels deinterleave (evens, then odds), the tail stays in
+    /// order, each row on its own.
+    #[test]
+    fn pair_rows_deinterleaves_whole_blocks_per_row() {
+        let src: Vec<f32> = (0..18).map(|v| v as f32).collect();
+        let mut dst = vec![f32::NAN; 18];
+        pair_rows(&mut dst, &src, 9, 2);
+        let want = [0, 2, 1, 3, 4, 6, 5, 7, 8, 9, 11, 10, 12, 13, 15, 14, 16, 17];
+        assert_eq!(dst, want.map(|v| v as f32));
+        pair_rows(&mut dst[..3], &src[..3], 3, 2);
+        assert_eq!(dst[..3], [0.0, 1.0, 2.0]);
+        // The shuffled widths agree with the general loop.
+        let src: Vec<f32> = (0..3 * 77).map(|v| v as f32).collect();
+        for l in [8, 16] {
+            let (mut a, mut b) = (vec![0.0; src.len()], vec![0.0; src.len()]);
+            pair_rows(&mut a, &src, 77, l);
+            pair_rows_any(&mut b, &src, 77, l);
+            assert_eq!(a, b, "l = {l}");
+            assert_eq!(a[..3], [0.0, 2.0, 4.0]);
+            assert_eq!(a[l..l + 2], [1.0, 3.0]);
+        }
+    }
 
     /// The detection guard accepts the 16-lane kernels' logic (the emulated copy) and
     /// rejects a kernel that is off in one output, one that writes nothing, and one that
@@ -554,7 +889,18 @@ mod tests {
         }
         let emu = |out: &mut [f32], inp: &[f32], w: Weights<'_>, b: Option<&[f32]>, c, oc| {
             // SAFETY: AVX2, FMA and F16C detected above; consistent shapes.
-            unsafe { emu::gemm(out, inp, w, b, c, oc, 0..oc) }
+            unsafe {
+                emu::gemm(
+                    out,
+                    inp,
+                    w,
+                    b,
+                    c,
+                    oc,
+                    0..oc,
+                    crate::cpu::matmul::next_call(),
+                )
+            }
         };
         assert!(agrees_with_reference(emu));
         assert!(!agrees_with_reference(|out, inp, w, b, c, oc| {

@@ -28,7 +28,8 @@ use std::ops::Range;
 use crate::weights::Weights;
 
 thread_local! {
-    /// (call tag, lanes, this thread's paired copy of that call's input), for [`paired`].
+    /// (call tag, lanes, this thread's paired copy of that call's input), for
+    /// [`with_paired`].
     static PAIRED: std::cell::RefCell<(u64, usize, Vec<f32>)> =
         const { std::cell::RefCell::new((0, 0, Vec::new())) };
 }
@@ -84,6 +85,7 @@ unsafe fn pair_rows_avx2(dst: &mut [f32], src: &[f32], c: usize, l: usize) {
     }
 }
 
+/// [`pair_rows`] for any l, element by element (no SIMD needed).
 fn pair_rows_any(dst: &mut [f32], src: &[f32], c: usize, l: usize) {
     let np = c / (2 * l) * (2 * l);
     for (d, s) in dst.chunks_exact_mut(c).zip(src.chunks_exact(c)) {

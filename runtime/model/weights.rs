@@ -5,6 +5,12 @@
 use cloudrm_kernels::Weights;
 use cloudrm_kernels::weights::{Q8_GROUP, Q8Slice, quantize_q8};
 use cloudrm_loader::safetensors::{HugePageRoute, TensorView};
+use cloudrm_loader::shards::ShardedSafeTensors;
+use cloudrm_loader::{Dtype, LlamaConfig};
+use half::{bf16, f16};
+
+use super::ModelError;
+use crate::error::Result;
 
 /// How [`LlamaWeights::use_huge_pages`] puts the weights on 2 MiB pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,12 +20,6 @@ pub enum HugePages {
     /// Map the page cache's 2 MiB folios where the kernel gives them (else copy).
     PageCache,
 }
-use cloudrm_loader::shards::ShardedSafeTensors;
-use cloudrm_loader::{Dtype, LlamaConfig};
-use half::{bf16, f16};
-
-use super::ModelError;
-use crate::error::Result;
 
 /// Where one weight tensor lies in the mapped checkpoint.
 #[derive(Debug, Clone, Copy)]

@@ -155,7 +155,6 @@ pub fn write_model(
     .unwrap();
 }
 
-/// Write a tiny model for `spec` into a fresh temp dir and return the dir.
 /// A tiny model written to a temp dir and loaded; the dir is removed once loaded (the
 /// mapped file stays readable until the model is dropped).
 pub fn load_tiny_model(tag: &str, spec: &TinySpec) -> cloudrm::model::Llama {
@@ -165,6 +164,7 @@ pub fn load_tiny_model(tag: &str, spec: &TinySpec) -> cloudrm::model::Llama {
     m
 }
 
+/// Write a tiny model for `spec` into a fresh temp dir and return the dir.
 pub fn tiny_model_dir(tag: &str, spec: &TinySpec) -> PathBuf {
     let dir = temp_dir(tag);
     write_model(&dir, &tiny_tensors(spec), &tiny_config(spec), spec.dtype);

@@ -288,13 +288,12 @@ fn share_input(inp: &[f32], c: usize, bf16: bool, isa: Isa, call: u64, threads: 
         amx::share_packed(inp, c, call, threads);
     }
     // The f32-compute kernels pair a bf16 call's input (`lanes::pair_rows`).
-    let lanes = match isa {
-        Isa::Avx512 => 16,
-        Isa::Avx2 => 8,
-        _ => 0,
-    };
-    if lanes > 0 && emulated.is_none() && bf16 && rows >= lanes::SHARE_ROWS {
-        lanes::share_paired(inp, c, lanes, call, threads);
+    if let Some(l) = lanes::paired_lanes(isa)
+        && emulated.is_none()
+        && bf16
+        && rows >= lanes::SHARE_ROWS
+    {
+        lanes::share_paired(inp, c, l, call, threads);
     }
 }
 

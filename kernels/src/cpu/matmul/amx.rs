@@ -974,8 +974,8 @@ mod tests {
         assert_eq!(out[0], 1.0);
     }
 
-    /// The detection guard accepts the kernels' logic (the emulated copy) and rejects a
-    /// kernel off in one output, one that writes nothing and one whose rows differ alone.
+    /// Fewer than 16 rows over spread columns (`gemm_spread`, either write-back) give
+    /// each row the bits it has in a 17-row batch, and nothing outside `cols` is written.
     #[test]
     fn spread_columns_give_the_batched_bits() {
         use super::super::dot::test_inputs;
@@ -1030,6 +1030,8 @@ mod tests {
         }
     }
 
+    /// The detection guard accepts the kernels' logic (the emulated copy) and rejects a
+    /// kernel off in one output, one that writes nothing and one whose rows differ alone.
     #[test]
     fn self_check_accepts_the_kernels_and_rejects_broken_ones() {
         let emu = packed_kernel(&|out, xp, rows, w, bias, c, oc, tail| {

@@ -102,6 +102,20 @@ fn pair_rows_any(dst: &mut [f32], src: &[f32], c: usize, l: usize) {
     }
 }
 
+/// The lanes of the kernels `isa` runs bf16 weights through here (whose input they pair),
+/// if it runs them here: AVX-512 and AVX2; the bf16-compute paths have their own.
+pub(super) fn paired_lanes(isa: crate::cpu::dispatch::Isa) -> Option<usize> {
+    use crate::cpu::dispatch::Isa;
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx512 => return Some(avx512::L),
+        Isa::Avx2 => return Some(avx2::L),
+        _ => {}
+    }
+    let _ = isa;
+    None
+}
+
 /// Input rows from which a bf16 call pairs its input once for all threads
 /// ([`share_paired`]) instead of once per thread.
 pub(super) const SHARE_ROWS: usize = 32;
@@ -175,7 +189,7 @@ macro_rules! lane_kernels {
         use crate::weights::Weights;
 
         /// Lanes per vector.
-        const L: usize = $lanes;
+        pub(crate) const L: usize = $lanes;
         /// Input rows per tile.
         const MR: usize = $mr;
         /// Weight rows (output columns) per tile.

@@ -1030,3 +1030,103 @@ fn device_flag_cuda_errors_and_auto_falls_back() {
     assert!(!dir.join("eval-out.jsonl").exists());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `ignore_stops` (what `cloudrm bench` scores with): every critique runs to its cap even
+/// when the end-of-turn token is drawn, on the shared, unshared and batch scorers. The
+/// model here draws the end of turn almost surely (residual stream = its constant
+/// embedding, the LM head's end-of-turn row aligned with it), so without the option every
+/// critique is empty.
+#[test]
+fn ignore_stops_runs_every_critique_to_its_cap() {
+    let dir = tiny_cloud_dir("cloud-ignore-stops", "teacher");
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let eot = tok.token_to_id("<|im_end|>").unwrap() as usize;
+    // Rewrite the weights: a constant embedding, no attention or MLP output, a unit
+    // final norm and an LM head whose end-of-turn row is a large multiple of it.
+    let spec = TinySpec {
+        vocab: 49152,
+        hidden: 32,
+        intermediate: 48,
+        heads: 4,
+        kv_heads: 2,
+        tied: false,
+        ..Default::default()
+    };
+    let c = spec.hidden;
+    let mut rng = Rng::new(3);
+    let mut t: Vec<_> = tiny_tensors(&spec)
+        .into_iter()
+        .map(|(n, s, mut d)| {
+            if n.ends_with("embed_tokens.weight") || n == "model.norm.weight" {
+                d.iter_mut().for_each(|x| *x = 1.0);
+            } else if n.ends_with("o_proj.weight") || n.ends_with("down_proj.weight") {
+                d.iter_mut().for_each(|x| *x = 0.0);
+            } else if n == "lm_head.weight" {
+                d[eot * c..(eot + 1) * c].iter_mut().for_each(|x| *x = 10.0);
+            }
+            (format!("reward_base_model.{n}"), s, d)
+        })
+        .collect();
+    t.push((
+        "reward_head.dense.weight".into(),
+        vec![c, c],
+        rng.vec(c * c, 0.3),
+    ));
+    t.push(("reward_head.dense.bias".into(), vec![c], rng.vec(c, 0.1)));
+    t.push((
+        "reward_head.out_proj.weight".into(),
+        vec![1, c],
+        rng.vec(c, 0.5),
+    ));
+    t.push(("reward_head.out_proj.bias".into(), vec![1], vec![0.1]));
+    let mut cfg = tiny_config(&spec);
+    cfg["feedback_method"] = "teacher".into();
+    cfg["eos_token_id"] = 2.into();
+    write_model(&dir, &t, &cfg, Dtype::F32);
+    let rm = RewardModel::load_dir(&dir).unwrap();
+    let tpl = ChatTemplate::from_dir(&default_model(OutDtype::BF16)).unwrap();
+    let scorer = CloudScorer::new(&rm, &tok, &tpl);
+    let cap = 5;
+    let opts = ScoreOptions {
+        k: 3,
+        temperature: Some(1.0),
+        seed: 4,
+        max_critique_tokens: cap,
+        ..Default::default()
+    };
+    // Stops honoured: the first draw is the end of turn.
+    let s = scorer.score(PROMPT, RESPONSE, &opts).unwrap();
+    assert!(s.critique_tokens.iter().all(|c| c.is_empty()), "{s:?}");
+    assert_eq!(s.truncated, vec![false; 3]);
+    let ignoring = ScoreOptions {
+        ignore_stops: true,
+        ..opts
+    };
+    let check = |s: &Score, what: &str| {
+        for c in &s.critique_tokens {
+            assert_eq!(c.len(), cap, "{what}: {c:?}");
+            assert!(c.contains(&(eot as u32)), "{what}: {c:?}");
+        }
+        assert_eq!(s.truncated, vec![true; 3], "{what}");
+        assert!(s.rewards.iter().all(|r| r.is_finite()), "{what}");
+    };
+    check(
+        &scorer.score(PROMPT, RESPONSE, &ignoring).unwrap(),
+        "shared",
+    );
+    let unshared = ScoreOptions {
+        share_prefix: false,
+        ..ignoring.clone()
+    };
+    check(
+        &scorer.score(PROMPT, RESPONSE, &unshared).unwrap(),
+        "unshared",
+    );
+    let batch = scorer
+        .score_batch(&[(PROMPT, RESPONSE), (PROMPT, "Lyon.")], &ignoring)
+        .unwrap();
+    for (i, s) in batch.iter().enumerate() {
+        check(s, &format!("batch request {i}"));
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -24,7 +24,7 @@ use std::ops::Range;
 use cloudrm_sampler::Sampler;
 
 use super::score::{
-    BLOCK, CloudScorer, Comparison, CritiqueRow, Samplers, Score, ScoreOptions, validate,
+    BLOCK, CloudScorer, Comparison, CritiqueRow, Feed, Samplers, Score, ScoreOptions, validate,
 };
 use crate::engine::{PREFILL_ROWS, PagedEngine, SharedLevel};
 use crate::error::{Error, Result};
@@ -264,23 +264,14 @@ impl CloudScorer<'_> {
                     if row.reward.is_some() {
                         continue;
                     }
-                    let next = if row.critique.len() >= opts.max_critique_tokens {
-                        row.truncated = true;
-                        eot
-                    } else {
-                        let t = row.take_drawn()?;
-                        if !opts.ignore_stops && stops.contains(&t) {
-                            eot
-                        } else {
-                            t
-                        }
-                    };
-                    if next == eot {
-                        row.closing = true;
-                    } else {
-                        row.critique.push(next);
-                        row.history.push(next);
-                    }
+                    let feed = Feed::choose(row.critique.len(), opts, stops, || row.take_drawn())?;
+                    let next = feed.apply(
+                        eot,
+                        &mut row.critique,
+                        &mut row.history,
+                        &mut row.truncated,
+                        &mut row.closing,
+                    );
                     seqs.push(row.seq);
                     tokens.push(next);
                     live.push((gi, ri));

@@ -20,7 +20,7 @@ use cloudrm_loader::template::ChatTemplate;
 use cloudrm_loader::tokenizer::Tokenizer;
 use cloudrm_sampler::SeqRng;
 
-use super::score::{best_index, validate};
+use super::score::{Feed, best_index, validate};
 use super::{CloudScorer, Comparison, Score, ScoreOptions};
 use crate::backend::cuda::{CudaLlama, CudaRewardHead, CudaSession, SharedLayout, sample_params};
 use crate::error::{Error, Result};
@@ -170,21 +170,16 @@ impl<'m, 'd> CudaScorer<'m, 'd> {
             .collect();
         // Chooses what row i feeds next from its sampled token (the CPU scorer's rule).
         let choose = |row: &mut Row, sampled: u32| -> u32 {
-            let next = if row.critique.len() >= opts.max_critique_tokens {
-                row.truncated = true;
-                eot
-            } else if !opts.ignore_stops && stops.contains(&sampled) {
-                eot
-            } else {
-                sampled
-            };
-            if next == eot {
-                row.closing = true;
-            } else {
-                row.critique.push(next);
-                row.history.push(next);
-            }
-            next
+            let Ok(feed) = Feed::choose(row.critique.len(), opts, &stops, || {
+                Ok::<u32, std::convert::Infallible>(sampled)
+            });
+            feed.apply(
+                eot,
+                &mut row.critique,
+                &mut row.history,
+                &mut row.truncated,
+                &mut row.closing,
+            )
         };
         // First tokens: each row's draw at step 0 from the prefix logits, on the CPU.
         let mut cur = Vec::with_capacity(k);

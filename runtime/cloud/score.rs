@@ -477,23 +477,14 @@ impl<'m> CloudScorer<'m> {
                 if row.reward.is_some() {
                     continue;
                 }
-                let next = if row.critique.len() >= opts.max_critique_tokens {
-                    row.truncated = true;
-                    eot
-                } else {
-                    let t = row.take_drawn()?;
-                    if !opts.ignore_stops && stops.contains(&t) {
-                        eot
-                    } else {
-                        t
-                    }
-                };
-                if next == eot {
-                    row.closing = true;
-                } else {
-                    row.critique.push(next);
-                    row.history.push(next);
-                }
+                let feed = Feed::choose(row.critique.len(), opts, stops, || row.take_drawn())?;
+                let next = feed.apply(
+                    eot,
+                    &mut row.critique,
+                    &mut row.history,
+                    &mut row.truncated,
+                    &mut row.closing,
+                );
                 seqs.push(row.seq);
                 tokens.push(next);
                 live.push(i);
@@ -655,6 +646,65 @@ pub(super) fn validate(prompt: &str, response: &str, opts: &ScoreOptions) -> Res
     Ok(())
 }
 
+/// What a critique row feeds at its next step (one rule for every scorer: the CPU job,
+/// the batch scorer and the CUDA job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Feed {
+    /// A critique token: appended to the critique (and the row's history) and fed.
+    Token(u32),
+    /// The end-of-turn token: fed, and its step gives the row's reward. `truncated`: the
+    /// critique reached `max_critique_tokens`, rather than drawing a stop token.
+    EndOfTurn { truncated: bool },
+}
+
+impl Feed {
+    /// The feed of a row that has `written` critique tokens: the end of turn once it has
+    /// `max_critique_tokens`, else its drawn token (`draw` runs only then), a stop token
+    /// ending the critique unless `ignore_stops` (benchmarks: a drawn stop, the end of
+    /// turn included, is then an ordinary critique token, so every critique runs to its
+    /// cap).
+    pub(super) fn choose<E>(
+        written: usize,
+        opts: &ScoreOptions,
+        stops: &[u32],
+        draw: impl FnOnce() -> std::result::Result<u32, E>,
+    ) -> std::result::Result<Feed, E> {
+        if written >= opts.max_critique_tokens {
+            return Ok(Feed::EndOfTurn { truncated: true });
+        }
+        let t = draw()?;
+        Ok(if !opts.ignore_stops && stops.contains(&t) {
+            Feed::EndOfTurn { truncated: false }
+        } else {
+            Feed::Token(t)
+        })
+    }
+
+    /// Applies the feed to a row's state and returns the token to feed (`eot` for the
+    /// end of turn).
+    pub(super) fn apply(
+        self,
+        eot: u32,
+        critique: &mut Vec<u32>,
+        history: &mut Vec<u32>,
+        truncated: &mut bool,
+        closing: &mut bool,
+    ) -> u32 {
+        match self {
+            Feed::Token(t) => {
+                critique.push(t);
+                history.push(t);
+                t
+            }
+            Feed::EndOfTurn { truncated: cut } => {
+                *truncated |= cut;
+                *closing = true;
+                eot
+            }
+        }
+    }
+}
+
 /// One critique being written (the batch scorer's rows and the unshared arm's).
 pub(super) struct CritiqueRow {
     pub seq: SeqId,
@@ -746,6 +796,62 @@ impl Samplers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The feed rule: a full critique closes (truncated) without drawing; a drawn stop
+    /// closes it unless stops are ignored, when it is an ordinary token (the end of turn
+    /// included), so a benchmark's critiques all run to their cap.
+    #[test]
+    fn feed_rule_closes_on_cap_and_on_stops_unless_ignored() {
+        let (eot, stop) = (2u32, 0u32);
+        let stops = [eot, stop];
+        let opts = ScoreOptions {
+            max_critique_tokens: 3,
+            ..Default::default()
+        };
+        let ignoring = ScoreOptions {
+            ignore_stops: true,
+            ..opts.clone()
+        };
+        let never = || -> Result<u32> { panic!("a full critique drew a token") };
+        let draw = |t: u32| move || -> Result<u32> { Ok(t) };
+        for o in [&opts, &ignoring] {
+            assert_eq!(
+                Feed::choose(3, o, &stops, never).unwrap(),
+                Feed::EndOfTurn { truncated: true }
+            );
+            assert_eq!(Feed::choose(0, o, &stops, draw(7)).unwrap(), Feed::Token(7));
+        }
+        for t in stops {
+            assert_eq!(
+                Feed::choose(2, &opts, &stops, draw(t)).unwrap(),
+                Feed::EndOfTurn { truncated: false }
+            );
+            assert_eq!(
+                Feed::choose(2, &ignoring, &stops, draw(t)).unwrap(),
+                Feed::Token(t)
+            );
+        }
+        // A draw's error is the feed's error.
+        let e = Feed::choose(0, &opts, &stops, || Err(Error::Usage("bad draw".into())));
+        assert!(e.unwrap_err().to_string().contains("bad draw"));
+        // Applying: a token extends the critique and the history; the end of turn
+        // closes the row and feeds eot.
+        let (mut critique, mut history) = (vec![5], vec![1, 5]);
+        let (mut truncated, mut closing) = (false, false);
+        let mut apply = |f: Feed| {
+            f.apply(
+                eot,
+                &mut critique,
+                &mut history,
+                &mut truncated,
+                &mut closing,
+            )
+        };
+        assert_eq!(apply(Feed::Token(eot)), eot);
+        assert_eq!(apply(Feed::EndOfTurn { truncated: true }), eot);
+        assert_eq!((critique, history), (vec![5, eot], vec![1, 5, eot]));
+        assert!(truncated && closing);
+    }
 
     /// The pool's draws are the draws made one row after another: each row's token comes
     /// from its own logits, history and RNG whichever thread or copy makes it, a row whose

@@ -383,6 +383,13 @@ fn critique_arm(
     let s = scorer.score_cloud(prompt, response, &opts)?;
     let seconds = t0.elapsed().as_secs_f64();
     let steps: usize = s.critique_tokens.iter().map(|c| c.len() + 1).sum();
+    // The job is K x T tokens (plus the K end-of-turn steps) or its figures mean nothing.
+    if steps != k * (cfg.critique_tokens + 1) {
+        return Err(Error::Usage(format!(
+            "bench: the K = {k} critique job decoded {steps} steps, not {k} x ({} + 1)",
+            cfg.critique_tokens
+        )));
+    }
     Ok((
         s.prefix_tokens,
         JobArm {

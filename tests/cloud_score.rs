@@ -15,27 +15,33 @@ use cloudrm::loader::tokenizer::Tokenizer;
 use cloudrm::model::{LogitsMode, RewardModel};
 use common::Rng;
 use common::model::default_model;
-use common::tiny::{TinySpec, temp_dir, tiny_config, tiny_tensors, write_model};
+use common::tiny::{
+    copy_tokenizer, temp_dir, tiny_config, tiny_reward_spec, tiny_tensors, write_model,
+};
 
 const PROMPT: &str = "What is the capital of France?";
 const RESPONSE: &str = "The capital of France is Paris.";
 
 /// A tiny CLoud-layout reward model with the default model's vocabulary + tokenizer files.
 fn tiny_cloud_dir(tag: &str, method: &str) -> std::path::PathBuf {
-    let spec = TinySpec {
-        vocab: 49152,
-        hidden: 32,
-        intermediate: 48,
-        heads: 4,
-        kv_heads: 2,
-        tied: false,
-        ..Default::default()
-    };
+    tiny_cloud_dir_edited(tag, method, |_, _| {})
+}
+
+/// [`tiny_cloud_dir`] with `edit` applied to each trunk tensor (by its name) first.
+fn tiny_cloud_dir_edited(
+    tag: &str,
+    method: &str,
+    edit: impl Fn(&str, &mut [f32]),
+) -> std::path::PathBuf {
+    let spec = tiny_reward_spec();
     let c = spec.hidden;
     let mut rng = Rng::new(3);
     let mut t: Vec<_> = tiny_tensors(&spec)
         .into_iter()
-        .map(|(n, s, d)| (format!("reward_base_model.{n}"), s, d))
+        .map(|(n, s, mut d)| {
+            edit(&n, &mut d);
+            (format!("reward_base_model.{n}"), s, d)
+        })
         .collect();
     t.push((
         "reward_head.dense.weight".into(),
@@ -54,10 +60,7 @@ fn tiny_cloud_dir(tag: &str, method: &str) -> std::path::PathBuf {
     cfg["eos_token_id"] = 2.into();
     let dir = temp_dir(tag);
     write_model(&dir, &t, &cfg, Dtype::F32);
-    let src = default_model(OutDtype::BF16);
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
+    copy_tokenizer(&default_model(OutDtype::BF16), &dir);
     dir
 }
 
@@ -1038,51 +1041,20 @@ fn device_flag_cuda_errors_and_auto_falls_back() {
 /// critique is empty.
 #[test]
 fn ignore_stops_runs_every_critique_to_its_cap() {
-    let dir = tiny_cloud_dir("cloud-ignore-stops", "teacher");
-    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let tok = Tokenizer::from_dir(&default_model(OutDtype::BF16)).unwrap();
     let eot = tok.token_to_id("<|im_end|>").unwrap() as usize;
-    // Rewrite the weights: a constant embedding, no attention or MLP output, a unit
-    // final norm and an LM head whose end-of-turn row is a large multiple of it.
-    let spec = TinySpec {
-        vocab: 49152,
-        hidden: 32,
-        intermediate: 48,
-        heads: 4,
-        kv_heads: 2,
-        tied: false,
-        ..Default::default()
-    };
-    let c = spec.hidden;
-    let mut rng = Rng::new(3);
-    let mut t: Vec<_> = tiny_tensors(&spec)
-        .into_iter()
-        .map(|(n, s, mut d)| {
-            if n.ends_with("embed_tokens.weight") || n == "model.norm.weight" {
-                d.iter_mut().for_each(|x| *x = 1.0);
-            } else if n.ends_with("o_proj.weight") || n.ends_with("down_proj.weight") {
-                d.iter_mut().for_each(|x| *x = 0.0);
-            } else if n == "lm_head.weight" {
-                d[eot * c..(eot + 1) * c].iter_mut().for_each(|x| *x = 10.0);
-            }
-            (format!("reward_base_model.{n}"), s, d)
-        })
-        .collect();
-    t.push((
-        "reward_head.dense.weight".into(),
-        vec![c, c],
-        rng.vec(c * c, 0.3),
-    ));
-    t.push(("reward_head.dense.bias".into(), vec![c], rng.vec(c, 0.1)));
-    t.push((
-        "reward_head.out_proj.weight".into(),
-        vec![1, c],
-        rng.vec(c, 0.5),
-    ));
-    t.push(("reward_head.out_proj.bias".into(), vec![1], vec![0.1]));
-    let mut cfg = tiny_config(&spec);
-    cfg["feedback_method"] = "teacher".into();
-    cfg["eos_token_id"] = 2.into();
-    write_model(&dir, &t, &cfg, Dtype::F32);
+    let c = tiny_reward_spec().hidden;
+    // A constant embedding, no attention or MLP output, a unit final norm and an LM head
+    // whose end-of-turn row is a large multiple of it.
+    let dir = tiny_cloud_dir_edited("cloud-ignore-stops", "teacher", |n, d| {
+        if n.ends_with("embed_tokens.weight") || n == "model.norm.weight" {
+            d.iter_mut().for_each(|x| *x = 1.0);
+        } else if n.ends_with("o_proj.weight") || n.ends_with("down_proj.weight") {
+            d.iter_mut().for_each(|x| *x = 0.0);
+        } else if n == "lm_head.weight" {
+            d[eot * c..(eot + 1) * c].iter_mut().for_each(|x| *x = 10.0);
+        }
+    });
     let rm = RewardModel::load_dir(&dir).unwrap();
     let tpl = ChatTemplate::from_dir(&default_model(OutDtype::BF16)).unwrap();
     let scorer = CloudScorer::new(&rm, &tok, &tpl);

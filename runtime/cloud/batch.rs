@@ -24,7 +24,7 @@ use std::ops::Range;
 use cloudrm_sampler::Sampler;
 
 use super::score::{
-    BLOCK, CloudScorer, Comparison, CritiqueRow, Feed, Samplers, Score, ScoreOptions, validate,
+    BLOCK, CloudScorer, Comparison, CritiqueRow, Samplers, Score, ScoreOptions, validate,
 };
 use crate::engine::{PREFILL_ROWS, PagedEngine, SharedLevel};
 use crate::error::{Error, Result};
@@ -264,14 +264,7 @@ impl CloudScorer<'_> {
                     if row.reward.is_some() {
                         continue;
                     }
-                    let feed = Feed::choose(row.critique.len(), opts, stops, || row.take_drawn())?;
-                    let next = feed.apply(
-                        eot,
-                        &mut row.critique,
-                        &mut row.history,
-                        &mut row.truncated,
-                        &mut row.closing,
-                    );
+                    let next = row.feed_next(opts, stops, eot)?;
                     seqs.push(row.seq);
                     tokens.push(next);
                     live.push((gi, ri));

@@ -477,14 +477,7 @@ impl<'m> CloudScorer<'m> {
                 if row.reward.is_some() {
                     continue;
                 }
-                let feed = Feed::choose(row.critique.len(), opts, stops, || row.take_drawn())?;
-                let next = feed.apply(
-                    eot,
-                    &mut row.critique,
-                    &mut row.history,
-                    &mut row.truncated,
-                    &mut row.closing,
-                );
+                let next = row.feed_next(opts, stops, eot)?;
                 seqs.push(row.seq);
                 tokens.push(next);
                 live.push(i);
@@ -745,6 +738,23 @@ impl CritiqueRow {
             reward: None,
             drawn: None,
         }
+    }
+
+    /// What the row feeds next ([`Feed`]): its drawn token, or `eot` when it closes.
+    pub(super) fn feed_next(
+        &mut self,
+        opts: &ScoreOptions,
+        stops: &[u32],
+        eot: u32,
+    ) -> Result<u32> {
+        let feed = Feed::choose(self.critique.len(), opts, stops, || self.take_drawn())?;
+        Ok(feed.apply(
+            eot,
+            &mut self.critique,
+            &mut self.history,
+            &mut self.truncated,
+            &mut self.closing,
+        ))
     }
 
     /// The token just drawn, or the sampler's error as a usage error.

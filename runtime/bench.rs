@@ -110,6 +110,8 @@ pub struct CritiqueRow {
     pub unshared: Option<JobArm>,
     /// unshared seconds / shared seconds.
     pub speedup: Option<f64>,
+    /// This job's shared tokens/s over the K = 1 job's (None when K = 1 was not run).
+    pub rate_vs_k1: Option<f64>,
 }
 
 /// Everything `cloudrm bench` measured.
@@ -292,7 +294,17 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
             shared: shared.1,
             unshared: unshared.map(|u| u.1),
             speedup,
+            rate_vs_k1: None,
         });
+    }
+    if let Some(k1) = critiques
+        .iter()
+        .find(|r| r.k == 1)
+        .map(|r| r.shared.tokens_per_s)
+    {
+        for r in &mut critiques {
+            r.rate_vs_k1 = Some(r.shared.tokens_per_s / k1);
+        }
     }
     let peak_rss_mib = peak_rss_bytes().map(|b| b as f64 / (1 << 20) as f64);
     let read_bandwidth_gb_s = if cfg.bandwidth_bytes > 0 {
@@ -595,15 +607,17 @@ impl BenchReport {
         if !self.critiques.is_empty() {
             s +=
                 "critique job (K x T tokens after a shared prefix; seconds, aggregate tokens/s):\n";
-            s += "   K  prefix     T   shared_s  shared_tok/s  unshared_s  unshared_tok/s  speedup\n";
+            s += "   K  prefix     T   shared_s  shared_tok/s  vs_K=1  unshared_s  unshared_tok/s  speedup\n";
             for r in &self.critiques {
                 s += &format!(
-                    "{:>4}  {:>6}  {:>4}  {:>9.2}  {:>12.1}",
+                    "{:>4}  {:>6}  {:>4}  {:>9.2}  {:>12.1}  {:>6}",
                     r.k,
                     r.prefix_tokens,
                     r.critique_tokens,
                     r.shared.seconds,
-                    r.shared.tokens_per_s
+                    r.shared.tokens_per_s,
+                    r.rate_vs_k1
+                        .map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"))
                 );
                 match &r.unshared {
                     Some(u) => {

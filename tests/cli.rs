@@ -219,6 +219,13 @@ fn bench_reports_every_figure_as_json() {
     );
     let rows = v["critiques"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
+    // Each job's rate against the K = 1 job's.
+    let rate = |r: &serde_json::Value| r["shared"]["tokens_per_s"].as_f64().unwrap();
+    for row in rows {
+        let want = rate(row) / rate(&rows[0]);
+        let got = row["rate_vs_k1"].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-9 * want, "{row}");
+    }
     for (row, k) in rows.iter().zip([1, 3]) {
         assert_eq!(row["k"], k);
         let p = row["prefix_tokens"].as_u64().unwrap();
@@ -370,6 +377,8 @@ fn bench_reports_every_figure_as_json() {
             .unwrap()
             > 0.0
     );
+    // Without a K = 1 job there is no rate to compare with.
+    assert!(f["critiques"][0]["rate_vs_k1"].is_null(), "{f}");
     // Bad arguments are a usage error, not a panic.
     let out = cloudrm()
         .args(["bench", "--quantize", "q4"])

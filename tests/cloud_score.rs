@@ -8,60 +8,19 @@ mod common;
 use cloudrm::backend::Cpu;
 use cloudrm::cloud::{Aggregation, COT_PROMPT, CloudScorer, CloudTemplate, Score, ScoreOptions};
 use cloudrm::engine::KvCache;
-use cloudrm::loader::Dtype;
 use cloudrm::loader::gguf::OutDtype;
 use cloudrm::loader::template::ChatTemplate;
 use cloudrm::loader::tokenizer::Tokenizer;
 use cloudrm::model::{LogitsMode, RewardModel};
-use common::Rng;
 use common::model::default_model;
-use common::tiny::{
-    copy_tokenizer, temp_dir, tiny_config, tiny_reward_spec, tiny_tensors, write_model,
-};
+use common::tiny::{tiny_cloud_reward_dir, tiny_cloud_reward_dir_edited, tiny_reward_spec};
 
 const PROMPT: &str = "What is the capital of France?";
 const RESPONSE: &str = "The capital of France is Paris.";
 
 /// A tiny CLoud-layout reward model with the default model's vocabulary + tokenizer files.
 fn tiny_cloud_dir(tag: &str, method: &str) -> std::path::PathBuf {
-    tiny_cloud_dir_edited(tag, method, |_, _| {})
-}
-
-/// [`tiny_cloud_dir`] with `edit` applied to each trunk tensor (by its name) first.
-fn tiny_cloud_dir_edited(
-    tag: &str,
-    method: &str,
-    edit: impl Fn(&str, &mut [f32]),
-) -> std::path::PathBuf {
-    let spec = tiny_reward_spec();
-    let c = spec.hidden;
-    let mut rng = Rng::new(3);
-    let mut t: Vec<_> = tiny_tensors(&spec)
-        .into_iter()
-        .map(|(n, s, mut d)| {
-            edit(&n, &mut d);
-            (format!("reward_base_model.{n}"), s, d)
-        })
-        .collect();
-    t.push((
-        "reward_head.dense.weight".into(),
-        vec![c, c],
-        rng.vec(c * c, 0.3),
-    ));
-    t.push(("reward_head.dense.bias".into(), vec![c], rng.vec(c, 0.1)));
-    t.push((
-        "reward_head.out_proj.weight".into(),
-        vec![1, c],
-        rng.vec(c, 0.5),
-    ));
-    t.push(("reward_head.out_proj.bias".into(), vec![1], vec![0.1]));
-    let mut cfg = tiny_config(&spec);
-    cfg["feedback_method"] = method.into();
-    cfg["eos_token_id"] = 2.into();
-    let dir = temp_dir(tag);
-    write_model(&dir, &t, &cfg, Dtype::F32);
-    copy_tokenizer(&default_model(OutDtype::BF16), &dir);
-    dir
+    tiny_cloud_reward_dir(tag, method, &default_model(OutDtype::BF16), None)
 }
 
 #[test]
@@ -1046,7 +1005,8 @@ fn ignore_stops_runs_every_critique_to_its_cap() {
     let c = tiny_reward_spec().hidden;
     // A constant embedding, no attention or MLP output, a unit final norm and an LM head
     // whose end-of-turn row is a large multiple of it.
-    let dir = tiny_cloud_dir_edited("cloud-ignore-stops", "teacher", |n, d| {
+    let src = default_model(OutDtype::BF16);
+    let dir = tiny_cloud_reward_dir_edited("cloud-ignore-stops", "teacher", &src, None, |n, d| {
         if n.ends_with("embed_tokens.weight") || n == "model.norm.weight" {
             d.iter_mut().for_each(|x| *x = 1.0);
         } else if n.ends_with("o_proj.weight") || n.ends_with("down_proj.weight") {

@@ -184,6 +184,18 @@ pub fn tiny_cloud_reward_dir(
     tokenizer_src: &Path,
     head: Option<HeadWeights>,
 ) -> PathBuf {
+    tiny_cloud_reward_dir_edited(tag, method, tokenizer_src, head, |_, _| {})
+}
+
+/// [`tiny_cloud_reward_dir`] with `edit` applied to each trunk tensor (by its name, before
+/// the `reward_base_model.` prefix) first.
+pub fn tiny_cloud_reward_dir_edited(
+    tag: &str,
+    method: &str,
+    tokenizer_src: &Path,
+    head: Option<HeadWeights>,
+    edit: impl Fn(&str, &mut [f32]),
+) -> PathBuf {
     let spec = tiny_reward_spec();
     let c = spec.hidden;
     let mut rng = Rng::new(3);
@@ -191,7 +203,10 @@ pub fn tiny_cloud_reward_dir(
         head.unwrap_or_else(|| (rng.vec(c * c, 0.3), rng.vec(c, 0.1), rng.vec(c, 0.5), 0.1));
     let mut t: Vec<_> = tiny_tensors(&spec)
         .into_iter()
-        .map(|(n, s, d)| (format!("reward_base_model.{n}"), s, d))
+        .map(|(n, s, mut d)| {
+            edit(&n, &mut d);
+            (format!("reward_base_model.{n}"), s, d)
+        })
         .collect();
     t.push(("reward_head.dense.weight".into(), vec![c, c], dw));
     t.push(("reward_head.dense.bias".into(), vec![c], db));

@@ -559,7 +559,7 @@ macro_rules! lane_kernels {
 /// The AVX2 instantiation: 8 lanes, tiles of up to 4 x 3.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
-    mod ops {
+    pub(super) mod ops {
         use std::arch::x86_64::*;
 
         pub(super) use super::super::super::avx2::hsum;
@@ -748,33 +748,27 @@ pub(super) mod emu {
         }
 
         /// 32 bf16 weights at p as f32: the even channels, then the odd ones (lanes
-        /// 0..8 from the first 16 weights, 8..16 from the next).
+        /// 0..8 from the first 16 weights, 8..16 from the next; the 8-lane op on each).
         ///
         /// SAFETY: 32 readable bf16 at p.
         #[inline]
         #[target_feature(enable = "avx2")]
         pub unsafe fn loadw2(p: *const u8) -> (V, V) {
-            // SAFETY: see the function's contract.
-            let (a, b) = unsafe {
-                (
-                    _mm256_loadu_si256(p as *const __m256i),
-                    _mm256_loadu_si256(p.add(32) as *const __m256i),
-                )
-            };
-            let hi = _mm256_set1_epi32(0xffff_0000_u32 as i32);
-            let even = |v| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v));
-            let odd = |v| _mm256_castsi256_ps(_mm256_and_si256(v, hi));
-            ([even(a), even(b)], [odd(a), odd(b)])
+            use super::super::avx2::ops::loadw2 as half;
+            // SAFETY: see the function's contract (16 bf16 at p, 16 at p + 32 bytes).
+            let ((ea, oa), (eb, ob)) = unsafe { (half(p), half(p.add(32))) };
+            ([ea, eb], [oa, ob])
         }
 
         /// SAFETY: 16 writable floats at p.
         #[inline]
         #[target_feature(enable = "avx2")]
         pub unsafe fn storex(p: *mut f32, v: V) {
+            use super::super::avx2::ops::storex as half;
             // SAFETY: see the function's contract.
             unsafe {
-                _mm256_storeu_ps(p, v[0]);
-                _mm256_storeu_ps(p.add(8), v[1]);
+                half(p, v[0]);
+                half(p.add(8), v[1]);
             }
         }
 

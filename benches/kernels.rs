@@ -193,7 +193,7 @@ fn stream(c: &mut Criterion) {
     let oc = (256 << 20) / (ic * 2);
     let w: Vec<bf16> = (0..ic * oc).map(|_| bf16::from_f32(rng.f32())).collect();
     let mut q = vec![0i8; ic * oc];
-    let mut sc = vec![0f32; ic * oc / Q8_GROUP];
+    let mut sc = vec![bf16::ZERO; ic * oc / Q8_GROUP];
     quantize_q8(Weights::BF16(&w), &mut q, &mut sc).unwrap();
     let q8 = Weights::Q8(Q8Slice::new(&q, &sc).unwrap());
     let x = rng.vec(ic);

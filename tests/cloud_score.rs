@@ -955,13 +955,10 @@ fn device_flag_cuda_errors_and_auto_falls_back() {
             stderr.contains(opt[0]) && stderr.contains("--device cpu"),
             "{stderr}"
         );
-        // auto takes the CPU for them (q8 needs rows of whole groups of 32: not this
-        // tiny model's).
-        if opt[0] != "--quantize" {
-            args[1] = "auto";
-            let (ok, _, stderr) = run(&args);
-            assert!(ok && stderr.contains("CPU option"), "{args:?}: {stderr}");
-        }
+        // auto takes the CPU for them.
+        args[1] = "auto";
+        let (ok, _, stderr) = run(&args);
+        assert!(ok && stderr.contains("CPU option"), "{args:?}: {stderr}");
     }
     // eval: cuda fails before anything is written; auto goes on on the CPU (here to the
     // missing data file's error).

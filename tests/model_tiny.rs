@@ -234,7 +234,7 @@ fn bad_checkpoints_are_typed_errors() {
 fn resident_weights_give_identical_logits() {
     let spec = TinySpec {
         dtype: Dtype::BF16,
-        // Multiples of 32 (q8's group) for the refusal check.
+        // Multiples of 16 (q8's group) for the refusal check.
         hidden: 96,
         intermediate: 128,
         ..TinySpec::default()

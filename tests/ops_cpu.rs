@@ -7,7 +7,7 @@ mod common;
 use cloudrm::kernels::cpu::dispatch::{self, Isa};
 use cloudrm::kernels::reference::attention::AttnShape;
 use cloudrm::kernels::reference::heads::RewardHeadWeights;
-use cloudrm::kernels::weights::{Q8Slice, quantize_q8};
+use cloudrm::kernels::weights::{Q8_GROUP, Q8Slice, quantize_q8};
 use cloudrm::kernels::{OpKind, Weights, cpu, reference};
 use common::{Guarded, OpCase, Rng, bf16_compute, check_close, check_close_floor, run_cases};
 use half::{bf16, f16};
@@ -776,10 +776,21 @@ fn cases() -> Vec<OpCase> {
             });
         }
     }
-    // Q8 (int8, one scale per 32): the fast kernels against the reference on the same
-    // quantised weights, rows of whole groups (C a multiple of 32).
+    // Q8 (int8, one scale per 16): the fast kernels against the reference on the same
+    // quantised weights, rows of whole groups (C a multiple of 16): one group, three
+    // (a partial chunk of the eight whose scales are widened at once), nine and 17 (a
+    // whole chunk and a tail), and the model's shapes.
     for &rows in &ROWS {
-        for &(c, oc) in &[(32, 1), (96, 7), (64, 577), (576, 1536), (1536, 576)] {
+        for &(c, oc) in &[
+            (16, 1),
+            (48, 7),
+            (144, 33),
+            (272, 5),
+            (96, 7),
+            (64, 577),
+            (576, 1536),
+            (1536, 576),
+        ] {
             for bias in [false, true] {
                 let s = next_seed();
                 cases.push(OpCase {
@@ -1167,7 +1178,7 @@ fn paged_case(seed: u64, nh: usize, nkv: usize, hs: usize, prefix: usize, k: usi
 }
 
 /// The owned float weights if any, else the Q8 ones.
-fn q8_or<'a>(o: &'a Option<Owned>, q: &'a Option<(Vec<i8>, Vec<f32>)>) -> Weights<'a> {
+fn q8_or<'a>(o: &'a Option<Owned>, q: &'a Option<(Vec<i8>, Vec<bf16>)>) -> Weights<'a> {
     match (o, q) {
         (Some(o), _) => o.view(),
         (_, Some((q, sc))) => Weights::Q8(Q8Slice::new(q, sc).unwrap()),
@@ -1247,10 +1258,10 @@ fn fast_cpu_ops_match_reference() {
     }
 }
 
-/// Quantise to Q8 (int8 values, one scale per 32).
-fn q8(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
+/// Quantise to Q8 (int8 values, one bf16 scale per group).
+fn q8(w: &[f32]) -> (Vec<i8>, Vec<half::bf16>) {
     let mut q = vec![0i8; w.len()];
-    let mut s = vec![0f32; w.len() / 32];
+    let mut s = vec![half::bf16::ZERO; w.len() / Q8_GROUP];
     quantize_q8(Weights::F32(w), &mut q, &mut s).unwrap();
     (q, s)
 }
@@ -1259,20 +1270,20 @@ fn q8(w: &[f32]) -> (Vec<i8>, Vec<f32>) {
 fn q8_rows_that_are_not_whole_groups_are_typed_errors() {
     let (q, s) = q8(&[0.5; 64]);
     let w = Weights::Q8(Q8Slice::new(&q, &s).unwrap());
-    let x = [1.0f32; 16];
-    let mut out = [0.0f32; 4];
+    let x = [1.0f32; 8];
+    let mut out = [0.0f32; 8];
     for fast in [false, true] {
         let err = if fast {
-            cpu::matmul_forward(&mut out, &x, w, None, 16, 4)
+            cpu::matmul_forward(&mut out, &x, w, None, 8, 8)
         } else {
-            reference::matmul::matmul_forward(&mut out, &x, w, None, 16, 4)
+            reference::matmul::matmul_forward(&mut out, &x, w, None, 8, 8)
         }
         .unwrap_err();
-        assert!(err.to_string().contains("multiple of 32"), "{err}");
+        assert!(err.to_string().contains("multiple of 16"), "{err}");
     }
-    let mut row = [0.0f32; 16];
-    let err = cpu::embedding_forward(&mut row, &[0], w, 16).unwrap_err();
-    assert!(err.to_string().contains("multiple of 32"), "{err}");
+    let mut row = [0.0f32; 8];
+    let err = cpu::embedding_forward(&mut row, &[0], w, 8).unwrap_err();
+    assert!(err.to_string().contains("multiple of 16"), "{err}");
 }
 
 /// The fast matmul sums every output in the same order whatever the number of rows (16-bit

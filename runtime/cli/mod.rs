@@ -33,8 +33,8 @@ pub struct Cli {
 /// `--quantize`: how to store the weights in memory after loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum QuantizeArg {
-    /// Int8 with one f32 scale per 32 inputs (1.125 bytes per weight; logits within
-    /// about 1e-2 relative of the 16-bit model).
+    /// Int8 with one bf16 scale per 16 inputs (1.125 bytes per weight; logits about
+    /// 2e-2 relative from the 16-bit model's).
     Q8,
 }
 

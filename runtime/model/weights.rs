@@ -38,7 +38,7 @@ pub struct WeightHandle {
 #[derive(Debug)]
 struct Q8Tensor {
     q: Vec<i8>,
-    scales: Vec<f32>,
+    scales: Vec<bf16>,
 }
 
 /// Per-layer weights. Shapes use the config's letters; linear weights are (out, in).
@@ -161,7 +161,7 @@ impl LlamaWeights {
     }
 
     /// Quantise every matrix (the layers' projections, the embedding and the LM head,
-    /// once when tied) to Q8: int8 with one f32 scale per 32 inputs, 1.125 bytes per
+    /// once when tied) to Q8: int8 with one bf16 scale per 16 inputs, 1.125 bytes per
     /// weight. Norm weights stay as they are. Each matrix's mapped pages are released once
     /// it is quantised, so only the quantised copy stays resident. Idempotent.
     pub fn quantize_q8(&mut self) -> Result<()> {
@@ -416,7 +416,7 @@ fn quantize_tensor(files: &ShardedSafeTensors, h: &WeightHandle) -> Result<Q8Ten
         .into());
     }
     let mut q = vec![0i8; h.len];
-    let mut scales = vec![0f32; h.len / Q8_GROUP];
+    let mut scales = vec![bf16::ZERO; h.len / Q8_GROUP];
     quantize_q8(src, &mut q, &mut scales).map_err(|e| ModelError::Quantize(e.to_string()))?;
     // Best effort: failing to drop the 16-bit pages costs memory, not correctness.
     if let Some(f) = files.files().get(h.shard) {

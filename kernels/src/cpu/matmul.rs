@@ -11,7 +11,7 @@
 //! so each weight tile is read from memory once per panel and reused from L1 by every row
 //! block of the panel. One input row (decode) reads the weight rows one after another
 //! as a single prefetched stream per thread, each output summed in the tile's order
-//! (a row gives the same bits alone and in a batch). Int8 weights sum each group of 32
+//! (a row gives the same bits alone and in a batch). Int8 weights sum each group of 16
 //! products unscaled and apply the group's scale once (`tile_q8`), in 4 x 2 tiles or
 //! one row after another for decode. The scalar path converts one weight row at a time and dots it with
 //! every input row.
@@ -707,7 +707,7 @@ fn compute(
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the Avx512 path is only chosen when AVX-512F, AVX2, FMA and F16C are
     // detected; the shapes were checked by `check_shapes` and `cols` lies within
-    // 0..out_features. (Int8 weights return false and take the AVX2 kernels.)
+    // 0..out_features. (Int8 weights return false and take `tiled`'s kernels.)
     if isa >= Isa::Avx512
         && unsafe {
             lanes::avx512::gemm(
@@ -726,9 +726,13 @@ fn compute(
     }
     #[cfg(target_arch = "x86_64")]
     if isa >= Isa::Avx2 {
-        // One int8 row: the GEMV where it was chosen (Zen 3, AVX2), the tiles on AVX-512
-        // machines (q8 decode 192-197 against 171-176 tok/s on a 2-core Xeon).
-        let q8_gemv = isa < Isa::Avx512;
+        // Int8 weights: the 16-lane kernels where AVX-512 is, else the 8-lane GEMV for one
+        // row (chosen on Zen 3) and tiles for more.
+        let q8 = if isa >= Isa::Avx512 {
+            tiled::Q8Kernels::Avx512
+        } else {
+            tiled::Q8Kernels::Avx2
+        };
         // SAFETY: the Avx2 path is only chosen when AVX2, FMA and F16C are detected; the
         // shapes were checked by `check_shapes` and `cols` lies within 0..out_features.
         unsafe {
@@ -740,7 +744,7 @@ fn compute(
                 in_features,
                 out_features,
                 cols,
-                q8_gemv,
+                q8,
                 call,
             )
         };
@@ -826,7 +830,7 @@ fn q8_dot(x: &[f32], w: Q8Slice<'_>) -> f32 {
     x.chunks(Q8_GROUP)
         .zip(w.q().chunks(Q8_GROUP))
         .zip(w.scales())
-        .map(|((xg, qg), s)| s * scalar_dot(xg, qg, |v: &i8| *v as f32))
+        .map(|((xg, qg), s)| s.to_f32() * scalar_dot(xg, qg, |v: &i8| *v as f32))
         .sum()
 }
 
@@ -1005,6 +1009,15 @@ mod tiled {
     use crate::cpu::simd::avx2::{load_bf16x8, load_f16x8};
     use crate::weights::{Q8_GROUP, Weights};
 
+    /// Which int8 kernels a call takes.
+    #[derive(Clone, Copy)]
+    pub(super) enum Q8Kernels {
+        /// The 8-lane ones: one row through the GEMV, more in tiles (the same bits).
+        Avx2,
+        /// The 16-lane ones (AVX-512F present).
+        Avx512,
+    }
+
     /// Float weight element types, as a const parameter so each kernel is monomorphised
     /// (int8 weights have their own kernels, [`tile_q8`]).
     pub(super) const F32: u8 = 0;
@@ -1094,7 +1107,7 @@ mod tiled {
         out: *mut f32,
         x: *const f32,
         w: *const i8,
-        s: *const f32,
+        s: *const u16,
         bias: Option<&[f32]>,
         c: usize,
         cols: Range<usize>,
@@ -1110,72 +1123,127 @@ mod tiled {
     }
 
     /// Int8 tile: out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N, w_j = w + j * c
-    /// with scales s + j * c / Q8_GROUP. Per group of Q8_GROUP weights the products are
-    /// summed unscaled (x * q, then three FMAs: one chain per group, independent across
-    /// groups), then the group's scale is applied once, acc = fma(group sum, scale, acc);
-    /// `hsum`, then the bias. The order of every output is the same for any M and N, so
-    /// a row gives the same bits alone and batched. Registers: 2 M N + N + 1 (19 at
-    /// 4 x 2, three over the 16 ymm; measured faster at prefill than 3 x 2 all the same).
+    /// with bf16 scales s + j * c / Q8_GROUP. Each 8 weights are widened to f32 and
+    /// multiplied by their group's scale once, then shared by the M rows' FMAs. Each
+    /// output has two accumulators, for even and odd groups (two FMA chains per output: a
+    /// row alone is bound by their latency), added at the end, `hsum`, then the bias.
+    /// The scales are widened eight groups at a time into a small buffer, from which each
+    /// group's is broadcast; groups go two per step. The order of every output is the
+    /// same for any M and N, so a row gives the same bits alone and batched. Registers:
+    /// 2 M N accumulators, N weights, one input (19 at 4 x 2, three over the 16 ymm).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile_q8<const M: usize, const N: usize>(
         x: *const f32,
         w: *const i8,
-        s: *const f32,
+        s: *const u16,
         c: usize,
         out: *mut f32,
         ldo: usize,
         bias: [f32; 3],
     ) {
         let groups = c / Q8_GROUP;
-        let mut acc = [[_mm256_setzero_ps(); N]; M];
+        let mut acc = [[[_mm256_setzero_ps(); 2]; N]; M];
+        // Scales of groups g0..g0 + 8 per weight row, as f32.
+        let mut sf = [[0f32; 8]; N];
         // SAFETY: c is a multiple of Q8_GROUP; rows i < M of x and j < N of w (and their
-        // scales) exist; prefetches past the matrix are harmless.
+        // `groups` scales) exist; prefetches past the matrix are harmless.
         unsafe {
-            for g in 0..groups {
-                let k = g * Q8_GROUP;
-                if k.is_multiple_of(64) {
-                    for j in 0..N {
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(j * c + k + N * GEMV_PREFETCH));
+            let mut g = 0;
+            while g < groups {
+                if g % 8 == 0 {
+                    for (j, sj) in sf.iter_mut().enumerate() {
+                        widen_scales(sj, s.add(j * groups + g), groups - g);
                     }
                 }
-                let mut t = [[_mm256_setzero_ps(); N]; M];
-                for v in 0..Q8_GROUP / 8 {
-                    let mut wv = [_mm256_setzero_ps(); N];
-                    for (j, wj) in wv.iter_mut().enumerate() {
-                        *wj = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                            w.add(j * c + k + 8 * v) as *const __m128i,
-                        )));
-                    }
-                    for (i, ti) in t.iter_mut().enumerate() {
-                        let xv = _mm256_loadu_ps(x.add(i * c + k + 8 * v));
-                        for (tij, wj) in ti.iter_mut().zip(&wv) {
-                            *tij = if v == 0 {
-                                _mm256_mul_ps(xv, *wj)
-                            } else {
-                                _mm256_fmadd_ps(xv, *wj, *tij)
-                            };
+                if g + 2 <= groups {
+                    let k = g * Q8_GROUP;
+                    if k.is_multiple_of(64) {
+                        for j in 0..N {
+                            let ahead = j * c + k + N * GEMV_PREFETCH;
+                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead));
+                            if k.is_multiple_of(512) {
+                                let sp = s.wrapping_add(ahead / Q8_GROUP);
+                                _mm_prefetch::<_MM_HINT_T0>(sp as *const i8);
+                            }
                         }
                     }
-                }
-                for (ai, ti) in acc.iter_mut().zip(&t) {
-                    for (j, (a, tij)) in ai.iter_mut().zip(ti).enumerate() {
-                        *a =
-                            _mm256_fmadd_ps(*tij, _mm256_broadcast_ss(&*s.add(j * groups + g)), *a);
-                    }
+                    q8_group8::<M, N, 0>(&mut acc, x, w, &sf, c, g);
+                    q8_group8::<M, N, 1>(&mut acc, x, w, &sf, c, g + 1);
+                    g += 2;
+                } else {
+                    // (An odd count's last group is even.)
+                    q8_group8::<M, N, 0>(&mut acc, x, w, &sf, c, g);
+                    g += 1;
                 }
             }
             for (i, ai) in acc.iter().enumerate() {
                 for (j, a) in ai.iter().enumerate() {
-                    *out.add(i * ldo + j) = hsum(*a) + bias[j];
+                    *out.add(i * ldo + j) = hsum(_mm256_add_ps(a[0], a[1])) + bias[j];
                 }
             }
         }
     }
 
-    /// [`gemm`] for int8 weights: one row by [`gemv_q8`] if `gemv`, more (or one
-    /// without `gemv`) in 4 x 2 tiles of [`tile_q8`] over L2-sized row panels (the same
-    /// bits either way).
+    /// Group `g` of [`tile_q8`] into accumulators `P` (its parity).
+    ///
+    /// SAFETY: AVX2+FMA; as [`tile_q8`], g < c / Q8_GROUP, `sf` holding group g's scales
+    /// at g % 8.
+    #[inline(always)]
+    unsafe fn q8_group8<const M: usize, const N: usize, const P: usize>(
+        acc: &mut [[[__m256; 2]; N]; M],
+        x: *const f32,
+        w: *const i8,
+        sf: &[[f32; 8]; N],
+        c: usize,
+        g: usize,
+    ) {
+        let k = g * Q8_GROUP;
+        // SAFETY: see the function's contract.
+        unsafe {
+            for v in 0..Q8_GROUP / 8 {
+                let mut wv = [_mm256_setzero_ps(); N];
+                for (j, wj) in wv.iter_mut().enumerate() {
+                    let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        w.add(j * c + k + 8 * v) as *const __m128i
+                    ));
+                    *wj = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(&sf[j][g % 8]));
+                }
+                for (i, ai) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.add(i * c + k + 8 * v));
+                    for (a, wj) in ai.iter_mut().zip(&wv) {
+                        a[P] = _mm256_fmadd_ps(xv, *wj, a[P]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// dst[..n.min(8)] = the bf16 scales at `s` as f32 (eight in one vector when there
+    /// are eight, else one at a time: the last scales of a matrix end where it does).
+    ///
+    /// SAFETY: AVX2; n.min(8) scales readable at s.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen_scales(dst: &mut [f32; 8], s: *const u16, n: usize) {
+        // SAFETY: see the function's contract.
+        unsafe {
+            if n >= 8 {
+                let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(s as *const __m128i));
+                _mm256_storeu_ps(
+                    dst.as_mut_ptr(),
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                );
+            } else {
+                for (t, d) in dst.iter_mut().take(n).enumerate() {
+                    *d = f32::from_bits((*s.add(t) as u32) << 16);
+                }
+            }
+        }
+    }
+
+    /// [`gemm`] for int8 weights: one row by [`gemv_q8`], more in 4 x 2 tiles of
+    /// [`tile_q8`] over L2-sized row panels (the same bits either way).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_q8(
@@ -1183,16 +1251,15 @@ mod tiled {
         x: *const f32,
         rows: usize,
         w: *const i8,
-        s: *const f32,
+        s: *const u16,
         bias: Option<&[f32]>,
         c: usize,
         oc: usize,
         cols: Range<usize>,
-        gemv: bool,
     ) {
         const QM: usize = 4;
         const QN: usize = 2;
-        if rows == 1 && gemv {
+        if rows == 1 {
             // SAFETY: forwarded caller guarantees.
             unsafe { gemv_q8(out, x, w, s, bias, c, cols) };
             return;
@@ -1219,6 +1286,158 @@ mod tiled {
                 }
             }
         });
+    }
+
+    /// [`gemm_q8`] on AVX-512: rows in 4 x 2 tiles of [`tile_q8_512`] over L2-sized row
+    /// panels, one row as a 1 x 2 tile (the same bits either way).
+    ///
+    /// SAFETY: AVX-512F, AVX2, FMA and F16C present; otherwise as [`gemm_q8`].
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_q8_512(
+        out: *mut f32,
+        x: *const f32,
+        rows: usize,
+        w: *const i8,
+        s: *const u16,
+        bias: Option<&[f32]>,
+        c: usize,
+        oc: usize,
+        cols: Range<usize>,
+    ) {
+        let groups = c / Q8_GROUP;
+        for_each_tile(rows, c, cols, 4, 2, |r, m, o, n, _| {
+            let mut b = [0.0; 2];
+            if let Some(bs) = bias {
+                b[..n].copy_from_slice(&bs[o..o + n]);
+            }
+            // SAFETY: forwarded caller guarantees; the tile lies within rows x cols.
+            unsafe {
+                let (wt, st) = (w.add(o * c), s.add(o * groups));
+                let (xr, op) = (x.add(r * c), out.add(r * oc + o));
+                match (m, n) {
+                    (4, 2) => tile_q8_512::<4, 2>(xr, wt, st, c, op, oc, b),
+                    (4, _) => tile_q8_512::<4, 1>(xr, wt, st, c, op, oc, b),
+                    (3, 2) => tile_q8_512::<3, 2>(xr, wt, st, c, op, oc, b),
+                    (3, _) => tile_q8_512::<3, 1>(xr, wt, st, c, op, oc, b),
+                    (2, 2) => tile_q8_512::<2, 2>(xr, wt, st, c, op, oc, b),
+                    (2, _) => tile_q8_512::<2, 1>(xr, wt, st, c, op, oc, b),
+                    (_, 2) => tile_q8_512::<1, 2>(xr, wt, st, c, op, oc, b),
+                    _ => tile_q8_512::<1, 1>(xr, wt, st, c, op, oc, b),
+                }
+            }
+        });
+    }
+
+    /// The 16-lane kernels take one group per vector.
+    const _: () = assert!(Q8_GROUP == 16);
+
+    /// Int8 tile on AVX-512: out[i * ldo + j] = x_i . w_j + bias_j for i < M, j < N,
+    /// w_j = w + j * c with bf16 scales s + j * c / Q8_GROUP. Each group (16 weights, one
+    /// vector) is widened to f32 and multiplied by its scale once, then shared by the M
+    /// rows' FMAs. Each output has two accumulators, for even and odd groups (two FMA
+    /// chains per output: a row alone is bound by their latency), added and reduced at
+    /// the end, then the bias. The scales are widened sixteen groups at a time into a
+    /// small buffer, from which each group's is broadcast; groups go four per step. The
+    /// order of every output is the same for any M and N, so a row gives the same bits
+    /// alone and batched. Registers: 2 M N accumulators, N weights, one input (19 of the
+    /// 32 zmm at 4 x 2).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn tile_q8_512<const M: usize, const N: usize>(
+        x: *const f32,
+        w: *const i8,
+        s: *const u16,
+        c: usize,
+        out: *mut f32,
+        ldo: usize,
+        bias: [f32; 2],
+    ) {
+        let groups = c / Q8_GROUP;
+        let mut acc = [[[_mm512_setzero_ps(); 2]; N]; M];
+        // Scales of groups g0..g0 + 16 per weight row, as f32.
+        let mut sf = [[0f32; 16]; N];
+        // SAFETY: c is a multiple of Q8_GROUP; rows i < M of x and j < N of w (and their
+        // `groups` scales) exist; prefetches past the matrix are harmless.
+        unsafe {
+            let mut g = 0;
+            while g < groups {
+                if g % 16 == 0 {
+                    for (j, sj) in sf.iter_mut().enumerate() {
+                        let sp = s.add(j * groups + g);
+                        if groups - g >= 16 {
+                            let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(sp as *const __m256i));
+                            let v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                            _mm512_storeu_ps(sj.as_mut_ptr(), v);
+                        } else {
+                            for (t, d) in sj.iter_mut().take(groups - g).enumerate() {
+                                *d = f32::from_bits((*sp.add(t) as u32) << 16);
+                            }
+                        }
+                    }
+                }
+                if g + 4 <= groups {
+                    let k = g * Q8_GROUP;
+                    for j in 0..N {
+                        let ahead = j * c + k + N * GEMV_PREFETCH;
+                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead));
+                        // The scales' stream, as far ahead (a line per 32 groups).
+                        if k.is_multiple_of(512) {
+                            let sp = s.wrapping_add(ahead / Q8_GROUP);
+                            _mm_prefetch::<_MM_HINT_T0>(sp as *const i8);
+                        }
+                    }
+                    q8_group::<M, N, 0>(&mut acc, x, w, &sf, c, g);
+                    q8_group::<M, N, 1>(&mut acc, x, w, &sf, c, g + 1);
+                    q8_group::<M, N, 0>(&mut acc, x, w, &sf, c, g + 2);
+                    q8_group::<M, N, 1>(&mut acc, x, w, &sf, c, g + 3);
+                    g += 4;
+                } else {
+                    if g % 2 == 0 {
+                        q8_group::<M, N, 0>(&mut acc, x, w, &sf, c, g);
+                    } else {
+                        q8_group::<M, N, 1>(&mut acc, x, w, &sf, c, g);
+                    }
+                    g += 1;
+                }
+            }
+            for (i, ai) in acc.iter().enumerate() {
+                for (j, a) in ai.iter().enumerate() {
+                    *out.add(i * ldo + j) =
+                        _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])) + bias[j];
+                }
+            }
+        }
+    }
+
+    /// Group `g` of [`tile_q8_512`] into accumulators `P` (its parity).
+    ///
+    /// SAFETY: AVX-512F; as [`tile_q8_512`], g < c / Q8_GROUP, `sf` holding group g's
+    /// scales at g % 16.
+    #[inline(always)]
+    unsafe fn q8_group<const M: usize, const N: usize, const P: usize>(
+        acc: &mut [[[__m512; 2]; N]; M],
+        x: *const f32,
+        w: *const i8,
+        sf: &[[f32; 16]; N],
+        c: usize,
+        g: usize,
+    ) {
+        let k = g * Q8_GROUP;
+        // SAFETY: see the function's contract.
+        unsafe {
+            let mut wv = [_mm512_setzero_ps(); N];
+            for (j, wj) in wv.iter_mut().enumerate() {
+                let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(w.add(j * c + k) as *const __m128i));
+                *wj = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sf[j][g % 16]));
+            }
+            for (i, ai) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(x.add(i * c + k));
+                for (a, wj) in ai.iter_mut().zip(&wv) {
+                    a[P] = _mm512_fmadd_ps(xv, *wj, a[P]);
+                }
+            }
+        }
     }
 
     /// The output tiles of `rows` x `cols`: row panels small enough to stay in L2 while
@@ -1256,8 +1475,8 @@ mod tiled {
         }
     }
 
-    /// out (rows, oc) columns `cols` = inp (rows, c) . weight(cols)^T + bias; one int8
-    /// row through the GEMV if `q8_gemv`, else the tiles (the same bits).
+    /// out (rows, oc) columns `cols` = inp (rows, c) . weight(cols)^T + bias; int8 weights
+    /// through the kernels `q8` names.
     ///
     /// SAFETY: AVX2+FMA+F16C present; `inp.len()` is a multiple of `c`, `out` holds
     /// rows * oc, `weight` oc * c, `bias` (if any) oc; `cols` within 0..oc. Only columns
@@ -1272,7 +1491,7 @@ mod tiled {
         c: usize,
         oc: usize,
         cols: Range<usize>,
-        q8_gemv: bool,
+        q8: Q8Kernels,
         call: u64,
     ) {
         let rows = inp.len() / c;
@@ -1283,18 +1502,14 @@ mod tiled {
                 Weights::F32(_) | Weights::BF16(_) | Weights::F16(_) => {
                     super::lanes::avx2::gemm(out, inp, weight, bias, c, oc, cols, call);
                 }
-                Weights::Q8(w) => gemm_q8(
-                    out.as_mut_ptr(),
-                    inp.as_ptr(),
-                    rows,
-                    w.q().as_ptr(),
-                    w.scales().as_ptr(),
-                    bias,
-                    c,
-                    oc,
-                    cols,
-                    q8_gemv,
-                ),
+                Weights::Q8(w) => {
+                    let (o, x, q) = (out.as_mut_ptr(), inp.as_ptr(), w.q().as_ptr());
+                    let sc = w.scales().as_ptr() as *const u16;
+                    match q8 {
+                        Q8Kernels::Avx512 => gemm_q8_512(o, x, rows, q, sc, bias, c, oc, cols),
+                        Q8Kernels::Avx2 => gemm_q8(o, x, rows, q, sc, bias, c, oc, cols),
+                    }
+                }
             }
         }
     }

@@ -216,13 +216,21 @@ fn quantize_groups(
             });
         }
         *s = bf16_at_least(amax / 127.0);
-        // In f64, where the inverse of a subnormal scale is finite.
-        let scale = s.to_f32() as f64;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        for (d, &b) in qg.iter_mut().zip(&buf) {
-            // Round half away from zero without a libm call (|b * inv| <= 127).
-            let r = b as f64 * inv;
-            *d = ((r + 0.5f64.copysign(r)) as i32).clamp(-127, 127) as i8;
+        let scale = s.to_f32();
+        if scale >= f32::MIN_POSITIVE {
+            let inv = 1.0 / scale;
+            for (d, &b) in qg.iter_mut().zip(&buf) {
+                // Round half away from zero without a libm call (|b * inv| <= 127).
+                let r = b * inv;
+                *d = ((r + 0.5f32.copysign(r)) as i32).clamp(-127, 127) as i8;
+            }
+        } else {
+            // A subnormal scale (or 0): its inverse in f64, where it is finite.
+            let inv = if scale > 0.0 { 1.0 / scale as f64 } else { 0.0 };
+            for (d, &b) in qg.iter_mut().zip(&buf) {
+                let r = b as f64 * inv;
+                *d = ((r + 0.5f64.copysign(r)) as i32).clamp(-127, 127) as i8;
+            }
         }
     }
     Ok(())

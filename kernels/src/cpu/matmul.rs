@@ -11,9 +11,10 @@
 //! so each weight tile is read from memory once per panel and reused from L1 by every row
 //! block of the panel. One input row (decode) reads the weight rows one after another
 //! as a single prefetched stream per thread, each output summed in the tile's order
-//! (a row gives the same bits alone and in a batch). Int8 weights sum each group of 16
-//! products unscaled and apply the group's scale once (`tile_q8`), in 4 x 2 tiles or
-//! one row after another for decode. The scalar path converts one weight row at a time and dots it with
+//! (a row gives the same bits alone and in a batch). Int8 weights are widened and
+//! multiplied by their group's scale (exact in f32) once per tile, two accumulators per
+//! output (`tile_q8_512` on AVX-512, a group per vector; `tile_q8` on AVX2), in 4 x 2
+//! tiles, or one row after another for decode. The scalar path converts one weight row at a time and dots it with
 //! every input row.
 
 use half::{bf16, f16};

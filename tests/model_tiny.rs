@@ -272,3 +272,45 @@ fn resident_weights_give_identical_logits() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `--quantize q8` needs every matrix's rows to be whole groups of 16: a model whose
+/// hidden or intermediate size is not gets a typed error naming the row length and the
+/// sizes to check, before anything is half-quantised, and still runs on its 16-bit
+/// weights with the same logits.
+#[test]
+fn q8_refuses_rows_that_are_not_whole_groups() {
+    for (tag, hidden, heads, intermediate) in [("q8rows-mlp", 48, 6, 72), ("q8rows-c", 40, 4, 64)] {
+        let spec = TinySpec {
+            dtype: Dtype::BF16,
+            hidden,
+            heads,
+            intermediate,
+            ..TinySpec::default()
+        };
+        let dir = tiny_model_dir(tag, &spec);
+        let mut model = Llama::load_dir(&dir).unwrap();
+        let cpu = Cpu::fast();
+        let before = all_logits(&model, &cpu, &IDS);
+        let err = model.weights.quantize_q8().unwrap_err();
+        let msg = err.to_string();
+        let bad = if hidden % 16 != 0 {
+            hidden
+        } else {
+            intermediate
+        };
+        assert!(
+            msg.contains(&format!("rows of {bad} elements")) && msg.contains("multiples of 16"),
+            "{tag}: {msg}"
+        );
+        assert!(!model.weights.is_quantized(), "{tag}");
+        let after = all_logits(&model, &cpu, &IDS);
+        assert!(
+            before
+                .iter()
+                .zip(&after)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{tag}: a refused quantisation changed the logits"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

@@ -29,6 +29,8 @@ pub struct WeightHandle {
     offset: usize,
     /// Elements.
     len: usize,
+    /// Elements per row (the last dimension).
+    row: usize,
     dtype: Dtype,
     /// Index into `LlamaWeights::q8` once the tensor is quantised.
     q8: Option<u32>,
@@ -376,6 +378,7 @@ pub(crate) fn handle(
                 shard,
                 offset: ptr - base,
                 len: view.numel(),
+                row: shape.last().copied().unwrap_or(1),
                 dtype: view.dtype,
                 q8: None,
             });
@@ -408,10 +411,12 @@ fn mapped<'a>(files: &'a ShardedSafeTensors, h: &WeightHandle) -> Weights<'a> {
 /// One matrix of the mapping quantised to Q8.
 fn quantize_tensor(files: &ShardedSafeTensors, h: &WeightHandle) -> Result<Q8Tensor> {
     let src = mapped(files, h);
-    if src.len() != h.len || !h.len.is_multiple_of(Q8_GROUP) {
+    if src.len() != h.len || h.row == 0 || !h.row.is_multiple_of(Q8_GROUP) {
         return Err(ModelError::Quantize(format!(
-            "a tensor of {} elements cannot be quantised in groups of {Q8_GROUP}",
-            h.len
+            "a matrix with rows of {} elements cannot be quantised in groups of {Q8_GROUP} per \
+             row (hidden_size, intermediate_size and the attention width must be multiples of \
+             {Q8_GROUP})",
+            h.row
         ))
         .into());
     }

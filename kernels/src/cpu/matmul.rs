@@ -1160,14 +1160,7 @@ mod tiled {
                 if g + 2 <= groups {
                     let k = g * Q8_GROUP;
                     if k.is_multiple_of(64) {
-                        for j in 0..N {
-                            let ahead = j * c + k + N * GEMV_PREFETCH;
-                            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead));
-                            if k.is_multiple_of(512) {
-                                let sp = s.wrapping_add(ahead / Q8_GROUP);
-                                _mm_prefetch::<_MM_HINT_T0>(sp as *const i8);
-                            }
-                        }
+                        prefetch_q8::<N>(w, s, c, k);
                     }
                     q8_group8::<M, N, 0>(&mut acc, x, w, &sf, c, g);
                     q8_group8::<M, N, 1>(&mut acc, x, w, &sf, c, g + 1);
@@ -1238,6 +1231,26 @@ mod tiled {
             } else {
                 for (t, d) in dst.iter_mut().take(n).enumerate() {
                     *d = f32::from_bits((*s.add(t) as u32) << 16);
+                }
+            }
+        }
+    }
+
+    /// Prefetch, for the N weight rows of an int8 tile at channel k, the weights
+    /// `N * GEMV_PREFETCH` bytes ahead, and every 512 channels their scales as far ahead
+    /// (a line of scales covers 32 groups).
+    ///
+    /// SAFETY: none needed (prefetches never fault); `w`, `s` as the tile's.
+    #[inline(always)]
+    unsafe fn prefetch_q8<const N: usize>(w: *const i8, s: *const u16, c: usize, k: usize) {
+        for j in 0..N {
+            let ahead = j * c + k + N * GEMV_PREFETCH;
+            // SAFETY: SSE is baseline on x86-64; a prefetch never faults.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead));
+                if k.is_multiple_of(512) {
+                    let sp = s.wrapping_add(ahead / Q8_GROUP);
+                    _mm_prefetch::<_MM_HINT_T0>(sp as *const i8);
                 }
             }
         }
@@ -1366,28 +1379,15 @@ mod tiled {
                 if g % 16 == 0 {
                     for (j, sj) in sf.iter_mut().enumerate() {
                         let sp = s.add(j * groups + g);
-                        if groups - g >= 16 {
-                            let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(sp as *const __m256i));
-                            let v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-                            _mm512_storeu_ps(sj.as_mut_ptr(), v);
-                        } else {
-                            for (t, d) in sj.iter_mut().take(groups - g).enumerate() {
-                                *d = f32::from_bits((*sp.add(t) as u32) << 16);
+                        for (h, half) in sj.as_chunks_mut::<8>().0.iter_mut().enumerate() {
+                            if groups - g > 8 * h {
+                                widen_scales(half, sp.add(8 * h), groups - g - 8 * h);
                             }
                         }
                     }
                 }
                 if g + 4 <= groups {
-                    let k = g * Q8_GROUP;
-                    for j in 0..N {
-                        let ahead = j * c + k + N * GEMV_PREFETCH;
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead));
-                        // The scales' stream, as far ahead (a line per 32 groups).
-                        if k.is_multiple_of(512) {
-                            let sp = s.wrapping_add(ahead / Q8_GROUP);
-                            _mm_prefetch::<_MM_HINT_T0>(sp as *const i8);
-                        }
-                    }
+                    prefetch_q8::<N>(w, s, c, g * Q8_GROUP);
                     q8_group::<M, N, 0>(&mut acc, x, w, &sf, c, g);
                     q8_group::<M, N, 1>(&mut acc, x, w, &sf, c, g + 1);
                     q8_group::<M, N, 0>(&mut acc, x, w, &sf, c, g + 2);

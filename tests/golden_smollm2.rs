@@ -176,9 +176,9 @@ fn real_model_incremental_equals_full() {
 
 /// `--quantize q8` on the real model, against the bf16 model on every position of the
 /// golden texts: the fast and the reference kernels agree on the quantised weights, and
-/// the quantisation costs what the format costs: 2.39e-2 relative L2 with groups of 16
+/// the quantisation costs what the format costs: 2.13e-2 relative L2 with groups of 16
 /// and bf16 scales (3.38e-2 with the earlier groups of 32 and f32 scales, the same
-/// bytes; PyTorch gives 2.17e-2 and 3.34e-2 for the two quantisations of these texts,
+/// bytes; PyTorch gives 2.16e-2 and 3.34e-2 for the two quantisations of these texts,
 /// docs/benchmarks.md). The bound here is the measured value plus a margin, and greedy
 /// tokens must agree on >= 97% of positions. (1e-2, the goal, is below what
 /// 8-bit weights reach on this model: bf16 weights themselves are 5.2e-3 from f32 by
@@ -237,7 +237,7 @@ fn q8_logits_close_to_bf16() {
     eprintln!(
         "q8 vs bf16: logits rel L2 {rel:.3e}, argmax agreement {agree:.3} over {positions} positions"
     );
-    assert!(rel < 2.7e-2, "q8 logits rel L2 {rel:.3e} >= 2.7e-2");
+    assert!(rel < 2.5e-2, "q8 logits rel L2 {rel:.3e} >= 2.5e-2");
     assert!(agree >= 0.97, "argmax agreement {agree}");
     // The reference kernels on the same quantised weights (last position of case 0).
     let ids = &cases[0].ids;

@@ -181,6 +181,11 @@ pub fn quantize_q8(src: Weights<'_>, q: &mut [i8], scales: &mut [bf16]) -> Resul
     }
     match src {
         Weights::F32(w) => quantize_groups(|i| w[i], q, scales),
+        #[cfg(target_arch = "x86_64")]
+        Weights::BF16(w) if crate::cpu::dispatch::has_avx2() => {
+            // SAFETY: AVX2 detected; lengths checked above.
+            unsafe { avx2::quantize_bf16(w, q, scales) }
+        }
         Weights::BF16(w) => quantize_groups(|i| w[i].to_f32(), q, scales),
         Weights::F16(w) => quantize_groups(|i| w[i].to_f32(), q, scales),
         Weights::Q8(w) => quantize_groups(|i| w.get(i), q, scales),
@@ -237,6 +242,103 @@ fn quantize_groups(
         }
     }
     Ok(())
+}
+
+/// [`quantize_groups`] for bf16 weights with AVX2, the same values: each group's 16
+/// weights widened in two vectors, their magnitude's maximum and finiteness taken in
+/// registers, the scale as the scalar code makes it, then `round(w / scale)` (half away
+/// from zero) in registers and narrowed to int8. Groups with a subnormal scale, and the
+/// error for a non-finite weight, go through the scalar code.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::bf16;
+
+    use super::{Q8_GROUP, q8_scale, quantize_groups};
+    use crate::error::KernelError;
+
+    /// SAFETY: AVX2; `q.len() == w.len() == scales.len() * Q8_GROUP`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_bf16(
+        w: &[bf16],
+        q: &mut [i8],
+        scales: &mut [bf16],
+    ) -> Result<(), KernelError> {
+        const _: () = assert!(Q8_GROUP == 16);
+        let sign = _mm256_set1_ps(-0.0);
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        for (g, (qg, s)) in q
+            .chunks_exact_mut(Q8_GROUP)
+            .zip(scales.iter_mut())
+            .enumerate()
+        {
+            let wg = &w[g * Q8_GROUP..][..Q8_GROUP];
+            // SAFETY: 16 bf16 (32 bytes) at wg; 16 bytes written to qg.
+            unsafe {
+                let raw = _mm256_loadu_si256(wg.as_ptr() as *const __m256i);
+                let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw));
+                let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(raw));
+                let v0 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(lo));
+                let v1 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(hi));
+                // Non-finite: an all-ones exponent in any lane.
+                let e0 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v0), exp), exp);
+                let e1 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v1), exp), exp);
+                if _mm256_testz_si256(_mm256_or_si256(e0, e1), _mm256_or_si256(e0, e1)) == 0 {
+                    // The scalar code names the weight.
+                    return quantize_groups(|i| wg[i].to_f32(), qg, std::slice::from_mut(s))
+                        .map_err(|e| renumber(e, g));
+                }
+                let m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+                let amax = _mm_cvtss_f32(m);
+                *s = q8_scale(amax / 127.0);
+                let scale = s.to_f32();
+                if scale < f32::MIN_POSITIVE {
+                    quantize_groups(|i| wg[i].to_f32(), qg, std::slice::from_mut(s))?;
+                    continue;
+                }
+                let inv = _mm256_set1_ps(1.0 / scale);
+                let half = _mm256_set1_ps(0.5);
+                let round = |v: __m256| {
+                    let r = _mm256_mul_ps(v, inv);
+                    let h = _mm256_or_ps(half, _mm256_and_ps(sign, r));
+                    _mm256_cvttps_epi32(_mm256_add_ps(r, h))
+                };
+                let (i0, i1) = (round(v0), round(v1));
+                // |i| <= 127: the narrowing saturates nothing. packs interleave 128-bit
+                // lanes: (i0.lo, i1.lo, i0.hi, i1.hi) as words, then bytes.
+                let w16 = _mm256_packs_epi32(i0, i1);
+                let w16 = _mm256_permute4x64_epi64::<0b11_01_10_00>(w16);
+                let b8 = _mm_packs_epi16(
+                    _mm256_castsi256_si128(w16),
+                    _mm256_extracti128_si256::<1>(w16),
+                );
+                _mm_storeu_si128(qg.as_mut_ptr() as *mut __m128i, b8);
+            }
+        }
+        Ok(())
+    }
+
+    /// The scalar code's error for group `g` alone, with the element numbered in the
+    /// whole tensor.
+    fn renumber(e: KernelError, g: usize) -> KernelError {
+        match e {
+            KernelError::Invalid { op, arg, reason } => {
+                let reason = match reason.rsplit_once("at element ") {
+                    Some((head, j)) => match j.parse::<usize>() {
+                        Ok(j) => format!("{head}at element {}", g * Q8_GROUP + j),
+                        Err(_) => reason,
+                    },
+                    None => reason,
+                };
+                KernelError::Invalid { op, arg, reason }
+            }
+            other => other,
+        }
+    }
 }
 
 /// `v` (finite, >= 0) rounded to the nearest bf16 (relative error <= 2^-9, so a
@@ -314,6 +416,55 @@ mod tests {
                 (v as f64 - qi as f64 * step).abs() <= 0.5 * step * (1.0 + 1e-6),
                 "{v} {qi}"
             );
+        }
+    }
+
+    /// The AVX2 quantiser gives the scalar code's values and scales bit for bit, over
+    /// magnitudes from bf16 subnormals to 1e3, all-zero groups, ties and signed zeros,
+    /// and its error for a non-finite weight names the same element. (Skipped, with a
+    /// note, where the CPU lacks AVX2.)
+    #[test]
+    fn q8_avx2_quantiser_matches_the_scalar_one() {
+        if !crate::cpu::dispatch::has_avx2() {
+            eprintln!("skipped: this CPU lacks AVX2");
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let groups = 4000;
+        let mut w = Vec::with_capacity(groups * Q8_GROUP);
+        for g in 0..groups {
+            let mag = 10f64.powf(-40.0 + 43.0 * rnd());
+            for j in 0..Q8_GROUP {
+                let v = match g % 7 {
+                    0 => 0.0,
+                    1 if j % 2 == 0 => -0.0,
+                    // Ties: multiples of half a step of a power-of-two scale.
+                    2 => (j as f64 - 8.0) * 0.5,
+                    _ => (2.0 * rnd() - 1.0) * mag,
+                };
+                w.push(bf16::from_f64(v));
+            }
+        }
+        let n = w.len();
+        let (mut q1, mut s1) = (vec![0i8; n], vec![bf16::ZERO; groups]);
+        let (mut q2, mut s2) = (vec![0i8; n], vec![bf16::ZERO; groups]);
+        quantize_q8(Weights::BF16(&w), &mut q1, &mut s1).unwrap();
+        quantize_groups(|i| w[i].to_f32(), &mut q2, &mut s2).unwrap();
+        assert!(s1.iter().zip(&s2).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(q1, q2);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut wb = w.clone();
+            wb[1234] = bf16::from_f32(bad);
+            let e1 = quantize_q8(Weights::BF16(&wb), &mut q1, &mut s1).unwrap_err();
+            let e2 = quantize_groups(|i| wb[i].to_f32(), &mut q2, &mut s2).unwrap_err();
+            assert_eq!(e1.to_string(), e2.to_string());
+            assert!(e1.to_string().contains("element 1234"), "{e1}");
         }
     }
 

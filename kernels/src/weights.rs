@@ -183,8 +183,13 @@ pub fn quantize_q8(src: Weights<'_>, q: &mut [i8], scales: &mut [bf16]) -> Resul
         Weights::F32(w) => quantize_groups(|i| w[i], q, scales),
         #[cfg(target_arch = "x86_64")]
         Weights::BF16(w) if crate::cpu::dispatch::has_avx2() => {
-            // SAFETY: AVX2 detected; lengths checked above.
-            unsafe { avx2::quantize_bf16(w, q, scales) }
+            // SAFETY: AVX2 and F16C detected (has_avx2 includes F16C); lengths checked.
+            unsafe { avx2::quantize_16::<false>(bytemuck::cast_slice(w), q, scales) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Weights::F16(w) if crate::cpu::dispatch::has_avx2() => {
+            // SAFETY: AVX2 and F16C detected (has_avx2 includes F16C); lengths checked.
+            unsafe { avx2::quantize_16::<true>(bytemuck::cast_slice(w), q, scales) }
         }
         Weights::BF16(w) => quantize_groups(|i| w[i].to_f32(), q, scales),
         Weights::F16(w) => quantize_groups(|i| w[i].to_f32(), q, scales),
@@ -244,8 +249,8 @@ fn quantize_groups(
     Ok(())
 }
 
-/// [`quantize_groups`] for bf16 weights with AVX2, the same values: each group's 16
-/// weights widened in two vectors, their magnitude's maximum and finiteness taken in
+/// [`quantize_groups`] for bf16 and f16 weights with AVX2, the same values: each group's
+/// 16 weights widened in two vectors, their magnitude's maximum and finiteness taken in
 /// registers, the scale as the scalar code makes it, then `round(w / scale)` (half away
 /// from zero) in registers and narrowed to int8. Groups with a subnormal scale, and the
 /// error for a non-finite weight, go through the scalar code.
@@ -253,18 +258,27 @@ fn quantize_groups(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use half::bf16;
+    use half::{bf16, f16};
 
     use super::{Q8_GROUP, q8_scale, quantize_groups};
     use crate::error::KernelError;
 
-    /// SAFETY: AVX2; `q.len() == w.len() == scales.len() * Q8_GROUP`.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn quantize_bf16(
-        w: &[bf16],
+    /// `w` holds bf16 bits, or f16 bits if `F16`.
+    ///
+    /// SAFETY: AVX2 and F16C; `q.len() == w.len() == scales.len() * Q8_GROUP`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn quantize_16<const F16: bool>(
+        w: &[u16],
         q: &mut [i8],
         scales: &mut [bf16],
     ) -> Result<(), KernelError> {
+        let get = |v: u16| {
+            if F16 {
+                f16::from_bits(v).to_f32()
+            } else {
+                bf16::from_bits(v).to_f32()
+            }
+        };
         const _: () = assert!(Q8_GROUP == 16);
         let sign = _mm256_set1_ps(-0.0);
         let exp = _mm256_set1_epi32(0x7f80_0000);
@@ -277,16 +291,23 @@ mod avx2 {
             // SAFETY: 16 bf16 (32 bytes) at wg; 16 bytes written to qg.
             unsafe {
                 let raw = _mm256_loadu_si256(wg.as_ptr() as *const __m256i);
-                let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw));
-                let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(raw));
-                let v0 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(lo));
-                let v1 = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(hi));
+                let (r0, r1) = (
+                    _mm256_castsi256_si128(raw),
+                    _mm256_extracti128_si256::<1>(raw),
+                );
+                let (v0, v1) = if F16 {
+                    (_mm256_cvtph_ps(r0), _mm256_cvtph_ps(r1))
+                } else {
+                    let lo = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(r0));
+                    let hi = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(r1));
+                    (_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi))
+                };
                 // Non-finite: an all-ones exponent in any lane.
                 let e0 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v0), exp), exp);
                 let e1 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v1), exp), exp);
                 if _mm256_testz_si256(_mm256_or_si256(e0, e1), _mm256_or_si256(e0, e1)) == 0 {
                     // The scalar code names the weight.
-                    return quantize_groups(|i| wg[i].to_f32(), qg, std::slice::from_mut(s))
+                    return quantize_groups(|i| get(wg[i]), qg, std::slice::from_mut(s))
                         .map_err(|e| renumber(e, g));
                 }
                 let m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
@@ -297,7 +318,7 @@ mod avx2 {
                 *s = q8_scale(amax / 127.0);
                 let scale = s.to_f32();
                 if scale < f32::MIN_POSITIVE {
-                    quantize_groups(|i| wg[i].to_f32(), qg, std::slice::from_mut(s))?;
+                    quantize_groups(|i| get(wg[i]), qg, std::slice::from_mut(s))?;
                     continue;
                 }
                 let inv = _mm256_set1_ps(1.0 / scale);
@@ -452,10 +473,20 @@ mod tests {
             }
         }
         let n = w.len();
+        // The same values as f16 (its own subnormals and overflow to infinity aside:
+        // magnitudes over 65504 become infinities, which are errors, so they are capped).
+        let wh: Vec<f16> = w
+            .iter()
+            .map(|v| f16::from_f32(v.to_f32().clamp(-6e4, 6e4)))
+            .collect();
         let (mut q1, mut s1) = (vec![0i8; n], vec![bf16::ZERO; groups]);
         let (mut q2, mut s2) = (vec![0i8; n], vec![bf16::ZERO; groups]);
         quantize_q8(Weights::BF16(&w), &mut q1, &mut s1).unwrap();
         quantize_groups(|i| w[i].to_f32(), &mut q2, &mut s2).unwrap();
+        assert!(s1.iter().zip(&s2).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(q1, q2);
+        quantize_q8(Weights::F16(&wh), &mut q1, &mut s1).unwrap();
+        quantize_groups(|i| wh[i].to_f32(), &mut q2, &mut s2).unwrap();
         assert!(s1.iter().zip(&s2).all(|(a, b)| a.to_bits() == b.to_bits()));
         assert_eq!(q1, q2);
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
@@ -465,6 +496,10 @@ mod tests {
             let e2 = quantize_groups(|i| wb[i].to_f32(), &mut q2, &mut s2).unwrap_err();
             assert_eq!(e1.to_string(), e2.to_string());
             assert!(e1.to_string().contains("element 1234"), "{e1}");
+            let mut whb = wh.clone();
+            whb[777] = f16::from_f32(bad);
+            let e1 = quantize_q8(Weights::F16(&whb), &mut q1, &mut s1).unwrap_err();
+            assert!(e1.to_string().contains("element 777"), "{e1}");
         }
     }
 

@@ -218,15 +218,7 @@ fn quantize_groups(
         }
         if !finite {
             let j = buf.iter().position(|b| !b.is_finite()).unwrap_or(0);
-            return Err(KernelError::Invalid {
-                op: "quantize_q8",
-                arg: "src",
-                reason: format!(
-                    "non-finite weight {} at element {}",
-                    buf[j],
-                    g * Q8_GROUP + j
-                ),
-            });
+            return Err(non_finite(buf[j], g * Q8_GROUP + j));
         }
         *s = q8_scale(amax / 127.0);
         let scale = s.to_f32();
@@ -249,18 +241,27 @@ fn quantize_groups(
     Ok(())
 }
 
+/// The error for the non-finite weight `v` at element `at` of the tensor.
+fn non_finite(v: f32, at: usize) -> KernelError {
+    KernelError::Invalid {
+        op: "quantize_q8",
+        arg: "src",
+        reason: format!("non-finite weight {v} at element {at}"),
+    }
+}
+
 /// [`quantize_groups`] for bf16 and f16 weights with AVX2, the same values: each group's
 /// 16 weights widened in two vectors, their magnitude's maximum and finiteness taken in
 /// registers, the scale as the scalar code makes it, then `round(w / scale)` (half away
-/// from zero) in registers and narrowed to int8. Groups with a subnormal scale, and the
-/// error for a non-finite weight, go through the scalar code.
+/// from zero) in registers and narrowed to int8. Groups with a subnormal scale go
+/// through the scalar code.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
     use half::{bf16, f16};
 
-    use super::{Q8_GROUP, q8_scale, quantize_groups};
+    use super::{Q8_GROUP, non_finite, q8_scale, quantize_groups};
     use crate::error::KernelError;
 
     /// `w` holds bf16 bits, or f16 bits if `F16`.
@@ -306,9 +307,8 @@ mod avx2 {
                 let e0 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v0), exp), exp);
                 let e1 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v1), exp), exp);
                 if _mm256_testz_si256(_mm256_or_si256(e0, e1), _mm256_or_si256(e0, e1)) == 0 {
-                    // The scalar code names the weight.
-                    return quantize_groups(|i| get(wg[i]), qg, std::slice::from_mut(s))
-                        .map_err(|e| renumber(e, g));
+                    let j = wg.iter().position(|&v| !get(v).is_finite()).unwrap_or(0);
+                    return Err(non_finite(get(wg[j]), g * Q8_GROUP + j));
                 }
                 let m = _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1));
                 let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
@@ -341,24 +341,6 @@ mod avx2 {
             }
         }
         Ok(())
-    }
-
-    /// The scalar code's error for group `g` alone, with the element numbered in the
-    /// whole tensor.
-    fn renumber(e: KernelError, g: usize) -> KernelError {
-        match e {
-            KernelError::Invalid { op, arg, reason } => {
-                let reason = match reason.rsplit_once("at element ") {
-                    Some((head, j)) => match j.parse::<usize>() {
-                        Ok(j) => format!("{head}at element {}", g * Q8_GROUP + j),
-                        Err(_) => reason,
-                    },
-                    None => reason,
-                };
-                KernelError::Invalid { op, arg, reason }
-            }
-            other => other,
-        }
     }
 }
 

@@ -1117,7 +1117,7 @@ mod tiled {
         // SAFETY: c is a multiple of Q8_GROUP (checked by check_shapes); rows o < OC.
         unsafe {
             for o in cols {
-                let b = [bias.map_or(0.0, |b| b[o]), 0.0, 0.0];
+                let b = [bias.map_or(0.0, |b| b[o]), 0.0];
                 tile_q8::<1, 1>(x, w.add(o * c), s.add(o * groups), c, out.add(o), 0, b);
             }
         }
@@ -1141,7 +1141,7 @@ mod tiled {
         c: usize,
         out: *mut f32,
         ldo: usize,
-        bias: [f32; 3],
+        bias: [f32; 2],
     ) {
         let groups = c / Q8_GROUP;
         let mut acc = [[[_mm256_setzero_ps(); 2]; N]; M];
@@ -1256,6 +1256,37 @@ mod tiled {
         }
     }
 
+    /// The int8 tile loop of [`gemm_q8`] and [`gemm_q8_512`]: `rows` x `cols` in 4 x 2
+    /// tiles of `$tile` over L2-sized row panels ([`for_each_tile`]).
+    macro_rules! q8_tiles {
+        ($tile:ident, $out:expr, $x:expr, $rows:expr, $w:expr, $s:expr, $bias:expr,
+         $c:expr, $oc:expr, $cols:expr) => {{
+            let (out, x, w, s, bias, c, oc) = ($out, $x, $w, $s, $bias, $c, $oc);
+            let groups = c / Q8_GROUP;
+            for_each_tile($rows, c, $cols, 4, 2, |r, m, o, n, _| {
+                let mut b = [0.0; 2];
+                if let Some(bs) = bias {
+                    b[..n].copy_from_slice(&bs[o..o + n]);
+                }
+                // SAFETY: the caller's guarantees; the tile lies within rows x cols.
+                unsafe {
+                    let (wt, st) = (w.add(o * c), s.add(o * groups));
+                    let (xr, op) = (x.add(r * c), out.add(r * oc + o));
+                    match (m, n) {
+                        (4, 2) => $tile::<4, 2>(xr, wt, st, c, op, oc, b),
+                        (4, _) => $tile::<4, 1>(xr, wt, st, c, op, oc, b),
+                        (3, 2) => $tile::<3, 2>(xr, wt, st, c, op, oc, b),
+                        (3, _) => $tile::<3, 1>(xr, wt, st, c, op, oc, b),
+                        (2, 2) => $tile::<2, 2>(xr, wt, st, c, op, oc, b),
+                        (2, _) => $tile::<2, 1>(xr, wt, st, c, op, oc, b),
+                        (_, 2) => $tile::<1, 2>(xr, wt, st, c, op, oc, b),
+                        _ => $tile::<1, 1>(xr, wt, st, c, op, oc, b),
+                    }
+                }
+            });
+        }};
+    }
+
     /// [`gemm`] for int8 weights: one row by [`gemv_q8`], more in 4 x 2 tiles of
     /// [`tile_q8`] over L2-sized row panels (the same bits either way).
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1271,35 +1302,12 @@ mod tiled {
         oc: usize,
         cols: Range<usize>,
     ) {
-        const QM: usize = 4;
-        const QN: usize = 2;
         if rows == 1 {
             // SAFETY: forwarded caller guarantees.
             unsafe { gemv_q8(out, x, w, s, bias, c, cols) };
             return;
         }
-        let groups = c / Q8_GROUP;
-        for_each_tile(rows, c, cols, QM, QN, |r, m, o, n, _| {
-            let mut b = [0.0; 3];
-            if let Some(bs) = bias {
-                b[..n].copy_from_slice(&bs[o..o + n]);
-            }
-            // SAFETY: forwarded caller guarantees; the tile lies within rows x cols.
-            unsafe {
-                let (wt, st) = (w.add(o * c), s.add(o * groups));
-                let (xr, op) = (x.add(r * c), out.add(r * oc + o));
-                match (m, n) {
-                    (4, 2) => tile_q8::<4, 2>(xr, wt, st, c, op, oc, b),
-                    (4, _) => tile_q8::<4, 1>(xr, wt, st, c, op, oc, b),
-                    (3, 2) => tile_q8::<3, 2>(xr, wt, st, c, op, oc, b),
-                    (3, _) => tile_q8::<3, 1>(xr, wt, st, c, op, oc, b),
-                    (2, 2) => tile_q8::<2, 2>(xr, wt, st, c, op, oc, b),
-                    (2, _) => tile_q8::<2, 1>(xr, wt, st, c, op, oc, b),
-                    (_, 2) => tile_q8::<1, 2>(xr, wt, st, c, op, oc, b),
-                    _ => tile_q8::<1, 1>(xr, wt, st, c, op, oc, b),
-                }
-            }
-        });
+        q8_tiles!(tile_q8, out, x, rows, w, s, bias, c, oc, cols);
     }
 
     /// [`gemm_q8`] on AVX-512: rows in 4 x 2 tiles of [`tile_q8_512`] over L2-sized row
@@ -1319,28 +1327,7 @@ mod tiled {
         oc: usize,
         cols: Range<usize>,
     ) {
-        let groups = c / Q8_GROUP;
-        for_each_tile(rows, c, cols, 4, 2, |r, m, o, n, _| {
-            let mut b = [0.0; 2];
-            if let Some(bs) = bias {
-                b[..n].copy_from_slice(&bs[o..o + n]);
-            }
-            // SAFETY: forwarded caller guarantees; the tile lies within rows x cols.
-            unsafe {
-                let (wt, st) = (w.add(o * c), s.add(o * groups));
-                let (xr, op) = (x.add(r * c), out.add(r * oc + o));
-                match (m, n) {
-                    (4, 2) => tile_q8_512::<4, 2>(xr, wt, st, c, op, oc, b),
-                    (4, _) => tile_q8_512::<4, 1>(xr, wt, st, c, op, oc, b),
-                    (3, 2) => tile_q8_512::<3, 2>(xr, wt, st, c, op, oc, b),
-                    (3, _) => tile_q8_512::<3, 1>(xr, wt, st, c, op, oc, b),
-                    (2, 2) => tile_q8_512::<2, 2>(xr, wt, st, c, op, oc, b),
-                    (2, _) => tile_q8_512::<2, 1>(xr, wt, st, c, op, oc, b),
-                    (_, 2) => tile_q8_512::<1, 2>(xr, wt, st, c, op, oc, b),
-                    _ => tile_q8_512::<1, 1>(xr, wt, st, c, op, oc, b),
-                }
-            }
-        });
+        q8_tiles!(tile_q8_512, out, x, rows, w, s, bias, c, oc, cols);
     }
 
     /// The 16-lane kernels take one group per vector.

@@ -176,13 +176,14 @@ fn real_model_incremental_equals_full() {
 
 /// `--quantize q8` on the real model, against the bf16 model on every position of the
 /// golden texts: the fast and the reference kernels agree on the quantised weights, and
-/// the quantisation costs what the format costs: 2.13e-2 relative L2 with groups of 16
-/// and bf16 scales (3.38e-2 with the earlier groups of 32 and f32 scales, the same
-/// bytes; PyTorch gives 2.16e-2 and 3.34e-2 for the two quantisations of these texts,
-/// docs/benchmarks.md). The bound here is the measured value plus a margin, and greedy
-/// tokens must agree on >= 96% of positions (0.977 measured on every path). (1e-2, the goal, is below what
-/// 8-bit weights reach on this model: bf16 weights themselves are 5.2e-3 from f32 by
-/// the same measure.)
+/// the quantisation costs what the format costs: 1.67e-2 relative L2 with groups of 16,
+/// bf16 scales and 16 input columns per layer matrix kept at 16 bits (2.13e-2 without
+/// the kept columns, 3.38e-2 with the earlier groups of 32 and f32 scales; PyTorch gives
+/// 1.61e-2, 2.16e-2 and 3.34e-2 for these texts, docs/benchmarks.md). The bound here is
+/// the measured value plus a margin (it fails without the kept columns), and greedy
+/// tokens must agree on >= 96% of positions (0.977 measured). (1e-2, the goal,
+/// is below what 8-bit weights reach on this model: bf16 weights themselves are 5.2e-3
+/// from f32 by the same measure.)
 #[test]
 fn q8_logits_close_to_bf16() {
     let (cases, _) = load_fixture();
@@ -194,7 +195,7 @@ fn q8_logits_close_to_bf16() {
     let ratio =
         q8.weights.decode_bytes_per_token() as f64 / bf16.weights.decode_bytes_per_token() as f64;
     assert!(
-        (0.55..0.58).contains(&ratio),
+        (0.57..0.59).contains(&ratio),
         "q8/bf16 bytes per token {ratio}"
     );
     let cpu = Cpu::fast();
@@ -237,7 +238,7 @@ fn q8_logits_close_to_bf16() {
     eprintln!(
         "q8 vs bf16: logits rel L2 {rel:.3e}, argmax agreement {agree:.3} over {positions} positions"
     );
-    assert!(rel < 2.5e-2, "q8 logits rel L2 {rel:.3e} >= 2.5e-2");
+    assert!(rel < 1.9e-2, "q8 logits rel L2 {rel:.3e} >= 1.9e-2");
     assert!(agree >= 0.96, "argmax agreement {agree}");
     // The reference kernels on the same quantised weights (last position of case 0).
     let ids = &cases[0].ids;

@@ -7,7 +7,7 @@ mod common;
 use cloudrm::kernels::cpu::dispatch::{self, Isa};
 use cloudrm::kernels::reference::attention::AttnShape;
 use cloudrm::kernels::reference::heads::RewardHeadWeights;
-use cloudrm::kernels::weights::{Q8_GROUP, Q8Slice, quantize_q8};
+use cloudrm::kernels::weights::{Q8_GROUP, Q8Slice, quantize_q8, quantize_q8_keep};
 use cloudrm::kernels::{OpKind, Weights, cpu, reference};
 use common::{Guarded, OpCase, Rng, bf16_compute, check_close, check_close_floor, run_cases};
 use half::{bf16, f16};
@@ -1824,4 +1824,149 @@ fn bf16_compute_paths_are_opt_in() {
     }
     assert_eq!(Isa::Avx512Bf16.name(), "avx512bf16");
     assert_eq!(Isa::Amx.name(), "amx");
+}
+
+/// Q8 with input columns kept at 16 bits (`Q8Keep`): on every path and thread count the
+/// fast matmul (int8 kernels, then the kept columns through the bf16 kernels) matches the
+/// reference's element-by-element dot product, for one kept column up to sixteen (the
+/// first and last columns included), odd output counts and rows; the kept values are
+/// the weights themselves (bf16 here, so exact) and dominate their groups, whose scales
+/// ignore them; and a row gives the same bits alone and batched.
+#[test]
+fn q8_kept_columns_match_the_reference_on_every_path() {
+    let mut rng = Rng::new(4242);
+    let _isa_lock = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for (c, oc, rows, cols) in [
+        (16usize, 1usize, 1usize, vec![0u32]),
+        (16, 7, 3, vec![15]),
+        (48, 33, 1, vec![0, 17, 47]),
+        (96, 37, 33, vec![3, 4, 5, 50, 95]),
+        (
+            576,
+            577,
+            7,
+            (0..16).map(|i| i * 36 + 1).collect::<Vec<u32>>(),
+        ),
+    ] {
+        // Weights of bf16 values; the kept columns 40x larger (outlier features).
+        let w: Vec<f32> = (0..oc * c)
+            .map(|i| {
+                let v = bf16::from_f32(rng.vec(1, 0.5)[0]).to_f32();
+                if cols.contains(&((i % c) as u32)) {
+                    40.0 * v
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut q = vec![0i8; oc * c];
+        let mut s = vec![bf16::ZERO; oc * c / Q8_GROUP];
+        let mut vals = vec![bf16::ZERO; oc * cols.len()];
+        quantize_q8_keep(Weights::BF16(&wb), c, &cols, &mut q, &mut s, &mut vals).unwrap();
+        for r in 0..oc {
+            for (j, &k) in cols.iter().enumerate() {
+                assert_eq!(q[r * c + k as usize], 0, "int8 value at kept column {k}");
+                assert_eq!(
+                    vals[r * cols.len() + j],
+                    wb[r * c + k as usize],
+                    "kept value"
+                );
+            }
+            // Every other weight within half a step of its group's scale, which the
+            // kept (40x) columns did not inflate.
+            for i in 0..c {
+                if cols.contains(&(i as u32)) {
+                    continue;
+                }
+                let sc = s[(r * c + i) / Q8_GROUP].to_f32();
+                let err = (q[r * c + i] as f32 * sc - w[r * c + i]).abs();
+                assert!(
+                    err <= 0.5 * sc * (1.0 + 1e-6),
+                    "weight {r},{i}: error {err}, step {sc}"
+                );
+                assert!(
+                    sc <= 0.5 * 1.01 / 127.0 * 4.0,
+                    "scale {sc} inflated by a kept column"
+                );
+            }
+        }
+        let kw = Weights::Q8(Q8Slice::with_keep(&q, &s, c, &cols, &vals).unwrap());
+        let x: Vec<f32> = (0..rows * c)
+            .map(|i| {
+                let v = rng.vec(1, 1.0)[0];
+                if cols.contains(&((i % c) as u32)) {
+                    8.0 * v
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let mut want = vec![0.0f32; rows * oc];
+        reference::matmul::matmul_forward(&mut want, &x, kw, None, c, oc).unwrap();
+        for isa in dispatch::available() {
+            for threads in [1, 2] {
+                dispatch::force(Some(isa));
+                dispatch::set_num_threads(threads);
+                let mut got = vec![0.0f32; rows * oc];
+                cpu::matmul_forward(&mut got, &x, kw, None, c, oc).unwrap();
+                check_close(
+                    &format!("q8 kept {c}x{oc} rows {rows} ({isa:?}, {threads} threads)"),
+                    &got,
+                    &want,
+                    F32_TOL,
+                );
+                let mut alone = vec![0.0f32; oc];
+                let last = rows - 1;
+                cpu::matmul_forward(&mut alone, &x[last * c..], kw, None, c, oc).unwrap();
+                assert_bits_eq(
+                    &format!("q8 kept, row alone vs batched ({isa:?})"),
+                    &alone,
+                    &got[last * oc..],
+                );
+            }
+        }
+        dispatch::force(None);
+        dispatch::set_num_threads(0);
+        // Without the kept part the result is far off: the test sees the kept columns.
+        let plain = Weights::Q8(Q8Slice::new(&q, &s).unwrap());
+        let mut without = vec![0.0f32; rows * oc];
+        reference::matmul::matmul_forward(&mut without, &x, plain, None, c, oc).unwrap();
+        let diff: f64 = without
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| ((a - b) as f64).abs())
+            .sum();
+        assert!(diff > 1.0, "kept columns contribute nothing ({diff})");
+    }
+}
+
+#[test]
+fn q8_kept_columns_that_do_not_fit_are_typed_errors() {
+    let (q, s) = (vec![0i8; 64], vec![bf16::ZERO; 4]);
+    let vals = [bf16::ONE; 4];
+    for (row, cols, nvals, what) in [
+        (32usize, vec![1u32, 1], 4usize, "ascending"),
+        (32, vec![3, 1], 4, "ascending"),
+        (32, vec![1, 32], 4, "under the row length"),
+        (32, vec![1], 4, "kept values"),
+        (24, vec![1], 2, "whole rows"),
+        (0, vec![1], 2, "whole rows"),
+    ] {
+        let err = Q8Slice::with_keep(&q, &s, row, &cols, &vals[..nvals])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(what), "{row} {cols:?}: {err}");
+        let (mut q2, mut s2, mut v2) = (q.clone(), s.clone(), vec![bf16::ZERO; nvals]);
+        let w = vec![0.5f32; 64];
+        assert!(
+            quantize_q8_keep(Weights::F32(&w), row, &cols, &mut q2, &mut s2, &mut v2).is_err(),
+            "quantize_q8_keep took {row} {cols:?}"
+        );
+    }
+    let many: Vec<u32> = (0..65).collect();
+    let (q, s) = (vec![0i8; 128], vec![bf16::ZERO; 8]);
+    let vals = vec![bf16::ONE; 65];
+    assert!(Q8Slice::with_keep(&q, &s, 128, &many, &vals).is_err());
 }

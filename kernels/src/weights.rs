@@ -8,7 +8,8 @@
 //!
 //! Groups of 16 with 2-byte scales cost the bytes of groups of 32 with f32 scales and
 //! lose a third less: 2.2e-2 against 3.4e-2 relative L2 on the default model's logits
-//! (docs/benchmarks.md). Every weight is quantised against the rounded scale, so it stays
+//! (docs/benchmarks.md); keeping a few input columns at 16 bits ([`Q8Keep`]) takes that
+//! to 1.7e-2. Every weight is quantised against the rounded scale, so it stays
 //! within half a step of it, and a group's largest weight is 127 steps (max|w| / scale
 //! is within 127 +- 0.25). Rounding the scale up instead (never over 127 steps by
 //! construction) measured worse: 2.39e-2 (the embedding's error 19 % higher).
@@ -26,6 +27,40 @@ pub const Q8_GROUP: usize = 16;
 pub struct Q8Slice<'a> {
     q: &'a [i8],
     scales: &'a [bf16],
+    keep: Option<Q8Keep<'a>>,
+}
+
+/// Most input columns a Q8 matrix keeps at 16 bits ([`Q8Keep`]).
+pub const Q8_KEEP_MAX: usize = 64;
+
+/// Input columns of a Q8 matrix kept at 16 bits: the channels whose inputs are largest
+/// (outlier features), where int8 steps cost the output the most. Their int8 values are
+/// zero (and their groups' scales ignore them); every row's values for them are here,
+/// row-major, `cols.len()` per row. The matrix's element (r, c) is `q * scale`, plus
+/// `vals[r][j]` where `cols[j] == c` (the kernels add the kept columns' sum to the int8
+/// one).
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Keep<'a> {
+    cols: &'a [u32],
+    vals: &'a [bf16],
+    row: usize,
+}
+
+impl<'a> Q8Keep<'a> {
+    /// The kept columns, ascending.
+    pub fn cols(&self) -> &'a [u32] {
+        self.cols
+    }
+
+    /// Their values, `cols().len()` per row.
+    pub fn vals(&self) -> &'a [bf16] {
+        self.vals
+    }
+
+    /// Elements per row of the matrix.
+    pub fn row(&self) -> usize {
+        self.row
+    }
 }
 
 impl<'a> Q8Slice<'a> {
@@ -42,7 +77,62 @@ impl<'a> Q8Slice<'a> {
                 ),
             });
         }
-        Ok(Q8Slice { q, scales })
+        Ok(Q8Slice {
+            q,
+            scales,
+            keep: None,
+        })
+    }
+
+    /// [`Q8Slice::new`] with input columns `cols` (ascending, distinct, < `row`) kept at
+    /// 16 bits ([`Q8Keep`]): `vals` holds `cols.len()` values per row of `row` elements.
+    /// The element there is `q * scale + val` ([`quantize_q8_keep`] leaves `q` zero).
+    /// Checks cost O(kept columns): this is made per use.
+    pub fn with_keep(
+        q: &'a [i8],
+        scales: &'a [bf16],
+        row: usize,
+        cols: &'a [u32],
+        vals: &'a [bf16],
+    ) -> Result<Self, KernelError> {
+        let mut s = Self::new(q, scales)?;
+        let bad = |reason: String| KernelError::Invalid {
+            op: "q8 weights",
+            arg: "keep",
+            reason,
+        };
+        if row == 0 || !row.is_multiple_of(Q8_GROUP) || !q.len().is_multiple_of(row) {
+            return Err(bad(format!(
+                "{} int8 values are not whole rows of {row} (a multiple of {Q8_GROUP})",
+                q.len()
+            )));
+        }
+        if cols.len() > Q8_KEEP_MAX
+            || cols.windows(2).any(|w| w[0] >= w[1])
+            || cols.last().is_some_and(|&c| c as usize >= row)
+        {
+            return Err(bad(format!(
+                "kept columns must be at most {Q8_KEEP_MAX}, ascending, distinct and under \
+                 the row length {row}: {cols:?}"
+            )));
+        }
+        let rows = q.len() / row;
+        if vals.len() != rows * cols.len() {
+            return Err(bad(format!(
+                "{} kept values for {rows} rows of {} kept columns",
+                vals.len(),
+                cols.len()
+            )));
+        }
+        if !cols.is_empty() {
+            s.keep = Some(Q8Keep { cols, vals, row });
+        }
+        Ok(s)
+    }
+
+    /// The columns kept at 16 bits, if any.
+    pub fn keep(&self) -> Option<Q8Keep<'a>> {
+        self.keep
     }
 
     pub fn q(&self) -> &'a [i8] {
@@ -55,7 +145,14 @@ impl<'a> Q8Slice<'a> {
 
     #[inline]
     pub fn get(&self, i: usize) -> f32 {
-        self.q[i] as f32 * self.scales[i / Q8_GROUP].to_f32()
+        let v = self.q[i] as f32 * self.scales[i / Q8_GROUP].to_f32();
+        match self.keep {
+            Some(k) => match k.cols.binary_search(&((i % k.row) as u32)) {
+                Ok(j) => v + k.vals[i / k.row * k.cols.len() + j].to_f32(),
+                Err(_) => v,
+            },
+            None => v,
+        }
     }
 }
 
@@ -105,9 +202,19 @@ impl<'a> Weights<'a> {
             Weights::Q8(w) => {
                 debug_assert!(start.is_multiple_of(Q8_GROUP) && len.is_multiple_of(Q8_GROUP));
                 let (g0, g1) = (start / Q8_GROUP, (start + len) / Q8_GROUP);
+                // Kept columns: whole rows only (every caller slices rows).
+                let keep = w.keep.map(|k| {
+                    debug_assert!(start.is_multiple_of(k.row) && len.is_multiple_of(k.row));
+                    let n = k.cols.len();
+                    Q8Keep {
+                        vals: &k.vals[start / k.row * n..(start + len) / k.row * n],
+                        ..k
+                    }
+                });
                 Weights::Q8(Q8Slice {
                     q: &w.q[g0 * Q8_GROUP..g1 * Q8_GROUP],
                     scales: &w.scales[g0..g1],
+                    keep,
                 })
             }
         }
@@ -140,7 +247,11 @@ impl<'a> Weights<'a> {
     /// Bytes a full read of the tensor touches (Q8: values and scales).
     pub fn bytes(&self) -> usize {
         match self {
-            Weights::Q8(w) => w.q.len() + 2 * w.scales.len(),
+            Weights::Q8(w) => {
+                w.q.len()
+                    + 2 * w.scales.len()
+                    + w.keep.map_or(0, |k| 2 * k.vals.len() + 4 * k.cols.len())
+            }
             _ => self.len() * self.elem_size(),
         }
     }
@@ -195,6 +306,65 @@ pub fn quantize_q8(src: Weights<'_>, q: &mut [i8], scales: &mut [bf16]) -> Resul
         Weights::F16(w) => quantize_groups(|i| w[i].to_f32(), q, scales),
         Weights::Q8(w) => quantize_groups(|i| w.get(i), q, scales),
     }
+}
+
+/// [`quantize_q8`] with input columns `cols` (ascending, distinct, under `row`, at most
+/// [`Q8_KEEP_MAX`]) kept at 16 bits ([`Q8Keep`]): their int8 values are zero, their
+/// groups' scales are taken over the other weights, and their values go to `vals`
+/// (`cols.len()` per row, rounded to bf16: exact for bf16 weights).
+pub fn quantize_q8_keep(
+    src: Weights<'_>,
+    row: usize,
+    cols: &[u32],
+    q: &mut [i8],
+    scales: &mut [bf16],
+    vals: &mut [bf16],
+) -> Result<(), KernelError> {
+    quantize_q8(src, q, scales)?;
+    let n = src.len();
+    if row == 0 || !row.is_multiple_of(Q8_GROUP) || !n.is_multiple_of(row) {
+        return Err(KernelError::Invalid {
+            op: "quantize_q8",
+            arg: "row",
+            reason: format!("{n} weights are not whole rows of {row} (a multiple of {Q8_GROUP})"),
+        });
+    }
+    let rows = n / row;
+    if cols.len() > Q8_KEEP_MAX
+        || cols.windows(2).any(|w| w[0] >= w[1])
+        || cols.last().is_some_and(|&c| c as usize >= row)
+        || vals.len() != rows * cols.len()
+    {
+        return Err(KernelError::Invalid {
+            op: "quantize_q8",
+            arg: "cols/vals",
+            reason: format!(
+                "kept columns {cols:?} (at most {Q8_KEEP_MAX}, ascending, under {row}) with \
+                 {} values for {rows} rows",
+                vals.len()
+            ),
+        });
+    }
+    for r in 0..rows {
+        let mut last_group = usize::MAX;
+        for (j, &c) in cols.iter().enumerate() {
+            let at = r * row + c as usize;
+            vals[r * cols.len() + j] = bf16::from_f32(src.get(at));
+            // Requantise the group without its kept columns (once per group).
+            let g = at / Q8_GROUP;
+            if g != last_group {
+                last_group = g;
+                let g0 = g * Q8_GROUP;
+                let kept = |i: usize| cols.binary_search(&((i % row) as u32)).is_ok();
+                quantize_groups(
+                    |i| if kept(g0 + i) { 0.0 } else { src.get(g0 + i) },
+                    &mut q[g0..g0 + Q8_GROUP],
+                    &mut scales[g..g + 1],
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Element `i` of the source is `get(i)`; `q` and `scales` were checked to match it.

@@ -744,11 +744,16 @@ fn compute(
                 bias,
                 in_features,
                 out_features,
-                cols,
+                cols.clone(),
                 q8,
                 call,
             )
         };
+        if let Weights::Q8(w) = weight
+            && let Some(keep) = w.keep()
+        {
+            add_kept(out, inp, keep, in_features, out_features, cols, isa);
+        }
         return;
     }
     // The scalar path: one weight row converted into this thread's buffer (grown once to
@@ -826,13 +831,70 @@ fn dot_weights(x: &[f32], w: Weights<'_>, isa: Isa) -> f32 {
     }
 }
 
-/// Dot product with Q8 weights, one group at a time (the scale applied per group).
+/// Dot product with one row of Q8 weights, one group at a time (the scale applied per
+/// group), then the kept columns.
 fn q8_dot(x: &[f32], w: Q8Slice<'_>) -> f32 {
-    x.chunks(Q8_GROUP)
+    let groups: f32 = x
+        .chunks(Q8_GROUP)
         .zip(w.q().chunks(Q8_GROUP))
         .zip(w.scales())
         .map(|((xg, qg), s)| s.to_f32() * scalar_dot(xg, qg, |v: &i8| *v as f32))
+        .sum();
+    groups + w.keep().map_or(0.0, |k| kept_dot(x, k.cols(), k.vals()))
+}
+
+/// The kept columns' part of one output: x at `cols` dotted with that row's `vals`.
+#[inline]
+fn kept_dot(x: &[f32], cols: &[u32], vals: &[bf16]) -> f32 {
+    cols.iter()
+        .zip(vals)
+        .map(|(&c, v)| x[c as usize] * v.to_f32())
         .sum()
+}
+
+/// Add the kept columns' part ([`crate::weights::Q8Keep`]) to outputs `cols` of every
+/// row, after the int8 kernels (which see zeros there): the inputs at the kept columns
+/// gathered, times the kept values as a bf16 matrix (oc x kept) through the same fast
+/// kernels, so a row still gets the same bits alone and batched.
+#[allow(clippy::too_many_arguments)]
+fn add_kept(
+    out: &mut [f32],
+    inp: &[f32],
+    keep: crate::weights::Q8Keep<'_>,
+    c: usize,
+    oc: usize,
+    cols: std::ops::Range<usize>,
+    isa: Isa,
+) {
+    let kc = keep.cols();
+    let (n, rows) = (kc.len(), inp.len() / c);
+    KEPT.with_borrow_mut(|(xs, part)| {
+        xs.clear();
+        for x in inp.chunks_exact(c) {
+            xs.extend(kc.iter().map(|&k| x[k as usize]));
+        }
+        if part.len() < rows * oc {
+            part.resize(rows * oc, 0.0);
+        }
+        let part = &mut part[..rows * oc];
+        let w = Weights::BF16(keep.vals());
+        compute(part, xs, w, None, n, oc, cols.clone(), isa, next_call());
+        for r in 0..rows {
+            let at = r * oc;
+            for (o, p) in out[at + cols.start..at + cols.end]
+                .iter_mut()
+                .zip(&part[at + cols.start..at + cols.end])
+            {
+                *o += p;
+            }
+        }
+    });
+}
+
+thread_local! {
+    /// The kept columns' gathered inputs and partial outputs ([`add_kept`]), per thread.
+    static KEPT: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 fn dot_f32(x: &[f32], w: &[f32], isa: Isa) -> f32 {

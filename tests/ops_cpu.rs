@@ -7,7 +7,7 @@ mod common;
 use cloudrm::kernels::cpu::dispatch::{self, Isa};
 use cloudrm::kernels::reference::attention::AttnShape;
 use cloudrm::kernels::reference::heads::RewardHeadWeights;
-use cloudrm::kernels::weights::{Q8_GROUP, Q8Slice, quantize_q8, quantize_q8_keep};
+use cloudrm::kernels::weights::{Q8_GROUP, Q8Slice, q8_keep_len, quantize_q8, quantize_q8_keep};
 use cloudrm::kernels::{OpKind, Weights, cpu, reference};
 use common::{Guarded, OpCase, Rng, bf16_compute, check_close, check_close_floor, run_cases};
 use half::{bf16, f16};
@@ -1827,7 +1827,7 @@ fn bf16_compute_paths_are_opt_in() {
 }
 
 /// Q8 with input columns kept at 16 bits (`Q8Keep`): on every path and thread count the
-/// fast matmul (int8 kernels, then the kept columns through the bf16 kernels) matches the
+/// fast matmul (int8 kernels, then the kept columns column by column) matches the
 /// reference's element-by-element dot product, for one kept column up to sixteen (the
 /// first and last columns included), odd output counts and rows; the kept values are
 /// the weights themselves (bf16 here, so exact) and dominate their groups, whose scales
@@ -1862,16 +1862,13 @@ fn q8_kept_columns_match_the_reference_on_every_path() {
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let mut q = vec![0i8; oc * c];
         let mut s = vec![bf16::ZERO; oc * c / Q8_GROUP];
-        let mut vals = vec![bf16::ZERO; oc * cols.len()];
+        let mut vals = vec![bf16::ZERO; q8_keep_len(oc, cols.len())];
         quantize_q8_keep(Weights::BF16(&wb), c, &cols, &mut q, &mut s, &mut vals).unwrap();
         for r in 0..oc {
             for (j, &k) in cols.iter().enumerate() {
                 assert_eq!(q[r * c + k as usize], 0, "int8 value at kept column {k}");
-                assert_eq!(
-                    vals[r * cols.len() + j],
-                    wb[r * c + k as usize],
-                    "kept value"
-                );
+                let run = (r / 16 * cols.len() + j) * 16 + r % 16;
+                assert_eq!(vals[run], wb[r * c + k as usize], "kept value");
             }
             // Every other weight within half a step of its group's scale, which the
             // kept (40x) columns did not inflate.
@@ -1916,6 +1913,21 @@ fn q8_kept_columns_match_the_reference_on_every_path() {
                     &want,
                     F32_TOL,
                 );
+                // A slice of whole weight rows starting off a run boundary (as the
+                // fused gate/up blocks take them): the same outputs.
+                if oc >= 30 {
+                    let part = kw.slice(5 * c, 23 * c);
+                    let mut got_part = vec![0.0f32; rows * 23];
+                    cpu::matmul_forward(&mut got_part, &x, part, None, c, 23).unwrap();
+                    for r in 0..rows {
+                        check_close(
+                            &format!("q8 kept, rows 5..28 of {oc} ({isa:?})"),
+                            &got_part[r * 23..(r + 1) * 23],
+                            &want[r * oc + 5..r * oc + 28],
+                            F32_TOL,
+                        );
+                    }
+                }
                 let mut alone = vec![0.0f32; oc];
                 let last = rows - 1;
                 cpu::matmul_forward(&mut alone, &x[last * c..], kw, None, c, oc).unwrap();
@@ -1964,6 +1976,16 @@ fn q8_kept_columns_that_do_not_fit_are_typed_errors() {
             quantize_q8_keep(Weights::F32(&w), row, &cols, &mut q2, &mut s2, &mut v2).is_err(),
             "quantize_q8_keep took {row} {cols:?}"
         );
+    }
+    // A non-finite weight, kept or not, is named by its element in the whole tensor.
+    for bad in [2 * 32 + 5, 3 * 32 + 7] {
+        let mut w = vec![0.5f32; 128];
+        w[bad] = f32::NAN;
+        let (mut q, mut s, mut v) = (vec![0i8; 128], vec![bf16::ZERO; 8], vec![bf16::ZERO; 16]);
+        let err = quantize_q8_keep(Weights::F32(&w), 32, &[5], &mut q, &mut s, &mut v)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("at element {bad}")), "{err}");
     }
     let many: Vec<u32> = (0..65).collect();
     let (q, s) = (vec![0i8; 128], vec![bf16::ZERO; 8]);

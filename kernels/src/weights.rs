@@ -35,15 +35,34 @@ pub const Q8_KEEP_MAX: usize = 64;
 
 /// Input columns of a Q8 matrix kept at 16 bits: the channels whose inputs are largest
 /// (outlier features), where int8 steps cost the output the most. Their int8 values are
-/// zero (and their groups' scales ignore them); every row's values for them are here,
-/// row-major, `cols.len()` per row. The matrix's element (r, c) is `q * scale`, plus
-/// `vals[r][j]` where `cols[j] == c` (the kernels add the kept columns' sum to the int8
-/// one).
+/// zero (and their groups' scales ignore them); their values are here in bf16, in runs
+/// of [`Q8_KEEP_RUN`] rows: run R holds, column after column, the kept columns' values
+/// of rows 16R..16R+16 (the last run padded), so the kernels read them as one stream and
+/// add `x[cols[j]] * (column j of the run)` over 16 outputs at once without horizontal
+/// sums. The matrix's element (r, c) is `q * scale`, plus that value where
+/// `cols[j] == c`.
 #[derive(Debug, Clone, Copy)]
 pub struct Q8Keep<'a> {
     cols: &'a [u32],
+    /// The whole matrix's runs ([`q8_keep_len`] values).
     vals: &'a [bf16],
     row: usize,
+    /// The first row of this slice of the matrix (runs count from the matrix's row 0).
+    first: usize,
+}
+
+/// Rows per run of kept values ([`Q8Keep`]).
+pub const Q8_KEEP_RUN: usize = 16;
+
+/// Values a matrix of `rows` rows with `kept` kept columns stores ([`Q8Keep`]).
+pub fn q8_keep_len(rows: usize, kept: usize) -> usize {
+    rows.div_ceil(Q8_KEEP_RUN) * Q8_KEEP_RUN * kept
+}
+
+/// Where row `r` (of the whole matrix), kept column `j` of `kept` lies in the runs.
+#[inline]
+fn keep_index(r: usize, j: usize, kept: usize) -> usize {
+    (r / Q8_KEEP_RUN * kept + j) * Q8_KEEP_RUN + r % Q8_KEEP_RUN
 }
 
 impl<'a> Q8Keep<'a> {
@@ -52,9 +71,22 @@ impl<'a> Q8Keep<'a> {
         self.cols
     }
 
-    /// Their values, `cols().len()` per row.
-    pub fn vals(&self) -> &'a [bf16] {
-        self.vals
+    /// The first row of this slice, counted in the whole matrix.
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// Run `run` of the whole matrix: `cols().len()` columns of [`Q8_KEEP_RUN`] values.
+    #[inline]
+    pub fn run(&self, run: usize) -> &'a [bf16] {
+        let n = self.cols.len() * Q8_KEEP_RUN;
+        &self.vals[run * n..][..n]
+    }
+
+    /// Row `r` of this slice, kept column `j`.
+    #[inline]
+    pub fn value(&self, r: usize, j: usize) -> bf16 {
+        self.vals[keep_index(self.first + r, j, self.cols.len())]
     }
 
     /// Elements per row of the matrix.
@@ -85,8 +117,9 @@ impl<'a> Q8Slice<'a> {
     }
 
     /// [`Q8Slice::new`] with input columns `cols` (ascending, distinct, < `row`) kept at
-    /// 16 bits ([`Q8Keep`]): `vals` holds `cols.len()` values per row of `row` elements.
-    /// The element there is `q * scale + val` ([`quantize_q8_keep`] leaves `q` zero).
+    /// 16 bits ([`Q8Keep`]): `vals` holds their values in runs ([`q8_keep_len`] values
+    /// for the rows of `row` elements). The element there is `q * scale + val`
+    /// ([`quantize_q8_keep`] leaves `q` zero).
     /// Checks cost O(kept columns): this is made per use.
     pub fn with_keep(
         q: &'a [i8],
@@ -117,7 +150,7 @@ impl<'a> Q8Slice<'a> {
             )));
         }
         let rows = q.len() / row;
-        if vals.len() != rows * cols.len() {
+        if vals.len() != q8_keep_len(rows, cols.len()) {
             return Err(bad(format!(
                 "{} kept values for {rows} rows of {} kept columns",
                 vals.len(),
@@ -125,7 +158,12 @@ impl<'a> Q8Slice<'a> {
             )));
         }
         if !cols.is_empty() {
-            s.keep = Some(Q8Keep { cols, vals, row });
+            s.keep = Some(Q8Keep {
+                cols,
+                vals,
+                row,
+                first: 0,
+            });
         }
         Ok(s)
     }
@@ -148,7 +186,7 @@ impl<'a> Q8Slice<'a> {
         let v = self.q[i] as f32 * self.scales[i / Q8_GROUP].to_f32();
         match self.keep {
             Some(k) => match k.cols.binary_search(&((i % k.row) as u32)) {
-                Ok(j) => v + k.vals[i / k.row * k.cols.len() + j].to_f32(),
+                Ok(j) => v + k.value(i / k.row, j).to_f32(),
                 Err(_) => v,
             },
             None => v,
@@ -205,9 +243,8 @@ impl<'a> Weights<'a> {
                 // Kept columns: whole rows only (every caller slices rows).
                 let keep = w.keep.map(|k| {
                     debug_assert!(start.is_multiple_of(k.row) && len.is_multiple_of(k.row));
-                    let n = k.cols.len();
                     Q8Keep {
-                        vals: &k.vals[start / k.row * n..(start + len) / k.row * n],
+                        first: k.first + start / k.row,
                         ..k
                     }
                 });
@@ -250,7 +287,8 @@ impl<'a> Weights<'a> {
             Weights::Q8(w) => {
                 w.q.len()
                     + 2 * w.scales.len()
-                    + w.keep.map_or(0, |k| 2 * k.vals.len() + 4 * k.cols.len())
+                    + w.keep
+                        .map_or(0, |k| (2 * w.q.len() / k.row + 4) * k.cols.len())
             }
             _ => self.len() * self.elem_size(),
         }
@@ -310,8 +348,10 @@ pub fn quantize_q8(src: Weights<'_>, q: &mut [i8], scales: &mut [bf16]) -> Resul
 
 /// [`quantize_q8`] with input columns `cols` (ascending, distinct, under `row`, at most
 /// [`Q8_KEEP_MAX`]) kept at 16 bits ([`Q8Keep`]): their int8 values are zero, their
-/// groups' scales are taken over the other weights, and their values go to `vals`
-/// (`cols.len()` per row, rounded to bf16: exact for bf16 weights).
+/// groups' scales are taken over the other weights, and their values go to `vals` in
+/// [`Q8Keep`]'s runs ([`q8_keep_len`] values, the last run's padding zero; rounded to
+/// bf16: exact for bf16 weights). The source is copied once with the kept columns zeroed
+/// and quantised as [`quantize_q8`] does.
 pub fn quantize_q8_keep(
     src: Weights<'_>,
     row: usize,
@@ -320,7 +360,6 @@ pub fn quantize_q8_keep(
     scales: &mut [bf16],
     vals: &mut [bf16],
 ) -> Result<(), KernelError> {
-    quantize_q8(src, q, scales)?;
     let n = src.len();
     if row == 0 || !row.is_multiple_of(Q8_GROUP) || !n.is_multiple_of(row) {
         return Err(KernelError::Invalid {
@@ -333,7 +372,7 @@ pub fn quantize_q8_keep(
     if cols.len() > Q8_KEEP_MAX
         || cols.windows(2).any(|w| w[0] >= w[1])
         || cols.last().is_some_and(|&c| c as usize >= row)
-        || vals.len() != rows * cols.len()
+        || vals.len() != q8_keep_len(rows, cols.len())
     {
         return Err(KernelError::Invalid {
             op: "quantize_q8",
@@ -346,25 +385,57 @@ pub fn quantize_q8_keep(
         });
     }
     for r in 0..rows {
-        let mut last_group = usize::MAX;
         for (j, &c) in cols.iter().enumerate() {
             let at = r * row + c as usize;
-            vals[r * cols.len() + j] = bf16::from_f32(src.get(at));
-            // Requantise the group without its kept columns (once per group).
-            let g = at / Q8_GROUP;
-            if g != last_group {
-                last_group = g;
-                let g0 = g * Q8_GROUP;
-                let kept = |i: usize| cols.binary_search(&((i % row) as u32)).is_ok();
-                quantize_groups(
-                    |i| if kept(g0 + i) { 0.0 } else { src.get(g0 + i) },
-                    &mut q[g0..g0 + Q8_GROUP],
-                    &mut scales[g..g + 1],
-                )?;
+            let v = src.get(at);
+            if !v.is_finite() {
+                return Err(non_finite(v, at));
             }
+            vals[keep_index(r, j, cols.len())] = bf16::from_f32(v);
         }
     }
-    Ok(())
+    for r in rows..rows.next_multiple_of(Q8_KEEP_RUN) {
+        for j in 0..cols.len() {
+            vals[keep_index(r, j, cols.len())] = bf16::ZERO;
+        }
+    }
+    // Row by row: the row with its kept columns zeroed (same dtype, so the same
+    // quantiser), in one reused buffer.
+    fn rows_zeroed<T: Copy + Default>(
+        w: &[T],
+        row: usize,
+        cols: &[u32],
+        mut each: impl FnMut(usize, &[T]) -> Result<(), KernelError>,
+    ) -> Result<(), KernelError> {
+        let mut buf = vec![T::default(); row];
+        for (r, src) in w.chunks_exact(row).enumerate() {
+            buf.copy_from_slice(src);
+            for &c in cols {
+                buf[c as usize] = T::default();
+            }
+            each(r, &buf)?;
+        }
+        Ok(())
+    }
+    let g = row / Q8_GROUP;
+    let mut at = |r: usize, w: Weights<'_>| {
+        quantize_q8(w, &mut q[r * row..][..row], &mut scales[r * g..][..g]).map_err(|e| {
+            // Name the element in the whole tensor (the row's quantiser counts from 0).
+            (r * row..(r + 1) * row)
+                .map(|i| (i, src.get(i)))
+                .find(|(_, v)| !v.is_finite())
+                .map_or(e, |(i, v)| non_finite(v, i))
+        })
+    };
+    match src {
+        Weights::F32(w) => rows_zeroed(w, row, cols, |r, b| at(r, Weights::F32(b))),
+        Weights::BF16(w) => rows_zeroed(w, row, cols, |r, b| at(r, Weights::BF16(b))),
+        Weights::F16(w) => rows_zeroed(w, row, cols, |r, b| at(r, Weights::F16(b))),
+        Weights::Q8(_) => {
+            let w: Vec<f32> = (0..n).map(|i| src.get(i)).collect();
+            rows_zeroed(&w, row, cols, |r, b| at(r, Weights::F32(b)))
+        }
+    }
 }
 
 /// Element `i` of the source is `get(i)`; `q` and `scales` were checked to match it.

@@ -840,23 +840,22 @@ fn q8_dot(x: &[f32], w: Q8Slice<'_>) -> f32 {
         .zip(w.scales())
         .map(|((xg, qg), s)| s.to_f32() * scalar_dot(xg, qg, |v: &i8| *v as f32))
         .sum();
-    groups + w.keep().map_or(0.0, |k| kept_dot(x, k.cols(), k.vals()))
-}
-
-/// The kept columns' part of one output: x at `cols` dotted with that row's `vals`.
-#[inline]
-fn kept_dot(x: &[f32], cols: &[u32], vals: &[bf16]) -> f32 {
-    cols.iter()
-        .zip(vals)
-        .map(|(&c, v)| x[c as usize] * v.to_f32())
-        .sum()
+    // (One row: each kept column holds one value.)
+    groups
+        + w.keep().map_or(0.0, |k| {
+            k.cols()
+                .iter()
+                .enumerate()
+                .map(|(j, &c)| x[c as usize] * k.value(0, j).to_f32())
+                .sum()
+        })
 }
 
 /// Add the kept columns' part ([`crate::weights::Q8Keep`]) to outputs `cols` of every
-/// row, after the int8 kernels (which see zeros there): the inputs at the kept columns
-/// gathered, times the kept values as a bf16 matrix (oc x kept) through the same fast
-/// kernels, so a row still gets the same bits alone and batched.
-#[allow(clippy::too_many_arguments)]
+/// row, after the int8 kernels (which see zeros there): per run of 16 rows of the
+/// matrix (one contiguous stream), the kept values widened once, then for each input row
+/// `x[cols[j]] * column j` summed over j in order (a multiply and an add, never fused, so every path and any split of the rows
+/// or outputs gives the same bits).
 fn add_kept(
     out: &mut [f32],
     inp: &[f32],
@@ -866,35 +865,90 @@ fn add_kept(
     cols: std::ops::Range<usize>,
     isa: Isa,
 ) {
-    let kc = keep.cols();
-    let (n, rows) = (kc.len(), inp.len() / c);
-    KEPT.with_borrow_mut(|(xs, part)| {
-        xs.clear();
-        for x in inp.chunks_exact(c) {
-            xs.extend(kc.iter().map(|&k| x[k as usize]));
-        }
-        if part.len() < rows * oc {
-            part.resize(rows * oc, 0.0);
-        }
-        let part = &mut part[..rows * oc];
-        let w = Weights::BF16(keep.vals());
-        compute(part, xs, w, None, n, oc, cols.clone(), isa, next_call());
-        for r in 0..rows {
-            let at = r * oc;
-            for (o, p) in out[at + cols.start..at + cols.end]
-                .iter_mut()
-                .zip(&part[at + cols.start..at + cols.end])
-            {
-                *o += p;
-            }
-        }
-    });
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx512 {
+        // SAFETY: AVX-512F detected on this path.
+        return unsafe { add_kept_avx512(out, inp, keep, c, oc, cols) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        // SAFETY: AVX2 detected on this path.
+        return unsafe { add_kept_avx2(out, inp, keep, c, oc, cols) };
+    }
+    let _ = isa;
+    add_kept_body(out, inp, keep, c, oc, cols)
 }
 
-thread_local! {
-    /// The kept columns' gathered inputs and partial outputs ([`add_kept`]), per thread.
-    static KEPT: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+/// [`add_kept_body`] compiled for AVX-512 (the same operations, wider).
+///
+/// SAFETY: AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_kept_avx512(
+    out: &mut [f32],
+    inp: &[f32],
+    keep: crate::weights::Q8Keep<'_>,
+    c: usize,
+    oc: usize,
+    cols: std::ops::Range<usize>,
+) {
+    add_kept_body(out, inp, keep, c, oc, cols)
+}
+
+/// [`add_kept_body`] compiled for AVX2.
+///
+/// SAFETY: AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_kept_avx2(
+    out: &mut [f32],
+    inp: &[f32],
+    keep: crate::weights::Q8Keep<'_>,
+    c: usize,
+    oc: usize,
+    cols: std::ops::Range<usize>,
+) {
+    add_kept_body(out, inp, keep, c, oc, cols)
+}
+
+#[inline(always)]
+fn add_kept_body(
+    out: &mut [f32],
+    inp: &[f32],
+    keep: crate::weights::Q8Keep<'_>,
+    c: usize,
+    oc: usize,
+    cols: std::ops::Range<usize>,
+) {
+    use crate::weights::{Q8_KEEP_MAX, Q8_KEEP_RUN as RUN};
+    let kc = keep.cols();
+    let n = kc.len().min(Q8_KEEP_MAX);
+    let mut v = [[0f32; RUN]; Q8_KEEP_MAX];
+    // Outputs o of this slice are rows first + o of the matrix, whose runs are aligned.
+    let first = keep.first();
+    let mut o = cols.start;
+    while o < cols.end {
+        let (run, t0) = ((first + o) / RUN, (first + o) % RUN);
+        let m = (RUN - t0).min(cols.end - o);
+        for (vj, src) in v[..n].iter_mut().zip(keep.run(run).chunks_exact(RUN)) {
+            for (d, s) in vj.iter_mut().zip(src) {
+                *d = f32::from_bits((s.to_bits() as u32) << 16);
+            }
+        }
+        for (r, x) in inp.chunks_exact(c).enumerate() {
+            let mut acc = [0f32; RUN];
+            for (vj, &k) in v[..n].iter().zip(kc) {
+                let xj = x[k as usize];
+                for (a, w) in acc.iter_mut().zip(vj) {
+                    *a += xj * w;
+                }
+            }
+            for (d, a) in out[r * oc + o..][..m].iter_mut().zip(&acc[t0..]) {
+                *d += a;
+            }
+        }
+        o += m;
+    }
 }
 
 fn dot_f32(x: &[f32], w: &[f32], isa: Isa) -> f32 {

@@ -314,3 +314,103 @@ fn q8_refuses_rows_that_are_not_whole_groups() {
         std::fs::remove_dir_all(dir).ok();
     }
 }
+
+/// Calibrated `--quantize q8`: the input energies are each matrix input's per-channel
+/// sums of squares over the text (layer 0's attention input checked against RMSNorm of
+/// the embedding rows by the reference ops), and every layer matrix keeps exactly its
+/// most energetic input columns at 16 bits (the top `row / 32` here).
+#[test]
+fn q8_calibrated_keeps_the_most_energetic_input_columns() {
+    use cloudrm::kernels::{Weights, reference};
+    let spec = TinySpec {
+        dtype: Dtype::BF16,
+        hidden: 64,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 128,
+        ..TinySpec::default()
+    };
+    let dir = tiny_model_dir("q8calib", &spec);
+    let mut model = Llama::load_dir(&dir).unwrap();
+    let cpu = Cpu::fast();
+    // Bad calibration input: typed errors, and the model stays unquantised.
+    assert!(matches!(
+        model.input_energies(&cpu, &[]),
+        Err(Error::Model(ModelError::EmptyInput))
+    ));
+    let err = model
+        .quantize_q8_calibrated(&cpu, &[1, 500, 2])
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Model(ModelError::TokenOutOfRange { id: 500, .. })
+        ),
+        "{err}"
+    );
+    assert!(!model.weights.is_quantized());
+    let e = model.input_energies(&cpu, &IDS).unwrap();
+    assert_eq!(e.len(), spec.layers);
+    for l in &e {
+        let lens: Vec<usize> = l.iter().map(|v| v.len()).collect();
+        assert_eq!(lens, [64, 64, 64, 128]);
+        assert!(l.iter().flatten().all(|v| v.is_finite() && *v >= 0.0));
+    }
+    // Layer 0's Q/K/V input: rmsnorm(embedding rows) with the attention norm.
+    let w = &model.weights;
+    let embed = w.get(&w.embed);
+    let rows: Vec<f32> = IDS
+        .iter()
+        .flat_map(|&id| (0..64).map(move |j| embed.get(id as usize * 64 + j)))
+        .collect();
+    let mut xn = vec![0f32; rows.len()];
+    let eps = model.config.rms_norm_eps;
+    reference::rmsnorm::rmsnorm_forward(&mut xn, &rows, w.get(&w.layers[0].attn_norm), eps)
+        .unwrap();
+    let want: Vec<f32> = (0..64)
+        .map(|j| xn.chunks(64).map(|r| (r[j] as f64).powi(2)).sum::<f64>() as f32)
+        .collect();
+    let got: Vec<f32> = e[0][0].iter().map(|&v| v as f32).collect();
+    check_close("layer 0 attention input energy", &got, &want, 1e-5);
+    model.quantize_q8_calibrated(&cpu, &IDS).unwrap();
+    let top = |v: &[f64], k: usize| {
+        let mut i: Vec<u32> = (0..v.len() as u32).collect();
+        i.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
+        i.truncate(k);
+        i.sort_unstable();
+        i
+    };
+    let w = &model.weights;
+    for (l, lw) in w.layers.iter().enumerate() {
+        for (m, kind, k) in [
+            (&lw.q_proj, 0, 2),
+            (&lw.k_proj, 0, 2),
+            (&lw.v_proj, 0, 2),
+            (&lw.o_proj, 1, 2),
+            (&lw.gate_proj, 2, 2),
+            (&lw.up_proj, 2, 2),
+            (&lw.down_proj, 3, 4),
+        ] {
+            let Weights::Q8(q) = w.get(m) else {
+                panic!("layer {l}: not quantised")
+            };
+            let kept = q.keep().expect("kept columns").cols().to_vec();
+            assert_eq!(kept, top(&e[l][kind], k), "layer {l}, input kind {kind}");
+        }
+    }
+    // The calibrated model still runs, close to the 16-bit one.
+    let bf16 = Llama::load_dir(&dir).unwrap();
+    let (a, b) = (
+        all_logits(&bf16, &cpu, &IDS),
+        all_logits(&model, &cpu, &IDS),
+    );
+    let rel = (a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>())
+    .sqrt();
+    assert!(rel < 5e-2, "calibrated q8 logits rel L2 {rel}");
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -9,7 +9,7 @@
 //! Groups of 16 with 2-byte scales cost the bytes of groups of 32 with f32 scales and
 //! lose a third less: 2.2e-2 against 3.4e-2 relative L2 on the default model's logits
 //! (docs/benchmarks.md); keeping a few input columns at 16 bits ([`Q8Keep`]) takes that
-//! to 1.7e-2. Every weight is quantised against the rounded scale, so it stays
+//! to 1.2e-2. Every weight is quantised against the rounded scale, so it stays
 //! within half a step of it, and a group's largest weight is 127 steps (max|w| / scale
 //! is within 127 +- 0.25). Rounding the scale up instead (never over 127 steps by
 //! construction) measured worse: 2.39e-2 (the embedding's error 19 % higher).

@@ -44,7 +44,32 @@ pub struct Trace {
     pub layer_out_norms: Vec<f32>,
     /// L2 norm of the final-normed hidden state.
     pub final_norm_norm: f32,
+    /// When Some, the energy of every layer's matrix inputs over all positions of the
+    /// call's last chunk is added here ([`InputEnergies`]).
+    pub inputs: Option<InputEnergies>,
 }
+
+/// Per layer, the energy (sum of squares over positions) of each input channel of its
+/// matrices: `[attention norm output (Q, K, V), attention output (O), MLP norm output
+/// (gate, up), SwiGLU output (down)]`.
+pub type InputEnergies = Vec<[Vec<f64>; 4]>;
+
+/// Add each channel's sum of squares over the rows of `x` (rows of `c`) to `e`.
+fn add_energy(e: &mut Vec<f64>, x: &[f32], c: usize) {
+    if e.len() != c {
+        *e = vec![0.0; c];
+    }
+    for row in x.chunks_exact(c) {
+        for (d, &v) in e.iter_mut().zip(row) {
+            *d += (v as f64) * (v as f64);
+        }
+    }
+}
+
+/// The text `--quantize q8` runs through the 16-bit model to find each matrix's most
+/// energetic input channels (a dialogue with a critique, the kind of text a CLoud
+/// reward model reads).
+pub const CALIBRATION_TEXT: &str = include_str!("calibration.txt");
 
 /// KV cache and activation buffers for one sequence.
 #[derive(Debug)]
@@ -183,6 +208,47 @@ impl Llama {
 
     /// Run `ids` (appended after the session's cached positions) and return the logits
     /// the mode asks for: (V) for `Last`, (T, V) for `All`, empty for `None`.
+    /// [`InputEnergies`] of the model's matrices over `ids`, run as one sequence in
+    /// chunks of 64 tokens (the activations of one chunk in memory at a time).
+    pub fn input_energies(&self, cpu: &Cpu, ids: &[u32]) -> Result<InputEnergies> {
+        const CHUNK: usize = 64;
+        let mut sess = self.new_session(ids.len().max(1), CHUNK);
+        let mut trace = Trace {
+            inputs: Some(Vec::new()),
+            ..Trace::default()
+        };
+        if ids.is_empty() {
+            return Err(ModelError::EmptyInput.into());
+        }
+        for piece in ids.chunks(CHUNK) {
+            self.forward_traced(cpu, &mut sess, piece, LogitsMode::None, Some(&mut trace))?;
+        }
+        Ok(trace.inputs.unwrap_or_default())
+    }
+
+    /// `--quantize q8` with each layer matrix's kept input columns
+    /// ([`cloudrm_kernels::weights::Q8Keep`]) the most energetic over `ids` run through
+    /// the 16-bit model (e.g. [`CALIBRATION_TEXT`] tokenised), rather than the
+    /// weight-only estimate [`super::weights::LlamaWeights::quantize_q8`] uses.
+    pub fn quantize_q8_calibrated(&mut self, cpu: &Cpu, ids: &[u32]) -> Result<()> {
+        if self.weights.is_quantized() {
+            return Ok(());
+        }
+        let energies = self.input_energies(cpu, ids)?;
+        self.weights.quantize_q8_with(Some(&energies))
+    }
+
+    /// [`Self::quantize_q8_calibrated`] over [`CALIBRATION_TEXT`] as `tokenizer` reads
+    /// it: what `--quantize q8` does.
+    pub fn quantize_q8_with_text(
+        &mut self,
+        cpu: &Cpu,
+        tokenizer: &cloudrm_loader::tokenizer::Tokenizer,
+    ) -> Result<()> {
+        let ids = tokenizer.encode(CALIBRATION_TEXT, false)?;
+        self.quantize_q8_calibrated(cpu, &ids)
+    }
+
     pub fn forward<'s>(
         &self,
         cpu: &Cpu,
@@ -327,9 +393,19 @@ impl Llama {
         }
         let x = &mut sess.x[..t * c];
         cpu.embedding(x, ids, w.get(&w.embed), c)?;
+        let eps = cfg.rms_norm_eps;
+        // (Taken out of the trace for the loop, put back after it.)
+        let mut energies = trace.as_deref_mut().and_then(|tr| tr.inputs.take());
+        if let Some(e) = energies.as_mut() {
+            e.resize_with(w.layers.len(), Default::default);
+        }
         for (l, lw) in w.layers.iter().enumerate() {
             // Attention block: x += o_proj(attn(rope(q), rope(k), v)) on rmsnorm(x).
             let xn = &mut sess.xn[..t * c];
+            if let Some(e) = energies.as_mut() {
+                cpu.rmsnorm(xn, x, w.get(&lw.attn_norm), eps)?;
+                add_energy(&mut e[l][0], xn, c);
+            }
             let q = &mut sess.q[..t * qd];
             let k = &mut sess.k[..t * kvd];
             let v = &mut sess.v[..t * kvd];
@@ -356,6 +432,11 @@ impl Llama {
             let proj = &mut sess.proj[..t * c];
             cpu.matmul(proj, att, w.get(&lw.o_proj), lw.o_bias.as_deref(), qd, c)?;
             cpu.residual(x, proj)?;
+            if let Some(e) = energies.as_mut() {
+                add_energy(&mut e[l][1], att, qd);
+                cpu.rmsnorm(xn, x, w.get(&lw.mlp_norm), eps)?;
+                add_energy(&mut e[l][2], xn, c);
+            }
             mlp_block(
                 cpu,
                 self,
@@ -369,9 +450,15 @@ impl Llama {
                     proj,
                 },
             )?;
+            if let Some(e) = energies.as_mut() {
+                add_energy(&mut e[l][3], &sess.act[..t * idim], idim);
+            }
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layer_out_norms.push(l2(&x[(t - 1) * c..]));
             }
+        }
+        if let Some(tr) = trace {
+            tr.inputs = tr.inputs.take().or(energies);
         }
         sess.pos += t;
         Ok(())

@@ -6,7 +6,7 @@ pub mod rope;
 pub mod weights;
 
 pub use heads::{CheckpointLayout, FeedbackMethod, RewardHead, RewardModel, UNTRAINED_HEAD_SEED};
-pub use llama::{Llama, LogitsMode, Session, Trace};
+pub use llama::{CALIBRATION_TEXT, InputEnergies, Llama, LogitsMode, Session, Trace};
 pub use weights::{LlamaWeights, WeightHandle};
 
 /// Errors of model loading and running that are not the loader's or a kernel's.

@@ -10,6 +10,7 @@ use cloudrm_loader::{Dtype, LlamaConfig};
 use half::{bf16, f16};
 
 use super::ModelError;
+use super::llama::InputEnergies;
 use crate::error::Result;
 
 /// How [`LlamaWeights::use_huge_pages`] puts the weights on 2 MiB pages.
@@ -48,12 +49,14 @@ struct Q8Tensor {
     keep_vals: Vec<bf16>,
 }
 
-/// How a matrix's input columns are ranked for keeping at 16 bits: by a weight-only
-/// estimate of each input channel's energy (no calibration data).
+/// How a matrix's input columns are ranked for keeping at 16 bits: by measured input
+/// energies, or by a weight-only estimate of each input channel's energy.
 #[derive(Debug, Clone, Copy)]
 enum InputsOf {
     /// Not ranked (the embedding, the LM head).
     None,
+    /// Measured: `InputEnergies[layer][kind]`.
+    Measured { layer: usize, kind: usize },
     /// The output of an RMSNorm with these weights (Q/K/V, gate/up): channel j's energy
     /// ~ g_j^2.
     Norm(WeightHandle),
@@ -75,9 +78,10 @@ enum InputsOf {
 }
 
 /// Input columns each layer matrix keeps at 16 bits under `--quantize q8`: 16 (fewer for
-/// rows under 512 elements), 2.8 % of a 576-wide row. On the default model (PyTorch, the
-/// golden texts) this takes the logits' error from 2.16e-2 to 1.61e-2 relative L2 (here
-/// 2.13e-2 to 1.67e-2) for 3.3 % more bytes per decode token (docs/benchmarks.md).
+/// rows under 512 elements), 2.8 % of a 576-wide row. On the default model (the golden
+/// texts) this takes the logits' error from 2.13e-2 relative L2 to 1.18e-2 with columns
+/// ranked on the calibration text, 1.67e-2 ranked from the weights, for 3.3 % more bytes
+/// per decode token (docs/benchmarks.md).
 const KEEP_COLS: usize = 16;
 
 /// Per-layer weights. Shapes use the config's letters; linear weights are (out, in).
@@ -209,6 +213,12 @@ impl LlamaWeights {
     /// weight. Norm weights stay as they are. Each matrix's mapped pages are released once
     /// it is quantised, so only the quantised copy stays resident. Idempotent.
     pub fn quantize_q8(&mut self) -> Result<()> {
+        self.quantize_q8_with(None)
+    }
+
+    /// [`Self::quantize_q8`], the kept input columns ranked by measured input energies
+    /// when given (`Llama::quantize_q8_calibrated`), else by the weight-only estimate.
+    pub fn quantize_q8_with(&mut self, energies: Option<&InputEnergies>) -> Result<()> {
         if !self.q8.is_empty() {
             return Ok(());
         }
@@ -217,7 +227,12 @@ impl LlamaWeights {
         let (head_dim, group) = (self.head_dim, self.kv_group);
         let n_layers = self.layers.len();
         let mut handles: Vec<(&mut WeightHandle, InputsOf)> = Vec::new();
-        for l in &mut self.layers {
+        for (li, l) in self.layers.iter_mut().enumerate() {
+            let measured = |kind: usize| {
+                energies
+                    .and_then(|e| e.get(li))
+                    .map(|_| InputsOf::Measured { layer: li, kind })
+            };
             let (an, mn) = (InputsOf::Norm(l.attn_norm), InputsOf::Norm(l.mlp_norm));
             let attn = InputsOf::Attention {
                 v: l.v_proj,
@@ -230,6 +245,12 @@ impl LlamaWeights {
                 up: l.up_proj,
                 norm: l.mlp_norm,
             };
+            let (an, attn, mn, mlp) = (
+                measured(0).unwrap_or(an),
+                measured(1).unwrap_or(attn),
+                measured(2).unwrap_or(mn),
+                measured(3).unwrap_or(mlp),
+            );
             handles.extend([
                 (&mut l.q_proj, an),
                 (&mut l.k_proj, an),
@@ -268,7 +289,7 @@ impl LlamaWeights {
                 let range = items[it].clone();
                 let keeps: Vec<Vec<u32>> = sources[range.clone()]
                     .iter()
-                    .map(|(h, inputs)| kept_columns(files, h.row, *inputs))
+                    .map(|(h, inputs)| kept_columns(files, h.row, *inputs, energies))
                     .collect();
                 for (i, keep) in range.zip(keeps) {
                     let r = quantize_tensor(files, &sources[i].0, keep);
@@ -483,7 +504,12 @@ fn mapped<'a>(files: &'a ShardedSafeTensors, h: &WeightHandle) -> Weights<'a> {
 
 /// The input columns of a matrix with rows of `row` elements to keep at 16 bits: the
 /// most energetic by the estimate `inputs` names, ascending.
-fn kept_columns(files: &ShardedSafeTensors, row: usize, inputs: InputsOf) -> Vec<u32> {
+fn kept_columns(
+    files: &ShardedSafeTensors,
+    row: usize,
+    inputs: InputsOf,
+    energies: Option<&InputEnergies>,
+) -> Vec<u32> {
     let k = KEEP_COLS.min(row / 32);
     let f32s = |h: &WeightHandle| mapped(files, h);
     // Per row of `m`, |row scaled by g|^2 (f32 products, f64 sums).
@@ -518,6 +544,10 @@ fn kept_columns(files: &ShardedSafeTensors, row: usize, inputs: InputsOf) -> Vec
     };
     let score: Vec<f64> = match inputs {
         InputsOf::None => return Vec::new(),
+        InputsOf::Measured { layer, kind } => energies
+            .and_then(|e| e.get(layer))
+            .map(|e| e[kind].clone())
+            .unwrap_or_default(),
         InputsOf::Norm(g) => norm(&g).iter().map(|g| g * g).collect(),
         InputsOf::Attention {
             v,

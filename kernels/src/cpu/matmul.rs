@@ -879,37 +879,30 @@ fn add_kept(
     add_kept_body(out, inp, keep, c, oc, cols)
 }
 
-/// [`add_kept_body`] compiled for AVX-512 (the same operations, wider).
-///
-/// SAFETY: AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn add_kept_avx512(
-    out: &mut [f32],
-    inp: &[f32],
-    keep: crate::weights::Q8Keep<'_>,
-    c: usize,
-    oc: usize,
-    cols: std::ops::Range<usize>,
-) {
-    add_kept_body(out, inp, keep, c, oc, cols)
+/// `$name`: [`add_kept_body`] compiled for the target features `$feat` (the same
+/// operations, wider vectors).
+macro_rules! add_kept_for {
+    ($name:ident, $feat:literal) => {
+        /// [`add_kept_body`] compiled for these target features.
+        ///
+        /// SAFETY: the target features present.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(
+            out: &mut [f32],
+            inp: &[f32],
+            keep: crate::weights::Q8Keep<'_>,
+            c: usize,
+            oc: usize,
+            cols: std::ops::Range<usize>,
+        ) {
+            add_kept_body(out, inp, keep, c, oc, cols)
+        }
+    };
 }
 
-/// [`add_kept_body`] compiled for AVX2.
-///
-/// SAFETY: AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn add_kept_avx2(
-    out: &mut [f32],
-    inp: &[f32],
-    keep: crate::weights::Q8Keep<'_>,
-    c: usize,
-    oc: usize,
-    cols: std::ops::Range<usize>,
-) {
-    add_kept_body(out, inp, keep, c, oc, cols)
-}
+add_kept_for!(add_kept_avx512, "avx512f");
+add_kept_for!(add_kept_avx2, "avx2");
 
 #[inline(always)]
 fn add_kept_body(

@@ -88,11 +88,33 @@ impl<'a> Q8Keep<'a> {
     pub fn value(&self, r: usize, j: usize) -> bf16 {
         self.vals[keep_index(self.first + r, j, self.cols.len())]
     }
+}
 
-    /// Elements per row of the matrix.
-    pub fn row(&self) -> usize {
-        self.row
+/// Why kept columns `cols` with `vals` values do not fit `n` weights in rows of `row`
+/// (a multiple of [`Q8_GROUP`]), if they do not: at most [`Q8_KEEP_MAX`], ascending,
+/// distinct and under `row`, with [`q8_keep_len`] values.
+fn keep_misfit(n: usize, row: usize, cols: &[u32], vals: usize) -> Option<String> {
+    if row == 0 || !row.is_multiple_of(Q8_GROUP) || !n.is_multiple_of(row) {
+        return Some(format!(
+            "{n} int8 values are not whole rows of {row} (a multiple of {Q8_GROUP})"
+        ));
     }
+    if cols.len() > Q8_KEEP_MAX
+        || cols.windows(2).any(|w| w[0] >= w[1])
+        || cols.last().is_some_and(|&c| c as usize >= row)
+    {
+        return Some(format!(
+            "kept columns must be at most {Q8_KEEP_MAX}, ascending, distinct and under the \
+             row length {row}: {cols:?}"
+        ));
+    }
+    let rows = n / row;
+    (vals != q8_keep_len(rows, cols.len())).then(|| {
+        format!(
+            "{vals} kept values for {rows} rows of {} kept columns",
+            cols.len()
+        )
+    })
 }
 
 impl<'a> Q8Slice<'a> {
@@ -129,33 +151,12 @@ impl<'a> Q8Slice<'a> {
         vals: &'a [bf16],
     ) -> Result<Self, KernelError> {
         let mut s = Self::new(q, scales)?;
-        let bad = |reason: String| KernelError::Invalid {
-            op: "q8 weights",
-            arg: "keep",
-            reason,
-        };
-        if row == 0 || !row.is_multiple_of(Q8_GROUP) || !q.len().is_multiple_of(row) {
-            return Err(bad(format!(
-                "{} int8 values are not whole rows of {row} (a multiple of {Q8_GROUP})",
-                q.len()
-            )));
-        }
-        if cols.len() > Q8_KEEP_MAX
-            || cols.windows(2).any(|w| w[0] >= w[1])
-            || cols.last().is_some_and(|&c| c as usize >= row)
-        {
-            return Err(bad(format!(
-                "kept columns must be at most {Q8_KEEP_MAX}, ascending, distinct and under \
-                 the row length {row}: {cols:?}"
-            )));
-        }
-        let rows = q.len() / row;
-        if vals.len() != q8_keep_len(rows, cols.len()) {
-            return Err(bad(format!(
-                "{} kept values for {rows} rows of {} kept columns",
-                vals.len(),
-                cols.len()
-            )));
+        if let Some(reason) = keep_misfit(q.len(), row, cols, vals.len()) {
+            return Err(KernelError::Invalid {
+                op: "q8 weights",
+                arg: "keep",
+                reason,
+            });
         }
         if !cols.is_empty() {
             s.keep = Some(Q8Keep {
@@ -350,8 +351,8 @@ pub fn quantize_q8(src: Weights<'_>, q: &mut [i8], scales: &mut [bf16]) -> Resul
 /// [`Q8_KEEP_MAX`]) kept at 16 bits ([`Q8Keep`]): their int8 values are zero, their
 /// groups' scales are taken over the other weights, and their values go to `vals` in
 /// [`Q8Keep`]'s runs ([`q8_keep_len`] values, the last run's padding zero; rounded to
-/// bf16: exact for bf16 weights). The source is copied once with the kept columns zeroed
-/// and quantised as [`quantize_q8`] does.
+/// bf16: exact for bf16 weights). Each row is copied with its kept columns zeroed and
+/// quantised as [`quantize_q8`] does.
 pub fn quantize_q8_keep(
     src: Weights<'_>,
     row: usize,
@@ -361,29 +362,14 @@ pub fn quantize_q8_keep(
     vals: &mut [bf16],
 ) -> Result<(), KernelError> {
     let n = src.len();
-    if row == 0 || !row.is_multiple_of(Q8_GROUP) || !n.is_multiple_of(row) {
-        return Err(KernelError::Invalid {
-            op: "quantize_q8",
-            arg: "row",
-            reason: format!("{n} weights are not whole rows of {row} (a multiple of {Q8_GROUP})"),
-        });
-    }
-    let rows = n / row;
-    if cols.len() > Q8_KEEP_MAX
-        || cols.windows(2).any(|w| w[0] >= w[1])
-        || cols.last().is_some_and(|&c| c as usize >= row)
-        || vals.len() != q8_keep_len(rows, cols.len())
-    {
+    if let Some(reason) = keep_misfit(n, row, cols, vals.len()) {
         return Err(KernelError::Invalid {
             op: "quantize_q8",
             arg: "cols/vals",
-            reason: format!(
-                "kept columns {cols:?} (at most {Q8_KEEP_MAX}, ascending, under {row}) with \
-                 {} values for {rows} rows",
-                vals.len()
-            ),
+            reason,
         });
     }
+    let rows = n / row;
     for r in 0..rows {
         for (j, &c) in cols.iter().enumerate() {
             let at = r * row + c as usize;

@@ -39,19 +39,17 @@ pub enum QuantizeArg {
     Q8,
 }
 
-/// Quantise a loaded model (read from `dir`, whose tokenizer reads the calibration
-/// text), or put it on huge pages, as asked.
+/// Quantise a loaded model (its `tokenizer` reads the calibration text), or put it on
+/// huge pages, as asked.
 fn apply_quantize(
     llama: &mut Llama,
-    dir: &Path,
+    tokenizer: &Tokenizer,
     q: Option<QuantizeArg>,
     huge_pages: Option<HugePagesArg>,
 ) -> Result<()> {
     check_memory_args(q, huge_pages)?;
     match q {
-        Some(QuantizeArg::Q8) => {
-            llama.quantize_q8_with_text(&Cpu::fast(), &Tokenizer::from_dir(dir)?)?
-        }
+        Some(QuantizeArg::Q8) => llama.quantize_q8_with_text(&Cpu::fast(), tokenizer)?,
         None => {}
     }
     if let Some(how) = huge_pages {
@@ -303,10 +301,11 @@ impl Loaded {
                 )
             }
         };
-        apply_quantize(&mut model.llama, &dir, args.quantize, args.hugepages)?;
+        let tokenizer = Tokenizer::from_dir(&dir)?;
+        apply_quantize(&mut model.llama, &tokenizer, args.quantize, args.hugepages)?;
         Ok(Loaded {
             model,
-            tokenizer: Tokenizer::from_dir(&dir)?,
+            tokenizer,
             template: ChatTemplate::from_dir(&dir)?,
             name,
         })
@@ -855,8 +854,8 @@ fn generate_cmd(dir: &Path, cpu: &Cpu, args: &GenerateArgs<'_>) -> Result<()> {
         hugepages,
     } = *args;
     let mut model = Llama::load_dir(dir)?;
-    apply_quantize(&mut model, dir, quantize, hugepages)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
+    apply_quantize(&mut model, &tokenizer, quantize, hugepages)?;
     let text = if chat {
         let template = ChatTemplate::from_dir(dir)?;
         let mut messages = Vec::new();

@@ -212,14 +212,14 @@ impl Llama {
     /// chunks of 64 tokens (the activations of one chunk in memory at a time).
     pub fn input_energies(&self, cpu: &Cpu, ids: &[u32]) -> Result<InputEnergies> {
         const CHUNK: usize = 64;
-        let mut sess = self.new_session(ids.len().max(1), CHUNK);
+        if ids.is_empty() {
+            return Err(ModelError::EmptyInput.into());
+        }
+        let mut sess = self.new_session(ids.len(), CHUNK);
         let mut trace = Trace {
             inputs: Some(Vec::new()),
             ..Trace::default()
         };
-        if ids.is_empty() {
-            return Err(ModelError::EmptyInput.into());
-        }
         for piece in ids.chunks(CHUNK) {
             self.forward_traced(cpu, &mut sess, piece, LogitsMode::None, Some(&mut trace))?;
         }

@@ -24,7 +24,7 @@ use super::pool::{self, SendPtr};
 use super::rowwise::{RopeTable, rmsnorm_rows, rope_by_table, rotate_heads, swiglu_slice};
 use crate::error::KernelError;
 use crate::reference::matmul::check_shapes;
-use crate::weights::{Q8_GROUP, Q8Slice, Weights};
+use crate::weights::{Q8Slice, Weights};
 
 /// out: (B, OC); inp: (B, C); weight: (OC, C); bias: (OC).
 pub fn matmul_forward(
@@ -831,24 +831,10 @@ fn dot_weights(x: &[f32], w: Weights<'_>, isa: Isa) -> f32 {
     }
 }
 
-/// Dot product with one row of Q8 weights, one group at a time (the scale applied per
-/// group), then the kept columns.
+/// Dot product with one row of Q8 weights, element by element ([`Q8Slice::get`]: the
+/// group's scale, plus a kept column's value).
 fn q8_dot(x: &[f32], w: Q8Slice<'_>) -> f32 {
-    let groups: f32 = x
-        .chunks(Q8_GROUP)
-        .zip(w.q().chunks(Q8_GROUP))
-        .zip(w.scales())
-        .map(|((xg, qg), s)| s.to_f32() * scalar_dot(xg, qg, |v: &i8| *v as f32))
-        .sum();
-    // (One row: each kept column holds one value.)
-    groups
-        + w.keep().map_or(0.0, |k| {
-            k.cols()
-                .iter()
-                .enumerate()
-                .map(|(j, &c)| x[c as usize] * k.value(0, j).to_f32())
-                .sum()
-        })
+    x.iter().enumerate().map(|(i, &v)| v * w.get(i)).sum()
 }
 
 /// Add the kept columns' part ([`crate::weights::Q8Keep`]) to outputs `cols` of every

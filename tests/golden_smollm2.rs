@@ -176,15 +176,14 @@ fn real_model_incremental_equals_full() {
 
 /// `--quantize q8` on the real model, against the bf16 model on every position of the
 /// golden texts: the fast and the reference kernels agree on the quantised weights, and
-/// the quantisation costs what the format costs: 1.18e-2 relative L2 with groups of 16,
-/// bf16 scales and 16 input columns per layer matrix kept at 16 bits, those with the most
-/// energy over the built-in calibration text (1.67e-2 with the columns ranked from the
-/// weights alone, 2.13e-2 without kept columns, 3.38e-2 with the earlier groups of 32 and
-/// f32 scales; docs/benchmarks.md). The bound here is the measured value plus a margin
-/// (it fails with the weight-only ranking), and greedy tokens must agree on >= 98% of
-/// positions (0.989 measured). (1e-2, the goal, is below what these 8-bit
-/// weights reach on this model: bf16 weights themselves are 5.2e-3 from f32 by the same
-/// measure.)
+/// the quantisation costs what the format costs. Measured 8.08e-3 relative L2 (argmax
+/// agreement 0.996) with groups of 16, bf16 scales searched per group weighted by the
+/// inputs' energies over the built-in calibration text, and 16 input columns per layer
+/// matrix kept at 16 bits (8.87e-3 with the search unweighted, 1.18e-2 with scales
+/// max|w| / 127, 2.13e-2 without kept columns either, 3.38e-2 with the earlier groups of
+/// 32 and f32 scales; docs/benchmarks.md). The bound is the goal, 1e-2, and
+/// greedy tokens must agree on >= 99% of positions. (bf16 weights themselves are 5.2e-3
+/// from f32 by the same measure.)
 #[test]
 fn q8_logits_close_to_bf16() {
     let (cases, _) = load_fixture();
@@ -240,8 +239,8 @@ fn q8_logits_close_to_bf16() {
     eprintln!(
         "q8 vs bf16: logits rel L2 {rel:.3e}, argmax agreement {agree:.3} over {positions} positions"
     );
-    assert!(rel < 1.4e-2, "q8 logits rel L2 {rel:.3e} >= 1.4e-2");
-    assert!(agree >= 0.98, "argmax agreement {agree}");
+    assert!(rel < 1e-2, "q8 logits rel L2 {rel:.3e} >= 1e-2");
+    assert!(agree >= 0.99, "argmax agreement {agree}");
     // The reference kernels on the same quantised weights (last position of case 0).
     let ids = &cases[0].ids;
     let mut s = q8.new_session(ids.len(), 64);

@@ -317,10 +317,12 @@ fn q8_refuses_rows_that_are_not_whole_groups() {
 
 /// Calibrated `--quantize q8`: the input energies are each matrix input's per-channel
 /// sums of squares over the text (layer 0's attention input checked against RMSNorm of
-/// the embedding rows by the reference ops), and every layer matrix keeps exactly its
-/// most energetic input columns at 16 bits (the top `row / 32` here).
+/// the embedding rows by the reference ops, the head's against the final norm's output),
+/// every layer matrix keeps exactly its most energetic input columns at 16 bits (the top
+/// `row / 32` here), and the scales are the search weighted by those energies.
 #[test]
 fn q8_calibrated_keeps_the_most_energetic_input_columns() {
+    use cloudrm::kernels::weights::{Q8Fit, q8_keep_len, quantize_q8_keep};
     use cloudrm::kernels::{Weights, reference};
     let spec = TinySpec {
         dtype: Dtype::BF16,
@@ -350,8 +352,10 @@ fn q8_calibrated_keeps_the_most_energetic_input_columns() {
     );
     assert!(!model.weights.is_quantized());
     let e = model.input_energies(&cpu, &IDS).unwrap();
-    assert_eq!(e.len(), spec.layers);
-    for l in &e {
+    assert_eq!(e.layers.len(), spec.layers);
+    assert_eq!(e.head.len(), 64);
+    assert!(e.head.iter().all(|v| v.is_finite() && *v >= 0.0));
+    for l in &e.layers {
         let lens: Vec<usize> = l.iter().map(|v| v.len()).collect();
         assert_eq!(lens, [64, 64, 64, 128]);
         assert!(l.iter().flatten().all(|v| v.is_finite() && *v >= 0.0));
@@ -370,9 +374,73 @@ fn q8_calibrated_keeps_the_most_energetic_input_columns() {
     let want: Vec<f32> = (0..64)
         .map(|j| xn.chunks(64).map(|r| (r[j] as f64).powi(2)).sum::<f64>() as f32)
         .collect();
-    let got: Vec<f32> = e[0][0].iter().map(|&v| v as f32).collect();
+    let got: Vec<f32> = e.layers[0][0].iter().map(|&v| v as f32).collect();
     check_close("layer 0 attention input energy", &got, &want, 1e-5);
+    // The head's input energy over IDS less that over all but the last token: the
+    // squared norm of the last position's final-normed hidden state.
+    let n = IDS.len();
+    let shorter = model.input_energies(&cpu, &IDS[..n - 1]).unwrap();
+    let last: f64 = e.head.iter().sum::<f64>() - shorter.head.iter().sum::<f64>();
+    let mut sess = model.new_session(n, n);
+    let mut trace = cloudrm::model::Trace::default();
+    model
+        .forward_traced(&cpu, &mut sess, &IDS, LogitsMode::Last, Some(&mut trace))
+        .unwrap();
+    let want = (trace.final_norm_norm as f64).powi(2);
+    assert!(
+        (last - want).abs() <= 1e-4 * want,
+        "head input energy of the last position {last}, its final norm squared {want}"
+    );
+    // Every matrix's scales are the search's (`Q8Fit::Search`) weighted by its inputs'
+    // energies over their mean: layer 0's Q with its kept columns, and the tied
+    // embedding/head (no kept columns) by the head's.
+    let (wq, embed_bf16) = (
+        model.weights.get(&model.weights.layers[0].q_proj),
+        model.weights.get(&model.weights.embed),
+    );
+    let (wq, embed_bf16) = (wq.to_f32_vec(), embed_bf16.to_f32_vec());
     model.quantize_q8_calibrated(&cpu, &IDS).unwrap();
+    let weighted = |v: &[f64]| -> Vec<f32> {
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        v.iter().map(|&x| (x / mean) as f32).collect()
+    };
+    for (name, src, row, handle, energy) in [
+        (
+            "layer 0 Q",
+            &wq,
+            64usize,
+            model.weights.layers[0].q_proj,
+            &e.layers[0][0],
+        ),
+        ("embedding", &embed_bf16, 64, model.weights.embed, &e.head),
+    ] {
+        let Weights::Q8(got) = model.weights.get(&handle) else {
+            panic!("{name}: not quantised")
+        };
+        let cols = got.keep().map_or(Vec::new(), |k| k.cols().to_vec());
+        let imp = weighted(energy);
+        let mut q = vec![0i8; src.len()];
+        let mut sc = vec![half::bf16::ZERO; src.len() / 16];
+        let mut vals = vec![half::bf16::ZERO; q8_keep_len(src.len() / row, cols.len())];
+        quantize_q8_keep(
+            Weights::F32(src),
+            row,
+            &cols,
+            Q8Fit::Search(Some(&imp)),
+            &mut q,
+            &mut sc,
+            &mut vals,
+        )
+        .unwrap();
+        assert!(
+            got.scales() == &sc[..],
+            "{name}: scales not the weighted search's"
+        );
+        assert!(
+            got.q() == &q[..],
+            "{name}: int8 values not the weighted search's"
+        );
+    }
     let top = |v: &[f64], k: usize| {
         let mut i: Vec<u32> = (0..v.len() as u32).collect();
         i.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
@@ -395,7 +463,11 @@ fn q8_calibrated_keeps_the_most_energetic_input_columns() {
                 panic!("layer {l}: not quantised")
             };
             let kept = q.keep().expect("kept columns").cols().to_vec();
-            assert_eq!(kept, top(&e[l][kind], k), "layer {l}, input kind {kind}");
+            assert_eq!(
+                kept,
+                top(&e.layers[l][kind], k),
+                "layer {l}, input kind {kind}"
+            );
         }
     }
     // The calibrated model still runs, close to the 16-bit one.

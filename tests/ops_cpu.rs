@@ -7,7 +7,9 @@ mod common;
 use cloudrm::kernels::cpu::dispatch::{self, Isa};
 use cloudrm::kernels::reference::attention::AttnShape;
 use cloudrm::kernels::reference::heads::RewardHeadWeights;
-use cloudrm::kernels::weights::{Q8_GROUP, Q8Slice, q8_keep_len, quantize_q8, quantize_q8_keep};
+use cloudrm::kernels::weights::{
+    Q8_FIT_SCALES, Q8_GROUP, Q8Fit, Q8Slice, q8_keep_len, quantize_q8, quantize_q8_keep,
+};
 use cloudrm::kernels::{OpKind, Weights, cpu, reference};
 use common::{Guarded, OpCase, Rng, bf16_compute, check_close, check_close_floor, run_cases};
 use half::{bf16, f16};
@@ -1863,7 +1865,16 @@ fn q8_kept_columns_match_the_reference_on_every_path() {
         let mut q = vec![0i8; oc * c];
         let mut s = vec![bf16::ZERO; oc * c / Q8_GROUP];
         let mut vals = vec![bf16::ZERO; q8_keep_len(oc, cols.len())];
-        quantize_q8_keep(Weights::BF16(&wb), c, &cols, &mut q, &mut s, &mut vals).unwrap();
+        quantize_q8_keep(
+            Weights::BF16(&wb),
+            c,
+            &cols,
+            Q8Fit::Max,
+            &mut q,
+            &mut s,
+            &mut vals,
+        )
+        .unwrap();
         for r in 0..oc {
             for (j, &k) in cols.iter().enumerate() {
                 assert_eq!(q[r * c + k as usize], 0, "int8 value at kept column {k}");
@@ -1973,7 +1984,16 @@ fn q8_kept_columns_that_do_not_fit_are_typed_errors() {
         let (mut q2, mut s2, mut v2) = (q.clone(), s.clone(), vec![bf16::ZERO; nvals]);
         let w = vec![0.5f32; 64];
         assert!(
-            quantize_q8_keep(Weights::F32(&w), row, &cols, &mut q2, &mut s2, &mut v2).is_err(),
+            quantize_q8_keep(
+                Weights::F32(&w),
+                row,
+                &cols,
+                Q8Fit::Max,
+                &mut q2,
+                &mut s2,
+                &mut v2
+            )
+            .is_err(),
             "quantize_q8_keep took {row} {cols:?}"
         );
     }
@@ -1982,13 +2002,214 @@ fn q8_kept_columns_that_do_not_fit_are_typed_errors() {
         let mut w = vec![0.5f32; 128];
         w[bad] = f32::NAN;
         let (mut q, mut s, mut v) = (vec![0i8; 128], vec![bf16::ZERO; 8], vec![bf16::ZERO; 16]);
-        let err = quantize_q8_keep(Weights::F32(&w), 32, &[5], &mut q, &mut s, &mut v)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains(&format!("at element {bad}")), "{err}");
+        for fit in [Q8Fit::Max, Q8Fit::Search(None)] {
+            let err = quantize_q8_keep(Weights::F32(&w), 32, &[5], fit, &mut q, &mut s, &mut v)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("at element {bad}")), "{fit:?}: {err}");
+        }
     }
     let many: Vec<u32> = (0..65).collect();
     let (q, s) = (vec![0i8; 128], vec![bf16::ZERO; 8]);
     let vals = vec![bf16::ONE; 65];
     assert!(Q8Slice::with_keep(&q, &s, 128, &many, &vals).is_err());
+}
+
+/// The searched Q8 scales (`Q8Fit::Search`) against a plain reference of the rule (each
+/// group's candidates bf16(max|w| / m), m = 127 down to 96, errors summed in f32 in
+/// order, the first least one) on every dispatch path: the same int8 values and scales
+/// bit for bit, at odd sizes, with kept columns, zero and tiny groups, outliers, and
+/// importance weights (none, random with zeros, one dominant column).
+#[test]
+fn q8_searched_scales_match_the_reference_on_every_path() {
+    fn reference_fit(w: &[f32], a: Option<&[f32]>, row: usize) -> (Vec<i8>, Vec<bf16>) {
+        let mut q = vec![0i8; w.len()];
+        let mut scales = vec![bf16::ZERO; w.len() / Q8_GROUP];
+        for (g, sc) in scales.iter_mut().enumerate() {
+            let wg = &w[g * Q8_GROUP..][..Q8_GROUP];
+            let amax = wg.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if bf16::from_f32(amax / 127.0).to_f32() < f32::MIN_POSITIVE {
+                // As quantize_q8 (the test's tiny groups have a zero scale).
+                let mut one = [bf16::ZERO];
+                quantize_q8(
+                    Weights::F32(wg),
+                    &mut q[g * Q8_GROUP..][..Q8_GROUP],
+                    &mut one,
+                )
+                .unwrap();
+                *sc = one[0];
+                continue;
+            }
+            let mut best = (f32::INFINITY, 0f32);
+            for m in (127 - Q8_FIT_SCALES as i32 + 1..=127).rev() {
+                let s = bf16::from_f32(amax / m as f32).to_f32();
+                let inv = 1.0 / s;
+                let mut err = 0f32;
+                for (j, &v) in wg.iter().enumerate() {
+                    let aj = a.map_or(1.0, |a| a[(g * Q8_GROUP + j) % row]);
+                    let d = v - (v * inv).round_ties_even() * s;
+                    err += aj * (d * d);
+                }
+                if err < best.0 {
+                    best = (err, s);
+                }
+            }
+            *sc = bf16::from_f32(best.1);
+            for (j, &v) in wg.iter().enumerate() {
+                q[g * Q8_GROUP + j] =
+                    (v * (1.0 / best.1)).round_ties_even().clamp(-127.0, 127.0) as i8;
+            }
+        }
+        (q, scales)
+    }
+    let mut rng = Rng::new(977);
+    let _isa_lock = ISA_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    for (row, rows, cols) in [
+        (16usize, 1usize, vec![]),
+        (48, 7, vec![0u32, 47]),
+        (592, 33, vec![1, 100, 591]),
+    ] {
+        let n = row * rows;
+        let mut w: Vec<f32> = (0..n)
+            .map(|i| {
+                let v = rng.vec(1, 1.0)[0];
+                // Outliers, and bf16 values (as checkpoints hold).
+                let v = if i % 37 == 5 { 20.0 * v } else { v };
+                bf16::from_f32(v).to_f32()
+            })
+            .collect();
+        // A zero group and a tiny (subnormal-scale) group.
+        w[..Q8_GROUP].fill(0.0);
+        if n >= 3 * Q8_GROUP {
+            for (j, v) in w[2 * Q8_GROUP..3 * Q8_GROUP].iter_mut().enumerate() {
+                *v = (j as f32 - 8.0) * 1e-40;
+            }
+        }
+        let random: Vec<f32> = (0..row)
+            .map(|j| {
+                if j % 5 == 0 {
+                    0.0
+                } else {
+                    3.0 * rng.vec(1, 1.0)[0].abs()
+                }
+            })
+            .collect();
+        let mut dominant = vec![0.01f32; row];
+        dominant[row / 2] = 1e4;
+        for imp in [None, Some(&random[..]), Some(&dominant[..])] {
+            let mut zeroed = w.clone();
+            for r in 0..rows {
+                for &c in &cols {
+                    zeroed[r * row + c as usize] = 0.0;
+                }
+            }
+            let (want_q, want_s) = reference_fit(&zeroed, imp, row);
+            for isa in dispatch::available() {
+                dispatch::force(Some(isa));
+                let mut q = vec![0i8; n];
+                let mut s = vec![bf16::ZERO; n / Q8_GROUP];
+                let mut vals = vec![bf16::ZERO; q8_keep_len(rows, cols.len())];
+                quantize_q8_keep(
+                    Weights::F32(&w),
+                    row,
+                    &cols,
+                    Q8Fit::Search(imp),
+                    &mut q,
+                    &mut s,
+                    &mut vals,
+                )
+                .unwrap();
+                let what = format!(
+                    "row {row} x {rows}, importance {:?}, {isa:?}",
+                    imp.map(|a| a[0])
+                );
+                assert!(s == want_s, "{what}: scales differ from the reference");
+                assert!(q == want_q, "{what}: int8 values differ from the reference");
+            }
+            dispatch::force(None);
+            // The search never does worse than max|w| / 127 on its own measure, and
+            // does better overall.
+            let mut q_max = vec![0i8; n];
+            let mut s_max = vec![bf16::ZERO; n / Q8_GROUP];
+            quantize_q8(Weights::F32(&zeroed), &mut q_max, &mut s_max).unwrap();
+            let err = |q: &[i8], s: &[bf16], g: usize| -> f64 {
+                (0..Q8_GROUP)
+                    .map(|j| {
+                        let i = g * Q8_GROUP + j;
+                        let a = imp.map_or(1.0, |a| a[i % row]) as f64;
+                        a * (zeroed[i] as f64 - q[i] as f64 * s[g].to_f32() as f64).powi(2)
+                    })
+                    .sum()
+            };
+            let (mut total_fit, mut total_max) = (0.0, 0.0);
+            for g in 0..n / Q8_GROUP {
+                let (e_fit, e_max) = (err(&want_q, &want_s, g), err(&q_max, &s_max, g));
+                assert!(
+                    e_fit <= e_max * (1.0 + 1e-5) + 1e-30,
+                    "group {g}: {e_fit} > {e_max}"
+                );
+                total_fit += e_fit;
+                total_max += e_max;
+            }
+            if n >= 64 {
+                assert!(total_fit < total_max, "{total_fit} vs {total_max}");
+            }
+        }
+    }
+    // A group on a grid of 100 steps of 2^-7 (a bf16 scale): the search finds it (m =
+    // 100) and rounds it exactly, where max|w| / 127 cannot.
+    let w: Vec<f32> = (0..16)
+        .map(|j| [100.0f32, -100.0, 37.0, -3.0, 55.0, 1.0, -71.0, 12.0][j % 8] / 128.0)
+        .collect();
+    let (mut q, mut s, mut v) = (vec![0i8; 16], vec![bf16::ZERO; 1], vec![]);
+    quantize_q8_keep(
+        Weights::F32(&w),
+        16,
+        &[],
+        Q8Fit::Search(None),
+        &mut q,
+        &mut s,
+        &mut v,
+    )
+    .unwrap();
+    assert_eq!(s[0].to_f32(), 1.0 / 128.0);
+    for (j, &x) in w.iter().enumerate() {
+        assert_eq!(q[j] as f32 * s[0].to_f32(), x, "weight {j}");
+    }
+    quantize_q8(Weights::F32(&w), &mut q, &mut s).unwrap();
+    assert!(
+        w.iter()
+            .enumerate()
+            .any(|(j, &x)| q[j] as f32 * s[0].to_f32() != x)
+    );
+}
+
+/// Importance weights that do not fit the rows are typed errors naming them.
+#[test]
+fn q8_search_importance_that_does_not_fit_is_a_typed_error() {
+    let w = vec![0.5f32; 64];
+    let short = [1.0f32; 31];
+    let mut nan = [1.0f32; 32];
+    nan[7] = f32::NAN;
+    let mut negative = [1.0f32; 32];
+    negative[9] = -1.0;
+    for (imp, what) in [
+        (&short[..], "got 31 values"),
+        (&nan[..], "NaN at column 7"),
+        (&negative[..], "-1 at column 9"),
+    ] {
+        let (mut q, mut s, mut v) = (vec![0i8; 64], vec![bf16::ZERO; 4], vec![]);
+        let err = quantize_q8_keep(
+            Weights::F32(&w),
+            32,
+            &[],
+            Q8Fit::Search(Some(imp)),
+            &mut q,
+            &mut s,
+            &mut v,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("importance") && err.contains(what), "{err}");
+    }
 }

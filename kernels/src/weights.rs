@@ -3,13 +3,16 @@
 //!
 //! [`Weights::Q8`] is the one format not read from disk: int8 weights in groups of
 //! [`Q8_GROUP`] consecutive elements of a row, each group with its own bf16 scale
-//! (`w ≈ scale · q`, symmetric, `scale` = max|w| / 127 rounded to the nearest bf16),
-//! made by [`quantize_q8`] at load time (`--quantize q8`): 1.125 bytes per weight.
+//! (`w ≈ scale · q`, symmetric), made at load time (`--quantize q8`) by [`quantize_q8`]
+//! (`scale` = max|w| / 127 rounded to the nearest bf16) or [`quantize_q8_keep`] (kept
+//! columns, and the scale as [`Q8Fit`] picks it): 1.125 bytes per weight.
 //!
 //! Groups of 16 with 2-byte scales cost the bytes of groups of 32 with f32 scales and
 //! lose a third less: 2.2e-2 against 3.4e-2 relative L2 on the default model's logits
 //! (docs/benchmarks.md); keeping a few input columns at 16 bits ([`Q8Keep`]) takes that
-//! to 1.2e-2. Every weight is quantised against the rounded scale, so it stays
+//! to 1.2e-2, and searching each group's scale weighted by its inputs' energies
+//! ([`Q8Fit::Search`], what the model does) to 8.1e-3. With [`quantize_q8`]'s
+//! max|w| / 127, every weight is quantised against the rounded scale, so it stays
 //! within half a step of it, and a group's largest weight is 127 steps (max|w| / scale
 //! is within 127 +- 0.25). Rounding the scale up instead (never over 127 steps by
 //! construction) measured worse: 2.39e-2 (the embedding's error 19 % higher).
@@ -352,11 +355,13 @@ pub fn quantize_q8(src: Weights<'_>, q: &mut [i8], scales: &mut [bf16]) -> Resul
 /// groups' scales are taken over the other weights, and their values go to `vals` in
 /// [`Q8Keep`]'s runs ([`q8_keep_len`] values, the last run's padding zero; rounded to
 /// bf16: exact for bf16 weights). Each row is copied with its kept columns zeroed and
-/// quantised as [`quantize_q8`] does.
+/// quantised with each group's scale as `fit` picks it ([`Q8Fit::Max`]: as
+/// [`quantize_q8`] does). `cols` may be empty.
 pub fn quantize_q8_keep(
     src: Weights<'_>,
     row: usize,
     cols: &[u32],
+    fit: Q8Fit<'_>,
     q: &mut [i8],
     scales: &mut [bf16],
     vals: &mut [bf16],
@@ -367,6 +372,22 @@ pub fn quantize_q8_keep(
             op: "quantize_q8",
             arg: "cols/vals",
             reason,
+        });
+    }
+    if let Q8Fit::Search(Some(a)) = fit
+        && (a.len() != row || a.iter().any(|v| !v.is_finite() || *v < 0.0))
+    {
+        return Err(KernelError::Invalid {
+            op: "quantize_q8",
+            arg: "importance",
+            reason: format!(
+                "need one finite, non-negative weight per column of the {row}-element rows; \
+                 got {} values{}",
+                a.len(),
+                a.iter()
+                    .position(|v| !v.is_finite() || *v < 0.0)
+                    .map_or(String::new(), |j| format!(", {} at column {j}", a[j]))
+            ),
         });
     }
     let rows = n / row;
@@ -404,8 +425,23 @@ pub fn quantize_q8_keep(
         Ok(())
     }
     let g = row / Q8_GROUP;
+    let mut wrow = Vec::new();
     let mut at = |r: usize, w: Weights<'_>| {
-        quantize_q8(w, &mut q[r * row..][..row], &mut scales[r * g..][..g]).map_err(|e| {
+        let (qr, sr) = (&mut q[r * row..][..row], &mut scales[r * g..][..g]);
+        match fit {
+            Q8Fit::Max => quantize_q8(w, qr, sr),
+            Q8Fit::Search(a) => {
+                wrow.clear();
+                match w {
+                    Weights::F32(w) => wrow.extend_from_slice(w),
+                    Weights::BF16(w) => wrow.extend(w.iter().map(|v| v.to_f32())),
+                    Weights::F16(w) => wrow.extend(w.iter().map(|v| v.to_f32())),
+                    Weights::Q8(_) => wrow.extend((0..row).map(|i| w.get(i))),
+                }
+                fit_row(&wrow, a, qr, sr)
+            }
+        }
+        .map_err(|e| {
             // Name the element in the whole tensor (the row's quantiser counts from 0).
             (r * row..(r + 1) * row)
                 .map(|i| (i, src.get(i)))
@@ -422,6 +458,173 @@ pub fn quantize_q8_keep(
             rows_zeroed(&w, row, cols, |r, b| at(r, Weights::F32(b)))
         }
     }
+}
+
+/// How [`quantize_q8_keep`] picks each group's scale.
+#[derive(Debug, Clone, Copy)]
+pub enum Q8Fit<'a> {
+    /// max|w| / 127 rounded to the nearest bf16, each weight rounded to its nearest step
+    /// ([`quantize_q8`]).
+    Max,
+    /// Searched per group: of the [`Q8_FIT_SCALES`] bf16 values nearest max|w| / m for
+    /// m = 127, 126, ..., 96 (the first is [`Q8Fit::Max`]'s; the others put the largest
+    /// weight at fewer, coarser steps, so no weight is clipped), the one under which the
+    /// group's weights, each rounded to its nearest step (ties to even), have the least
+    /// error
+    /// `sum_j a_j (w_j - q_j s)^2` (the first such on ties). `a_j` is the importance of
+    /// the weight's input column, `importance[j % row]` (its input's energy over some
+    /// text: how much an error there moves the outputs), or 1 with `None`.
+    ///
+    /// On the default model this takes the logits' error from the bf16 model from
+    /// 1.2e-2 to 0.8e-2 relative L2 (docs/benchmarks.md): the scale that lands the
+    /// weights of the energetic columns nearest their steps beats the one that makes the
+    /// steps smallest. The error sums run in f32 in a fixed order, so every build (the
+    /// AVX-512, AVX2 and portable compilations of the same code) picks the same scale.
+    Search(Option<&'a [f32]>),
+}
+
+/// Candidate scales per group under [`Q8Fit::Search`].
+pub const Q8_FIT_SCALES: usize = 32;
+
+/// `v` (finite, >= 0) rounded to the nearest bf16 (ties to even) in integer
+/// operations, so loops of it vectorise: `bf16::from_f32(v).to_f32()` there.
+#[inline(always)]
+fn bf16_nearest(v: f32) -> f32 {
+    let b = v.to_bits();
+    f32::from_bits((b + 0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+}
+
+/// [`Q8Fit::Search`]'s scale for one group: weights `w`, their importance `a`, max|w| =
+/// `amax` (whose bf16 scale max|w| / 127 is normal).
+#[inline(always)]
+fn fit_group(w: &[f32; Q8_GROUP], a: &[f32; Q8_GROUP], amax: f32) -> f32 {
+    const N: usize = Q8_FIT_SCALES;
+    let mut s = [0f32; N];
+    let mut inv = [0f32; N];
+    for (k, (s, inv)) in s.iter_mut().zip(&mut inv).enumerate() {
+        *s = bf16_nearest(amax / (127 - k) as f32);
+        *inv = 1.0 / *s;
+    }
+    let mut err = [0f32; N];
+    for (&wj, &aj) in w.iter().zip(a) {
+        for k in 0..N {
+            // |w / s| <= 127.25 (s >= max|w| / 127 within bf16 rounding), so the nearest
+            // step is within +-127 without a clamp.
+            let d = wj - (wj * inv[k]).round_ties_even() * s[k];
+            err[k] += aj * (d * d);
+        }
+    }
+    // The first candidate of the least error: the least value by a fixed tree of
+    // minima (exact, so any order gives it), then its first position.
+    let mut m = err;
+    let mut half = N / 2;
+    while half > 0 {
+        for k in 0..half {
+            m[k] = if m[k + half] < m[k] {
+                m[k + half]
+            } else {
+                m[k]
+            };
+        }
+        half /= 2;
+    }
+    let best = err.iter().position(|&e| e == m[0]).unwrap_or(0);
+    s[best]
+}
+
+/// [`Q8Fit::Search`] over one row (whole groups; `a`, when given, one finite value >= 0
+/// per element).
+fn fit_row(
+    w: &[f32],
+    a: Option<&[f32]>,
+    q: &mut [i8],
+    scales: &mut [bf16],
+) -> Result<(), KernelError> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::cpu::dispatch::{Isa, current};
+        let isa = current();
+        if isa >= Isa::Avx512 {
+            // SAFETY: the Avx512 path is only current when AVX-512F, AVX2 and FMA are
+            // detected.
+            return unsafe { fit_row_512(w, a, q, scales) };
+        }
+        if isa >= Isa::Avx2 {
+            // SAFETY: the Avx2 path is only current when AVX2 and FMA are detected.
+            return unsafe { fit_row_avx2(w, a, q, scales) };
+        }
+    }
+    fit_row_any(w, a, q, scales)
+}
+
+/// [`fit_row`] compiled for AVX-512 (the same operations, so the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+unsafe fn fit_row_512(
+    w: &[f32],
+    a: Option<&[f32]>,
+    q: &mut [i8],
+    scales: &mut [bf16],
+) -> Result<(), KernelError> {
+    fit_row_any(w, a, q, scales)
+}
+
+/// [`fit_row`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fit_row_avx2(
+    w: &[f32],
+    a: Option<&[f32]>,
+    q: &mut [i8],
+    scales: &mut [bf16],
+) -> Result<(), KernelError> {
+    fit_row_any(w, a, q, scales)
+}
+
+#[inline(always)]
+fn fit_row_any(
+    w: &[f32],
+    a: Option<&[f32]>,
+    q: &mut [i8],
+    scales: &mut [bf16],
+) -> Result<(), KernelError> {
+    const ONES: [f32; Q8_GROUP] = [1.0; Q8_GROUP];
+    for (g, (qg, s)) in q
+        .chunks_exact_mut(Q8_GROUP)
+        .zip(scales.iter_mut())
+        .enumerate()
+    {
+        let wg: &[f32; Q8_GROUP] = w[g * Q8_GROUP..][..Q8_GROUP]
+            .try_into()
+            .expect("a whole group");
+        let ag: &[f32; Q8_GROUP] = a.map_or(&ONES, |a| {
+            a[g * Q8_GROUP..][..Q8_GROUP]
+                .try_into()
+                .expect("a whole group")
+        });
+        // Magnitudes' bits: all-ones exponents are the non-finite; the rest order as
+        // the values do.
+        let mag = wg.map(|v| v.to_bits() & 0x7fff_ffff);
+        if mag.iter().any(|&b| b >= 0x7f80_0000) {
+            let j = wg.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Err(non_finite(wg[j], g * Q8_GROUP + j));
+        }
+        let amax = f32::from_bits(mag.into_iter().max().unwrap_or(0));
+        if q8_scale(amax / 127.0).to_f32() < f32::MIN_POSITIVE {
+            // Subnormal (or zero) scales: as [`Q8Fit::Max`].
+            quantize_groups(|i| wg[i], qg, std::slice::from_mut(s))?;
+            continue;
+        }
+        let scale = fit_group(wg, ag, amax);
+        *s = bf16::from_f32(scale);
+        let inv = 1.0 / scale;
+        for (d, &b) in qg.iter_mut().zip(wg) {
+            let r = (b * inv).round_ties_even().clamp(-127.0, 127.0);
+            // SAFETY: r is finite and within +-127 (w finite, inv finite).
+            *d = unsafe { r.to_int_unchecked::<i32>() } as i8;
+        }
+    }
+    Ok(())
 }
 
 /// Element `i` of the source is `get(i)`; `q` and `scales` were checked to match it.

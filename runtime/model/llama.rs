@@ -49,10 +49,16 @@ pub struct Trace {
     pub inputs: Option<InputEnergies>,
 }
 
-/// Per layer, the energy (sum of squares over positions) of each input channel of its
-/// matrices: `[attention norm output (Q, K, V), attention output (O), MLP norm output
-/// (gate, up), SwiGLU output (down)]`.
-pub type InputEnergies = Vec<[Vec<f64>; 4]>;
+/// The energy (sum of squares over positions) of each input channel of the model's
+/// matrices.
+#[derive(Debug, Clone, Default)]
+pub struct InputEnergies {
+    /// Per layer: `[attention norm output (Q, K, V), attention output (O), MLP norm
+    /// output (gate, up), SwiGLU output (down)]`.
+    pub layers: Vec<[Vec<f64>; 4]>,
+    /// The final norm's output (the LM head's input).
+    pub head: Vec<f64>,
+}
 
 /// Add each channel's sum of squares over the rows of `x` (rows of `c`) to `e`.
 fn add_energy(e: &mut Vec<f64>, x: &[f32], c: usize) {
@@ -217,7 +223,7 @@ impl Llama {
         }
         let mut sess = self.new_session(ids.len(), CHUNK);
         let mut trace = Trace {
-            inputs: Some(Vec::new()),
+            inputs: Some(InputEnergies::default()),
             ..Trace::default()
         };
         for piece in ids.chunks(CHUNK) {
@@ -397,14 +403,14 @@ impl Llama {
         // (Taken out of the trace for the loop, put back after it.)
         let mut energies = trace.as_deref_mut().and_then(|tr| tr.inputs.take());
         if let Some(e) = energies.as_mut() {
-            e.resize_with(w.layers.len(), Default::default);
+            e.layers.resize_with(w.layers.len(), Default::default);
         }
         for (l, lw) in w.layers.iter().enumerate() {
             // Attention block: x += o_proj(attn(rope(q), rope(k), v)) on rmsnorm(x).
             let xn = &mut sess.xn[..t * c];
             if let Some(e) = energies.as_mut() {
                 cpu.rmsnorm(xn, x, w.get(&lw.attn_norm), eps)?;
-                add_energy(&mut e[l][0], xn, c);
+                add_energy(&mut e.layers[l][0], xn, c);
             }
             let q = &mut sess.q[..t * qd];
             let k = &mut sess.k[..t * kvd];
@@ -433,9 +439,9 @@ impl Llama {
             cpu.matmul(proj, att, w.get(&lw.o_proj), lw.o_bias.as_deref(), qd, c)?;
             cpu.residual(x, proj)?;
             if let Some(e) = energies.as_mut() {
-                add_energy(&mut e[l][1], att, qd);
+                add_energy(&mut e.layers[l][1], att, qd);
                 cpu.rmsnorm(xn, x, w.get(&lw.mlp_norm), eps)?;
-                add_energy(&mut e[l][2], xn, c);
+                add_energy(&mut e.layers[l][2], xn, c);
             }
             mlp_block(
                 cpu,
@@ -451,11 +457,16 @@ impl Llama {
                 },
             )?;
             if let Some(e) = energies.as_mut() {
-                add_energy(&mut e[l][3], &sess.act[..t * idim], idim);
+                add_energy(&mut e.layers[l][3], &sess.act[..t * idim], idim);
             }
             if let Some(tr) = trace.as_deref_mut() {
                 tr.layer_out_norms.push(l2(&x[(t - 1) * c..]));
             }
+        }
+        if let Some(e) = energies.as_mut() {
+            let xn = &mut sess.xn[..t * c];
+            cpu.rmsnorm(xn, x, w.get(&w.final_norm), eps)?;
+            add_energy(&mut e.head, xn, c);
         }
         if let Some(tr) = trace {
             tr.inputs = tr.inputs.take().or(energies);

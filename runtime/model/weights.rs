@@ -3,7 +3,7 @@
 //! nothing; biases (small) are the only tensors copied, to f32.
 
 use cloudrm_kernels::Weights;
-use cloudrm_kernels::weights::{Q8_GROUP, Q8Slice, q8_keep_len, quantize_q8, quantize_q8_keep};
+use cloudrm_kernels::weights::{Q8_GROUP, Q8Fit, Q8Slice, q8_keep_len, quantize_q8_keep};
 use cloudrm_loader::safetensors::{HugePageRoute, TensorView};
 use cloudrm_loader::shards::ShardedSafeTensors;
 use cloudrm_loader::{Dtype, LlamaConfig};
@@ -53,10 +53,13 @@ struct Q8Tensor {
 /// energies, or by a weight-only estimate of each input channel's energy.
 #[derive(Debug, Clone, Copy)]
 enum InputsOf {
-    /// Not ranked (the embedding, the LM head).
+    /// Not known (an embedding table not tied to the head: its rows are looked up).
     None,
-    /// Measured: `InputEnergies[layer][kind]`.
+    /// Measured: `InputEnergies::layers[layer][kind]`.
     Measured { layer: usize, kind: usize },
+    /// The LM head's: measured (`InputEnergies::head`) when given, else as `Norm` of the
+    /// final norm.
+    Head(WeightHandle),
     /// The output of an RMSNorm with these weights (Q/K/V, gate/up): channel j's energy
     /// ~ g_j^2.
     Norm(WeightHandle),
@@ -79,9 +82,11 @@ enum InputsOf {
 
 /// Input columns each layer matrix keeps at 16 bits under `--quantize q8`: 16 (fewer for
 /// rows under 512 elements), 2.8 % of a 576-wide row. On the default model (the golden
-/// texts) this takes the logits' error from 2.13e-2 relative L2 to 1.18e-2 with columns
-/// ranked on the calibration text, 1.67e-2 ranked from the weights, for 3.3 % more bytes
-/// per decode token (docs/benchmarks.md).
+/// texts, scales max|w| / 127) this takes the logits' error from 2.13e-2 relative L2 to
+/// 1.18e-2 with columns ranked on the calibration text, 1.67e-2 ranked from the weights,
+/// for 3.3 % more bytes per decode token; with the scales searched
+/// ([`Q8Fit::Search`], weighted by the same energies) 8.08e-3 and 1.04e-2
+/// (docs/benchmarks.md).
 const KEEP_COLS: usize = 16;
 
 /// Per-layer weights. Shapes use the config's letters; linear weights are (out, in).
@@ -230,7 +235,7 @@ impl LlamaWeights {
         for (li, l) in self.layers.iter_mut().enumerate() {
             let measured = |kind: usize| {
                 energies
-                    .and_then(|e| e.get(li))
+                    .and_then(|e| e.layers.get(li))
                     .map(|_| InputsOf::Measured { layer: li, kind })
             };
             let (an, mn) = (InputsOf::Norm(l.attn_norm), InputsOf::Norm(l.mlp_norm));
@@ -261,9 +266,10 @@ impl LlamaWeights {
                 (&mut l.down_proj, mlp),
             ]);
         }
-        handles.push((&mut self.embed, InputsOf::None));
+        let head = InputsOf::Head(self.final_norm);
+        handles.push((&mut self.embed, if tied { head } else { InputsOf::None }));
         if !tied {
-            handles.push((&mut self.lm_head, InputsOf::None));
+            handles.push((&mut self.lm_head, head));
         }
         let files = &self.files;
         let sources: Vec<(WeightHandle, InputsOf)> =
@@ -287,12 +293,17 @@ impl LlamaWeights {
             items.len(),
             &|it| {
                 let range = items[it].clone();
-                let keeps: Vec<Vec<u32>> = sources[range.clone()]
+                let scores: Vec<Vec<f64>> = sources[range.clone()]
                     .iter()
-                    .map(|(h, inputs)| kept_columns(files, h.row, *inputs, energies))
+                    .map(|(h, inputs)| input_scores(files, h.row, *inputs, energies))
                     .collect();
-                for (i, keep) in range.zip(keeps) {
-                    let r = quantize_tensor(files, &sources[i].0, keep);
+                for (i, score) in range.zip(scores) {
+                    let (h, inputs) = &sources[i];
+                    let keep = match inputs {
+                        InputsOf::Head(_) | InputsOf::None => Vec::new(),
+                        _ => top_columns(&score, KEEP_COLS.min(h.row / 32)),
+                    };
+                    let r = quantize_tensor(files, h, keep, importance(&score, h.row));
                     *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 }
             },
@@ -502,15 +513,14 @@ fn mapped<'a>(files: &'a ShardedSafeTensors, h: &WeightHandle) -> Weights<'a> {
     }
 }
 
-/// The input columns of a matrix with rows of `row` elements to keep at 16 bits: the
-/// most energetic by the estimate `inputs` names, ascending.
-fn kept_columns(
+/// Each input column's energy, by the estimate `inputs` names, of a matrix with rows of
+/// `row` elements (empty when not known).
+fn input_scores(
     files: &ShardedSafeTensors,
     row: usize,
     inputs: InputsOf,
     energies: Option<&InputEnergies>,
-) -> Vec<u32> {
-    let k = KEEP_COLS.min(row / 32);
+) -> Vec<f64> {
     let f32s = |h: &WeightHandle| mapped(files, h);
     // Per row of `m`, |row scaled by g|^2 (f32 products, f64 sums).
     let scaled_norms = |m: &WeightHandle, g: &[f64]| -> Vec<f64> {
@@ -542,12 +552,16 @@ fn kept_columns(
         let w = f32s(h);
         (0..w.len()).map(|j| w.get(j) as f64).collect()
     };
-    let score: Vec<f64> = match inputs {
-        InputsOf::None => return Vec::new(),
+    match inputs {
+        InputsOf::None => Vec::new(),
         InputsOf::Measured { layer, kind } => energies
-            .and_then(|e| e.get(layer))
+            .and_then(|e| e.layers.get(layer))
             .map(|e| e[kind].clone())
             .unwrap_or_default(),
+        InputsOf::Head(g) => match energies {
+            Some(e) if e.head.len() == row => e.head.clone(),
+            _ => norm(&g).iter().map(|g| g * g).collect(),
+        },
         InputsOf::Norm(g) => norm(&g).iter().map(|g| g * g).collect(),
         InputsOf::Attention {
             v,
@@ -568,8 +582,14 @@ fn kept_columns(
             let (gn, un) = (scaled_norms(&gate, &g), scaled_norms(&up, &g));
             gn.iter().zip(&un).map(|(a, b)| a * b).collect()
         }
-    };
-    if score.len() != row || k == 0 {
+    }
+}
+
+/// The `k` columns of the highest `score` (the input columns to keep at 16 bits),
+/// ascending; none when the scores are not known.
+fn top_columns(score: &[f64], k: usize) -> Vec<u32> {
+    let row = score.len();
+    if k == 0 || row == 0 {
         return Vec::new();
     }
     let mut order: Vec<u32> = (0..row as u32).collect();
@@ -583,12 +603,25 @@ fn kept_columns(
     order
 }
 
+/// Each input column's weight for the Q8 scale search ([`Q8Fit::Search`]): the scores
+/// over their mean (f32 keeps their ratios however large the energies), or `None` (all
+/// columns alike) when they are not known or not usable.
+fn importance(score: &[f64], row: usize) -> Option<Vec<f32>> {
+    let mean = score.iter().sum::<f64>() / score.len().max(1) as f64;
+    if score.len() != row || !mean.is_finite() || mean <= 0.0 {
+        return None;
+    }
+    let a: Vec<f32> = score.iter().map(|&v| (v / mean) as f32).collect();
+    a.iter().all(|v| v.is_finite() && *v >= 0.0).then_some(a)
+}
+
 /// One matrix of the mapping quantised to Q8, with the input columns `keep_cols` kept
 /// at 16 bits.
 fn quantize_tensor(
     files: &ShardedSafeTensors,
     h: &WeightHandle,
     keep_cols: Vec<u32>,
+    importance: Option<Vec<f32>>,
 ) -> Result<Q8Tensor> {
     let src = mapped(files, h);
     if src.len() != h.len || h.row == 0 || !h.row.is_multiple_of(Q8_GROUP) {
@@ -603,11 +636,16 @@ fn quantize_tensor(
     let mut q = vec![0i8; h.len];
     let mut scales = vec![bf16::ZERO; h.len / Q8_GROUP];
     let mut keep_vals = vec![bf16::ZERO; q8_keep_len(h.len / h.row, keep_cols.len())];
-    if keep_cols.is_empty() {
-        quantize_q8(src, &mut q, &mut scales)
-    } else {
-        quantize_q8_keep(src, h.row, &keep_cols, &mut q, &mut scales, &mut keep_vals)
-    }
+    let fit = Q8Fit::Search(importance.as_deref());
+    quantize_q8_keep(
+        src,
+        h.row,
+        &keep_cols,
+        fit,
+        &mut q,
+        &mut scales,
+        &mut keep_vals,
+    )
     .map_err(|e| ModelError::Quantize(e.to_string()))?;
     // Best effort: failing to drop the 16-bit pages costs memory, not correctness.
     if let Some(f) = files.files().get(h.shard) {

@@ -557,30 +557,26 @@ fn fit_row(
     fit_row_any(w, a, q, scales)
 }
 
-/// [`fit_row`] compiled for AVX-512 (the same operations, so the same bits).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-unsafe fn fit_row_512(
-    w: &[f32],
-    a: Option<&[f32]>,
-    q: &mut [i8],
-    scales: &mut [bf16],
-) -> Result<(), KernelError> {
-    fit_row_any(w, a, q, scales)
+/// [`fit_row_any`] compiled for a CPU's features: the same exactly rounded operations
+/// in the same order, so the same bits as the portable build.
+macro_rules! fit_row_for {
+    ($name:ident, $features:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            w: &[f32],
+            a: Option<&[f32]>,
+            q: &mut [i8],
+            scales: &mut [bf16],
+        ) -> Result<(), KernelError> {
+            fit_row_any(w, a, q, scales)
+        }
+    };
 }
+fit_row_for!(fit_row_512, "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma");
+fit_row_for!(fit_row_avx2, "avx2,fma");
 
-/// [`fit_row`] compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fit_row_avx2(
-    w: &[f32],
-    a: Option<&[f32]>,
-    q: &mut [i8],
-    scales: &mut [bf16],
-) -> Result<(), KernelError> {
-    fit_row_any(w, a, q, scales)
-}
-
+/// [`fit_row`]'s body, compiled into each build.
 #[inline(always)]
 fn fit_row_any(
     w: &[f32],

@@ -274,16 +274,17 @@ impl LlamaWeights {
         let files = &self.files;
         let sources: Vec<(WeightHandle, InputsOf)> =
             handles.iter().map(|(h, k)| (**h, *k)).collect();
-        // Work items: a layer's attention matrices (4), its MLP matrices (3), then the
-        // embedding and the head, one each. An item ranks all its matrices' inputs before
-        // it quantises any, so O's ranking reads V (and down's gate and up) before their
-        // mapped pages are released.
-        let mut items: Vec<std::ops::Range<usize>> = Vec::new();
+        // Work items: the embedding and the head, one each, first (the largest: claimed
+        // first, they do not leave one thread working alone at the end), then a layer's
+        // attention matrices (4) and its MLP matrices (3). An item ranks all its matrices'
+        // inputs before it quantises any, so O's ranking reads V (and down's gate and up)
+        // before their mapped pages are released.
+        let mut items: Vec<std::ops::Range<usize>> =
+            (7 * n_layers..sources.len()).map(|i| i..i + 1).collect();
         for l in 0..n_layers {
             items.push(7 * l..7 * l + 4);
             items.push(7 * l + 4..7 * l + 7);
         }
-        items.extend((7 * n_layers..sources.len()).map(|i| i..i + 1));
         let slots: Vec<std::sync::Mutex<Option<Result<Q8Tensor>>>> = sources
             .iter()
             .map(|_| std::sync::Mutex::new(None))

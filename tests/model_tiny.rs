@@ -399,6 +399,61 @@ fn q8_calibrated_keeps_the_most_energetic_input_columns() {
         model.weights.get(&model.weights.embed),
     );
     let (wq, embed_bf16) = (wq.to_f32_vec(), embed_bf16.to_f32_vec());
+    // Energies that do not fit the model: typed errors, nothing quantised.
+    let mut fewer = e.clone();
+    fewer.layers.pop();
+    let mut narrow = e.clone();
+    narrow.layers[1][3].pop();
+    let mut nan = e.clone();
+    nan.head[3] = f64::NAN;
+    let mut negative = e.clone();
+    negative.layers[0][1][2] = -1.0;
+    for (bad, what) in [
+        (fewer, "for 1 layers; the model has 2"),
+        (
+            narrow,
+            "layer 1's down input: 127 channels, its matrix's rows 128",
+        ),
+        (nan, "head's input: NaN at channel 3"),
+        (negative, "layer 0's O input: -1 at channel 2"),
+    ] {
+        let err = model.weights.quantize_q8_with(Some(&bad)).unwrap_err();
+        assert!(
+            matches!(err, Error::Model(ModelError::Quantize(_))) && err.to_string().contains(what),
+            "{err}"
+        );
+        assert!(!model.weights.is_quantized());
+    }
+    // An empty vector is "not measured": that input takes the weight-only estimate (the
+    // attention norm's weights squared for Q), the others stay measured.
+    let mut partial = e.clone();
+    partial.layers[0][0].clear();
+    partial.head.clear();
+    let mut other = Llama::load_dir(&dir).unwrap();
+    let g: Vec<f64> = {
+        let n = other.weights.get(&other.weights.layers[0].attn_norm);
+        (0..64).map(|j| (n.get(j) as f64).powi(2)).collect()
+    };
+    other.weights.quantize_q8_with(Some(&partial)).unwrap();
+    let kept_of = |m: &Llama, h| match m.weights.get(h) {
+        Weights::Q8(q) => q.keep().expect("kept columns").cols().to_vec(),
+        _ => panic!("not quantised"),
+    };
+    let top2 = |v: &[f64], k: usize| {
+        let mut i: Vec<u32> = (0..v.len() as u32).collect();
+        i.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
+        i.truncate(k);
+        i.sort_unstable();
+        i
+    };
+    assert_eq!(
+        kept_of(&other, &other.weights.layers[0].q_proj),
+        top2(&g, 2)
+    );
+    assert_eq!(
+        kept_of(&other, &other.weights.layers[0].down_proj),
+        top2(&e.layers[0][3], 4)
+    );
     model.quantize_q8_calibrated(&cpu, &IDS).unwrap();
     let weighted = |v: &[f64]| -> Vec<f32> {
         let mean = v.iter().sum::<f64>() / v.len() as f64;

@@ -221,11 +221,18 @@ impl LlamaWeights {
         self.quantize_q8_with(None)
     }
 
-    /// [`Self::quantize_q8`], the kept input columns ranked by measured input energies
-    /// when given (`Llama::quantize_q8_calibrated`), else by the weight-only estimate.
+    /// [`Self::quantize_q8`], the kept input columns ranked and the scales searched by
+    /// measured input energies when given (`Llama::quantize_q8_calibrated`), else by the
+    /// weight-only estimate. An empty vector of `energies` (or no layers) means not
+    /// measured: that input takes the estimate. Energies that do not fit the model (a
+    /// layer count or a width other than the matrices', a non-finite or negative value)
+    /// are a typed error, before anything is quantised.
     pub fn quantize_q8_with(&mut self, energies: Option<&InputEnergies>) -> Result<()> {
         if !self.q8.is_empty() {
             return Ok(());
+        }
+        if let Some(e) = energies {
+            self.check_energies(e)?;
         }
         let tied =
             self.lm_head.shard == self.embed.shard && self.lm_head.offset == self.embed.offset;
@@ -236,6 +243,7 @@ impl LlamaWeights {
             let measured = |kind: usize| {
                 energies
                     .and_then(|e| e.layers.get(li))
+                    .filter(|e| !e[kind].is_empty())
                     .map(|_| InputsOf::Measured { layer: li, kind })
             };
             let (an, mn) = (InputsOf::Norm(l.attn_norm), InputsOf::Norm(l.mlp_norm));
@@ -302,6 +310,7 @@ impl LlamaWeights {
                     let (h, inputs) = &sources[i];
                     let keep = match inputs {
                         InputsOf::Head(_) | InputsOf::None => Vec::new(),
+                        _ if score.len() != h.row => Vec::new(),
                         _ => top_columns(&score, KEEP_COLS.min(h.row / 32)),
                     };
                     let r = quantize_tensor(files, h, keep, importance(&score, h.row));
@@ -324,6 +333,39 @@ impl LlamaWeights {
             self.lm_head = self.embed;
         }
         self.q8 = q8;
+        Ok(())
+    }
+
+    /// [`Self::quantize_q8_with`]'s check of `e` against the model's matrices.
+    fn check_energies(&self, e: &InputEnergies) -> Result<()> {
+        let bad = |what: String| Err(ModelError::Quantize(format!("input energies {what}")).into());
+        if !e.layers.is_empty() && e.layers.len() != self.layers.len() {
+            return bad(format!(
+                "for {} layers; the model has {}",
+                e.layers.len(),
+                self.layers.len()
+            ));
+        }
+        const KINDS: [&str; 4] = ["Q/K/V", "O", "gate/up", "down"];
+        let mut vectors: Vec<(String, &[f64], usize)> = Vec::new();
+        for (li, (el, l)) in e.layers.iter().zip(&self.layers).enumerate() {
+            let rows = [l.q_proj.row, l.o_proj.row, l.gate_proj.row, l.down_proj.row];
+            for (kind, (v, row)) in el.iter().zip(rows).enumerate() {
+                vectors.push((format!("of layer {li}'s {} input", KINDS[kind]), v, row));
+            }
+        }
+        vectors.push(("of the head's input".into(), &e.head, self.lm_head.row));
+        for (what, v, row) in vectors {
+            if !v.is_empty() && v.len() != row {
+                return bad(format!(
+                    "{what}: {} channels, its matrix's rows {row}",
+                    v.len()
+                ));
+            }
+            if let Some(j) = v.iter().position(|x| !x.is_finite() || *x < 0.0) {
+                return bad(format!("{what}: {} at channel {j}", v[j]));
+            }
+        }
         Ok(())
     }
 
@@ -587,7 +629,7 @@ fn input_scores(
 }
 
 /// The `k` columns of the highest `score` (the input columns to keep at 16 bits),
-/// ascending; none when the scores are not known.
+/// ascending.
 fn top_columns(score: &[f64], k: usize) -> Vec<u32> {
     let row = score.len();
     if k == 0 || row == 0 {

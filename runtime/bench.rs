@@ -35,7 +35,7 @@ use crate::kv::PrefixKey;
 use crate::kv::SeqId;
 use crate::model::heads::FeedbackMethod;
 use crate::model::weights::HugePages;
-use crate::model::{Llama, ModelError, RewardModel};
+use crate::model::{Llama, LogitsMode, ModelError, RewardModel};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -126,6 +126,12 @@ pub struct BenchReport {
     pub load_ms: f64,
     /// Time of the Q8 quantisation after the load (absent without `--quantize q8`).
     pub quantize_ms: Option<f64>,
+    /// What the quantisation costs on this model: the q8 logits' relative L2 distance
+    /// from the 16-bit model's over every position of a built-in text (not the
+    /// calibration text), and the fraction of those positions whose argmax agrees (absent
+    /// without `--quantize q8`).
+    pub q8_logits_rel_l2: Option<f64>,
+    pub q8_argmax_agreement: Option<f64>,
     /// Time of putting the weights on 2 MiB pages after the load (absent without
     /// `--hugepages`).
     pub huge_pages_ms: Option<f64>,
@@ -180,10 +186,22 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         Ok(Some(t.elapsed().as_secs_f64() * 1e3))
     };
     let tokenizer = Tokenizer::from_dir(dir)?;
+    // q8's accuracy: the 16-bit logits of a built-in text, then the quantised ones.
+    let accuracy_ids = filler_ids(&tokenizer, ACCURACY_TOKENS)?;
+    let before = match cfg.quantize_q8 {
+        true => Some(all_logits(&model.llama, &cpu, &accuracy_ids)?),
+        false => None,
+    };
     // (The calibration pass over the built-in text is part of the quantisation time.)
     let quantize_ms = timed(cfg.quantize_q8, &mut || {
         model.llama.quantize_q8_with_text(&cpu, &tokenizer)
     })?;
+    let (mut q8_logits_rel_l2, mut q8_argmax_agreement) = (None, None);
+    if let Some(want) = before {
+        let got = all_logits(&model.llama, &cpu, &accuracy_ids)?;
+        let (rel, agree) = logits_agreement(&got, &want, model.llama.config.vocab_size);
+        (q8_logits_rel_l2, q8_argmax_agreement) = (Some(rel), Some(agree));
+    }
     let weights = &mut model.llama.weights;
     let mut route = None;
     let huge_pages_ms = timed(cfg.huge_pages.is_some(), &mut || {
@@ -335,6 +353,8 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         decode_weight_bytes_per_token: bytes_per_token,
         load_ms,
         quantize_ms,
+        q8_logits_rel_l2,
+        q8_argmax_agreement,
         huge_pages_ms,
         huge_pages_route: route,
         weights_on_huge_pages,
@@ -418,6 +438,46 @@ fn critique_arm(
 const FILLER: &str = "Reward models read a prompt and a response, write a critique of the \
     response, and then score it. The critique names what is right and what is wrong, \
     step by step, before a number is given. ";
+
+/// Positions of the built-in text `--quantize q8` is measured on.
+const ACCURACY_TOKENS: usize = 32;
+
+/// The logits of every position of `ids`, run as one sequence.
+fn all_logits(llama: &Llama, cpu: &Cpu, ids: &[u32]) -> Result<Vec<f32>> {
+    let mut sess = llama.new_session(ids.len(), ids.len());
+    Ok(llama
+        .forward(cpu, &mut sess, ids, LogitsMode::All)?
+        .to_vec())
+}
+
+/// Relative L2 distance of `got` from `want` (rows of `vocab` logits), and the fraction
+/// of rows whose argmax (the first largest) agrees.
+fn logits_agreement(got: &[f32], want: &[f32], vocab: usize) -> (f64, f64) {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += ((g - w) as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0
+    };
+    let rows = want.len() / vocab.max(1);
+    let agree = got
+        .chunks_exact(vocab.max(1))
+        .zip(want.chunks_exact(vocab.max(1)))
+        .filter(|(g, w)| argmax(g) == argmax(w))
+        .count();
+    (
+        (num / den.max(f64::MIN_POSITIVE)).sqrt(),
+        agree as f64 / rows.max(1) as f64,
+    )
+}
 
 /// Exactly `n` token ids of natural text.
 fn filler_ids(tokenizer: &Tokenizer, n: usize) -> Result<Vec<u32>> {
@@ -574,6 +634,12 @@ impl BenchReport {
         if let Some(q) = self.quantize_ms {
             s += &format!("quantise to q8: {q:.1} ms\n");
         }
+        if let (Some(rel), Some(agree)) = (self.q8_logits_rel_l2, self.q8_argmax_agreement) {
+            s += &format!(
+                "q8 logits: {rel:.2e} relative L2 from the 16-bit model's, argmax agreement \
+                 {agree:.3} ({ACCURACY_TOKENS} positions of a built-in text)\n"
+            );
+        }
         if let Some(h) = self.huge_pages_ms {
             let route = self.huge_pages_route.as_deref().unwrap_or("?");
             s += &format!("weights onto 2 MiB pages ({route}): {h:.1} ms\n");
@@ -639,5 +705,22 @@ impl BenchReport {
             s += &format!("peak RSS (model work): {rss:.0} MiB\n");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::logits_agreement;
+
+    #[test]
+    fn logits_agreement_measures_distance_and_argmax() {
+        let want = [1.0f32, 3.0, 2.0, 0.0, 4.0, 0.0];
+        assert_eq!(logits_agreement(&want, &want, 3), (0.0, 1.0));
+        // Row 0's argmax moves (column 1 to 2), row 1's stays; the distance is
+        // |(0, -1, 2, 0, 0, 0)| / |want| = sqrt(5 / 30).
+        let got = [1.0f32, 2.0, 4.0, 0.0, 4.0, 0.0];
+        let (rel, agree) = logits_agreement(&got, &want, 3);
+        assert!((rel - (5.0f64 / 30.0).sqrt()).abs() < 1e-12, "{rel}");
+        assert_eq!(agree, 0.5);
     }
 }

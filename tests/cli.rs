@@ -246,6 +246,7 @@ fn bench_reports_every_figure_as_json() {
     assert_eq!(v["weight_dtype"], "bf16");
     assert_eq!(v["kv_cache"], "f32");
     assert!(v["quantize_ms"].is_null(), "{v}");
+    assert!(v["q8_logits_rel_l2"].is_null() && v["q8_argmax_agreement"].is_null());
     // The machine: by default one thread per physical core, within the CPUs it may use.
     let m = &v["machine"];
     let logical = m["logical_cpus"].as_u64().unwrap();
@@ -277,6 +278,11 @@ fn bench_reports_every_figure_as_json() {
     ]);
     assert_eq!(q["weight_dtype"], "q8", "{q}");
     assert!(q["quantize_ms"].as_f64().unwrap() > 0.0, "{q}");
+    // What q8 costs, measured against the 16-bit model on a built-in text (4.3e-3 and
+    // every argmax on the default model).
+    let rel = q["q8_logits_rel_l2"].as_f64().unwrap();
+    assert!(rel > 0.0 && rel < 1e-2, "{q}");
+    assert!(q["q8_argmax_agreement"].as_f64().unwrap() >= 0.9, "{q}");
     let bytes = q["decode_weight_bytes_per_token"].as_u64().unwrap();
     let norms = 2 * (30 * 2 + 1) * 576;
     // Each layer matrix also keeps 16 input columns at 16 bits: 2 bytes per output row

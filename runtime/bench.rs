@@ -453,30 +453,15 @@ fn all_logits(llama: &Llama, cpu: &Cpu, ids: &[u32]) -> Result<Vec<f32>> {
 /// Relative L2 distance of `got` from `want` (rows of `vocab` logits), and the fraction
 /// of rows whose argmax (the first largest) agrees.
 fn logits_agreement(got: &[f32], want: &[f32], vocab: usize) -> (f64, f64) {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += ((g - w) as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    let argmax = |r: &[f32]| {
-        r.iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-            )
-            .0
+    let rows = || {
+        got.chunks_exact(vocab.max(1))
+            .zip(want.chunks_exact(vocab.max(1)))
     };
-    let rows = want.len() / vocab.max(1);
-    let agree = got
-        .chunks_exact(vocab.max(1))
-        .zip(want.chunks_exact(vocab.max(1)))
-        .filter(|(g, w)| argmax(g) == argmax(w))
+    let agree = rows()
+        .filter(|(g, w)| cloudrm_sampler::argmax(g) == cloudrm_sampler::argmax(w))
         .count();
-    (
-        (num / den.max(f64::MIN_POSITIVE)).sqrt(),
-        agree as f64 / rows.max(1) as f64,
-    )
+    let rel = crate::gpu_check::rel_l2(got, want);
+    (rel, agree as f64 / rows().count().max(1) as f64)
 }
 
 /// Exactly `n` token ids of natural text.

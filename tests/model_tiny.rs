@@ -439,20 +439,18 @@ fn q8_calibrated_keeps_the_most_energetic_input_columns() {
         Weights::Q8(q) => q.keep().expect("kept columns").cols().to_vec(),
         _ => panic!("not quantised"),
     };
-    let top2 = |v: &[f64], k: usize| {
+    // The k most energetic columns, ascending (ties to the lower).
+    let top = |v: &[f64], k: usize| {
         let mut i: Vec<u32> = (0..v.len() as u32).collect();
         i.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
         i.truncate(k);
         i.sort_unstable();
         i
     };
-    assert_eq!(
-        kept_of(&other, &other.weights.layers[0].q_proj),
-        top2(&g, 2)
-    );
+    assert_eq!(kept_of(&other, &other.weights.layers[0].q_proj), top(&g, 2));
     assert_eq!(
         kept_of(&other, &other.weights.layers[0].down_proj),
-        top2(&e.layers[0][3], 4)
+        top(&e.layers[0][3], 4)
     );
     model.quantize_q8_calibrated(&cpu, &IDS).unwrap();
     let weighted = |v: &[f64]| -> Vec<f32> {
@@ -496,13 +494,6 @@ fn q8_calibrated_keeps_the_most_energetic_input_columns() {
             "{name}: int8 values not the weighted search's"
         );
     }
-    let top = |v: &[f64], k: usize| {
-        let mut i: Vec<u32> = (0..v.len() as u32).collect();
-        i.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
-        i.truncate(k);
-        i.sort_unstable();
-        i
-    };
     let w = &model.weights;
     for (l, lw) in w.layers.iter().enumerate() {
         for (m, kind, k) in [

@@ -7,6 +7,26 @@
 //! Shape letters used in comments: B rows, T tokens, C hidden, NH query heads, NKV key/value
 //! heads, HS head size, I MLP width, V vocab, S cached positions, OC output channels.
 
+/// For each `$name = $features`, `unsafe fn $name(args) -> ret` calling `$body(args)`,
+/// compiled with `#[target_feature(enable = $features)]` on x86-64: the same plain-Rust
+/// operations as the portable build (`$body`, `#[inline(always)]`), so the same bits, in
+/// wider vectors. Each is safe to call only where its features are present.
+macro_rules! target_builds {
+    (@one $name:ident $features:literal $body:ident ($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+            $body($($arg),*)
+        }
+    };
+    ($body:ident $args:tt; $($name:ident = $features:literal),+ $(,)?) => {
+        $(target_builds!(@one $name $features $body $args);)+
+    };
+    ($body:ident $args:tt -> $ret:ty; $($name:ident = $features:literal),+ $(,)?) => {
+        $(target_builds!(@one $name $features $body $args -> $ret);)+
+    };
+}
+
 pub mod cpu;
 pub mod cuda;
 pub mod error;

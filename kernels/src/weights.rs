@@ -406,58 +406,43 @@ pub fn quantize_q8_keep(
             vals[keep_index(r, j, cols.len())] = bf16::ZERO;
         }
     }
-    // Row by row: the row with its kept columns zeroed (same dtype, so the same
-    // quantiser), in one reused buffer.
-    fn rows_zeroed<T: Copy + Default>(
-        w: &[T],
-        row: usize,
-        cols: &[u32],
-        mut each: impl FnMut(usize, &[T]) -> Result<(), KernelError>,
-    ) -> Result<(), KernelError> {
-        let mut buf = vec![T::default(); row];
-        for (r, src) in w.chunks_exact(row).enumerate() {
-            buf.copy_from_slice(src);
-            for &c in cols {
-                buf[c as usize] = T::default();
-            }
-            each(r, &buf)?;
-        }
-        Ok(())
-    }
+    // Row by row: the row in f32 (exact for 16-bit weights) with its kept columns
+    // zeroed, in one reused buffer.
     let g = row / Q8_GROUP;
-    let mut wrow = Vec::new();
-    let mut at = |r: usize, w: Weights<'_>| {
-        let (qr, sr) = (&mut q[r * row..][..row], &mut scales[r * g..][..g]);
+    let mut wrow = vec![0f32; row];
+    for r in 0..rows {
+        let at = r * row..(r + 1) * row;
+        match src {
+            Weights::F32(w) => wrow.copy_from_slice(&w[at.clone()]),
+            Weights::BF16(w) => wrow
+                .iter_mut()
+                .zip(&w[at.clone()])
+                .for_each(|(d, v)| *d = v.to_f32()),
+            Weights::F16(w) => wrow
+                .iter_mut()
+                .zip(&w[at.clone()])
+                .for_each(|(d, v)| *d = v.to_f32()),
+            Weights::Q8(_) => wrow
+                .iter_mut()
+                .zip(at.clone())
+                .for_each(|(d, i)| *d = src.get(i)),
+        }
+        for &c in cols {
+            wrow[c as usize] = 0.0;
+        }
+        let (qr, sr) = (&mut q[at.clone()], &mut scales[r * g..][..g]);
         match fit {
-            Q8Fit::Max => quantize_q8(w, qr, sr),
-            Q8Fit::Search(a) => {
-                wrow.clear();
-                match w {
-                    Weights::F32(w) => wrow.extend_from_slice(w),
-                    Weights::BF16(w) => wrow.extend(w.iter().map(|v| v.to_f32())),
-                    Weights::F16(w) => wrow.extend(w.iter().map(|v| v.to_f32())),
-                    Weights::Q8(_) => wrow.extend((0..row).map(|i| w.get(i))),
-                }
-                fit_row(&wrow, a, qr, sr)
-            }
+            Q8Fit::Max => quantize_q8(Weights::F32(&wrow), qr, sr),
+            Q8Fit::Search(a) => fit_row(&wrow, a, qr, sr),
         }
         .map_err(|e| {
             // Name the element in the whole tensor (the row's quantiser counts from 0).
-            (r * row..(r + 1) * row)
-                .map(|i| (i, src.get(i)))
+            at.map(|i| (i, src.get(i)))
                 .find(|(_, v)| !v.is_finite())
                 .map_or(e, |(i, v)| non_finite(v, i))
-        })
-    };
-    match src {
-        Weights::F32(w) => rows_zeroed(w, row, cols, |r, b| at(r, Weights::F32(b))),
-        Weights::BF16(w) => rows_zeroed(w, row, cols, |r, b| at(r, Weights::BF16(b))),
-        Weights::F16(w) => rows_zeroed(w, row, cols, |r, b| at(r, Weights::F16(b))),
-        Weights::Q8(_) => {
-            let w: Vec<f32> = (0..n).map(|i| src.get(i)).collect();
-            rows_zeroed(&w, row, cols, |r, b| at(r, Weights::F32(b)))
-        }
+        })?;
     }
+    Ok(())
 }
 
 /// How [`quantize_q8_keep`] picks each group's scale.
@@ -557,24 +542,16 @@ fn fit_row(
     fit_row_any(w, a, q, scales)
 }
 
-/// [`fit_row_any`] compiled for a CPU's features: the same exactly rounded operations
-/// in the same order, so the same bits as the portable build.
-macro_rules! fit_row_for {
-    ($name:ident, $features:literal) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $features)]
-        unsafe fn $name(
-            w: &[f32],
-            a: Option<&[f32]>,
-            q: &mut [i8],
-            scales: &mut [bf16],
-        ) -> Result<(), KernelError> {
-            fit_row_any(w, a, q, scales)
-        }
-    };
-}
-fit_row_for!(fit_row_512, "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma");
-fit_row_for!(fit_row_avx2, "avx2,fma");
+target_builds!(
+    fit_row_any(
+        w: &[f32],
+        a: Option<&[f32]>,
+        q: &mut [i8],
+        scales: &mut [bf16],
+    ) -> Result<(), KernelError>;
+    fit_row_512 = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma",
+    fit_row_avx2 = "avx2,fma",
+);
 
 /// [`fit_row`]'s body, compiled into each build.
 #[inline(always)]

@@ -212,8 +212,6 @@ impl Llama {
         }
     }
 
-    /// Run `ids` (appended after the session's cached positions) and return the logits
-    /// the mode asks for: (V) for `Last`, (T, V) for `All`, empty for `None`.
     /// [`InputEnergies`] of the model's matrices over `ids`, run as one sequence in
     /// chunks of 64 tokens (the activations of one chunk in memory at a time).
     pub fn input_energies(&self, cpu: &Cpu, ids: &[u32]) -> Result<InputEnergies> {
@@ -234,8 +232,9 @@ impl Llama {
 
     /// `--quantize q8` with each layer matrix's kept input columns
     /// ([`cloudrm_kernels::weights::Q8Keep`]) the most energetic over `ids` run through
-    /// the 16-bit model (e.g. [`CALIBRATION_TEXT`] tokenised), rather than the
-    /// weight-only estimate [`super::weights::LlamaWeights::quantize_q8`] uses.
+    /// the 16-bit model (e.g. [`CALIBRATION_TEXT`] tokenised), and every scale searched
+    /// with those energies as weights, rather than the weight-only estimate
+    /// [`super::weights::LlamaWeights::quantize_q8`] uses.
     pub fn quantize_q8_calibrated(&mut self, cpu: &Cpu, ids: &[u32]) -> Result<()> {
         if self.weights.is_quantized() {
             return Ok(());
@@ -255,6 +254,8 @@ impl Llama {
         self.quantize_q8_calibrated(cpu, &ids)
     }
 
+    /// Run `ids` (appended after the session's cached positions) and return the logits
+    /// the mode asks for: (V) for `Last`, (T, V) for `All`, empty for `None`.
     pub fn forward<'s>(
         &self,
         cpu: &Cpu,
@@ -469,7 +470,7 @@ impl Llama {
             add_energy(&mut e.head, xn, c);
         }
         if let Some(tr) = trace {
-            tr.inputs = tr.inputs.take().or(energies);
+            tr.inputs = energies;
         }
         sess.pos += t;
         Ok(())

@@ -49,8 +49,9 @@ struct Q8Tensor {
     keep_vals: Vec<bf16>,
 }
 
-/// How a matrix's input columns are ranked for keeping at 16 bits: by measured input
-/// energies, or by a weight-only estimate of each input channel's energy.
+/// Where a matrix's input energies come from (they rank its input columns for keeping
+/// at 16 bits and weight its scale search): measured, or a weight-only estimate of each
+/// input channel's energy.
 #[derive(Debug, Clone, Copy)]
 enum InputsOf {
     /// Not known (an embedding table not tied to the head: its rows are looked up).
@@ -346,27 +347,28 @@ impl LlamaWeights {
                 self.layers.len()
             ));
         }
-        const KINDS: [&str; 4] = ["Q/K/V", "O", "gate/up", "down"];
-        let mut vectors: Vec<(String, &[f64], usize)> = Vec::new();
-        for (li, (el, l)) in e.layers.iter().zip(&self.layers).enumerate() {
-            let rows = [l.q_proj.row, l.o_proj.row, l.gate_proj.row, l.down_proj.row];
-            for (kind, (v, row)) in el.iter().zip(rows).enumerate() {
-                vectors.push((format!("of layer {li}'s {} input", KINDS[kind]), v, row));
-            }
-        }
-        vectors.push(("of the head's input".into(), &e.head, self.lm_head.row));
-        for (what, v, row) in vectors {
+        // `v` against rows of `row`; `what` names it (made only for the message).
+        let check = |v: &[f64], row: usize, what: &dyn Fn() -> String| -> Result<()> {
             if !v.is_empty() && v.len() != row {
                 return bad(format!(
-                    "{what}: {} channels, its matrix's rows {row}",
+                    "{}: {} channels, its matrix's rows {row}",
+                    what(),
                     v.len()
                 ));
             }
-            if let Some(j) = v.iter().position(|x| !x.is_finite() || *x < 0.0) {
-                return bad(format!("{what}: {} at channel {j}", v[j]));
+            match v.iter().position(|x| !x.is_finite() || *x < 0.0) {
+                Some(j) => bad(format!("{}: {} at channel {j}", what(), v[j])),
+                None => Ok(()),
+            }
+        };
+        const KINDS: [&str; 4] = ["Q/K/V", "O", "gate/up", "down"];
+        for (li, (el, l)) in e.layers.iter().zip(&self.layers).enumerate() {
+            let rows = [l.q_proj.row, l.o_proj.row, l.gate_proj.row, l.down_proj.row];
+            for (kind, (v, row)) in el.iter().zip(rows).enumerate() {
+                check(v, row, &|| format!("of layer {li}'s {} input", KINDS[kind]))?;
             }
         }
-        Ok(())
+        check(&e.head, self.lm_head.row, &|| "of the head's input".into())
     }
 
     /// Put the mapped checkpoint on 2 MiB pages: decode streams every weight per token,

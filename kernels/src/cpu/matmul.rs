@@ -840,8 +840,8 @@ fn q8_dot(x: &[f32], w: Q8Slice<'_>) -> f32 {
 /// Add the kept columns' part ([`crate::weights::Q8Keep`]) to outputs `cols` of every
 /// row, after the int8 kernels (which see zeros there): per run of 16 rows of the
 /// matrix (one contiguous stream), the kept values widened once, then for each input row
-/// `x[cols[j]] * column j` summed over j in order (a multiply and an add, never fused, so every path and any split of the rows
-/// or outputs gives the same bits).
+/// `x[cols[j]] * column j` summed over j in order (a multiply and an add, never fused,
+/// so every path and any split of the rows or outputs gives the same bits).
 fn add_kept(
     out: &mut [f32],
     inp: &[f32],
@@ -865,31 +865,20 @@ fn add_kept(
     add_kept_body(out, inp, keep, c, oc, cols)
 }
 
-/// `$name`: [`add_kept_body`] compiled for the target features `$feat` (the same
-/// operations, wider vectors).
-macro_rules! add_kept_for {
-    ($name:ident, $feat:literal) => {
-        /// [`add_kept_body`] compiled for these target features.
-        ///
-        /// SAFETY: the target features present.
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = $feat)]
-        unsafe fn $name(
-            out: &mut [f32],
-            inp: &[f32],
-            keep: crate::weights::Q8Keep<'_>,
-            c: usize,
-            oc: usize,
-            cols: std::ops::Range<usize>,
-        ) {
-            add_kept_body(out, inp, keep, c, oc, cols)
-        }
-    };
-}
+target_builds!(
+    add_kept_body(
+        out: &mut [f32],
+        inp: &[f32],
+        keep: crate::weights::Q8Keep<'_>,
+        c: usize,
+        oc: usize,
+        cols: std::ops::Range<usize>,
+    );
+    add_kept_avx512 = "avx512f",
+    add_kept_avx2 = "avx2",
+);
 
-add_kept_for!(add_kept_avx512, "avx512f");
-add_kept_for!(add_kept_avx2, "avx2");
-
+/// [`add_kept`]'s body, compiled into each build.
 #[inline(always)]
 fn add_kept_body(
     out: &mut [f32],

@@ -56,8 +56,12 @@ pub struct BenchConfig {
     pub bandwidth_bytes: usize,
     /// Quantise the weights to Q8 after loading (`--quantize q8`).
     pub quantize_q8: bool,
-    /// Put the weights on 2 MiB pages after loading, and how (`--hugepages`).
+    /// Put the weights on 2 MiB pages after loading, and how (`--hugepages=copy|cache`).
     pub huge_pages: Option<HugePages>,
+    /// Without `huge_pages`: copy the weights to 2 MiB pages when the copy fits
+    /// ([`crate::model::weights::LlamaWeights::copy_fits`]), as the CLI's decoding jobs
+    /// do by default (`--hugepages` unset or `auto`); false keeps the mapping (`off`).
+    pub huge_pages_auto: bool,
     /// What the KV cache holds (`--kv-cache`).
     pub kv_cache: KvCache,
 }
@@ -74,6 +78,7 @@ impl Default for BenchConfig {
             bandwidth_bytes: 1 << 30,
             quantize_q8: false,
             huge_pages: None,
+            huge_pages_auto: true,
             kv_cache: KvCache::F32,
         }
     }
@@ -132,12 +137,14 @@ pub struct BenchReport {
     /// without `--quantize q8`).
     pub q8_logits_rel_l2: Option<f64>,
     pub q8_argmax_agreement: Option<f64>,
-    /// Time of putting the weights on 2 MiB pages after the load (absent without
-    /// `--hugepages`).
+    /// Time of putting the weights on 2 MiB pages after the load (absent when they were
+    /// not: `--hugepages=off`, q8, or an auto copy that did not fit).
     pub huge_pages_ms: Option<f64>,
-    /// How `--hugepages` did it: "page-cache" (mapped as cached), "reread" (the
-    /// file's cache dropped and read back in 2 MiB folios) or "copied".
+    /// How it was done: "page-cache" (mapped as cached), "reread" (the file's cache
+    /// dropped and read back in 2 MiB folios) or "copied".
     pub huge_pages_route: Option<String>,
+    /// Whether the route was auto's choice (no `--hugepages=copy|cache`).
+    pub huge_pages_auto: bool,
     /// Fraction of the mapped weights the kernel maps with 2 MiB pages after the
     /// single-stream decode (None where unknown), with or without `--hugepages`.
     pub weights_on_huge_pages: Option<f64>,
@@ -203,9 +210,13 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         (q8_logits_rel_l2, q8_argmax_agreement) = (Some(rel), Some(agree));
     }
     let weights = &mut model.llama.weights;
+    let huge_pages_auto = cfg.huge_pages.is_none() && cfg.huge_pages_auto && weights.copy_fits();
+    let huge_pages = cfg
+        .huge_pages
+        .or(huge_pages_auto.then_some(HugePages::Copy));
     let mut route = None;
-    let huge_pages_ms = timed(cfg.huge_pages.is_some(), &mut || {
-        if let Some(how) = cfg.huge_pages {
+    let huge_pages_ms = timed(huge_pages.is_some(), &mut || {
+        if let Some(how) = huge_pages {
             route = Some(weights.use_huge_pages(how)?.name().to_string());
         }
         Ok(())
@@ -357,6 +368,7 @@ pub fn run(dir: &Path, cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> Res
         q8_argmax_agreement,
         huge_pages_ms,
         huge_pages_route: route,
+        huge_pages_auto,
         weights_on_huge_pages,
         prefill_tokens: cfg.prefill_tokens,
         prefill_tokens_per_s: cfg.prefill_tokens as f64 / prefill_s,
@@ -627,7 +639,12 @@ impl BenchReport {
         }
         if let Some(h) = self.huge_pages_ms {
             let route = self.huge_pages_route.as_deref().unwrap_or("?");
-            s += &format!("weights onto 2 MiB pages ({route}): {h:.1} ms\n");
+            let why = if self.huge_pages_auto {
+                ", auto: the job decodes; --hugepages=off keeps the mapping"
+            } else {
+                ""
+            };
+            s += &format!("weights onto 2 MiB pages ({route}{why}): {h:.1} ms\n");
         }
         if let Some(f) = self.weights_on_huge_pages {
             s += &format!("weights mapped with 2 MiB pages: {:.0}%", f * 100.0);

@@ -278,6 +278,11 @@ fn bench_reports_every_figure_as_json() {
     ]);
     assert_eq!(q["weight_dtype"], "q8", "{q}");
     assert!(q["quantize_ms"].as_f64().unwrap() > 0.0, "{q}");
+    // Auto leaves quantised weights where they are (they are copies already).
+    assert!(
+        q["huge_pages_route"].is_null() && q["huge_pages_auto"] == false,
+        "{q}"
+    );
     // What q8 costs, measured against the 16-bit model on a built-in text (4.3e-3 and
     // every argmax on the default model).
     let rel = q["q8_logits_rel_l2"].as_f64().unwrap();
@@ -314,6 +319,7 @@ fn bench_reports_every_figure_as_json() {
         assert!(h["huge_pages_ms"].as_f64().unwrap() > 0.0, "{h}");
         let route = h["huge_pages_route"].as_str().unwrap();
         assert!(routes.contains(&route), "{flag}: {h}");
+        assert_eq!(h["huge_pages_auto"], false, "{flag}: {h}");
         if route != "copied" {
             assert!(h["weights_on_huge_pages"].as_f64().unwrap() > 0.9, "{h}");
         }
@@ -332,9 +338,46 @@ fn bench_reports_every_figure_as_json() {
         !out.status.success() && stderr.contains("copy") && stderr.contains("cache"),
         "stderr: {stderr}"
     );
+    // Without the flag (auto) the bench, a decoding job, copies the weights to 2 MiB
+    // pages where the copy fits in half the available memory (Linux); `off` keeps
+    // the mapping.
+    if v["huge_pages_route"].is_null() {
+        assert!(
+            v["huge_pages_ms"].is_null() && v["huge_pages_auto"] == false,
+            "{v}"
+        );
+    } else {
+        assert_eq!(v["huge_pages_route"], "copied", "{v}");
+        assert!(v["huge_pages_ms"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!(v["huge_pages_auto"], true, "{v}");
+    }
+    if cfg!(target_os = "linux") {
+        // This machine has the memory (the model is 257 MiB), so auto copied.
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let avail_kb: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        if avail_kb > 4 << 20 {
+            assert_eq!(v["huge_pages_route"], "copied", "{v}");
+        }
+    }
+    let off = bench_json(&[
+        "--prefill",
+        "8",
+        "--decode",
+        "2",
+        "--k",
+        "--bandwidth-mib",
+        "0",
+        "--hugepages=off",
+    ]);
     assert!(
-        v["huge_pages_ms"].is_null() && v["huge_pages_route"].is_null(),
-        "{v}"
+        off["huge_pages_ms"].is_null()
+            && off["huge_pages_route"].is_null()
+            && off["huge_pages_auto"] == false,
+        "{off}"
     );
     // Reported with or without --hugepages (Linux reads it from /proc).
     if cfg!(target_os = "linux") {

@@ -243,9 +243,18 @@ fn resident_weights_give_identical_logits() {
     let mapped = Llama::load_dir(&dir).unwrap();
     let cpu = Cpu::fast();
     let a = all_logits(&mapped, &cpu, &IDS);
+    // A copy of the tiny checkpoint fits wherever /proc says how much memory is free.
+    assert_eq!(
+        mapped.weights.copy_fits(),
+        std::fs::read_to_string("/proc/meminfo").is_ok_and(|m| m.contains("MemAvailable:"))
+    );
     for how in [HugePages::PageCache, HugePages::Copy] {
         let mut resident = Llama::load_dir(&dir).unwrap();
         let first = resident.weights.use_huge_pages(how).unwrap();
+        if how == HugePages::Copy {
+            // Copied already: nothing left to copy.
+            assert!(!resident.weights.copy_fits());
+        }
         let second = resident.weights.use_huge_pages(how).unwrap();
         if how == HugePages::Copy {
             assert_eq!(
@@ -265,6 +274,10 @@ fn resident_weights_give_identical_logits() {
     }
     let mut q = Llama::load_dir(&dir).unwrap();
     q.weights.quantize_q8().unwrap();
+    assert!(
+        !q.weights.copy_fits(),
+        "quantised weights are copies already"
+    );
     let err = q.weights.use_huge_pages(HugePages::Copy).unwrap_err();
     assert!(
         matches!(err, Error::Usage(_)) && err.to_string().contains("q8"),

@@ -40,21 +40,30 @@ pub enum QuantizeArg {
     Q8,
 }
 
-/// Quantise a loaded model (its `tokenizer` reads the calibration text), or put it on
-/// huge pages, as asked.
+/// Quantise a loaded model (its `tokenizer` reads the calibration text) and put it on
+/// huge pages, as asked; `decodes`: the job is a long decoding one on the CPU (`eval`'s
+/// critiques), which is what `--hugepages` left at auto copies the weights for. The
+/// copy took 47-337 ms for the default model's 269 MB on a 2-core VM (more when the
+/// kernel must compact memory for 2 MiB pages) and each decode step gained 0-2 ms from
+/// it (0-25 %, docs/benchmarks.md), so a single score or generation, whose critique
+/// or text may end after a few dozen tokens, need not win it back: those keep the
+/// mapping unless asked.
 fn apply_quantize(
     llama: &mut Llama,
     tokenizer: &Tokenizer,
     q: Option<QuantizeArg>,
     huge_pages: Option<HugePagesArg>,
+    decodes: bool,
 ) -> Result<()> {
     check_memory_args(q, huge_pages)?;
     match q {
         Some(QuantizeArg::Q8) => llama.quantize_q8_with_text(&Cpu::fast(), tokenizer)?,
         None => {}
     }
-    if let Some(how) = huge_pages {
-        llama.weights.use_huge_pages(how.into())?;
+    let fits =
+        decodes && huge_pages.is_none_or(|h| h == HugePagesArg::Auto) && llama.weights.copy_fits();
+    if let Some(how) = huge_pages_plan(huge_pages, decodes, fits) {
+        llama.weights.use_huge_pages(how)?;
     }
     Ok(())
 }
@@ -67,20 +76,38 @@ pub enum HugePagesArg {
     /// Map the page cache's 2 MiB folios, reading the file back once if needed (else
     /// copy).
     Cache,
+    /// Copy them for a long decoding job on the CPU (`eval` with critiques, `bench`)
+    /// when the copy fits in memory (the default without the flag).
+    Auto,
+    /// Keep the checkpoint's mapping as the kernel maps it.
+    Off,
 }
 
-impl From<HugePagesArg> for HugePages {
-    fn from(a: HugePagesArg) -> HugePages {
-        match a {
-            HugePagesArg::Copy => HugePages::Copy,
-            HugePagesArg::Cache => HugePages::PageCache,
-        }
+impl HugePagesArg {
+    /// Whether the flag asks for huge pages whatever the job (`copy`, `cache`).
+    fn forced(self) -> bool {
+        matches!(self, HugePagesArg::Copy | HugePagesArg::Cache)
     }
 }
 
-/// `--hugepages` applies to the checkpoint's own weights; q8 weights are separate copies.
+/// The huge-page route for `--hugepages` (None: auto): `copy` and `cache` as asked,
+/// `off` none, auto a copy when the job `decodes` on the CPU (each decode step streams
+/// every weight, and on the machines measured they stream 0-25 % faster from anonymous
+/// 2 MiB pages than from the page cache, docs/benchmarks.md) and the copy `fits`
+/// ([`crate::model::weights::LlamaWeights::copy_fits`]; false for quantised weights).
+fn huge_pages_plan(arg: Option<HugePagesArg>, decodes: bool, fits: bool) -> Option<HugePages> {
+    match arg.unwrap_or(HugePagesArg::Auto) {
+        HugePagesArg::Copy => Some(HugePages::Copy),
+        HugePagesArg::Cache => Some(HugePages::PageCache),
+        HugePagesArg::Off => None,
+        HugePagesArg::Auto => (decodes && fits).then_some(HugePages::Copy),
+    }
+}
+
+/// `--hugepages=copy|cache` apply to the checkpoint's own weights; q8 weights are
+/// separate copies (auto leaves them be).
 fn check_memory_args(q: Option<QuantizeArg>, huge_pages: Option<HugePagesArg>) -> Result<()> {
-    if huge_pages.is_some() && q.is_some() {
+    if huge_pages.is_some_and(HugePagesArg::forced) && q.is_some() {
         return Err(Error::Usage(
             "--hugepages applies to the checkpoint's 16/32-bit weights; it cannot be combined with --quantize"
                 .into(),
@@ -90,7 +117,7 @@ fn check_memory_args(q: Option<QuantizeArg>, huge_pages: Option<HugePagesArg>) -
 }
 
 /// Help of `--hugepages`.
-const HUGEPAGES_HELP: &str = "Put the weights on 2 MiB pages after loading (faster decode: fewer TLB misses). `--hugepages` (=copy) copies them into huge-page memory: tens of ms per 100 MB at load, no page-cache sharing between processes, the fastest decode measured (a VM). `--hugepages=cache` maps the page cache's 2 MiB folios instead where the kernel keeps the file in them (reading it back once if needed), else copies";
+const HUGEPAGES_HELP: &str = "Put the weights on 2 MiB pages after loading (faster decode). Without the flag (=auto) `eval` with critiques and `bench` copy them into anonymous huge-page memory when the copy fits in half the available memory (tens to hundreds of ms per 100 MB at load, no page-cache sharing between processes; decode 0-25 % faster than from the page cache, measured on VMs); a single score or generation keeps the mapping. `--hugepages` (=copy) always copies; `--hugepages=cache` maps the page cache's 2 MiB folios instead where the kernel keeps the file in them (reading it back once if needed), else copies; `--hugepages=off` keeps the mapping as it is";
 
 /// `--kv-cache`: what the paged KV cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
@@ -187,7 +214,7 @@ impl ScoringArgs {
     fn open_device(&self) -> Result<Option<CudaDevice>> {
         let cpu_only = if self.quantize.is_some() {
             Some("--quantize")
-        } else if self.hugepages.is_some() {
+        } else if self.hugepages.is_some_and(HugePagesArg::forced) {
             Some("--hugepages")
         } else if self.kv_cache != KvCacheArg::F32 {
             Some("--kv-cache f16")
@@ -283,8 +310,10 @@ struct Loaded {
 
 impl Loaded {
     /// `--model DIR` (a reward model; a plain LM there is the `NoRewardHead` error), or
-    /// without it the default model with an untrained CLoud head.
-    fn open(args: &ScoringArgs) -> Result<Self> {
+    /// without it the default model with an untrained CLoud head. `on_cpu`: the CPU
+    /// scores (no GPU took the job); `long_job`: a dataset (`eval`): with both,
+    /// `--hugepages`' auto copies the weights.
+    fn open(args: &ScoringArgs, on_cpu: bool, long_job: bool) -> Result<Self> {
         let (dir, mut model, name) = match args.model.as_deref() {
             Some(dir) => (
                 dir.to_path_buf(),
@@ -303,7 +332,20 @@ impl Loaded {
             }
         };
         let tokenizer = Tokenizer::from_dir(&dir)?;
-        apply_quantize(&mut model.llama, &tokenizer, args.quantize, args.hugepages)?;
+        // A dataset's critiques are decoded, on the CPU unless a GPU took the job.
+        let decodes = long_job
+            && on_cpu
+            && !args.classic
+            && model.method != FeedbackMethod::Classic
+            && args.k > 0
+            && args.max_critique_tokens > 0;
+        apply_quantize(
+            &mut model.llama,
+            &tokenizer,
+            args.quantize,
+            args.hugepages,
+            decodes,
+        )?;
         Ok(Loaded {
             model,
             tokenizer,
@@ -578,7 +620,7 @@ pub fn run(cli: Cli) -> Result<()> {
             scoring,
         } => {
             let dev = scoring.open_device()?;
-            let loaded = Loaded::open(&scoring)?;
+            let loaded = Loaded::open(&scoring, dev.is_none(), false)?;
             loaded.warn_untrained();
             let s =
                 loaded
@@ -600,7 +642,7 @@ pub fn run(cli: Cli) -> Result<()> {
             scoring,
         } => {
             let dev = scoring.open_device()?;
-            let loaded = Loaded::open(&scoring)?;
+            let loaded = Loaded::open(&scoring, dev.is_none(), false)?;
             loaded.warn_untrained();
             let c = loaded
                 .scorer_on(dev.as_ref())?
@@ -627,7 +669,7 @@ pub fn run(cli: Cli) -> Result<()> {
             scoring,
         } => {
             let dev = scoring.open_device()?;
-            let loaded = Loaded::open(&scoring)?;
+            let loaded = Loaded::open(&scoring, dev.is_none(), false)?;
             loaded.warn_untrained();
             let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
             let (best, scores) =
@@ -667,7 +709,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .into());
             }
             let dev = scoring.open_device()?;
-            let loaded = Loaded::open(&scoring)?;
+            let loaded = Loaded::open(&scoring, dev.is_none(), true)?;
             loaded.warn_untrained();
             let opts = EvalOptions {
                 score: scoring.options(),
@@ -798,7 +840,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 unshared: !no_unshared,
                 bandwidth_bytes: bandwidth_mib << 20,
                 quantize_q8: quantize == Some(QuantizeArg::Q8),
-                huge_pages: hugepages.map(Into::into),
+                huge_pages: huge_pages_plan(hugepages.filter(|h| h.forced()), false, false),
+                huge_pages_auto: hugepages.is_none_or(|h| h == HugePagesArg::Auto),
                 kv_cache: kv_cache.into(),
             };
             let report = crate::bench::run(&dir, &cfg, |line| eprintln!("{line}"))?;
@@ -856,7 +899,8 @@ fn generate_cmd(dir: &Path, cpu: &Cpu, args: &GenerateArgs<'_>) -> Result<()> {
     } = *args;
     let mut model = Llama::load_dir(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    apply_quantize(&mut model, &tokenizer, quantize, hugepages)?;
+    // One generation: auto keeps the mapping (see `apply_quantize`).
+    apply_quantize(&mut model, &tokenizer, quantize, hugepages, false)?;
     let text = if chat {
         let template = ChatTemplate::from_dir(dir)?;
         let mut messages = Vec::new();
@@ -899,4 +943,46 @@ fn generate_cmd(dir: &Path, cpu: &Cpu, args: &GenerateArgs<'_>) -> Result<()> {
     )?;
     writeln!(out).map_err(io_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_pages_auto_copies_only_for_a_decoding_job_that_fits() {
+        use HugePagesArg::*;
+        for (arg, decodes, fits, want) in [
+            (None, true, true, Some(HugePages::Copy)),
+            (Some(Auto), true, true, Some(HugePages::Copy)),
+            (None, false, true, None),
+            (None, true, false, None),
+            (Some(Auto), false, false, None),
+            (Some(Off), true, true, None),
+            (Some(Copy), false, false, Some(HugePages::Copy)),
+            (Some(Cache), false, false, Some(HugePages::PageCache)),
+        ] {
+            assert_eq!(
+                huge_pages_plan(arg, decodes, fits),
+                want,
+                "{arg:?} decodes={decodes} fits={fits}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_forced_huge_pages_refuse_quantize() {
+        let q = Some(QuantizeArg::Q8);
+        for arg in [HugePagesArg::Copy, HugePagesArg::Cache] {
+            let err = check_memory_args(q, Some(arg)).unwrap_err().to_string();
+            assert!(
+                err.contains("--hugepages") && err.contains("--quantize"),
+                "{err}"
+            );
+        }
+        for arg in [None, Some(HugePagesArg::Auto), Some(HugePagesArg::Off)] {
+            assert!(check_memory_args(q, arg).is_ok(), "{arg:?}");
+        }
+        assert!(check_memory_args(None, Some(HugePagesArg::Copy)).is_ok());
+    }
 }

@@ -400,6 +400,28 @@ impl LlamaWeights {
         })
     }
 
+    /// Whether a [`HugePages::Copy`] fits comfortably: the memory Linux reports available
+    /// (`MemAvailable`) holds the mapped checkpoint twice over (the copy, and as much
+    /// again for everything else). False where unknown (not Linux, no /proc), for
+    /// weights already copied and for quantised ones.
+    pub fn copy_fits(&self) -> bool {
+        if self.is_quantized() {
+            return false;
+        }
+        let mapped: usize = self
+            .files
+            .files()
+            .iter()
+            .filter(|f| !f.is_resident())
+            .map(|f| f.mapped_bytes().len())
+            .sum();
+        mapped > 0
+            && std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| mem_available(&m))
+                .is_some_and(|avail| avail / 2 >= mapped as u64)
+    }
+
     /// The fraction of the mapped checkpoint the kernel maps with 2 MiB pages now (None
     /// where unknown, e.g. not Linux).
     pub fn huge_page_fraction(&self) -> Option<f64> {
@@ -703,4 +725,26 @@ fn quantize_tensor(
         keep_cols,
         keep_vals,
     })
+}
+
+/// `MemAvailable` of a /proc/meminfo text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut it = line.split_whitespace().skip(1);
+    let kb: u64 = it.next()?.parse().ok()?;
+    (it.next() == Some("kB")).then(|| kb.saturating_mul(1024))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mem_available;
+
+    #[test]
+    fn mem_available_reads_the_kb_line() {
+        let m = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(mem_available(m), Some(20_000_000 * 1024));
+        assert_eq!(mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(mem_available("MemAvailable: lots kB\n"), None);
+        assert_eq!(mem_available("MemAvailable: 5 MB\n"), None);
+    }
 }

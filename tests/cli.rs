@@ -83,6 +83,21 @@ fn bench_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// `cloudrm bench` of 8 prefill and 2 decode tokens, no critique job, no bandwidth pass,
+/// with `flag`.
+fn short_bench(flag: &str) -> serde_json::Value {
+    bench_json(&[
+        "--prefill",
+        "8",
+        "--decode",
+        "2",
+        "--k",
+        "--bandwidth-mib",
+        "0",
+        flag,
+    ])
+}
+
 /// `CLOUDRM_ISA` caps the SIMD path (the bench names the one in use); an unknown name
 /// is reported and ignored; an opt-in path the machine cannot take is reported with the
 /// path taken instead.
@@ -306,16 +321,7 @@ fn bench_reports_every_figure_as_json() {
         ("--hugepages", &["copied"][..]),
         ("--hugepages=cache", &["page-cache", "reread", "copied"][..]),
     ] {
-        let h = bench_json(&[
-            "--prefill",
-            "8",
-            "--decode",
-            "2",
-            "--k",
-            "--bandwidth-mib",
-            "0",
-            flag,
-        ]);
+        let h = short_bench(flag);
         assert!(h["huge_pages_ms"].as_f64().unwrap() > 0.0, "{h}");
         let route = h["huge_pages_route"].as_str().unwrap();
         assert!(routes.contains(&route), "{flag}: {h}");
@@ -363,16 +369,7 @@ fn bench_reports_every_figure_as_json() {
             assert_eq!(v["huge_pages_route"], "copied", "{v}");
         }
     }
-    let off = bench_json(&[
-        "--prefill",
-        "8",
-        "--decode",
-        "2",
-        "--k",
-        "--bandwidth-mib",
-        "0",
-        "--hugepages=off",
-    ]);
+    let off = short_bench("--hugepages=off");
     assert!(
         off["huge_pages_ms"].is_null()
             && off["huge_pages_route"].is_null()

@@ -591,9 +591,7 @@ fn stream_sum(xs: &[f32]) -> f32 {
 /// VmHWM of this process (Linux), bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    cloudrm_loader::pages::kb_field(&status, "VmHWM:")
 }
 
 /// The CPU's model name (Linux), or the architecture.

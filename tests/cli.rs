@@ -360,12 +360,8 @@ fn bench_reports_every_figure_as_json() {
     if cfg!(target_os = "linux") {
         // This machine has the memory (the model is 257 MiB), so auto copied.
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let avail_kb: u64 = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|r| r.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
-        if avail_kb > 4 << 20 {
+        let avail = cloudrm::loader::pages::kb_field(&meminfo, "MemAvailable:").unwrap_or(0);
+        if avail > 4 << 30 {
             assert_eq!(v["huge_pages_route"], "copied", "{v}");
         }
     }

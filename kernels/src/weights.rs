@@ -529,9 +529,14 @@ fn fit_row(
     {
         use crate::cpu::dispatch::{Isa, current};
         let isa = current();
-        if isa >= Isa::Avx512 {
+        // (The Avx512 path needs AVX-512F only; this build also takes VL, BW and DQ.)
+        if isa >= Isa::Avx512
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+        {
             // SAFETY: the Avx512 path is only current when AVX-512F, AVX2 and FMA are
-            // detected.
+            // detected; VL, BW and DQ were just checked.
             return unsafe { fit_row_512(w, a, q, scales) };
         }
         if isa >= Isa::Avx2 {

@@ -38,6 +38,16 @@ pub fn parse_huge_kb(smaps: &str, start: usize, end: usize) -> usize {
     kb * 1024
 }
 
+/// Bytes of the `key` line (`"MemAvailable:"`, `"VmHWM:"`) of a /proc text of
+/// `Key:   N kB` lines (`/proc/meminfo`, `/proc/self/status`); None without that line
+/// or with another unit.
+pub fn kb_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let mut it = line[key.len()..].split_whitespace();
+    let kb: u64 = it.next()?.parse().ok()?;
+    (it.next() == Some("kB")).then(|| kb.saturating_mul(1024))
+}
+
 /// `lo-hi` of a smaps mapping header line (`7f..-7f.. r--s 00000000 fe:00 123 /path`).
 fn vma_range(line: &str) -> Option<(usize, usize)> {
     let first = line.split_whitespace().next()?;
@@ -93,6 +103,14 @@ pub fn covers(huge: usize, len: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kb_field_reads_a_kb_line_in_bytes() {
+        let status = "Name:\tcloudrm\nVmHWM:\t  380000 kB\nVmRSS:\t  1 kB\n";
+        assert_eq!(kb_field(status, "VmHWM:"), Some(380_000 * 1024));
+        assert_eq!(kb_field(status, "VmPeak:"), None);
+        assert_eq!(kb_field("VmHWM: 5\n", "VmHWM:"), None);
+    }
 
     const SMAPS: &str = "\
 7f0000000000-7f0000400000 r--s 00000000 fe:00 10117133                   /m/model.safetensors

@@ -60,9 +60,7 @@ fn apply_quantize(
         Some(QuantizeArg::Q8) => llama.quantize_q8_with_text(&Cpu::fast(), tokenizer)?,
         None => {}
     }
-    let fits =
-        decodes && huge_pages.is_none_or(|h| h == HugePagesArg::Auto) && llama.weights.copy_fits();
-    if let Some(how) = huge_pages_plan(huge_pages, decodes, fits) {
+    if let Some(how) = huge_pages_plan(huge_pages, decodes, || llama.weights.copy_fits()) {
         llama.weights.use_huge_pages(how)?;
     }
     Ok(())
@@ -84,9 +82,19 @@ pub enum HugePagesArg {
 }
 
 impl HugePagesArg {
+    /// The route the flag asks for whatever the job (`copy`, `cache`); None for `auto`
+    /// and `off`.
+    fn route(self) -> Option<HugePages> {
+        match self {
+            HugePagesArg::Copy => Some(HugePages::Copy),
+            HugePagesArg::Cache => Some(HugePages::PageCache),
+            HugePagesArg::Auto | HugePagesArg::Off => None,
+        }
+    }
+
     /// Whether the flag asks for huge pages whatever the job (`copy`, `cache`).
     fn forced(self) -> bool {
-        matches!(self, HugePagesArg::Copy | HugePagesArg::Cache)
+        self.route().is_some()
     }
 }
 
@@ -94,14 +102,16 @@ impl HugePagesArg {
 /// `off` none, auto a copy when the job `decodes` on the CPU (each decode step streams
 /// every weight, and on the machines measured they stream 0-25 % faster from anonymous
 /// 2 MiB pages than from the page cache, docs/benchmarks.md) and the copy `fits`
-/// ([`crate::model::weights::LlamaWeights::copy_fits`]; false for quantised weights).
-fn huge_pages_plan(arg: Option<HugePagesArg>, decodes: bool, fits: bool) -> Option<HugePages> {
-    match arg.unwrap_or(HugePagesArg::Auto) {
-        HugePagesArg::Copy => Some(HugePages::Copy),
-        HugePagesArg::Cache => Some(HugePages::PageCache),
-        HugePagesArg::Off => None,
-        HugePagesArg::Auto => (decodes && fits).then_some(HugePages::Copy),
-    }
+/// ([`crate::model::weights::LlamaWeights::copy_fits`]; false for quantised weights;
+/// asked only then).
+fn huge_pages_plan(
+    arg: Option<HugePagesArg>,
+    decodes: bool,
+    fits: impl FnOnce() -> bool,
+) -> Option<HugePages> {
+    let arg = arg.unwrap_or(HugePagesArg::Auto);
+    arg.route()
+        .or_else(|| (arg == HugePagesArg::Auto && decodes && fits()).then_some(HugePages::Copy))
 }
 
 /// `--hugepages=copy|cache` apply to the checkpoint's own weights; q8 weights are
@@ -840,7 +850,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 unshared: !no_unshared,
                 bandwidth_bytes: bandwidth_mib << 20,
                 quantize_q8: quantize == Some(QuantizeArg::Q8),
-                huge_pages: huge_pages_plan(hugepages.filter(|h| h.forced()), false, false),
+                huge_pages: hugepages.and_then(HugePagesArg::route),
                 huge_pages_auto: hugepages.is_none_or(|h| h == HugePagesArg::Auto),
                 kv_cache: kv_cache.into(),
             };
@@ -963,7 +973,7 @@ mod tests {
             (Some(Cache), false, false, Some(HugePages::PageCache)),
         ] {
             assert_eq!(
-                huge_pages_plan(arg, decodes, fits),
+                huge_pages_plan(arg, decodes, || fits),
                 want,
                 "{arg:?} decodes={decodes} fits={fits}"
             );

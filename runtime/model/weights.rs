@@ -729,10 +729,7 @@ fn quantize_tensor(
 
 /// `MemAvailable` of a /proc/meminfo text, in bytes.
 fn mem_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let mut it = line.split_whitespace().skip(1);
-    let kb: u64 = it.next()?.parse().ok()?;
-    (it.next() == Some("kB")).then(|| kb.saturating_mul(1024))
+    cloudrm_loader::pages::kb_field(meminfo, "MemAvailable:")
 }
 
 #[cfg(test)]
